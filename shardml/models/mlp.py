@@ -1,0 +1,34 @@
+"""A small MLP classifier (ReLU hidden layer), with the same logical axes as the transformer.
+
+    model = mlp_classifier(features=64, hidden=128, classes=10)
+    logits_BC = model.apply(params, x_BI)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from shardml.models.base import Model, ParamSpec
+from shardml.sharding import constrain
+
+
+def mlp_classifier(features: int, hidden: int, classes: int, dtype: str = "float32") -> Model:
+    """Column-parallel hidden layer (``mlp`` over tensor), row-parallel output; inputs [B, I] floats."""
+    specs = {
+        "w_in": ParamSpec((features, hidden), ("embed", "mlp"), fan_in_dims=(0,)),
+        "b_in": ParamSpec((hidden,), ("mlp",), "zeros"),
+        "w_out": ParamSpec((hidden, classes), ("mlp", "classes"), fan_in_dims=(0,)),
+        "b_out": ParamSpec((classes,), ("classes",), "zeros"),
+    }
+    compute = jnp.dtype(dtype)
+
+    def apply(params, x_BI):
+        p = jax.tree.map(lambda w: w.astype(compute), params)
+        h_BH = jax.nn.relu(x_BI.astype(compute) @ p["w_in"] + p["b_in"])
+        h_BH = constrain(h_BH, ("batch", "act_mlp"))
+        logits_BC = jnp.dot(h_BH, p["w_out"], preferred_element_type=jnp.float32) + p["b_out"]
+        return constrain(logits_BC, ("batch", None))
+
+    flops = 6.0 * (features * hidden + hidden * classes)
+    return Model(specs=specs, apply=apply, flops_per_example=flops, tokens_per_example=1)

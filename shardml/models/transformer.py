@@ -1,0 +1,134 @@
+"""A decoder-only transformer: RMSNorm, rotary positions, SwiGLU MLP, optional grouped-query attention.
+
+Layers are stacked on a leading ``layers`` axis and run with ``lax.scan``, so compile time does not
+grow with depth. Every weight and the activations that need it are named by logical axes only.
+
+Shape letters: B batch, S sequence, D model, H query heads, K key/value heads, G = H / K query heads
+per key/value head, E head dim, F MLP hidden, V vocabulary, L layers.
+
+    model = transformer(ModelConfig(layers=2, d_model=64, heads=4, d_ff=256), seq_len=64)
+    logits_BSV = model.apply(params, tokens_BS)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from shardml.config import ModelConfig
+from shardml.models.base import Model, ParamSpec
+from shardml.sharding import constrain
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def transformer_specs(cfg: ModelConfig) -> dict:
+    L, D, H, F, V = cfg.layers, cfg.d_model, cfg.heads, cfg.d_ff, cfg.vocab
+    K = cfg.kv_heads or H
+    E = D // H
+    out_scale = 1.0 / math.sqrt(2 * L)  # residual branches summed over 2L blocks keep unit scale
+    return {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), fan_in_dims=()),
+        "layers": {
+            "attn_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+            "wq": ParamSpec((L, D, H, E), ("layers", "embed", "heads", "head_dim"), fan_in_dims=(1,)),
+            "wk": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
+            "wv": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
+            "wo": ParamSpec((L, H, E, D), ("layers", "heads", "head_dim", "embed"), fan_in_dims=(1, 2),
+                            scale=out_scale),
+            "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+            "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
+            "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
+            "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), fan_in_dims=(1,), scale=out_scale),
+        },
+        "final_norm": ParamSpec((D,), ("norm",), "ones"),
+        "unembed": ParamSpec((D, V), ("embed", "vocab"), fan_in_dims=(0,)),
+    }
+
+
+def rms_norm(x, scale, eps: float = 1e-6):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x_BSHE, base: float):
+    """Rotates channel pairs (i, i + E/2) by position-dependent angles."""
+    S, E = x_BSHE.shape[1], x_BSHE.shape[-1]
+    inv_freq = base ** (-jnp.arange(0, E // 2, dtype=jnp.float32) * 2 / E)
+    angle_SE = jnp.arange(S, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    cos, sin = jnp.cos(angle_SE)[None, :, None, :], jnp.sin(angle_SE)[None, :, None, :]
+    x1, x2 = jnp.split(x_BSHE.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSHE.dtype)
+
+
+def attention(h_BSD, layer, cfg: ModelConfig):
+    H = cfg.heads
+    K = cfg.kv_heads or H
+    q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, layer["wq"])
+    k_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, layer["wk"])
+    v_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, layer["wv"])
+    q_BSHE = constrain(rotary(q_BSHE, cfg.rope_base), ("batch", "act_seq", "act_heads", None))
+    k_BSKE = constrain(rotary(k_BSKE, cfg.rope_base), ("batch", "act_seq", "act_kv_heads", None))
+    B, S, _, E = q_BSHE.shape
+    q_BSKGE = q_BSHE.reshape(B, S, K, H // K, E)
+    scores = jnp.einsum("bskge,btke->bkgst", q_BSKGE, k_BSKE, preferred_element_type=jnp.float32)
+    causal_ST = jnp.tril(jnp.ones((S, S), dtype=bool))
+    scores = jnp.where(causal_ST, scores / math.sqrt(E), -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(h_BSD.dtype)
+    o_BSKGE = jnp.einsum("bkgst,btke->bskge", probs, v_BSKE)
+    o_BSHE = constrain(o_BSKGE.reshape(B, S, H, E), ("batch", "act_seq", "act_heads", None))
+    return jnp.einsum("bshe,hed->bsd", o_BSHE, layer["wo"])
+
+
+def mlp(h_BSD, layer):
+    gate_BSF = constrain(jnp.einsum("bsd,df->bsf", h_BSD, layer["w_gate"]), ("batch", "act_seq", "act_mlp"))
+    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, layer["w_up"])
+    return jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"])
+
+
+def transformer_apply(params, tokens_BS, cfg: ModelConfig):
+    dtype = jnp.dtype(cfg.dtype)
+    act = ("batch", "act_seq", "act_embed")
+    # Vocab-parallel lookup as a one-hot product: each tensor shard contributes its slice of the
+    # vocabulary and one all-reduce combines them (a gather from a sharded table is replicated whole).
+    onehot_BSV = constrain(jax.nn.one_hot(tokens_BS, cfg.vocab, dtype=dtype), ("batch", "act_seq", "act_vocab"))
+    x_BSD = constrain(jnp.einsum("bsv,vd->bsd", onehot_BSV, params["embed"].astype(dtype)), act)
+
+    def block(x_BSD, layer):
+        layer = jax.tree.map(lambda w: w.astype(dtype), layer)
+        x_BSD = x_BSD + attention(rms_norm(x_BSD, layer["attn_norm"]), layer, cfg)
+        x_BSD = x_BSD + mlp(rms_norm(x_BSD, layer["mlp_norm"]), layer)
+        return constrain(x_BSD, act), None
+
+    if cfg.remat != "none":
+        block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat])
+    x_BSD, _ = jax.lax.scan(block, x_BSD, params["layers"])
+    x_BSD = rms_norm(x_BSD, params["final_norm"])
+    logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, params["unembed"].astype(dtype),
+                            preferred_element_type=jnp.float32)
+    return constrain(logits_BSV, ("batch", "act_seq", "act_vocab"))
+
+
+def transformer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + causal-free attention 12 x L x D x S (PaLM, app. B)."""
+    D, F, L, H = cfg.d_model, cfg.d_ff, cfg.layers, cfg.heads
+    K = cfg.kv_heads or H
+    E = D // H
+    matmul_params = L * (D * H * E + 2 * D * K * E + H * E * D + 3 * D * F) + D * cfg.vocab
+    return 6.0 * matmul_params + 12.0 * L * D * seq_len
+
+
+def transformer(cfg: ModelConfig, seq_len: int) -> Model:
+    """The reference language model for ``cfg``; inputs are int token ids [B, S]."""
+    return Model(
+        specs=transformer_specs(cfg),
+        apply=lambda params, tokens_BS: transformer_apply(params, tokens_BS, cfg),
+        flops_per_example=transformer_flops_per_token(cfg, seq_len) * seq_len,
+        tokens_per_example=seq_len,
+    )
