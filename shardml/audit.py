@@ -110,11 +110,13 @@ def _replica_groups(line: str) -> tuple[tuple[int, ...], ...]:
         if m.group(4):
             ids = ids.transpose([int(p) for p in m.group(4).split(",")])
         return tuple(tuple(int(i) for i in row) for row in ids.reshape(n_groups, size))
-    if m := re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line):
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\](?:\s*\{([^}]*)\})?", line):
         axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
         names = [a for a, _ in axes]
         ids = np.arange(int(np.prod([int(n) for _, n in axes]))).reshape([int(n) for _, n in axes])
-        chosen = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(2))]
+        # No axis list means the group spans every axis of the (flattened) device mesh.
+        chosen = ([names.index(a) for a in re.findall(r"'([^']+)'", m.group(2))] if m.group(2) is not None
+                  else list(range(len(names))))
         rest = [i for i in range(len(names)) if i not in chosen]
         size = int(np.prod([ids.shape[i] for i in chosen])) if chosen else 1
         return tuple(tuple(int(i) for i in row) for row in ids.transpose(rest + chosen).reshape(-1, size))

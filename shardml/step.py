@@ -143,7 +143,7 @@ def build_trainer(
         grads = jax.tree.map(jax.lax.with_sharding_constraint, grads, param_shardings)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     def eval_step(params, batch):

@@ -99,6 +99,7 @@ def train(cfg: config_lib.Config, verbose: bool = True) -> dict:
             clock["time"], clock["step"] = time.perf_counter(), 1
         val_loss = None
         if step == t.steps - 1 or (t.eval_every and (step + 1) % t.eval_every == 0):
+            jax.block_until_ready(state)  # training time ends here; evaluation time is not counted
             eval_start = time.perf_counter()
             val_loss = evaluate(trainer, state.params, val_set)
             clock["time"] += time.perf_counter() - eval_start  # evaluation is not training throughput

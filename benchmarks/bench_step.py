@@ -1,0 +1,204 @@
+"""Train-step throughput: shardml's trainer vs. a plain hand-written Flax NNX + optax jit step.
+
+Both train the same byte-level transformer (shardml's reference architecture: RMSNorm, rotary,
+SwiGLU, causal attention, untied embeddings, f32 params / bf16 compute) on the same global batches
+on 8 emulated CPU devices. The baseline is what a user would write without shardml: an nnx.Module,
+params replicated, batch sharded over a 1-D 'data' mesh, one jax.jit with the state donated.
+Timed rounds alternate between the two so machine noise hits both alike; medians are reported.
+
+    python benchmarks/bench_step.py                                  # data=8 (pure data parallel)
+    python benchmarks/bench_step.py --layout data=2,fsdp=2,tensor=2  # shardml on a 3-D mesh
+"""
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)  # before any other JAX use
+
+import argparse
+import math
+import statistics
+import time
+from functools import partial
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from shardml.config import ModelConfig, OptimConfig
+from shardml.data import load_corpus, train_batch
+from shardml.mesh import make_mesh
+from shardml.models import transformer
+from shardml.step import build_trainer, default_optimizer, put_batch
+
+VOCAB = 256
+
+
+# ----------------------------------------------------------------------------- baseline: plain NNX
+def _init(std):
+    return nnx.initializers.truncated_normal(stddev=std)  # same init as shardml's ParamSpec "normal"
+
+
+def rotary(x, base=10000.0):  # x: [B, S, H, E]; rotates channel pairs (i, i + E/2)
+    S, E = x.shape[1], x.shape[-1]
+    inv_freq = base ** (-jnp.arange(0, E // 2, dtype=jnp.float32) * 2 / E)
+    ang = jnp.arange(S, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    cos, sin = jnp.cos(ang)[None, :, None, :], jnp.sin(ang)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, d, heads, d_ff, layers, dtype, rngs):
+        out = 1.0 / math.sqrt(2 * layers)
+        lin = partial(nnx.Linear, use_bias=False, dtype=dtype, rngs=rngs)
+        self.heads = heads
+        self.attn_norm = nnx.RMSNorm(d, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.wq, self.wk, self.wv = (lin(d, d, kernel_init=_init(d ** -0.5)) for _ in range(3))
+        self.wo = lin(d, d, kernel_init=_init(out / math.sqrt(d)))
+        self.mlp_norm = nnx.RMSNorm(d, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.w_gate = lin(d, d_ff, kernel_init=_init(d ** -0.5))
+        self.w_up = lin(d, d_ff, kernel_init=_init(d ** -0.5))
+        self.w_down = lin(d_ff, d, kernel_init=_init(out / math.sqrt(d_ff)))
+
+    def __call__(self, x):
+        B, S, D = x.shape
+        h = self.attn_norm(x)
+        q, k, v = (w(h).reshape(B, S, self.heads, D // self.heads) for w in (self.wq, self.wk, self.wv))
+        o = jax.nn.dot_product_attention(rotary(q), rotary(k), v, is_causal=True)
+        x = x + self.wo(o.reshape(B, S, D))
+        h = self.mlp_norm(x)
+        return x + self.w_down(jax.nn.silu(self.w_gate(h)) * self.w_up(h))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, layers, d, heads, d_ff, dtype, rngs):
+        self.embed = nnx.Embed(VOCAB, d, dtype=dtype, embedding_init=_init(1.0), rngs=rngs)
+        self.blocks = nnx.List([Block(d, heads, d_ff, layers, dtype, rngs) for _ in range(layers)])
+        self.final_norm = nnx.RMSNorm(d, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.unembed = nnx.Linear(d, VOCAB, use_bias=False, dtype=dtype, kernel_init=_init(d ** -0.5),
+                                  preferred_element_type=jnp.float32, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.unembed(self.final_norm(x))
+
+
+def build_baseline(args, ocfg, devices):
+    model = Transformer(args.layers, args.d_model, args.heads, args.d_ff, jnp.dtype(args.dtype), nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    warmup = min(ocfg.warmup, args.total_steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(ocfg.lr / (warmup + 1), ocfg.lr, warmup,
+                                                  max(args.total_steps, warmup + 1), ocfg.lr * ocfg.min_lr_ratio)
+    tx = optax.chain(optax.clip_by_global_norm(ocfg.clip_norm),
+                     optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, weight_decay=ocfg.weight_decay))
+    mesh = Mesh(np.array(devices), ("data",))
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    params = jax.device_put(params, repl)
+    opt_state = jax.device_put(tx.init(params), repl)
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch):
+        def loss_fn(p):
+            logits = nnx.merge(graphdef, p)(batch["inputs"]).astype(jnp.float32)
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+            return jnp.sum(nll * batch["mask"]) / jnp.maximum(jnp.sum(batch["mask"]), 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step, (params, opt_state), data
+
+
+# ----------------------------------------------------------------------------- harness
+def parse_layout(text):
+    sizes = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        sizes[name.strip()] = int(size)
+    return sizes
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--d-ff", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--layout", default="data=8", help="shardml mesh, e.g. data=2,fsdp=2,tensor=2")
+    args = ap.parse_args()
+    args.total_steps = 1 + args.warmup + args.rounds * args.steps  # schedule length, same for both
+    devices = jax.devices()
+    assert len(devices) == 8, f"expected 8 emulated CPU devices, got {len(devices)}"
+
+    corpus = load_corpus("pydoc")
+    host = [train_batch(corpus, s, args.batch_size, args.seq_len) for s in range(args.steps)]
+    ocfg = OptimConfig()
+
+    # shardml
+    mcfg = ModelConfig(vocab=VOCAB, layers=args.layers, d_model=args.d_model, heads=args.heads, d_ff=args.d_ff,
+                       dtype=args.dtype)
+    tr = build_trainer(transformer(mcfg, args.seq_len), make_mesh(parse_layout(args.layout)),
+                       default_optimizer(ocfg, steps=args.total_steps), microbatches=1)
+    sm = {"state": tr.init(0), "batches": [put_batch(b, tr.batch_sharding) for b in host]}
+
+    def sm_step(i):
+        sm["state"], metrics = tr.step(sm["state"], sm["batches"][i % len(host)])
+        return metrics["loss"]
+
+    # baseline
+    bl_step_fn, bl_state, bl_sharding = build_baseline(args, ocfg, devices)
+    bl = {"state": bl_state, "batches": [jax.device_put(b, bl_sharding) for b in host]}
+
+    def bl_step(i):
+        params, opt_state, loss = bl_step_fn(*bl["state"], bl["batches"][i % len(host)])
+        bl["state"] = (params, opt_state)
+        return loss
+
+    runners = {"shardml": sm_step, "baseline": bl_step}
+    first_loss, compile_s = {}, {}
+    for name, run in runners.items():  # compile + first step (sanity: loss ~ ln 256 = 5.55)
+        t0 = time.perf_counter()
+        first_loss[name] = float(run(0))
+        compile_s[name] = time.perf_counter() - t0
+        for i in range(args.warmup):
+            jax.block_until_ready(run(i + 1))
+
+    times = {name: [] for name in runners}
+    for r in range(args.rounds):
+        order = list(runners) if r % 2 == 0 else list(runners)[::-1]
+        for name in order:
+            run = runners[name]
+            t0 = time.perf_counter()
+            for i in range(args.steps):
+                loss = run(i)
+            jax.block_until_ready((loss, sm["state"], bl["state"]))
+            times[name].append(time.perf_counter() - t0)
+
+    tokens = args.steps * args.batch_size * args.seq_len
+    tps = {name: tokens / statistics.median(t) for name, t in times.items()}
+    print(f"model: layers={args.layers} d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} "
+          f"seq={args.seq_len} batch={args.batch_size} dtype={args.dtype}; "
+          f"{args.rounds} rounds x {args.steps} steps, 8 cpu devices, ln(256)={math.log(VOCAB):.3f}")
+    print(f"{'':10} {'layout':24} {'first loss':>10} {'compile+1 s':>11} {'ms/step':>9} {'tokens/s':>10}")
+    layouts = {"shardml": args.layout, "baseline": "data=8 (params replicated)"}
+    for name in runners:
+        ms = 1e3 * statistics.median(times[name]) / args.steps
+        print(f"{name:10} {layouts[name]:24} {first_loss[name]:10.4f} {compile_s[name]:11.2f} "
+              f"{ms:9.2f} {tps[name]:10.0f}")
+    print(f"ratio shardml/baseline (tokens/s): {tps['shardml'] / tps['baseline']:.3f}")
+    print("per-round seconds: " + "; ".join(f"{n} " + " ".join(f"{t:.3f}" for t in ts) for n, ts in times.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Mesh construction, device emulation, the rules table, and state created already sharded."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from shardml.config import OptimConfig
+from shardml.mesh import emulate_cpu_devices, make_mesh
+from shardml.sharding import Rules
+from shardml.step import build_trainer, default_optimizer
+
+
+def test_mesh_axes_in_canonical_order_and_fill():
+    mesh = make_mesh({"fsdp": 2, "data": -1})
+    assert mesh.axis_names == ("members", "pipeline", "data", "fsdp", "tensor")
+    assert dict(mesh.shape) == {"members": 1, "pipeline": 1, "data": 4, "fsdp": 2, "tensor": 1}
+
+
+def test_emulation_after_backend_start_is_a_clear_error():
+    emulate_cpu_devices(8)  # what the backend has: accepted
+    with pytest.raises(RuntimeError, match="before any JAX operation.*JAX_NUM_CPU_DEVICES=4"):
+        emulate_cpu_devices(4)
+
+
+def test_rules_map_logical_names_and_reject_reuse():
+    rules = Rules.default()
+    assert rules.spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert rules.spec(("batch", None)) == P(("data", "fsdp"), None)
+    with pytest.raises(ValueError, match="mesh axis 'tensor' is mapped from both 'heads' and 'mlp'"):
+        rules.spec(("heads", "mlp"))
+    with pytest.raises(KeyError, match="logical axis 'embd' has no sharding rule"):
+        rules.spec(("embd",))
+
+
+def test_params_and_optimizer_state_created_sharded(tiny_model):
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    trainer = build_trainer(tiny_model, mesh, default_optimizer(OptimConfig(), 10))
+    state = trainer.init(0)
+    wq = state.params["layers"]["wq"]  # [L, D, H, E] = ("layers", "embed", "heads", "head_dim")
+    assert wq.sharding.spec == P(None, "fsdp", "tensor", None), wq.sharding.spec
+    assert wq.addressable_shards[0].data.shape == (2, 16, 2, 8)
+    adam = state.opt_state[1][0]
+    for moment in (adam.mu, adam.nu):
+        specs = jax.tree.map(lambda x: x.sharding.spec, moment)
+        assert specs == jax.tree.map(lambda x: x.sharding.spec, state.params), "Adam moments not sharded like params"
+    # Nothing whole on one device: the init program's outputs are already shards.
+    per_device = sum(s.data.nbytes for leaf in jax.tree.leaves(state.params) for s in leaf.addressable_shards
+                     if s.device == jax.devices()[0])
+    total = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state.params))
+    assert per_device < 0.5 * total, f"device 0 holds {per_device} of {total} parameter bytes"
