@@ -136,6 +136,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layout", default="data=8", help="shardml mesh, e.g. data=2,fsdp=2,tensor=2")
+    ap.add_argument("--remat", default="none", choices=("none", "dots", "full"), help="shardml ModelConfig.remat")
     args = ap.parse_args()
     args.total_steps = 1 + args.warmup + args.rounds * args.steps  # schedule length, same for both
     devices = jax.devices()
@@ -147,7 +148,7 @@ def main():
 
     # shardml
     mcfg = ModelConfig(vocab=VOCAB, layers=args.layers, d_model=args.d_model, heads=args.heads, d_ff=args.d_ff,
-                       dtype=args.dtype)
+                       dtype=args.dtype, remat=args.remat)
     tr = build_trainer(transformer(mcfg, args.seq_len), make_mesh(parse_layout(args.layout)),
                        default_optimizer(ocfg, steps=args.total_steps), microbatches=1)
     sm = {"state": tr.init(0), "batches": [put_batch(b, tr.batch_sharding) for b in host]}
@@ -190,11 +191,12 @@ def main():
     print(f"model: layers={args.layers} d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} "
           f"seq={args.seq_len} batch={args.batch_size} dtype={args.dtype}; "
           f"{args.rounds} rounds x {args.steps} steps, 8 cpu devices, ln(256)={math.log(VOCAB):.3f}")
-    print(f"{'':10} {'layout':24} {'first loss':>10} {'compile+1 s':>11} {'ms/step':>9} {'tokens/s':>10}")
-    layouts = {"shardml": args.layout, "baseline": "data=8 (params replicated)"}
+    layouts = {"shardml": args.layout + (f" remat={args.remat}" if args.remat != "none" else ""),
+               "baseline": "data=8 (params replicated)"}
+    print(f"{'':10} {'layout':28} {'first loss':>10} {'compile+1 s':>11} {'ms/step':>9} {'tokens/s':>10}")
     for name in runners:
         ms = 1e3 * statistics.median(times[name]) / args.steps
-        print(f"{name:10} {layouts[name]:24} {first_loss[name]:10.4f} {compile_s[name]:11.2f} "
+        print(f"{name:10} {layouts[name]:28} {first_loss[name]:10.4f} {compile_s[name]:11.2f} "
               f"{ms:9.2f} {tps[name]:10.0f}")
     print(f"ratio shardml/baseline (tokens/s): {tps['shardml'] / tps['baseline']:.3f}")
     print("per-round seconds: " + "; ".join(f"{n} " + " ".join(f"{t:.3f}" for t in ts) for n, ts in times.items()))

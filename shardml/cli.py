@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     preset, overrides = "default", []
     for i, item in enumerate(args.args):
         if "=" in item:
