@@ -26,7 +26,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_intermixed_args(argv)
+    parser = _parser()
+    # Overrides may come after options (argparse's intermixed parsing does not support subcommands).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.args += extra
     preset, overrides = "default", []
     for i, item in enumerate(args.args):
         if "=" in item:
