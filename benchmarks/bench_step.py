@@ -136,7 +136,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layout", default="data=8", help="shardml mesh, e.g. data=2,fsdp=2,tensor=2")
-    ap.add_argument("--remat", default="none", choices=("none", "dots", "full"), help="shardml ModelConfig.remat")
+    ap.add_argument("--remat", default="dots", choices=("none", "dots", "full"), help="shardml ModelConfig.remat (default: shardml's default, dots)")
     args = ap.parse_args()
     args.total_steps = 1 + args.warmup + args.rounds * args.steps  # schedule length, same for both
     devices = jax.devices()

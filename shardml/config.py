@@ -50,7 +50,7 @@ class ModelConfig:
     kv_heads: int = 0  # 0 means "same as heads" (no grouped-query attention)
     d_ff: int = 256
     dtype: str = "bfloat16"
-    remat: str = "none"  # none | full | dots
+    remat: str = "dots"  # none | full | dots (dots: keep matmul outputs, recompute the rest; fastest measured)
     rope_base: float = 10000.0
 
 
