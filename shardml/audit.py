@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
@@ -192,10 +191,6 @@ def collectives(hlo_text: str, mesh=None) -> CollectiveReport:
             ops.append(Collective(kind, inst.group(1), dtype, result_bytes, in_loop, trips, name,
                                   _replica_groups(line)))
     return CollectiveReport(tuple(ops), mesh)
-
-
-def count_by_kind(report: CollectiveReport) -> Counter:
-    return Counter(op.kind for op in report.ops)
 
 
 @dataclasses.dataclass(frozen=True)

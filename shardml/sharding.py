@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -166,12 +166,3 @@ def batch_sharding(mesh, rules: Rules, ndim: int) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def shard_like(tree: Any, shardings: Any) -> Any:
-    """``with_sharding_constraint`` over a tree (shardings may be a prefix tree)."""
-    return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
-
-
-def logical_mapping(rules: Rules) -> Mapping[str, Any]:
-    return dict(rules.table)

@@ -9,13 +9,12 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from shardml.accumulate import accumulate_gradients, model_loss
 from shardml.config import OptimConfig
