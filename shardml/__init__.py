@@ -8,10 +8,12 @@
 
 from shardml.accumulate import accumulate_gradients, model_loss, token_cross_entropy
 from shardml.audit import collectives, memory
-from shardml.config import Config, ConfigError, MeshConfig, ModelConfig, OptimConfig, load_config, validate
+from shardml.config import (Config, ConfigError, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, load_config,
+                            validate)
 from shardml.data import load_corpus, train_batch
 from shardml.mesh import describe, emulate_cpu_devices, make_mesh
-from shardml.models import Model, ParamSpec, mlp_classifier, transformer
+from shardml.models import Model, ParamSpec, Stages, mlp_classifier, transformer
+from shardml.pipeline import Pipeline, Schedule
 from shardml.sharding import Rules, constrain, use_rules
 from shardml.step import TrainState, Trainer, build_trainer, default_optimizer, put_batch
 from shardml.train import evaluate, train
@@ -19,8 +21,9 @@ from shardml.train import evaluate, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "ConfigError", "MeshConfig", "Model", "ModelConfig", "OptimConfig", "load_corpus", "train_batch", "ParamSpec", "Rules", "TrainState", "Trainer", "accumulate_gradients",
+    "Config", "ConfigError", "MeshConfig", "Model", "ModelConfig", "OptimConfig", "ParamSpec", "Pipeline",
+    "PipelineConfig", "Rules", "Schedule", "Stages", "TrainState", "Trainer", "accumulate_gradients",
     "build_trainer", "collectives", "constrain", "default_optimizer", "describe", "emulate_cpu_devices",
     "evaluate", "load_config", "make_mesh", "memory", "mlp_classifier", "model_loss", "put_batch",
-    "token_cross_entropy", "train", "transformer", "use_rules", "validate",
+    "load_corpus", "token_cross_entropy", "train", "train_batch", "transformer", "use_rules", "validate",
 ]

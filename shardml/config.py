@@ -88,12 +88,30 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """How the ``pipeline`` mesh axis runs the layers (used when ``mesh.pipeline > 1``).
+
+    The batch of each ``train.microbatches`` accumulation step is cut again into ``microbatches``
+    pipeline microbatches, so one step runs ``train.microbatches`` pipelined passes of
+    ``microbatches`` microbatches each (0 means one per stage).
+    """
+
+    schedule: str = "1f1b"  # gpipe | circular | 1f1b
+    microbatches: int = 0
+    repeats: int = 1  # virtual stages per device (circular)
+
+
+SCHEDULES = ("gpipe", "circular", "1f1b")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     mesh: MeshConfig = MeshConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     out_dir: str = "runs/default"
 
 
@@ -263,11 +281,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     if m.remat not in ("none", "full", "dots"):
         raise ConfigError(f"model.remat='{m.remat}' is not a remat policy; use none, full or dots")
     sizes = resolve_mesh_sizes(cfg.mesh, n_devices)
-    if sizes["pipeline"] > 1:
-        raise ConfigError(
-            f"mesh.pipeline={sizes['pipeline']}: pipeline parallelism is not supported yet; "
-            "set mesh.pipeline=1 and use data, fsdp or tensor"
-        )
+    microbatches = validate_pipeline(cfg, sizes["pipeline"])
     if sizes["members"] > 1:
         raise ConfigError(
             f"mesh.members={sizes['members']}: populations of models are not supported yet; set mesh.members=1"
@@ -293,10 +307,51 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by mesh.fsdp={sizes['fsdp']}; "
                           "FSDP shards the model dimension of every weight")
     shards = sizes["data"] * sizes["fsdp"]
-    if t.batch_size % (shards * t.microbatches):
+    per_step = shards * t.microbatches * microbatches
+    if t.batch_size % per_step:
+        pipe = " x pipeline.microbatches" if microbatches > 1 else ""
+        pipe_n = f" x {microbatches}" if microbatches > 1 else ""
         raise ConfigError(
-            f"train.batch_size={t.batch_size} is not divisible by mesh.data x mesh.fsdp x train.microbatches "
-            f"= {sizes['data']} x {sizes['fsdp']} x {t.microbatches} = {shards * t.microbatches}; "
-            f"use a batch size that is a multiple of {shards * t.microbatches}"
+            f"train.batch_size={t.batch_size} is not divisible by mesh.data x mesh.fsdp x train.microbatches{pipe} "
+            f"= {sizes['data']} x {sizes['fsdp']} x {t.microbatches}{pipe_n} = {per_step}; "
+            f"use a batch size that is a multiple of {per_step}"
         )
     return sizes
+
+
+def pipeline_microbatches(cfg: Config, stages: int) -> int:
+    """Pipeline microbatches per pass: ``pipeline.microbatches``, or one per stage when it is 0."""
+    if stages <= 1:
+        return 1
+    return cfg.pipeline.microbatches or stages
+
+
+def validate_pipeline(cfg: Config, stages: int) -> int:
+    """Checks the pipeline section against ``stages`` devices on the pipeline axis; returns m."""
+    pc, m = cfg.pipeline, cfg.model
+    if pc.schedule not in SCHEDULES:
+        raise ConfigError(f"pipeline.schedule='{pc.schedule}' is not a schedule; use {', '.join(SCHEDULES)}")
+    if pc.microbatches < 0 or pc.repeats <= 0:
+        bad = f"pipeline.microbatches={pc.microbatches}" if pc.microbatches < 0 else f"pipeline.repeats={pc.repeats}"
+        raise ConfigError(f"{bad} must be positive (pipeline.microbatches=0 means one per stage)")
+    if stages <= 1:
+        return 1
+    if m.kind != "transformer":
+        raise ConfigError(f"mesh.pipeline={stages}: model.kind='{m.kind}' cannot be cut into stages; "
+                          "use model.kind=transformer or mesh.pipeline=1")
+    if pc.repeats > 1 and pc.schedule != "circular":
+        raise ConfigError(f"pipeline.repeats={pc.repeats} needs pipeline.schedule=circular "
+                          f"(got '{pc.schedule}'); set pipeline.repeats=1 or choose the circular schedule")
+    chunks = stages * pc.repeats
+    if m.layers % chunks:
+        raise ConfigError(
+            f"model.layers={m.layers} is not divisible by mesh.pipeline x pipeline.repeats = {stages} x "
+            f"{pc.repeats} = {chunks}; every stage needs the same number of layers, so use a multiple of {chunks}"
+        )
+    micro = pipeline_microbatches(cfg, stages)
+    if pc.repeats > 1 and micro % stages:
+        raise ConfigError(
+            f"pipeline.microbatches={micro} is not a multiple of mesh.pipeline={stages}; the circular schedule "
+            "sends microbatches round the ring in groups of one per stage"
+        )
+    return micro

@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
     "members": "members",
-    "layers": None,
+    "layers": None,  # "pipeline" when the mesh has a pipeline axis (the trainer sets it)
+    "repeats": None,
     "embed": "fsdp",
     "vocab": "tensor",
     "heads": "tensor",

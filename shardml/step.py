@@ -17,8 +17,9 @@ import optax
 from jax.sharding import NamedSharding
 
 from shardml.accumulate import accumulate_gradients, model_loss
-from shardml.config import OptimConfig
+from shardml.config import OptimConfig, PipelineConfig
 from shardml.models.base import Model, abstract_params, init_params, logical_axes
+from shardml.pipeline import Pipeline, Schedule, pipeline_logical
 from shardml.sharding import Rules, batch_sharding, replicated, tree_shardings, use_rules
 
 
@@ -56,6 +57,8 @@ class Trainer:
     Attributes:
       state_shardings: TrainState of NamedShardings (parameters and optimizer state by the rules).
       batch_sharding: sharding of every batch leaf (leading dim over the batch axes).
+      pipeline: the :class:`shardml.pipeline.Pipeline` when the mesh has ``pipeline > 1`` (its
+        ``natural`` / ``layout`` convert parameters between the model's and the pipeline's layout).
     """
 
     model: Model
@@ -68,6 +71,7 @@ class Trainer:
     _init: Any
     _step: Any
     _eval: Any
+    pipeline: Pipeline | None = None
 
     def init(self, seed: int = 0) -> TrainState:
         """A fresh state, every array created directly in its shards."""
@@ -104,6 +108,7 @@ def build_trainer(
     microbatches: int = 1,
     rules: Rules | None = None,
     loss_fn=None,
+    pipeline: PipelineConfig | None = None,
 ) -> Trainer:
     """Compiles-on-first-use the init, train and eval steps of ``model`` on ``mesh``.
 
@@ -115,12 +120,28 @@ def build_trainer(
       rules: logical -> mesh axes; default :meth:`Rules.default`.
       loss_fn: ``loss(params, batch) -> (summed loss, count)``; default: token cross-entropy of
         ``model.apply`` on ``batch["inputs"]``, ``batch["targets"]``, optional ``batch["mask"]``.
+      pipeline: schedule, microbatches and repeats when ``mesh`` has a ``pipeline`` axis > 1; each of
+        the ``microbatches`` accumulation chunks is then one pipelined pass.
     """
     rules = rules or Rules.default()
+    pipe = None
+    if mesh.shape.get("pipeline", 1) > 1:
+        if loss_fn is not None:
+            raise ValueError("loss_fn cannot be combined with mesh.pipeline > 1: the pipeline computes the "
+                             "model's token cross-entropy in its last stage")
+        pc = pipeline or PipelineConfig()
+        stages = mesh.shape["pipeline"]
+        if not rules.mesh_axes("layers"):
+            rules = rules.replace(layers="pipeline")
+        pipe = Pipeline(model, mesh, Schedule(pc.schedule, stages, pc.microbatches or stages, pc.repeats),
+                        passes=microbatches, rules=rules)
     loss_fn = loss_fn or model_loss(model.apply)
+    layout = pipe.layout if pipe is not None else (lambda params: params)
     param_logical = logical_axes(model.specs)
+    if pipe is not None:
+        param_logical = pipeline_logical(param_logical, pipe.key, pipe.schedule.repeats)
     param_shardings = tree_shardings(param_logical, rules, mesh)
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params(model.specs))
+    abstract_opt = jax.eval_shape(lambda p: optimizer.init(layout(p)), abstract_params(model.specs))
     opt_shardings = optax.tree_map_params(
         optimizer, lambda _, sharding: sharding, abstract_opt, param_shardings,
         transform_non_params=lambda _: replicated(mesh),
@@ -128,11 +149,14 @@ def build_trainer(
     state_shardings = TrainState(step=replicated(mesh), params=param_shardings,
                                  opt_state=opt_shardings, rng=replicated(mesh))
     data_sharding = batch_sharding(mesh, rules, 1)
-    grad_fn = accumulate_gradients(loss_fn, microbatches, mesh, param_logical)
+    if pipe is not None:
+        grad_fn, eval_fn = pipe.gradients, pipe.loss_sums
+    else:
+        grad_fn, eval_fn = accumulate_gradients(loss_fn, microbatches, mesh, param_logical), loss_fn
 
     def init(seed):
         key = jax.random.key(seed)
-        params = init_params(model.specs, jax.random.fold_in(key, 0))
+        params = layout(init_params(model.specs, jax.random.fold_in(key, 0)))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                           rng=jax.random.key_data(jax.random.fold_in(key, 1)))
 
@@ -147,7 +171,7 @@ def build_trainer(
 
     def eval_step(params, batch):
         with use_rules(rules):
-            loss_sum, count = loss_fn(params, batch)
+            loss_sum, count = eval_fn(params, batch)
         return {"loss_sum": loss_sum, "tokens": count}
 
     metric_sharding = replicated(mesh)
@@ -158,6 +182,7 @@ def build_trainer(
         _step=jax.jit(train_step, in_shardings=(state_shardings, data_sharding),
                       out_shardings=(state_shardings, metric_sharding), donate_argnums=0),
         _eval=jax.jit(eval_step, in_shardings=(param_shardings, data_sharding), out_shardings=metric_sharding),
+        pipeline=pipe,
     )
 
 

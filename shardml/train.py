@@ -19,6 +19,7 @@ from shardml.data import load_corpus, train_batch, val_batches
 from shardml.mesh import describe, make_mesh
 from shardml.metrics import MetricsWriter, peak_flops, progress
 from shardml.models import transformer
+from shardml.pipeline import Schedule
 from shardml.step import build_trainer, default_optimizer, put_batch
 
 
@@ -46,13 +47,21 @@ def train(cfg: config_lib.Config, verbose: bool = True) -> dict:
     t = cfg.train
     say(config_lib.dump_yaml(cfg).rstrip())
     say(f"mesh: {describe(mesh)}")
+    if sizes["pipeline"] > 1:
+        pc = cfg.pipeline
+        schedule = Schedule(pc.schedule, sizes["pipeline"], config_lib.pipeline_microbatches(cfg, sizes["pipeline"]),
+                            pc.repeats)
+        say(f"pipeline: {schedule.name}, {schedule.stages} stages x {schedule.repeats} repeats, "
+            f"{schedule.microbatches} microbatches per pass, {t.microbatches} pass(es) per step; "
+            f"bubble {schedule.bubble:.1%}")
     say(f"model: {model.num_params:,} parameters; corpus '{corpus.name}': {len(corpus.train):,} train bytes, "
         f"{len(corpus.val):,} validation bytes")
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
         f.write(config_lib.dump_yaml(cfg))
-    trainer = build_trainer(model, mesh, default_optimizer(cfg.optim, t.steps), microbatches=t.microbatches)
+    trainer = build_trainer(model, mesh, default_optimizer(cfg.optim, t.steps), microbatches=t.microbatches,
+                            pipeline=cfg.pipeline)
     peak, peak_source = peak_flops(cfg.model.dtype)
     val_set = val_batches(corpus, t.batch_size, cfg.data.seq_len, t.eval_batches)
     writer = MetricsWriter(cfg.out_dir)

@@ -72,6 +72,27 @@ def count_params(specs: Any) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stages:
+    """The same model cut into three parts, for pipeline parallelism.
+
+    ``apply(params, x) == head(params, layers(params[key], embed(params, x)))``, and ``layers``
+    accepts any leading slice of the stacked layers, so a pipeline stage runs its own layers only.
+
+    Attributes:
+      embed: ``(params, inputs) -> activations``; runs on the first stage.
+      layers: ``(layer_stack, activations) -> activations``; every leaf of ``layer_stack`` has a
+        leading layer axis.
+      head: ``(params, activations) -> logits``; runs on the last stage.
+      key: the top-level entry of the parameters that holds the stacked layers.
+    """
+
+    embed: Callable[[Any, jax.Array], jax.Array]
+    layers: Callable[[Any, jax.Array], jax.Array]
+    head: Callable[[Any, jax.Array], jax.Array]
+    key: str = "layers"
+
+
+@dataclasses.dataclass(frozen=True)
 class Model:
     """A model for the trainer.
 
@@ -80,12 +101,14 @@ class Model:
       apply: ``apply(params, inputs) -> logits``; pure, names activations by logical axes only.
       flops_per_example: training FLOPs (forward + backward) for one example, for MFU.
       tokens_per_example: tokens counted for throughput (sequence length, or 1 for a classifier).
+      stages: the model cut for pipeline parallelism (None: the model cannot be pipelined).
     """
 
     specs: Any
     apply: Callable[[Any, jax.Array], jax.Array]
     flops_per_example: float
     tokens_per_example: int = 1
+    stages: Stages | None = None
 
     @property
     def num_params(self) -> int:

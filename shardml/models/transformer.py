@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from shardml.config import ModelConfig
-from shardml.models.base import Model, ParamSpec
+from shardml.models.base import Model, ParamSpec, Stages
 from shardml.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -92,27 +92,46 @@ def mlp(h_BSD, layer):
     return jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"])
 
 
-def transformer_apply(params, tokens_BS, cfg: ModelConfig):
+_ACT = ("batch", "act_seq", "act_embed")
+
+
+def embed_tokens(params, tokens_BS, cfg: ModelConfig):
+    """Token ids [B, S] -> activations [B, S, D] in the compute dtype."""
     dtype = jnp.dtype(cfg.dtype)
-    act = ("batch", "act_seq", "act_embed")
     # Vocab-parallel lookup as a one-hot product: each tensor shard contributes its slice of the
     # vocabulary and one all-reduce combines them (a gather from a sharded table is replicated whole).
     onehot_BSV = constrain(jax.nn.one_hot(tokens_BS, cfg.vocab, dtype=dtype), ("batch", "act_seq", "act_vocab"))
-    x_BSD = constrain(jnp.einsum("bsv,vd->bsd", onehot_BSV, params["embed"].astype(dtype)), act)
+    return constrain(jnp.einsum("bsv,vd->bsd", onehot_BSV, params["embed"].astype(dtype)), _ACT)
+
+
+def run_layers(layers, x_BSD, cfg: ModelConfig):
+    """Applies a stack of layers (every leaf has a leading layer axis, of any length) with ``lax.scan``."""
+    dtype = jnp.dtype(cfg.dtype)
 
     def block(x_BSD, layer):
         layer = jax.tree.map(lambda w: w.astype(dtype), layer)
         x_BSD = x_BSD + attention(rms_norm(x_BSD, layer["attn_norm"]), layer, cfg)
         x_BSD = x_BSD + mlp(rms_norm(x_BSD, layer["mlp_norm"]), layer)
-        return constrain(x_BSD, act), None
+        return constrain(x_BSD, _ACT), None
 
     if cfg.remat != "none":
         block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat])
-    x_BSD, _ = jax.lax.scan(block, x_BSD, params["layers"])
+    x_BSD, _ = jax.lax.scan(block, x_BSD.astype(dtype), layers)
+    return x_BSD
+
+
+def output_logits(params, x_BSD, cfg: ModelConfig):
+    """Final norm and unembedding: [B, S, D] -> f32 logits [B, S, V]."""
     x_BSD = rms_norm(x_BSD, params["final_norm"])
-    logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, params["unembed"].astype(dtype),
+    logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, params["unembed"].astype(jnp.dtype(cfg.dtype)),
                             preferred_element_type=jnp.float32)
     return constrain(logits_BSV, ("batch", "act_seq", "act_vocab"))
+
+
+def transformer_apply(params, tokens_BS, cfg: ModelConfig):
+    x_BSD = embed_tokens(params, tokens_BS, cfg)
+    x_BSD = run_layers(params["layers"], x_BSD, cfg)
+    return output_logits(params, x_BSD, cfg)
 
 
 def transformer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -131,4 +150,9 @@ def transformer(cfg: ModelConfig, seq_len: int) -> Model:
         apply=lambda params, tokens_BS: transformer_apply(params, tokens_BS, cfg),
         flops_per_example=transformer_flops_per_token(cfg, seq_len) * seq_len,
         tokens_per_example=seq_len,
+        stages=Stages(
+            embed=lambda params, tokens_BS: embed_tokens(params, tokens_BS, cfg),
+            layers=lambda layers, x_BSD: run_layers(layers, x_BSD, cfg),
+            head=lambda params, x_BSD: output_logits(params, x_BSD, cfg),
+        ),
     )

@@ -1,0 +1,530 @@
+"""Pipeline parallelism on the ``pipeline`` mesh axis: GPipe, circular and 1F1B in one compiled step.
+
+The stacked layers of a model are cut into p stages, one per device along ``pipeline``; a step
+runs inside ``shard_map`` (manual over ``pipeline`` and ``data``, automatic over ``fsdp`` and
+``tensor``, so FSDP and tensor parallelism keep working inside each stage) as a loop of *ticks*:
+in each tick every stage works on one microbatch, then sends activations to its neighbour with
+``ppermute``. The embedding runs on the first stage and the output head and loss on the last, so
+only [microbatch, sequence, d_model] activations (and their cotangents) cross stage boundaries;
+the vocabulary-sized one-hots and logits never do.
+
+Schedules (p stages, m microbatches per pass, v virtual stages per device):
+
+* ``gpipe``: all forwards, then all backwards (``jax.grad`` of the forward loop). Each tick saves
+  only its stage input and recomputes the stage in the backward (as the GPipe paper does), so
+  activation memory is m + p - 1 stage inputs. Bubble (p-1)/(m+p-1).
+* ``circular``: the layers are dealt round-robin in v chunks per device; microbatches go round
+  the ring v times, in groups of p, so the last stage's output arrives at the first stage exactly
+  when it is needed (no circular storage). Bubble (p-1)/(v·m+p-1); needs m divisible by p.
+* ``1f1b``: after p-1 warm-up ticks every stage alternates one forward and one backward, with an
+  explicit per-microbatch ``jax.vjp``. A stage keeps its last 2p-1 stage inputs in a ring buffer
+  and recomputes the stage from them in the backward, so activation memory does not grow with m.
+  Idle slots are skipped with ``lax.cond`` (not computed and masked), which keeps the lock-step
+  loop's bubble at (p-1)/(m+p-1) instead of twice that.
+
+Ticks whose sends are the same are run as one ``lax.scan``; the few warm-up and cool-down ticks
+(O(p), independent of m) are unrolled, so idle slots send nothing and compile time stays flat in
+m. Gradients are accumulated in f32 per device and reduced once per step, after the loop: over
+``data`` for every parameter and over ``pipeline`` for the embedding and head.
+
+``train.microbatches = k`` composes: each device's rows are split into k accumulation chunks,
+each run as one pipelined pass of m microbatches, inside the same shard_map; the reductions above
+still happen once per step.
+
+    pipe = Pipeline(model, mesh, Schedule("1f1b", stages=4, microbatches=16))
+    params = to_pipeline_layout(params, pipe)               # no-op unless repeats > 1
+    loss, grads = jax.value_and_grad(pipe.loss)(params, batch)   # under jax.set_mesh(mesh)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from shardml.accumulate import token_cross_entropy
+from shardml.models.base import Model
+from shardml.sharding import Rules, constrain, use_rules
+
+PIPE, DATA = "pipeline", "data"
+MANUAL = (PIPE, DATA)
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Which stage does what at each tick. Indices work on Python ints and on traced ints alike."""
+
+    name: str  # gpipe | circular | 1f1b
+    stages: int
+    microbatches: int
+    repeats: int = 1
+
+    def __post_init__(self):
+        p, m, v = self.stages, self.microbatches, self.repeats
+        if self.name not in ("gpipe", "circular", "1f1b"):
+            raise ValueError(f"unknown schedule '{self.name}'; use gpipe, circular or 1f1b")
+        if min(p, m, v) < 1:
+            raise ValueError(f"stages={p}, microbatches={m}, repeats={v} must all be positive")
+        if v > 1 and self.name != "circular":
+            raise ValueError(f"repeats={v} needs the circular schedule, not '{self.name}'")
+        if v > 1 and m % p:
+            raise ValueError(f"circular: microbatches={m} must be a multiple of stages={p}")
+
+    @property
+    def ticks(self) -> int:
+        p, m, v = self.stages, self.microbatches, self.repeats
+        return m + 2 * p - 2 if self.name == "1f1b" else v * m + p - 1
+
+    @property
+    def bubble(self) -> float:
+        """Theoretical idle fraction of a stage, (p-1)/(v·m+p-1)."""
+        p, m, v = self.stages, self.microbatches, self.repeats
+        return (p - 1) / (v * m + p - 1)
+
+    def forward_slot(self, t, s):
+        """(valid, microbatch, repeat) of stage ``s``'s forward at tick ``t``.
+
+        Stage 0 starts work item u = t - s at tick u; items go in groups of p microbatches through
+        all v repeats before the next group starts (v = 1: item u is microbatch u).
+        """
+        p, m, v = self.stages, self.microbatches, self.repeats
+        u = t - s
+        valid = (u >= 0) & (u < v * m)
+        u = jnp.clip(u, 0, v * m - 1) if isinstance(u, jax.Array) else min(max(u, 0), v * m - 1)
+        return valid, (u // (v * p)) * p + u % p, (u % (v * p)) // p
+
+    def backward_slot(self, t, s):
+        """(valid, microbatch) of stage ``s``'s backward at tick ``t`` (1F1B)."""
+        b = t - (2 * self.stages - 2 - s)
+        valid = (b >= 0) & (b < self.microbatches)
+        b = jnp.clip(b, 0, self.microbatches - 1) if isinstance(b, jax.Array) else min(max(b, 0), self.microbatches - 1)
+        return valid, b
+
+    def work(self, t: int) -> tuple[bool, bool]:
+        """(any stage runs a forward, any stage runs a backward) at tick ``t`` (1F1B), so ticks of
+        the warm-up and cool-down only trace the half they need."""
+        p = self.stages
+        return (any(self.forward_slot(t, s)[0] for s in range(p)),
+                any(self.backward_slot(t, s)[0] for s in range(p)))
+
+    def sends(self, t: int) -> tuple:
+        """The static (sender, receiver) pairs that carry real data at tick ``t``.
+
+        1F1B: (forward pairs, backward pairs). Otherwise: forward pairs only (the last stage sends
+        round the ring to the first unless the microbatch has finished its last repeat).
+        """
+        p, v = self.stages, self.repeats
+        if self.name == "1f1b":
+            fwd = tuple((s, s + 1) for s in range(p - 1) if self.forward_slot(t, s)[0])
+            bwd = tuple((s, s - 1) for s in range(1, p) if self.backward_slot(t, s)[0])
+            return fwd, bwd, self.work(t)
+        pairs = []
+        for s in range(p):
+            valid, _, r = self.forward_slot(t, s)
+            if valid and not (s == p - 1 and r == v - 1):
+                pairs.append((s, (s + 1) % p))
+        return (tuple(pairs),)
+
+    def period(self) -> int:
+        """Ticks after which the steady-state send pattern repeats."""
+        return self.stages * self.repeats if self.repeats > 1 else 1
+
+    def permute_passes(self) -> int:
+        """Boundary crossings per pass in theory: every microbatch crosses v·p - 1 boundaries
+        forward, and (its cotangent) as many backward."""
+        return 2 * self.microbatches * (self.repeats * self.stages - 1)
+
+
+def _periodic_window(signatures: list, period: int) -> tuple[int, int]:
+    """(start, repetitions) of the longest run of whole periods with identical signatures."""
+    best = (0, 0)
+    n_ticks = len(signatures)
+    for start in range(n_ticks):
+        reps = 0
+        block = signatures[start:start + period]
+        while start + (reps + 1) * period <= n_ticks and \
+                signatures[start + reps * period:start + (reps + 1) * period] == block:
+            reps += 1
+        if reps > best[1]:
+            best = (start, reps)
+    return best
+
+
+def run_ticks(tick, carry, schedule: Schedule):
+    """Runs ``tick(carry, t, sends) -> carry`` for every tick of ``schedule``.
+
+    The longest stretch of repeating send patterns becomes one ``lax.scan`` (its body unrolls one
+    period); the O(p) ticks before and after it are unrolled, so their idle pairs send nothing.
+    """
+    signatures = [schedule.sends(t) for t in range(schedule.ticks)]
+    period = schedule.period()
+    start, reps = _periodic_window(signatures, period)
+    if reps < 2:
+        start, reps = schedule.ticks, 0
+    for t in range(start):
+        carry = tick(carry, jnp.int32(t), signatures[t])
+    if reps:
+        def block(carry, index):
+            first = start + index * period
+            for j in range(period):
+                carry = tick(carry, first + j, signatures[start + j])
+            return carry, None
+
+        carry, _ = jax.lax.scan(block, carry, jnp.arange(reps, dtype=jnp.int32))
+    for t in range(start + reps * period, schedule.ticks):
+        carry = tick(carry, jnp.int32(t), signatures[t])
+    return carry
+
+
+# ----------------------------------------------------------------------------- shard_map helpers
+
+
+def _vary(tree):
+    """Marks every leaf as varying over the manual axes, so a vjp inside stays local (no implicit
+    psum per tick) and loop carries type-check; the one reduction happens after the loop."""
+
+    def one(x):
+        have = jax.typeof(x).manual_axis_type.varying
+        missing = tuple(a for a in MANUAL if a not in have)
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(one, tree)
+
+
+def _zeros(like):
+    return _vary(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), like))
+
+
+def _send(x, pairs):
+    if not pairs:
+        return _zeros(x)
+    return jax.lax.ppermute(x, PIPE, list(pairs))
+
+
+def _pollute(x, keep, fill: float):
+    """Overwrites what an idle slot holds with ``fill`` (tests pass NaN to prove it is masked)."""
+    if fill == 0.0:
+        return x
+    return jnp.where(keep, x, jnp.asarray(fill, x.dtype))
+
+
+def _xent(stages, shared, h, micro, index):
+    mask = micro["mask"][index] if "mask" in micro else None
+    loss, count = token_cross_entropy(stages.head(shared, h), micro["targets"][index], mask)
+    return loss.astype(jnp.float32), count.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- the passes
+
+
+def forward_pass(stages, schedule: Schedule, chunks, shared, micro, fill=0.0):
+    """Per-device forward loop (GPipe / circular): returns (loss sum, token count) of the pass.
+
+    ``chunks``: this device's layers, leaves [v, layers per chunk, ...]; ``micro``: inputs,
+    targets[, mask] with leaves [m, microbatch, ...]. Differentiate it for the GPipe backward.
+    Idle slots compute on zeros and their results are discarded.
+    """
+    p, v = schedule.stages, schedule.repeats
+    stage = jax.lax.axis_index(PIPE)
+    h_shape = jax.eval_shape(stages.embed, shared, micro["inputs"][0])
+
+    @jax.checkpoint  # keep only the tick's input; the backward recomputes the stage
+    def compute(h_recv, t):
+        valid, i, r = schedule.forward_slot(t, stage)
+        first = (stage == 0) & (r == 0)
+        h_recv = _pollute(h_recv, valid & ~first, fill)
+        h_in = jnp.where(first, stages.embed(shared, micro["inputs"][i]), h_recv)
+        h_in = jnp.where(valid, h_in, jnp.zeros_like(h_in))  # idle slots compute on zeros, whatever they hold
+        h_out = stages.layers(jax.tree.map(lambda w: w[r], chunks), h_in)
+        loss, count = _xent(stages, shared, h_out, micro, i)
+        last = valid & (stage == p - 1) & (r == v - 1)
+        return h_out, jnp.where(last, loss, 0.0), jnp.where(last, count, 0.0)
+
+    def tick(carry, t, sends):
+        h, loss, count = carry
+        h_out, tick_loss, tick_count = compute(h, t)
+        return _send(h_out, sends[0]), loss + tick_loss, count + tick_count
+
+    h0 = jnp.full(h_shape.shape, fill, h_shape.dtype)
+    _, loss, count = run_ticks(tick, _vary((h0, jnp.float32(0), jnp.float32(0))), schedule)
+    return loss, count
+
+
+def one_f_one_b_pass(stages, schedule: Schedule, chunks, shared, micro, fill=0.0):
+    """Per-device 1F1B loop: returns (loss sum, token count, (layer grads, shared grads)), f32 sums.
+
+    Stage s runs the forward of microbatch t - s and the backward of microbatch t - (2p - 2 - s) at
+    tick t; the last stage does both for the same microbatch (its forward only stashes the input:
+    the backward's vjp recomputes it together with the head and the loss).
+    """
+    p, m = schedule.stages, schedule.microbatches
+    slots = 2 * p - 1  # stage s holds 2(p - 1 - s) + 1 microbatches between their forward and backward
+    stage = jax.lax.axis_index(PIPE)
+    layers = jax.tree.map(lambda w: w[0], chunks)
+    h_shape = jax.eval_shape(stages.embed, shared, micro["inputs"][0])
+
+    def stage_forward(layers, shared, h_in, index):
+        h_in = jax.lax.cond(stage == 0, lambda: stages.embed(shared, micro["inputs"][index]).astype(h_in.dtype),
+                            lambda: h_in)
+        return stages.layers(layers, h_in)
+
+    def stage_and_loss(layers, shared, h_in, index):
+        h_out = stage_forward(layers, shared, h_in, index)
+        loss, count = jax.lax.cond(stage == p - 1, lambda: _xent(stages, shared, h_out, micro, index),
+                                   lambda: _zeros((jnp.float32(0), jnp.float32(0))))
+        return (h_out, loss), count
+
+    def backward(stash, recv_b, index):
+        fn = functools.partial(stage_and_loss, index=index)
+        (_, loss), vjp_fn, count = jax.vjp(fn, layers, shared, stash[index % slots], has_aux=True)
+        last = stage == p - 1
+        # The last stage seeds the loss; the others receive the cotangent of their output. Selecting
+        # (not multiplying) keeps whatever an idle receive holds out of the gradients.
+        ct_h = jnp.where(last, jnp.zeros_like(recv_b), recv_b)
+        ct_loss = _vary(jnp.where(last, 1.0, 0.0).astype(jnp.float32))
+        g_layers, g_shared, d_h = vjp_fn((ct_h, ct_loss))
+        return g_layers, g_shared, d_h, loss, count
+
+    def tick(carry, t, sends):
+        recv_f, recv_b, stash, acc, loss, count = carry
+        f_valid, f, _ = schedule.forward_slot(t, stage)
+        b_valid, b = schedule.backward_slot(t, stage)
+        recv_f = _pollute(recv_f, f_valid & (stage > 0), fill)
+        recv_b = _pollute(recv_b, b_valid & (stage < p - 1), fill)
+        any_forward, any_backward = sends[2]
+        h_out = d_h = None
+        if any_forward:
+            slot = f % slots
+            stash = stash.at[slot].set(jnp.where(f_valid, recv_f, stash[slot]))  # before the backward reads it
+            h_out = jax.lax.cond(f_valid & (stage < p - 1), lambda: stage_forward(layers, shared, recv_f, f),
+                                 lambda: _zeros(recv_f))
+        if any_backward:
+            zero_grads = _zeros((layers, shared, recv_b, jnp.float32(0), jnp.float32(0)))
+            g_layers, g_shared, d_h, b_loss, b_count = jax.lax.cond(
+                b_valid, lambda: backward(stash, recv_b, b), lambda: zero_grads)
+            acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, (g_layers, g_shared))
+            loss, count = loss + b_loss, count + b_count
+        return (_send(h_out if h_out is not None else recv_f, sends[0]),
+                _send(d_h if d_h is not None else recv_b, sends[1]), stash, acc, loss, count)
+
+    h_fill = jnp.full(h_shape.shape, fill, h_shape.dtype)
+    acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (layers, shared))
+    carry = _vary((h_fill, h_fill, jnp.broadcast_to(h_fill, (slots, *h_fill.shape)), acc0,
+                   jnp.float32(0), jnp.float32(0)))
+    _, _, _, (g_layers, g_shared), loss, count = run_ticks(tick, carry, schedule)
+    return loss, count, (jax.tree.map(lambda g: g[None], g_layers), g_shared)
+
+
+def pass_gradients(stages, schedule: Schedule, chunks, shared, micro, fill=0.0):
+    """(loss sum, count, (chunk grads, shared grads)) of one pipelined pass, per device, f32."""
+    if schedule.name == "1f1b":
+        return one_f_one_b_pass(stages, schedule, chunks, shared, micro, fill)
+
+    def loss_fn(chunks, shared):
+        loss, count = forward_pass(stages, schedule, chunks, shared, micro, fill)
+        return loss, count
+
+    (loss, count), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(chunks, shared)
+    return loss, count, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def to_pipeline_layout(params: dict, key: str, repeats: int) -> dict:
+    """Stacked layers [L, ...] -> [v, L/v, ...] (v = repeats > 1), so that sharding the second axis
+    over ``pipeline`` deals chunk r·p + s to device s; a plain reshape back restores layer order."""
+    if repeats == 1:
+        return params
+    stack = jax.tree.map(lambda w: w.reshape(repeats, w.shape[0] // repeats, *w.shape[1:]), params[key])
+    return {**params, key: stack}
+
+
+def from_pipeline_layout(params: dict, key: str, repeats: int) -> dict:
+    """Inverse of :func:`to_pipeline_layout`."""
+    if repeats == 1:
+        return params
+    return {**params, key: jax.tree.map(lambda w: w.reshape(-1, *w.shape[2:]), params[key])}
+
+
+def pipeline_logical(param_logical: dict, key: str, repeats: int) -> dict:
+    """Logical axes of the parameters in the pipeline layout (``repeats`` axis is never sharded)."""
+    if repeats == 1:
+        return param_logical
+    return {**param_logical, key: jax.tree.map(lambda axes: ("repeats",) + tuple(axes), param_logical[key],
+                                                is_leaf=lambda x: isinstance(x, tuple))}
+
+
+# ----------------------------------------------------------------------------- the public object
+
+
+def _split(batch, passes: int, microbatches: int):
+    """Per-device rows [n, ...] -> [passes, m, n/(passes·m), ...], strided (row j goes to split j mod
+    passes·m), so under fsdp every microbatch keeps the rows its shard already holds."""
+
+    def one(x):
+        n = x.shape[0]
+        per = n // (passes * microbatches)
+        x = x.reshape(per, passes, microbatches, *x.shape[1:])
+        x = jnp.moveaxis(x, 0, 2)
+        return constrain(x, (None, None, "batch") + (None,) * (x.ndim - 3))
+
+    return jax.tree.map(one, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """A model pipelined over ``mesh``'s ``pipeline`` axis with one schedule.
+
+    Methods must be traced under ``jax.set_mesh(mesh)`` (the trainer does this). ``params`` are in
+    the pipeline layout (:meth:`layout`); ``batch`` holds ``inputs``, ``targets`` and optionally
+    ``mask``, with the leading (batch) axis sharded over ``data`` x ``fsdp``.
+
+    Attributes:
+      passes: accumulation chunks per step (``train.microbatches``), each one pipelined pass.
+      bubble_fill: what idle slots receive before masking (tests use NaN).
+    """
+
+    model: Model
+    mesh: Any
+    schedule: Schedule
+    passes: int = 1
+    rules: Rules | None = None
+    bubble_fill: float = 0.0
+
+    def __post_init__(self):
+        stages = self.mesh.shape[PIPE]
+        if self.model.stages is None:
+            raise ValueError("this model has no Stages (embed / layers / head), so it cannot be pipelined")
+        if self.schedule.stages != stages:
+            raise ValueError(f"schedule has {self.schedule.stages} stages, mesh axis '{PIPE}' has {stages}")
+        layers = jax.tree.leaves(self._specs()[self.model.stages.key], is_leaf=lambda x: hasattr(x, "shape"))
+        n_layers = layers[0].shape[0]
+        if n_layers % (stages * self.schedule.repeats):
+            raise ValueError(f"{n_layers} layers do not split into {stages} stages x {self.schedule.repeats} repeats")
+
+    def _specs(self):
+        return self.model.specs
+
+    @property
+    def key(self) -> str:
+        return self.model.stages.key
+
+    def layout(self, params: dict) -> dict:
+        """Natural parameters -> the pipeline layout (a reshape; identity unless repeats > 1)."""
+        return to_pipeline_layout(params, self.key, self.schedule.repeats)
+
+    def natural(self, params: dict) -> dict:
+        return from_pipeline_layout(params, self.key, self.schedule.repeats)
+
+    def _layer_spec(self):
+        return P(PIPE) if self.schedule.repeats == 1 else P(None, PIPE)
+
+    def _rules(self) -> Rules:
+        rules = self.rules or Rules.default()
+        return rules if rules.mesh_axes("layers") else rules.replace(layers=PIPE)
+
+    def _sharded(self, local_fn, out_specs, params, batch):
+        key, v = self.key, self.schedule.repeats
+        stack = params[key]
+        shared = {k: w for k, w in params.items() if k != key}
+        layer_spec = self._layer_spec()
+        in_specs = (jax.tree.map(lambda _: layer_spec, stack), jax.tree.map(lambda _: P(), shared),
+                    jax.tree.map(lambda _: P(DATA), batch))
+
+        def local(stack, shared, batch):
+            chunks = stack if v > 1 else jax.tree.map(lambda w: w[None], stack)
+            return local_fn(_vary(chunks), _vary(shared), batch)
+
+        fn = jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs(layer_spec, stack, shared),
+                           axis_names=set(MANUAL))
+        with use_rules(self._rules()):
+            return fn(stack, shared, batch)
+
+    def gradient_sums(self, params: dict, batch: dict):
+        """(grad sums, loss sum, token count) of the global batch; f32; reduced once."""
+        stages, schedule, passes, fill = self.model.stages, self.schedule, self.passes, self.bubble_fill
+        v, key = schedule.repeats, self.key
+
+        def local(chunks, shared, batch):
+            split = _split(batch, passes, schedule.microbatches)
+
+            def one_pass(micro):
+                return pass_gradients(stages, schedule, chunks, shared, micro, fill)
+
+            if passes == 1:
+                loss, count, (g_chunks, g_shared) = one_pass(jax.tree.map(lambda x: x[0], split))
+            else:
+                def body(total, micro):
+                    return jax.tree.map(jnp.add, total, one_pass(micro)), None
+
+                zero = _zeros((jnp.float32(0), jnp.float32(0),
+                               jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (chunks, shared))))
+                (loss, count, (g_chunks, g_shared)), _ = jax.lax.scan(body, zero, split)
+            # The reductions of the step: every gradient over data, the replicated ones over pipeline.
+            g_chunks = jax.lax.psum(g_chunks, DATA)
+            g_shared = jax.lax.psum(g_shared, MANUAL)
+            loss, count = jax.lax.psum(loss, MANUAL), jax.lax.psum(count, MANUAL)
+            g_stack = g_chunks if v > 1 else jax.tree.map(lambda g: g[0], g_chunks)
+            return g_stack, g_shared, loss, count
+
+        def out_specs(layer_spec, stack, shared):
+            return (jax.tree.map(lambda _: layer_spec, stack), jax.tree.map(lambda _: P(), shared), P(), P())
+
+        g_stack, g_shared, loss, count = self._sharded(local, out_specs, params, batch)
+        return {**g_shared, key: g_stack}, loss, count
+
+    def loss_sums(self, params: dict, batch: dict):
+        """(loss sum, token count) with the forward-only loop (evaluation), whatever the schedule."""
+        stages, passes = self.model.stages, self.passes
+        forward = Schedule("circular" if self.schedule.repeats > 1 else "gpipe", self.schedule.stages,
+                           self.schedule.microbatches, self.schedule.repeats)
+
+        def local(chunks, shared, batch):
+            split = _split(batch, passes, forward.microbatches)
+
+            def body(total, micro):
+                sums = forward_pass(stages, forward, chunks, shared, micro, self.bubble_fill)
+                return jax.tree.map(jnp.add, total, sums), None
+
+            (loss, count), _ = jax.lax.scan(body, _zeros((jnp.float32(0), jnp.float32(0))), split)
+            return jax.lax.psum(loss, MANUAL), jax.lax.psum(count, MANUAL)
+
+        return self._sharded(local, lambda *_: (P(), P()), params, batch)
+
+    def gradients(self, params: dict, batch: dict):
+        """(grads, loss, tokens): per real token, like :func:`shardml.accumulate_gradients`."""
+        grads, loss, count = self.gradient_sums(params, batch)
+        denom = jnp.maximum(count, 1.0)
+        return jax.tree.map(lambda g: g / denom, grads), loss / denom, count
+
+    @functools.cached_property
+    def loss(self):
+        """``loss(params, batch)``: mean loss per token, differentiable with ``jax.grad``.
+
+        A ``custom_vjp``: called alone it runs the forward-only loop; under ``jax.grad`` its forward
+        rule runs the chosen schedule (1F1B included) and keeps the gradients, which the backward
+        rule scales by the incoming cotangent. No forward-mode or higher-order derivatives.
+        """
+
+        @jax.custom_vjp
+        def loss(params, batch):
+            loss_sum, count = self.loss_sums(params, batch)
+            return loss_sum / jnp.maximum(count, 1.0)
+
+        def fwd(params, batch):
+            grads, mean, _ = self.gradients(params, batch)
+            return mean, grads
+
+        def bwd(grads, g):
+            return jax.tree.map(lambda x: (g * x).astype(x.dtype), grads), None
+
+        loss.defvjp(fwd, bwd)
+        return loss
