@@ -41,7 +41,18 @@ def test_unknown_preset():
     (["model.layers=0"], r"model.layers=0 must be positive"),
     (["train.batch_size=-4"], r"train.batch_size=-4 must be positive"),
     (["mesh.data=0"], r"mesh.data=0 must be a positive size"),
-    (["mesh.pipeline=2", "mesh.data=4"], r"pipeline parallelism is not supported yet"),
+    (["mesh.pipeline=4", "mesh.data=2", "model.layers=6"],
+     r"model.layers=6 is not divisible by mesh.pipeline x pipeline.repeats = 4 x 1 = 4"),
+    (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=circular", "pipeline.repeats=4"],
+     r"model.layers=4 is not divisible by .* = 2 x 4 = 8"),
+    (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=1f1b", "pipeline.repeats=2"],
+     r"pipeline.repeats=2 needs pipeline.schedule=circular"),
+    (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=circular", "pipeline.repeats=2",
+      "pipeline.microbatches=3"], r"pipeline.microbatches=3 is not a multiple of mesh.pipeline=2"),
+    (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=zb"], r"pipeline.schedule='zb' is not a schedule"),
+    (["mesh.pipeline=2", "mesh.data=4", "pipeline.microbatches=8"],
+     r"train.batch_size=16 is not divisible by .* x pipeline.microbatches = 4 x 1 x 1 x 8 = 32"),
+    (["mesh.pipeline=2", "mesh.data=4", "model.kind=mlp"], r"model.kind='mlp' cannot be cut into stages"),
 ])
 def test_bad_input_fails_with_named_values(overrides, message):
     cfg = load_config("tiny", overrides)
@@ -50,6 +61,8 @@ def test_bad_input_fails_with_named_values(overrides, message):
 
 
 def test_good_layouts_validate():
-    for overrides in (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], ["mesh.data=1", "mesh.fsdp=-1"], ["mesh.data=-1"]):
+    for overrides in (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], ["mesh.data=1", "mesh.fsdp=-1"], ["mesh.data=-1"],
+                      ["mesh.pipeline=4", "pipeline.schedule=1f1b", "train.microbatches=2"],
+                      ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2"]):
         sizes = validate(load_config("tiny", overrides), n_devices=8)
-        assert sizes["data"] * sizes["fsdp"] * sizes["tensor"] == 8, sizes
+        assert sizes["pipeline"] * sizes["data"] * sizes["fsdp"] * sizes["tensor"] == 8, sizes
