@@ -99,13 +99,15 @@ def _array_handler() -> ocp.PyTreeCheckpointHandler:
     # Replica-parallel writes split every replicated shard into slices (one eager op each) so that
     # several hosts share the write; on one host that only adds latency to the blocking part of save.
     registry = ocp.type_handlers.create_type_handler_registry(
-        (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)))
+        (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()))
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
-def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(directory, options=options, item_handlers={
-        "params": _array_handler(), "train": _array_handler(), "meta": ocp.JsonCheckpointHandler()})
+def _read_item(step_dir: str, item: str, target: Any) -> Any:
+    """One array item of a checkpoint, restored onto the shardings (or numpy types) of ``target``."""
+    with ocp.Checkpointer(_array_handler()) as checkpointer:
+        return checkpointer.restore(os.path.join(step_dir, item), args=_restore_args(target))
 
 
 def _split(state: TrainState) -> tuple[Any, dict]:
@@ -174,16 +176,12 @@ def restore(step_dir: str, target: TrainState) -> tuple[TrainState, dict]:
                           f"({len(differ)} arrays differ; first: {name} saved as {saved.get(name)}, "
                           f"this model has {expected.get(name)})")
     params_target, train_target = _split(target)
-    directory, step = os.path.dirname(step_dir), int(os.path.basename(step_dir))
     try:
-        manager = _manager(directory, ocp.CheckpointManagerOptions(read_only=True))
-        items = manager.restore(step, args=ocp.args.Composite(
-            params=_restore_args(params_target), train=_restore_args(train_target)))
-        manager.close()
+        params, train = _read_item(step_dir, "params", params_target), _read_item(step_dir, "train", train_target)
     except Exception as err:  # Orbax / TensorStore raise many types for damaged files
         raise CheckpointError(f"Orbax cannot read it ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:200]})") from err
-    restored = {**flatten({"params": items["params"]}), **flatten(items["train"])}
+    restored = {**flatten({"params": params}), **flatten(train)}
     state = jax.tree.unflatten(jax.tree.structure(target), [restored[name] for name in expected])
     _verify(state, meta["checksums"])
     if int(state.step) != meta["step"]:
@@ -216,9 +214,7 @@ def load_params(path: str, target: Any = None) -> Any:
                   if name.startswith("params/")}
         target = _unflatten_dict({name: np.empty(shape, jnp.dtype(dtype)) for name, (shape, dtype) in arrays.items()})
     try:
-        manager = _manager(directory, ocp.CheckpointManagerOptions(read_only=True))
-        params = manager.restore(step, args=ocp.args.Composite(params=_restore_args(target)))["params"]
-        manager.close()
+        params = _read_item(step_dir, "params", target)
     except Exception as err:
         raise CheckpointError(f"{step_dir}: Orbax cannot read its parameters ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:200]})") from err
@@ -307,9 +303,10 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        self._manager = _manager(self.directory, ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
-            create=True))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "params": _array_handler(), "train": _array_handler(), "meta": ocp.JsonCheckpointHandler()})
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
