@@ -178,7 +178,10 @@ def resume_point(cfg: Config, trainer, notice: Callable[[str], None] = print) ->
         except ckpt.CheckpointError as err:
             raise ckpt.CheckpointError(f"train.resume={mode}: {err}") from None
         found = (state, meta, step)
-    else:
+    if directory != own_dir:
+        for tmp in ckpt.unfinished(own_dir):
+            notice(f"ignoring an unfinished checkpoint write (the process stopped while saving): {tmp}")
+    if step is None:
         if mode != "auto" and not ckpt.steps(directory):
             raise ConfigError(f"train.resume={mode}: no checkpoint there; give a run directory, its "
                               "checkpoints directory or one step directory (e.g. runs/x/checkpoints/100)")

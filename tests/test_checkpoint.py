@@ -272,7 +272,8 @@ def test_train_skips_nonfinite_steps_and_stops_after_max_bad_steps(tmp_path, mon
 
     monkeypatch.setattr(train_lib, "train_batch", batch_with_nan)
     out = tmp_path / "run"
-    cfg = load_config("tiny", [f"out_dir={out}", "train.steps=40", "train.log_every=1", "checkpoint.every=1",
+    # train.steps as in test_fault_tolerance: the same program, compiled once per session.
+    cfg = load_config("tiny", [f"out_dir={out}", "train.steps=60", "train.log_every=1", "checkpoint.every=1",
                                "checkpoint.keep=40", "train.max_bad_steps=3"])
     with pytest.raises(train_lib.NonFiniteError, match=r"steps 6-8: 3 steps in a row \(train.max_bad_steps=3\).*"
                                                         r"The last checkpoint, \S+/checkpoints/7 \(step 7\), is left as it was"):

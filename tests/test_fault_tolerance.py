@@ -20,7 +20,7 @@ import pytest
 from shardml.checkpoint import flatten, load_params, steps
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-STEPS, EVERY = 40, 5
+STEPS, EVERY = 60, 5
 COMMAND = ["train", "tiny", f"train.steps={STEPS}", "train.log_every=1", f"checkpoint.every={EVERY}",
            "checkpoint.keep=3", "--quiet"]
 COMPARED = ("loss", "grad_norm", "val_loss", "bad_steps")
@@ -125,7 +125,7 @@ def reference(env, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     code, stderr = run(env, root / "run", root)
     assert code == 0, stderr[-3000:]
-    assert steps(str(root / "run" / "checkpoints")) == [30, 35, 40], "checkpoint.every / keep not honoured"
+    assert steps(str(root / "run" / "checkpoints")) == [50, 55, 60], "checkpoint.every / keep not honoured"
     return str(root / "run")
 
 
@@ -179,14 +179,14 @@ def test_sigkill_during_a_save_leaves_an_unfinished_write_that_is_skipped(env, r
 def test_truncated_file_in_latest_checkpoint_falls_back_to_previous(env, reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    data = [p for p in (out / "checkpoints" / "40" / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    data = [p for p in (out / "checkpoints" / "60" / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
     victim = max(data, key=lambda p: p.stat().st_size)
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
     code, stderr = run(env, out, tmp_path)
     assert code == 0, stderr[-3000:]
-    assert "skipping damaged checkpoint step 40" in stderr and resumed_from(stderr) == 35, stderr[-3000:]
-    assert (out / "checkpoints-damaged" / "40").is_dir(), "the damaged checkpoint was not kept aside"
+    assert "skipping damaged checkpoint step 60" in stderr and resumed_from(stderr) == 55, stderr[-3000:]
+    assert (out / "checkpoints-damaged" / "60").is_dir(), "the damaged checkpoint was not kept aside"
     assert_same_as_uninterrupted(out, reference)
 
 

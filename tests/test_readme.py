@@ -23,7 +23,7 @@ def test_readme_orbax_flax_snippet_loads_checkpoint_params(tmp_path):
     from shardml.config import ModelConfig, OptimConfig
 
     model = shardml.transformer(ModelConfig(layers=2, d_model=32, heads=4, d_ff=64, dtype="float32"), 16)
-    trainer = shardml.build_trainer(model, shardml.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
+    trainer = shardml.build_trainer(model, shardml.make_mesh({"data": 8}),
                                     shardml.default_optimizer(OptimConfig(), 10))
     state = trainer.init(seed=1)
     checkpointer = shardml.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
