@@ -2,8 +2,8 @@
 
 Schedulers preempt a job with SIGTERM (then SIGKILL after a grace period); Ctrl-C sends SIGINT.
 Inside :class:`StopRequest` the first such signal only records its name; the loop finishes the step,
-saves a checkpoint and returns. A second signal acts as it would without shardml (Ctrl-C twice
-interrupts at once).
+saves a checkpoint and returns. A second signal acts as it would without shardml (a second Ctrl-C
+raises KeyboardInterrupt).
 
     with StopRequest() as stop:
         for step in range(steps):
