@@ -8,6 +8,7 @@
 
 from shardml.accumulate import accumulate_gradients, model_loss, token_cross_entropy
 from shardml.audit import collectives, memory
+from shardml.checkpoint import CheckpointError, Checkpointer, load_params
 from shardml.config import (Config, ConfigError, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, load_config,
                             validate)
 from shardml.data import load_corpus, train_batch
@@ -26,4 +27,5 @@ __all__ = [
     "build_trainer", "collectives", "constrain", "default_optimizer", "describe", "emulate_cpu_devices",
     "evaluate", "load_config", "make_mesh", "memory", "mlp_classifier", "model_loss", "put_batch",
     "load_corpus", "token_cross_entropy", "train", "train_batch", "transformer", "use_rules", "validate",
+    "CheckpointError", "Checkpointer", "load_params",
 ]

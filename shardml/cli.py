@@ -1,6 +1,9 @@
 """The ``shardml`` command: parses arguments, sets up devices, calls :func:`shardml.train.train`.
 
-    shardml train [CONFIG] [key=value ...] [--cpu-devices N]
+    shardml train [CONFIG] [key=value ...] [--cpu-devices N] [--quiet] [--fresh]
+
+Exit status: 0 (also after a graceful stop on SIGTERM / SIGINT, checkpoint saved), 1 (the run
+stopped: non-finite steps, or no usable checkpoint), 2 (configuration error, nothing trained).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="emulate N CPU devices (default on a CPU-only machine: 8, "
                             "unless JAX_NUM_CPU_DEVICES is set)")
     train.add_argument("--quiet", action="store_true", help="no progress bar or config print")
+    train.add_argument("--fresh", action="store_true",
+                       help="start over: move a run found in out_dir to out_dir/previous/ instead of resuming it")
     return parser
 
 
@@ -51,9 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         devices = args.cpu_devices if args.cpu_devices is not None else default_cpu_devices()
         if devices is not None:
             emulate_cpu_devices(devices)
-        from shardml.train import train
+        from shardml.checkpoint import CheckpointError
+        from shardml.train import NonFiniteError, train
 
-        train(cfg, verbose=not args.quiet)
+        try:
+            train(cfg, verbose=not args.quiet, fresh=args.fresh)
+        except (CheckpointError, NonFiniteError) as err:
+            print(f"shardml: error: {err}", file=sys.stderr)
+            return 1
     except ConfigError as err:
         print(f"shardml: error: {err}", file=sys.stderr)
         return 2

@@ -77,11 +77,22 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints of the whole train state in ``out_dir/checkpoints`` (see :mod:`shardml.checkpoint`)."""
+
+    every: int = 100  # save every N steps; 0: only at the end (and on SIGTERM / SIGINT)
+    keep: int = 3  # the last N checkpoints are kept
+    async_save: bool = True  # written in the background while training goes on
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100
     batch_size: int = 32  # global, in sequences, the same on every layout
     microbatches: int = 1
     seed: int = 0
+    resume: str = "auto"  # auto: the latest valid checkpoint in out_dir, if any | never | a checkpoint path
+    max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradients
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate once, at the end
     eval_batches: int = 8
@@ -110,6 +121,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
     out_dir: str = "runs/default"
@@ -272,6 +284,12 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     _positive(m, "model", ("vocab", "layers", "d_model", "heads", "d_ff"))
     _positive(t, "train", ("steps", "batch_size", "microbatches", "log_every", "eval_batches"))
     _positive(d, "data", ("seq_len",))
+    _positive(t, "train", ("max_bad_steps",))
+    _positive(cfg.checkpoint, "checkpoint", ("keep",))
+    if cfg.checkpoint.every < 0:
+        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0: save only at the end)")
+    if not t.resume:
+        raise ConfigError("train.resume is empty; use auto, never, or the path of a checkpoint")
     if m.kv_heads < 0:
         raise ConfigError(f"model.kv_heads={m.kv_heads} must be positive, or 0 for 'same as model.heads'")
     if m.kind not in ("transformer", "mlp"):

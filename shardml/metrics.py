@@ -63,17 +63,27 @@ def peak_flops(compute_dtype: str = "bfloat16") -> tuple[float, str]:
 
 class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl``; mirrors scalars to TensorBoard
-    when ``tensorboardX`` is installed."""
+    when ``tensorboardX`` is installed.
 
-    def __init__(self, out_dir: str):
+    ``start_step``: the step the run starts from (None: append to what is there). Records after it
+    (written by an attempt that died before its next checkpoint, or a half-written last line) are
+    dropped, since the run writes them again; TensorBoard is told to purge them too. ``records``
+    holds the kept records and ``dropped`` counts the others.
+    """
+
+    def __init__(self, out_dir: str, start_step: int | None = None):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        self._file = open(self.path, "a")
+        self.records, self.dropped = [], 0
+        if start_step is not None:
+            self.records, self.dropped = _keep_records(self.path, start_step)
+        self._file = open(self.path, "a")  # noqa: SIM115 - open for the writer's lifetime
         self._tb = None
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            purge = start_step + 1 if start_step or self.dropped else None
+            self._tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=purge)
         except ImportError:
             pass
 
@@ -89,6 +99,30 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _keep_records(path: str, last_step: int) -> tuple[list[dict], int]:
+    """Rewrites ``path`` keeping the records up to ``last_step``; returns them and the dropped count."""
+    if not os.path.exists(path):
+        return [], 0
+    kept, lines, dropped = [], [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = record["step"] <= last_step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(record)
+                lines.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+    return kept, dropped
 
 
 def progress(total: int, enabled: bool = True):

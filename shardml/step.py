@@ -79,7 +79,11 @@ class Trainer:
             return self._init(jnp.asarray(seed, jnp.uint32))
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        """One optimizer step on a global batch; ``state`` is donated."""
+        """One optimizer step on a global batch; ``state`` is donated.
+
+        ``metrics["skipped"]`` is 1 when the loss or the gradients were not finite: the step then
+        left ``params`` and ``opt_state`` unchanged (``step`` still counts the batch).
+        """
         with jax.set_mesh(self.mesh):
             return self._step(state, batch)
 
@@ -166,7 +170,14 @@ def build_trainer(
         grads = jax.tree.map(jax.lax.with_sharding_constraint, grads, param_shardings)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient leaves parameters and optimizer state as they were; the
+        # step counter (the data position) still advances: the batch is consumed, not retried.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm,
+                   "skipped": 1 - finite.astype(jnp.int32)}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     def eval_step(params, batch):
