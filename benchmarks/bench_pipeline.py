@@ -40,7 +40,7 @@ SCHEDULES = ("gpipe", "circular", "1f1b")
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stages", default="2,4", help="pipeline sizes p (comma-separated)")
-    ap.add_argument("--multiples", default="1,2,4,8", help="microbatch counts as multiples of p")
+    ap.add_argument("--multiples", default="1,2,4,8", help="microbatch counts as multiples of p ('' skips the timed table)")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--repeats", type=int, default=2, help="virtual stages per device for circular")
     ap.add_argument("--rows", type=int, default=2, help="sequences per microbatch")
@@ -84,7 +84,7 @@ class Runner:
 def main():
     args = parse_args()
     stages_list = [int(p) for p in args.stages.split(",")]
-    multiples = [int(k) for k in args.multiples.split(",")]
+    multiples = [int(k) for k in args.multiples.split(",") if k]
     schedules = args.schedules.split(",")
     cfg = ModelConfig(layers=args.layers, d_model=args.d_model, heads=args.heads, d_ff=args.d_ff,
                       dtype="float32", remat="dots")
@@ -170,23 +170,26 @@ def memory_curve(model, args, schedules):
     return curve
 
 
-def compile_times(model, args, schedules, ms):
-    """lower + compile seconds of the train step at each m (p = 4 or the largest p asked for)."""
+def compile_times(model, args, schedules, ms, rounds=3):
+    """lower + compile seconds of the train step at each m (largest p asked for); median of ``rounds``
+    rounds that alternate between the m values, so machine load hits them alike."""
     p = max(int(x) for x in args.stages.split(","))
     mesh = make_mesh({"pipeline": p}, devices=jax.devices()[:p])
-    print(f"\ncompile time (lower + compile, p={p}), seconds:")
+    print(f"\ncompile time (lower + compile, p={p}, median of {rounds}), seconds:")
     for name in schedules:
         v = args.repeats if name == "circular" else 1
-        seconds = []
-        for m in ms:
-            trainer = build_trainer(model, mesh, default_optimizer(OptimConfig(), 100),
-                                    pipeline=PipelineConfig(schedule=name, microbatches=m, repeats=v))
-            batch = abstract_batch(trainer, m * args.rows, args.seq)
-            start = time.perf_counter()
-            trainer.lower_step(trainer.abstract_state(), batch).compile()
-            seconds.append(time.perf_counter() - start)
-        cells = "  ".join(f"m={m}: {s:.1f}" for m, s in zip(ms, seconds))
-        print(f"  {name:<9} {cells}  ratio {seconds[-1] / seconds[0]:.2f}", flush=True)
+        seconds = {m: [] for m in ms}
+        for _ in range(rounds):
+            for m in ms:
+                trainer = build_trainer(model, mesh, default_optimizer(OptimConfig(), 100),
+                                        pipeline=PipelineConfig(schedule=name, microbatches=m, repeats=v))
+                batch = abstract_batch(trainer, m * args.rows, args.seq)
+                start = time.perf_counter()
+                trainer.lower_step(trainer.abstract_state(), batch).compile()
+                seconds[m].append(time.perf_counter() - start)
+        medians = [statistics.median(seconds[m]) for m in ms]
+        cells = "  ".join(f"m={m}: {s:.1f}" for m, s in zip(ms, medians))
+        print(f"  {name:<9} {cells}  ratio {medians[-1] / medians[0]:.2f}", flush=True)
 
 
 def plot(rows, curve, path):
