@@ -12,6 +12,7 @@ from shardml.config import Config, ConfigError, MeshConfig, ModelConfig, OptimCo
 from shardml.data import load_corpus, train_batch
 from shardml.mesh import describe, emulate_cpu_devices, make_mesh
 from shardml.models import Model, ParamSpec, mlp_classifier, transformer
+from shardml.plan import Plan, compare_layouts, format_comparison, format_plan, make_plan
 from shardml.sharding import Rules, constrain, use_rules
 from shardml.step import TrainState, Trainer, build_trainer, default_optimizer, put_batch
 from shardml.train import evaluate, train
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "ConfigError", "MeshConfig", "Model", "ModelConfig", "OptimConfig", "load_corpus", "train_batch", "ParamSpec", "Rules", "TrainState", "Trainer", "accumulate_gradients",
     "build_trainer", "collectives", "constrain", "default_optimizer", "describe", "emulate_cpu_devices",
-    "evaluate", "load_config", "make_mesh", "memory", "mlp_classifier", "model_loss", "put_batch",
+    "Plan", "compare_layouts", "evaluate", "format_comparison", "format_plan", "load_config", "make_plan", "make_mesh", "memory", "mlp_classifier", "model_loss", "put_batch",
     "token_cross_entropy", "train", "transformer", "use_rules", "validate",
 ]
