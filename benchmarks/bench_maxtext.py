@@ -92,24 +92,47 @@ def maxtext_command(python: str, base_yml: str, sizes: dict[str, int], steps: in
     ]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (all its threads), from /proc."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def run_maxtext(python, base_yml, sizes, warmup, steps, remat, log_path):
-    """One MaxText run of warmup + steps; returns (tokens/s over the timed steps, first loss)."""
+    """One MaxText run of warmup + steps, timed on its own per-step log lines.
+
+    Returns tokens/s over the timed steps (MaxText's own step seconds), tokens per CPU-second
+    (the process's CPU time between the log lines of the timed steps) and the first loss.
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "VIRTUAL_ENV")}
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="1")
     out = os.path.join(os.path.dirname(log_path), "maxtext_out")
-    cmd = maxtext_command(python, base_yml, sizes, warmup + steps, remat, out)
+    cmd = maxtext_command(python, base_yml, sizes, warmup + steps + 1, remat, out)
+    records, cpu_at = {}, {}
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(log_path),
-                              timeout=3600)
-    text = pathlib.Path(log_path).read_text(errors="replace")
-    records = {int(m.group(1)): (float(m.group(2)), float(m.group(3))) for m in _STEP_LINE.finditer(text)}
-    timed = [records[s][0] for s in range(warmup, warmup + steps) if s in records]
-    if proc.returncode != 0 or len(timed) != steps:
-        tail = "\n".join(text.splitlines()[-15:])
-        raise RuntimeError(f"MaxText run failed (exit {proc.returncode}, {len(timed)}/{steps} timed steps); "
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                                cwd=os.path.dirname(log_path), errors="replace")
+        for line in proc.stdout:
+            log.write(line)
+            if m := _STEP_LINE.search(line):
+                step = int(m.group(1))
+                cpu_at[step] = _cpu_seconds(proc.pid)
+                records[step] = (float(m.group(2)), float(m.group(3)))
+        proc.wait(timeout=600)
+    # A step's line is printed once the next step is dispatched (MaxText logs one step late), so
+    # the CPU time between the lines of steps s-1 and s belongs to step s; one extra step is run
+    # so the last timed step's line has a successor.
+    timed = range(warmup, warmup + steps)
+    if proc.returncode != 0 or any(s not in records or s - 1 not in cpu_at for s in timed):
+        tail = "\n".join(pathlib.Path(log_path).read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"MaxText run failed (exit {proc.returncode}, {len(records)} steps logged); "
                            f"log {log_path}:\n{tail}")
-    tokens = SHAPE["batch"] * SHAPE["seq_len"]
-    return steps * tokens / sum(timed), records[0][1]
+    tokens = steps * SHAPE["batch"] * SHAPE["seq_len"]
+    cpu = cpu_at[warmup + steps - 1] - cpu_at[warmup - 1]
+    return tokens / sum(records[s][0] for s in timed), tokens / cpu, records[0][1]
 
 
 # ----------------------------------------------------------------------------- shardml (this process)
@@ -143,19 +166,21 @@ def race(layout, args, python, base_yml, log_dir):
     first_loss = float(sm.run(1)["loss"])
     compile_s = time.perf_counter() - t0
     sm.run(args.warmup)
-    times, mt_tps, mt_loss = [], [], None
+    times, cpu, mt_tps, mt_cpu, mt_loss = [], [], [], [], None
     for r in range(args.rounds):
         order = ("shardml", "maxtext") if r % 2 == 0 else ("maxtext", "shardml")
         for name in order:
             if name == "shardml":
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 sm.run(args.steps)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
             elif python is not None:
                 log = os.path.join(log_dir, f"maxtext_{layout.replace(',', '_').replace('=', '')}_r{r}.log")
-                tps, mt_loss = run_maxtext(python, base_yml, sizes, args.warmup + 1, args.steps, args.maxtext_remat,
-                                           log)
+                tps, per_cpu, mt_loss = run_maxtext(python, base_yml, sizes, args.warmup + 1, args.steps,
+                                                    args.maxtext_remat, log)
                 mt_tps.append(tps)
+                mt_cpu.append(per_cpu)
             else:
                 continue
             print(f"  {layout} round {r + 1}/{args.rounds}: {name} done", file=sys.stderr, flush=True)
@@ -163,7 +188,9 @@ def race(layout, args, python, base_yml, log_dir):
     return {
         "layout": layout, "shardml": tokens / statistics.median(times), "shardml_first_loss": first_loss,
         "shardml_compile_s": compile_s, "shardml_rounds": [tokens / t for t in times],
+        "shardml_per_cpu": tokens / statistics.median(cpu),
         "maxtext": statistics.median(mt_tps) if mt_tps else None, "maxtext_rounds": mt_tps,
+        "maxtext_per_cpu": statistics.median(mt_cpu) if mt_cpu else None,
         "maxtext_first_loss": mt_loss,
     }
 
@@ -176,14 +203,21 @@ def table(results, args, have_maxtext) -> str:
          f"{args.rounds} alternating rounds x {args.steps} timed steps (median round); "
          f"remat: shardml {args.remat}, MaxText {args.maxtext_remat}"),
         "",
-        "| layout | shardml tokens/s | MaxText tokens/s | ratio shardml/MaxText |",
-        "|---|---:|---:|---:|",
+        "| layout | shardml tokens/s | MaxText tokens/s | ratio | shardml tokens/CPU-s | MaxText tokens/CPU-s | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
-        mt = f"{res['maxtext']:.0f}" if res["maxtext"] else "skipped"
-        ratio = f"{res['shardml'] / res['maxtext']:.2f}" if res["maxtext"] else "-"
-        lines.append(f"| {res['layout']} | {res['shardml']:.0f} | {mt} | {ratio} |")
+        have = res["maxtext"] is not None
+        mt = f"{res['maxtext']:.0f}" if have else "skipped"
+        ratio = f"{res['shardml'] / res['maxtext']:.2f}" if have else "-"
+        mt_cpu = f"{res['maxtext_per_cpu']:.0f}" if have else "skipped"
+        ratio_cpu = f"{res['shardml_per_cpu'] / res['maxtext_per_cpu']:.2f}" if have else "-"
+        lines.append(f"| {res['layout']} | {res['shardml']:.0f} | {mt} | {ratio} | {res['shardml_per_cpu']:.0f} | "
+                     f"{mt_cpu} | {ratio_cpu} |")
     lines.append("")
+    lines.append("tokens/s: wall clock over the timed steps (MaxText: the step seconds it logs); tokens/CPU-s: "
+                 "the same tokens over the CPU time the training process used, which other processes on "
+                 "the machine disturb less. Ratio = shardml / MaxText.")
     lines.append("per-round tokens/s: " + "; ".join(
         f"{r['layout']}: shardml " + " ".join(f"{x:.0f}" for x in r["shardml_rounds"])
         + (", MaxText " + " ".join(f"{x:.0f}" for x in r["maxtext_rounds"]) if r["maxtext_rounds"] else "")
@@ -238,13 +272,17 @@ def main():
 
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="bench_maxtext_")
     os.makedirs(log_dir, exist_ok=True)
+    load_before = os.getloadavg()[0]
     results = [race(layout, args, python, base_yml, log_dir) for layout in args.layouts]
     text = table(results, args, python is not None)
+    text += f"\nmachine: {os.cpu_count()} CPUs, 1-minute load average {load_before:.1f} at the start, " \
+            f"{os.getloadavg()[0]:.1f} at the end"
     print(text)
     if python is not None:
         print(f"MaxText logs: {log_dir}")
     if args.readme:
-        shown = " ".join(a for a in sys.argv[1:] if not a.startswith("--readme") and a != args.readme)
+        hidden = {"--readme", args.readme, "--log-dir", args.log_dir}
+        shown = " ".join(a for a in sys.argv[1:] if a not in hidden and not a.startswith(("--readme=", "--log-dir=")))
         write_readme(args.readme, text, f"python benchmarks/bench_maxtext.py {shown}".strip())
 
 

@@ -230,12 +230,15 @@ def compare_layouts(base: Config, layouts: list[str], device_memory: int | None 
     """Plans several layouts of ``base``; all are checked before the first compile."""
     import jax
 
-    configs = [layout_config(base, layout) for layout in layouts]
-    for layout, cfg in zip(layouts, configs):
+    configs = []
+    for layout in layouts:
         try:
-            check(cfg, jax.device_count())
+            configs.append(layout_config(base, layout))
+            check(configs[-1], jax.device_count())
         except ConfigError as err:
-            raise ConfigError(f"--compare layout '{layout}': {err}") from None
+            message = str(err)
+            raise ConfigError(message if message.startswith("--compare") else
+                              f"--compare layout '{layout}': {message}") from None
     return [make_plan(cfg, device_memory, label=layout) for layout, cfg in zip(layouts, configs)]
 
 
