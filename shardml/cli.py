@@ -1,6 +1,8 @@
-"""The ``shardml`` command: parses arguments, sets up devices, calls :func:`shardml.train.train`.
+"""The ``shardml`` command: parses arguments, sets up devices, calls the library.
 
     shardml train [CONFIG] [key=value ...] [--cpu-devices N] [--quiet] [--fresh]
+    shardml plan  [CONFIG] [key=value ...] [--cpu-devices N] [--device-memory 16GiB]
+                  [--compare LAYOUT [LAYOUT ...]]
 
 Exit status: 0 (also after a graceful stop on SIGTERM / SIGINT, checkpoint saved), 1 (the run
 stopped: non-finite steps, or no usable checkpoint), 2 (configuration error, nothing trained).
@@ -20,14 +22,41 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model",
                            description="Train a model. CONFIG is a preset name in configs/ (tiny, default) "
                                        "or a YAML file; key=value pairs override single fields.")
-    train.add_argument("args", nargs="*", metavar="CONFIG | key=value")
-    train.add_argument("--cpu-devices", type=int, default=None,
-                       help="emulate N CPU devices (default on a CPU-only machine: 8, "
-                            "unless JAX_NUM_CPU_DEVICES is set)")
+    plan = sub.add_parser("plan", help="memory and communication of a layout, without training",
+                          description="Lower and compile the train step for a layout, without training, and "
+                                      "print per-device memory and per-step communication. CONFIG and "
+                                      "key=value as for 'shardml train'.")
+    for command in (train, plan):
+        command.add_argument("args", nargs="*", metavar="CONFIG | key=value")
+        command.add_argument("--cpu-devices", type=int, default=None,
+                             help="emulate N CPU devices (default on a CPU-only machine: 8, "
+                                  "unless JAX_NUM_CPU_DEVICES is set)")
     train.add_argument("--quiet", action="store_true", help="no progress bar or config print")
     train.add_argument("--fresh", action="store_true",
                        help="start over: move a run found in out_dir to out_dir/previous/ instead of resuming it")
+    plan.add_argument("--device-memory", default=None, metavar="SIZE",
+                      help="memory of one device (16GiB, 80GB, 512MiB, bytes); warns when the plan exceeds it")
+    plan.add_argument("--compare", nargs="+", default=None, metavar="LAYOUT",
+                      help="plan several layouts side by side; each LAYOUT is comma-separated key=value "
+                           "overrides, e.g. mesh.data=8 mesh.fsdp=8 mesh.data=2,mesh.tensor=4 (a layout "
+                           "naming a mesh.* key starts from a fresh mesh: data=-1, others 1)")
     return parser
+
+
+def _run_plan(cfg, args) -> None:
+    from shardml.plan import (
+        compare_layouts,
+        format_comparison,
+        format_plan,
+        make_plan,
+        parse_bytes,
+    )
+
+    device_memory = parse_bytes(args.device_memory) if args.device_memory is not None else None
+    if args.compare:  # every layout is checked before the first compile
+        print(format_comparison(compare_layouts(cfg, args.compare, device_memory)))
+    else:
+        print(format_plan(make_plan(cfg, device_memory)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,20 +79,27 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         cfg = load_config(preset, overrides)
+        if args.command == "plan" and args.device_memory is not None:
+            from shardml.plan import parse_bytes
+
+            parse_bytes(args.device_memory)  # fail on a bad size before JAX starts
         # Device emulation must precede anything that starts JAX's backend.
         from shardml.mesh import default_cpu_devices, emulate_cpu_devices
 
         devices = args.cpu_devices if args.cpu_devices is not None else default_cpu_devices()
         if devices is not None:
             emulate_cpu_devices(devices)
-        from shardml.checkpoint import CheckpointError
-        from shardml.train import NonFiniteError, train
+        if args.command == "plan":
+            _run_plan(cfg, args)
+        else:
+            from shardml.checkpoint import CheckpointError
+            from shardml.train import NonFiniteError, train
 
-        try:
-            train(cfg, verbose=not args.quiet, fresh=args.fresh)
-        except (CheckpointError, NonFiniteError) as err:
-            print(f"shardml: error: {err}", file=sys.stderr)
-            return 1
+            try:
+                train(cfg, verbose=not args.quiet, fresh=args.fresh)
+            except (CheckpointError, NonFiniteError) as err:
+                print(f"shardml: error: {err}", file=sys.stderr)
+                return 1
     except ConfigError as err:
         print(f"shardml: error: {err}", file=sys.stderr)
         return 2

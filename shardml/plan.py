@@ -1,0 +1,327 @@
+"""Plan a run before asking for hardware: per-device memory and per-step communication of a layout.
+
+Nothing is trained and nothing is allocated: the train step is lowered from abstract shapes and
+compiled for the mesh the config asks for (on emulated CPU devices when there is no accelerator),
+then read twice: the shardings of the abstract state give the parameter and optimizer bytes each
+device holds, ``compiled.memory_analysis()`` gives arguments, outputs and temporaries (activations,
+gradients, buffers), and the HLO audit (:mod:`shardml.audit`) gives every collective with its bytes
+and mesh axes, loops multiplied by their trip counts::
+
+    emulate_cpu_devices(8)                                  # before JAX starts, CPU only
+    result = make_plan(load_config("default", ["mesh.data=1", "mesh.fsdp=8"]), device_memory=16 * 2**30)
+    print(format_plan(result))
+    result.params_bytes, result.peak_bytes, result.fits
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+
+from shardml import config as config_lib
+from shardml.config import Config, ConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """``"16GiB"`` -> 17179869184. Units: B, KiB/MiB/GiB/TiB (and K/M/G/T, binary), KB/MB/GB/TB (decimal).
+
+    Raises:
+      ConfigError: when ``text`` is not a positive size.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"device memory '{text}' is not a size; write e.g. 16GiB, 80GB, 512MiB or a byte count")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    """Binary units, three significant digits: ``1536 -> '1.50 KiB'``."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclasses.dataclass(frozen=True)
+class CommRow:
+    """All collectives of one kind over one set of mesh axes, inside or outside loops, per step.
+
+    ``bytes`` is the audit's figure: result bytes of each op x its executions (one device).
+    ``sent_bytes`` is what one device sends on a ring of ``group`` devices: all-reduce
+    2(n-1)/n x result, all-gather and all-to-all (n-1)/n x result, reduce-scatter (n-1) x result
+    (its result is one shard), collective-permute the result.
+    """
+
+    kind: str
+    axes: tuple[str, ...]
+    in_loop: bool
+    ops: int
+    executions: int
+    bytes: int
+    sent_bytes: int
+    dtypes: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one layout costs per device and per step (all bytes are per device)."""
+
+    label: str
+    mesh: dict[str, int]
+    devices: int
+    platform: str
+    num_params: int
+    params_bytes: int  # parameters this device holds (from the state shardings)
+    opt_state_bytes: int  # optimizer state this device holds
+    batch_bytes: int  # the step's batch rows this device holds
+    arguments_bytes: int  # memory_analysis: inputs (state + batch)
+    outputs_bytes: int
+    aliased_bytes: int  # outputs written over donated inputs
+    temporaries_bytes: int  # activations, gradients and other buffers live during the step
+    generated_code_bytes: int
+    comm: tuple[CommRow, ...]
+    compile_s: float
+    device_memory: int | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        """Arguments + outputs not aliased to donated arguments + temporaries."""
+        return self.arguments_bytes + self.outputs_bytes - self.aliased_bytes + self.temporaries_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether ``peak_bytes`` fits in ``device_memory`` (None when no memory was given)."""
+        return None if self.device_memory is None else self.peak_bytes <= self.device_memory
+
+    def comm_bytes(self, kind: str | None = None, axis: str | None = None) -> int:
+        """Audit bytes per step of a collective kind and/or over a mesh axis."""
+        return sum(r.bytes for r in self.comm if (kind is None or r.kind == kind)
+                   and (axis is None or axis in r.axes))
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(r.sent_bytes for r in self.comm)
+
+
+def _sent(op, result_bytes: int) -> int:
+    n = len(op.groups[0]) if op.groups else 1
+    if op.kind == "all-reduce":
+        return int(2 * (n - 1) / n * result_bytes)
+    if op.kind in ("all-gather", "all-to-all"):
+        return int((n - 1) / n * result_bytes)
+    if op.kind == "reduce-scatter":
+        return (n - 1) * result_bytes
+    return result_bytes
+
+
+def comm_rows(report, mesh) -> tuple[CommRow, ...]:
+    """Groups an audit report by (kind, mesh axes, inside loops)."""
+    from shardml.audit import KINDS
+
+    groups: dict = {}
+    for op in report.ops:
+        groups.setdefault((KINDS.index(op.kind), op.kind, op.axes(mesh), op.in_loop), []).append(op)
+    rows = []
+    for (_, kind, axes, in_loop), ops in sorted(groups.items()):
+        rows.append(CommRow(
+            kind=kind, axes=axes, in_loop=in_loop, ops=len(ops), executions=sum(o.trips for o in ops),
+            bytes=sum(o.bytes * o.trips for o in ops), sent_bytes=sum(_sent(o, o.bytes) * o.trips for o in ops),
+            dtypes=",".join(sorted({o.dtype for o in ops}))))
+    return tuple(rows)
+
+
+def _per_device_bytes(abstract_tree) -> int:
+    import jax
+
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+               for leaf in jax.tree.leaves(abstract_tree))
+
+
+def check(cfg: Config, n_devices: int) -> dict[str, int]:
+    """Everything :func:`plan` can reject without compiling; returns the resolved mesh sizes."""
+    sizes = config_lib.validate(cfg, n_devices)
+    if cfg.model.kind != "transformer":
+        raise ConfigError(f"shardml plan covers model.kind=transformer (what shardml train runs); "
+                          f"got '{cfg.model.kind}'")
+    return sizes
+
+
+def abstract_batch(cfg: Config, sharding) -> dict:
+    """ShapeDtypeStructs of one global batch as :func:`shardml.data.train_batch` makes it."""
+    import jax
+    import jax.numpy as jnp
+
+    shape = (cfg.train.batch_size, cfg.data.seq_len)
+    return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+            "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+            "mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)}
+
+
+def make_plan(cfg: Config, device_memory: int | None = None, label: str = "") -> Plan:
+    """Lowers and compiles the train step of ``cfg`` on the current devices and measures it.
+
+    Args:
+      cfg: a full run config (mesh sizes are resolved against ``jax.device_count()``).
+      device_memory: bytes one device has; sets :attr:`Plan.fits`.
+      label: a name for tables (default: the mesh layout).
+
+    Raises:
+      ConfigError: before anything compiles, for a layout that cannot work.
+    """
+    import jax
+
+    from shardml.audit import collectives, memory
+    from shardml.mesh import make_mesh
+    from shardml.models import transformer
+    from shardml.step import build_trainer, default_optimizer
+
+    sizes = check(cfg, jax.device_count())
+    mesh = make_mesh(config_lib.MeshConfig(**sizes))
+    model = transformer(cfg.model, cfg.data.seq_len)
+    trainer = build_trainer(model, mesh, default_optimizer(cfg.optim, cfg.train.steps),
+                            microbatches=cfg.train.microbatches)
+    state = trainer.abstract_state()
+    batch = abstract_batch(cfg, trainer.batch_sharding)
+    start = time.perf_counter()
+    compiled = trainer.lower_step(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    mem = memory(compiled)
+    layout = {name: size for name, size in sizes.items() if size > 1}
+    return Plan(
+        label=label or (",".join(f"{n}={s}" for n, s in layout.items()) or "one device"),
+        mesh=dict(sizes), devices=jax.device_count(), platform=jax.devices()[0].platform,
+        num_params=model.num_params, params_bytes=_per_device_bytes(state.params),
+        opt_state_bytes=_per_device_bytes(state.opt_state), batch_bytes=_per_device_bytes(batch),
+        arguments_bytes=mem.arguments, outputs_bytes=mem.outputs, aliased_bytes=mem.aliased,
+        temporaries_bytes=mem.temporaries, generated_code_bytes=mem.generated_code,
+        comm=comm_rows(collectives(compiled.as_text(), mesh), mesh), compile_s=compile_s,
+        device_memory=device_memory,
+    )
+
+
+# ----------------------------------------------------------------------------- several layouts
+
+
+def layout_config(base: Config, layout: str) -> Config:
+    """Applies one ``--compare`` column: comma-separated ``key=value`` overrides.
+
+    A column that sets any ``mesh.*`` key starts from a fresh mesh (``data=-1`` fills, the other
+    axes 1), so ``mesh.fsdp=8`` means fsdp=8 alone, whatever the preset's mesh was.
+    """
+    items = [item.strip() for item in layout.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"--compare layout '{layout}' is empty; write e.g. mesh.data=2,mesh.tensor=4")
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise ConfigError(f"--compare layout '{layout}': '{bad[0]}' is not key=value (e.g. mesh.fsdp=8)")
+    if any(item.split("=", 1)[0].strip().startswith("mesh.") for item in items):
+        base = dataclasses.replace(base, mesh=config_lib.MeshConfig())
+    return config_lib.apply_overrides(base, items)
+
+
+def compare_layouts(base: Config, layouts: list[str], device_memory: int | None = None) -> list[Plan]:
+    """Plans several layouts of ``base``; all are checked before the first compile."""
+    import jax
+
+    configs = []
+    for layout in layouts:
+        try:
+            configs.append(layout_config(base, layout))
+            check(configs[-1], jax.device_count())
+        except ConfigError as err:
+            message = str(err)
+            raise ConfigError(message if message.startswith("--compare") else
+                              f"--compare layout '{layout}': {message}") from None
+    return [make_plan(cfg, device_memory, label=layout) for layout, cfg in zip(layouts, configs)]
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def _axes(row: CommRow) -> str:
+    return "+".join(row.axes) or "-"
+
+
+def _warning(p: Plan) -> str | None:
+    if p.fits is False:
+        return (f"WARNING: {p.label}: estimated peak {format_bytes(p.peak_bytes)} per device exceeds the "
+                f"device memory {format_bytes(p.device_memory)} by {format_bytes(p.peak_bytes - p.device_memory)}")
+    return None
+
+
+def format_plan(p: Plan) -> str:
+    """A report of one layout: memory per device, then communication per step."""
+    mesh = " x ".join(f"{n}={s}" for n, s in p.mesh.items() if s > 1) or "one device"
+    lines = [(f"plan: {p.devices} {p.platform} device(s): {mesh}; {p.num_params:,} parameters; "
+              f"compiled in {p.compile_s:.1f}s"),
+             "", "memory per device"]
+    rows = [("parameters (state shardings)", p.params_bytes),
+            ("optimizer state (state shardings)", p.opt_state_bytes),
+            ("batch", p.batch_bytes),
+            ("arguments (compiled)", p.arguments_bytes),
+            ("outputs not aliased to donated inputs", p.outputs_bytes - p.aliased_bytes),
+            ("temporaries: activations, gradients, buffers", p.temporaries_bytes),
+            ("estimated peak", p.peak_bytes)]
+    if p.device_memory is not None:
+        rows.append(("device memory (--device-memory)", p.device_memory))
+    lines += [f"  {name:<46} {format_bytes(value):>11}" for name, value in rows]
+    lines += ["", "communication per step (bytes: result x executions, one device; sent: ring estimate)",
+              (f"  {'collective':<19} {'axes':<16} {'where':<5} {'ops':>4} {'runs':>5} {'bytes':>11} "
+               f"{'sent':>11}  dtype")]
+    for r in p.comm:
+        lines.append(f"  {r.kind:<19} {_axes(r):<16} {'loop' if r.in_loop else 'step':<5} {r.ops:>4} "
+                     f"{r.executions:>5} {format_bytes(r.bytes):>11} {format_bytes(r.sent_bytes):>11}  {r.dtypes}")
+    if not p.comm:
+        lines.append("  (none)")
+    lines.append(f"  {'total':<19} {'':<16} {'':<5} {'':>4} {'':>5} {format_bytes(p.comm_bytes()):>11} "
+                 f"{format_bytes(p.sent_bytes):>11}")
+    if p.platform == "cpu":
+        lines += ["", ("note: compiled by XLA:CPU; TPU/GPU compilers fuse, schedule and pick collectives "
+                       "differently, so temporaries and collective forms there can differ")]
+    warning = _warning(p)
+    if warning:
+        lines += ["", warning]
+    return "\n".join(lines)
+
+
+def format_comparison(plans: list[Plan]) -> str:
+    """Layouts side by side: one column per plan, one row per figure."""
+    from shardml.audit import KINDS
+
+    keys = sorted({(r.kind, r.axes, r.in_loop) for p in plans for r in p.comm},
+                  key=lambda k: (KINDS.index(k[0]), k[1], k[2]))
+    table = [("layout", [p.label for p in plans]),
+             ("mesh", [" x ".join(f"{n}={s}" for n, s in p.mesh.items() if s > 1) or "1" for p in plans]),
+             ("parameters / device", [format_bytes(p.params_bytes) for p in plans]),
+             ("optimizer state / device", [format_bytes(p.opt_state_bytes) for p in plans]),
+             ("temporaries / device", [format_bytes(p.temporaries_bytes) for p in plans]),
+             ("estimated peak / device", [format_bytes(p.peak_bytes) for p in plans])]
+    if any(p.device_memory is not None for p in plans):
+        table.append(("fits --device-memory", ["yes" if p.fits else "NO" for p in plans]))
+    for kind, axes, in_loop in keys:
+        name = f"{kind} {'+'.join(axes) or '-'}{' (loop)' if in_loop else ''}"
+        cells = []
+        for p in plans:
+            value = sum(r.bytes for r in p.comm if (r.kind, r.axes, r.in_loop) == (kind, axes, in_loop))
+            cells.append(format_bytes(value) if value else "-")
+        table.append((name, cells))
+    table.append(("comm bytes / step", [format_bytes(p.comm_bytes()) for p in plans]))
+    table.append(("sent / device / step (ring)", [format_bytes(p.sent_bytes) for p in plans]))
+    table.append(("compile s", [f"{p.compile_s:.1f}" for p in plans]))
+    first = max(len(name) for name, _ in table)
+    widths = [max(len(cells[i]) for _, cells in table) for i in range(len(plans))]
+    lines = ["  ".join([f"{name:<{first}}"] + [f"{cell:>{w}}" for cell, w in zip(cells, widths)])
+             for name, cells in table]
+    lines.insert(1, "-" * len(lines[0]))
+    if plans and plans[0].platform == "cpu":
+        lines += ["", ("bytes are per device; compiled by XLA:CPU (TPU/GPU compilers may fuse and pick "
+                       "collectives differently)")]
+    lines += [w for w in (_warning(p) for p in plans) if w]
+    return "\n".join(lines)
