@@ -176,6 +176,7 @@ def test_permute_bytes_match_theory(schedule, p):
     assert report.count("all-gather") == 0, f"{schedule}: unexpected all-gather\n{report.table()}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_program_size_is_flat_in_microbatches(schedule):
     """Loops, not unrolled Python: the compiled program for m = 64 is the size of the one for m = 8."""
