@@ -264,7 +264,7 @@ def one_f_one_b_pass(stages, schedule: Schedule, chunks, shared, micro, fill=0.0
     tick t; the last stage does both for the same microbatch (its forward only stashes the input:
     the backward's vjp recomputes it together with the head and the loss).
     """
-    p, m = schedule.stages, schedule.microbatches
+    p = schedule.stages
     slots = 2 * p - 1  # stage s holds 2(p - 1 - s) + 1 microbatches between their forward and backward
     stage = jax.lax.axis_index(PIPE)
     layers = jax.tree.map(lambda w: w[0], chunks)
@@ -405,13 +405,10 @@ class Pipeline:
             raise ValueError("this model has no Stages (embed / layers / head), so it cannot be pipelined")
         if self.schedule.stages != stages:
             raise ValueError(f"schedule has {self.schedule.stages} stages, mesh axis '{PIPE}' has {stages}")
-        layers = jax.tree.leaves(self._specs()[self.model.stages.key], is_leaf=lambda x: hasattr(x, "shape"))
+        layers = jax.tree.leaves(self.model.specs[self.model.stages.key], is_leaf=lambda x: hasattr(x, "shape"))
         n_layers = layers[0].shape[0]
         if n_layers % (stages * self.schedule.repeats):
             raise ValueError(f"{n_layers} layers do not split into {stages} stages x {self.schedule.repeats} repeats")
-
-    def _specs(self):
-        return self.model.specs
 
     @property
     def key(self) -> str:
@@ -422,6 +419,7 @@ class Pipeline:
         return to_pipeline_layout(params, self.key, self.schedule.repeats)
 
     def natural(self, params: dict) -> dict:
+        """The pipeline layout -> the model's natural parameters (what an unpipelined apply takes)."""
         return from_pipeline_layout(params, self.key, self.schedule.repeats)
 
     def _layer_spec(self):

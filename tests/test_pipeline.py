@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import lm_batch, max_rel_diff
+
 from shardml.accumulate import model_loss
 from shardml.audit import collectives, memory
 from shardml.config import ModelConfig
