@@ -425,7 +425,9 @@ class Pipeline:
     def _layer_spec(self):
         return P(PIPE) if self.schedule.repeats == 1 else P(None, PIPE)
 
-    def _rules(self) -> Rules:
+    @property
+    def effective_rules(self) -> Rules:
+        """The rules with the stacked ``layers`` axis on ``pipeline`` (unless the user mapped it)."""
         rules = self.rules or Rules.default()
         return rules if rules.mesh_axes("layers") else rules.replace(layers=PIPE)
 
@@ -443,7 +445,7 @@ class Pipeline:
 
         fn = jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs(layer_spec, stack, shared),
                            axis_names=set(MANUAL))
-        with use_rules(self._rules()):
+        with use_rules(self.effective_rules):
             return fn(stack, shared, batch)
 
     def gradient_sums(self, params: dict, batch: dict):

@@ -135,10 +135,9 @@ def build_trainer(
                              "model's token cross-entropy in its last stage")
         pc = pipeline or PipelineConfig()
         stages = mesh.shape["pipeline"]
-        if not rules.mesh_axes("layers"):
-            rules = rules.replace(layers="pipeline")
         pipe = Pipeline(model, mesh, Schedule(pc.schedule, stages, pc.microbatches or stages, pc.repeats),
                         passes=microbatches, rules=rules)
+        rules = pipe.effective_rules
     loss_fn = loss_fn or model_loss(model.apply)
     layout = pipe.layout if pipe is not None else (lambda params: params)
     param_logical = logical_axes(model.specs)
