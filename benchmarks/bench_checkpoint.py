@@ -17,7 +17,9 @@ is the steadier figure of the work a save adds; only the wall clock shows what a
 
 import jax
 
-jax.config.update("jax_num_cpu_devices", 8)  # before any other JAX use
+from shardml.mesh import emulate_cpu_devices
+
+emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
 import os

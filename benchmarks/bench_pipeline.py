@@ -18,7 +18,9 @@ compiled program and carry over to accelerators.
 
 import jax
 
-jax.config.update("jax_num_cpu_devices", 8)  # before any other JAX use
+from shardml.mesh import emulate_cpu_devices
+
+emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
 import statistics

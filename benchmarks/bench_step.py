@@ -12,7 +12,9 @@ Timed rounds alternate between the two so machine noise hits both alike; medians
 
 import jax
 
-jax.config.update("jax_num_cpu_devices", 8)  # before any other JAX use
+from shardml.mesh import emulate_cpu_devices
+
+emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
 import math

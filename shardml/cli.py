@@ -11,6 +11,7 @@ stopped: non-finite steps, or no usable checkpoint), 2 (configuration error, not
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from shardml.config import ConfigError, load_config
@@ -84,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
 
             parse_bytes(args.device_memory)  # fail on a bad size before JAX starts
         # Device emulation must precede anything that starts JAX's backend.
-        from shardml.mesh import default_cpu_devices, emulate_cpu_devices
+        from shardml.mesh import avoid_cpu_collective_deadlock, default_cpu_devices, emulate_cpu_devices
 
         devices = args.cpu_devices if args.cpu_devices is not None else default_cpu_devices()
         if devices is not None:
             emulate_cpu_devices(devices)
+        elif os.environ.get("JAX_NUM_CPU_DEVICES"):
+            avoid_cpu_collective_deadlock()
         if args.command == "plan":
             _run_plan(cfg, args)
         else:

@@ -26,11 +26,33 @@ def _backend_started() -> bool:
         return False
 
 
+# XLA:CPU runs each emulated device's collectives on one shared thread pool with about one thread per
+# device. Its concurrency-optimised scheduler lets a device start two independent collectives at
+# once (seen: an FSDP all-gather beside a pipeline collective-permute); both block a thread, the
+# last device finds no free thread, and the rendezvous aborts the process after 40 s. Observed on
+# jax 0.10.2 with 8 devices on 2 cores (a circular pipeline x fsdp step hung in 2 of 3 runs; with
+# this flag, 0 of 4). The plain scheduler keeps the collectives in one order per device.
+CPU_COLLECTIVE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def avoid_cpu_collective_deadlock() -> None:
+    """Adds ``CPU_COLLECTIVE_FLAG`` to ``XLA_FLAGS`` unless the user already set that option.
+
+    XLA reads the variable once, when JAX compiles its first program, so call this before that.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {CPU_COLLECTIVE_FLAG}".strip()
+
+
 def emulate_cpu_devices(n: int) -> None:
     """Makes JAX's CPU backend expose ``n`` devices, so every mesh axis can be exercised on one host.
 
     Must run before JAX initialises its backend (the first ``jax.devices()`` or array operation).
     ``JAX_NUM_CPU_DEVICES=n`` in the environment does the same without code.
+
+    It also sets ``CPU_COLLECTIVE_FLAG`` (see ``avoid_cpu_collective_deadlock``): without it,
+    XLA:CPU can deadlock when several emulated devices run collectives at once.
 
     Raises:
       RuntimeError: if the backend has already started with another device count.
@@ -48,6 +70,7 @@ def emulate_cpu_devices(n: int) -> None:
             f"shardml.emulate_cpu_devices({n}) before any JAX operation (first thing in the notebook "
             f"or script), or set JAX_NUM_CPU_DEVICES={n} in the environment before Python starts"
         )
+    avoid_cpu_collective_deadlock()
     jax.config.update("jax_num_cpu_devices", n)
 
 

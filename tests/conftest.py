@@ -17,7 +17,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+from shardml.mesh import emulate_cpu_devices  # noqa: E402
+
+# Also sets XLA_FLAGS against an XLA:CPU collective deadlock; `shardml` subprocesses inherit it.
+emulate_cpu_devices(8)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
