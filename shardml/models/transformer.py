@@ -70,9 +70,16 @@ def rotary(x_BSHE, base: float):
 def attention(h_BSD, layer, cfg: ModelConfig):
     H = cfg.heads
     K = cfg.kv_heads or H
-    q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, layer["wq"])
-    k_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, layer["wk"])
-    v_BSKE = jnp.einsum("bsd,dke->bske", h_BSD, layer["wv"])
+    # One product for the projections that share a head axis: under tensor parallelism the backward
+    # then sums their input gradients locally and all-reduces once, not once per weight (Megatron's
+    # fused QKV). Stacking the per-layer weights keeps each one's sharding and checkpoint name.
+    if K == H:
+        qkv_BSCHE = jnp.einsum("bsd,dche->bsche", h_BSD, jnp.stack([layer["wq"], layer["wk"], layer["wv"]], 1))
+        q_BSHE, k_BSKE, v_BSKE = qkv_BSCHE[:, :, 0], qkv_BSCHE[:, :, 1], qkv_BSCHE[:, :, 2]
+    else:
+        q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, layer["wq"])
+        kv_BSCKE = jnp.einsum("bsd,dcke->bscke", h_BSD, jnp.stack([layer["wk"], layer["wv"]], 1))
+        k_BSKE, v_BSKE = kv_BSCKE[:, :, 0], kv_BSCKE[:, :, 1]
     q_BSHE = constrain(rotary(q_BSHE, cfg.rope_base), ("batch", "act_seq", "act_heads", None))
     k_BSKE = constrain(rotary(k_BSKE, cfg.rope_base), ("batch", "act_seq", "act_kv_heads", None))
     B, S, _, E = q_BSHE.shape
@@ -87,8 +94,10 @@ def attention(h_BSD, layer, cfg: ModelConfig):
 
 
 def mlp(h_BSD, layer):
-    gate_BSF = constrain(jnp.einsum("bsd,df->bsf", h_BSD, layer["w_gate"]), ("batch", "act_seq", "act_mlp"))
-    up_BSF = jnp.einsum("bsd,df->bsf", h_BSD, layer["w_up"])
+    # Gate and up in one product, for the same reason as the fused attention projections.
+    gate_up_BSCF = jnp.einsum("bsd,dcf->bscf", h_BSD, jnp.stack([layer["w_gate"], layer["w_up"]], 1))
+    gate_up_BSCF = constrain(gate_up_BSCF, ("batch", "act_seq", None, "act_mlp"))
+    gate_BSF, up_BSF = gate_up_BSCF[:, :, 0], gate_up_BSCF[:, :, 1]
     return jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"])
 
 
