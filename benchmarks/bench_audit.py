@@ -116,11 +116,11 @@ def measured_rows(report, sizes: dict[str, int]) -> dict:
 
 def _empty_row(kind: str, axes: tuple[str, ...]) -> dict:
     return {"kind": kind, "axes": axes, "t_count": 0.0, "t_elements": 0.0, "t_bytes": 0.0,
-            "t_dtypes": collections.Counter(), "swap": 0.0, "m": None, "also": []}
+            "t_dtypes": collections.Counter(), "t_what": [], "swap": 0.0, "m": None, "also": []}
 
 
 def _add_theory(row: dict, other: dict) -> None:
-    for key in ("t_count", "t_elements", "t_bytes", "t_dtypes"):
+    for key in ("t_count", "t_elements", "t_bytes", "t_dtypes", "t_what"):
         row[key] += other[key]
 
 
@@ -133,7 +133,8 @@ def compare(theory, measured: dict) -> list[dict]:
     for t in theory.traffic:
         row = rows.setdefault((t.kind, t.axes), _empty_row(t.kind, t.axes))
         _add_theory(row, {"t_count": t.count, "t_elements": t.sent_elements, "t_bytes": t.sent_bytes,
-                          "t_dtypes": collections.Counter({SHORT[t.dtype]: t.sent_elements})})
+                          "t_dtypes": collections.Counter({SHORT[t.dtype]: t.sent_elements}),
+                          "t_what": [t.what]})
     for key, row in rows.items():
         row["m"] = measured.get(key)
     for (kind, axes), row in list(rows.items()):
@@ -184,32 +185,41 @@ def _per_iteration(sources: collections.Counter) -> str:
                    for trips, c in sorted(loops.items()))
 
 
+def factors(row: dict) -> dict | None:
+    """``ratio`` (compiled bytes / theory bytes) = ``widened`` x ``dtype`` x ``kind`` x ``residual``:
+    XLA widening the collective, the program's element type against the theory's, an all-reduce
+    for a reduce-scatter (a ring all-reduce sends twice the bytes), and the elements that remain."""
+    if not row["t_bytes"] or not row["bytes"]:
+        return None
+    kind = (row["t_elements"] + row["swap"]) / row["t_elements"]
+    return {"ratio": row["bytes"] / row["t_bytes"], "widened": row["bytes"] / row["program"],
+            "dtype": (row["program"] / row["elements"]) / (row["t_bytes"] / row["t_elements"]),
+            "kind": kind, "residual": row["elements"] / (row["t_elements"] * kind)}
+
+
 def explain(row: dict, notes: list[str]) -> str:
-    """The ratio's factors, each read off the program (appends long source lists to ``notes``)."""
-    if not row["t_bytes"]:
+    """The ratio's factors in words (appends the JAX sources of unexplained elements to ``notes``)."""
+    f = factors(row)
+    if f is None and not row["t_bytes"]:
         notes.append(f"{row['kind']} over {'+'.join(row['axes'])}: not in the theory; sources: "
                      + ", ".join(f"{s} x{n:g}" for s, n in row["sources"].most_common(8)))
         return f"not in the theory [{len(notes)}]"
-    if not row["bytes"]:
+    if f is None:
         return "not in the program"
     items = []
-    promotion = row["bytes"] / row["program"]
-    if abs(promotion - 1) > 0.01:
+    if abs(f["widened"] - 1) > 0.01:
         widened = "+".join(sorted(d for d in row["dtypes"] if d not in ("f32", "f64")))
-        items.append(f"x{promotion:.2f} {widened} carried in f32 (XLA widened the collective)")
-    dtype = (row["program"] / row["elements"]) / (row["t_bytes"] / row["t_elements"])
-    if abs(dtype - 1) > 0.01:
-        items.append(f"x{dtype:.2f} program {_share(row['dtypes'])} vs theory {_share(row['t_dtypes'])}")
-    kind = (row["t_elements"] + row["swap"]) / row["t_elements"]
+        items.append(f"x{f['widened']:.2f} {widened} carried in f32 (XLA widened the collective)")
+    if abs(f["dtype"] - 1) > 0.01:
+        items.append(f"x{f['dtype']:.2f} program {_share(row['dtypes'])} vs theory {_share(row['t_dtypes'])}")
     if row["swap"]:
-        items.append(f"x{kind:.2f} all-reduce where theory says reduce-scatter (none in the program)")
-    residual = row["elements"] / (row["t_elements"] * kind)
-    if abs(residual - 1) > 0.01:
-        text = f"x{residual:.2f} elements ({row['count']:g} arrays vs {row['t_count']:g})"
-        if residual > GOAL:
+        items.append(f"x{f['kind']:.2f} all-reduce where theory says reduce-scatter (none in the program)")
+    if abs(f["residual"] - 1) > 0.01:
+        text = f"x{f['residual']:.2f} elements ({row['count']:g} arrays vs {row['t_count']:g})"
+        if f["residual"] > GOAL:
             notes.append(f"{row['kind']} over {'+'.join(row['axes'])}: arrays per step by JAX source: "
                          + ", ".join(f"{s} x{n:g}" for s, n in sorted(row["sources"].items()))
-                         + _per_iteration(row["sources"]))
+                         + _per_iteration(row["sources"]) + "; theory: " + "; ".join(row["t_what"]))
             text += f" [{len(notes)}]"
         items.append(text)
     for axes, _ in row["also"]:
@@ -307,8 +317,11 @@ def report_text(results: list[dict]) -> str:
             f"remat {m.remat}, AdamW; compiled by XLA:CPU ({jax.__version__}) for emulated devices")
     parts = [head, "", "Communication per device and step (bytes a device sends, ring convention):", "", comm, ""]
     parts += [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
-    parts += ["", f"{len(bad)} of {sum(len(r['rows']) for r in results)} rows above {GOAL} "
-              + (f"({', '.join(sorted({name for name, _ in bad}))})" if bad else ""), "",
+    residual = [(name, row) for name, row in bad if factors(row)["residual"] > GOAL]
+    parts += ["", f"{len(bad)} of {sum(len(r['rows']) for r in results)} rows above {GOAL}; "
+              f"{len(residual)} of them still above {GOAL} once the named factors are divided out"
+              + (": " + ", ".join(f"{name} {row['kind']} {'+'.join(row['axes'])} (x{factors(row)['residual']:.2f})"
+                                  for name, row in residual) if residual else ""), "",
               "Memory per device (parameters and optimizer state from the compiled program's argument "
               "shardings; arguments and temporaries from its memory analysis):", "", memory_table(results)]
     worst = max(abs(memory_rows(r)[k][0] / memory_rows(r)[k][1] - 1) for r in results for k in ("params", "opt_state"))
@@ -327,7 +340,8 @@ def plot(results: list[dict], path: str) -> None:
         print(f"plot skipped: matplotlib is not installed (pip install matplotlib); {path} not written",
               file=sys.stderr)
         return
-    names = [r["layout"].replace(",", "\n") for r in results]
+    names = [r["layout"].replace("pipeline.schedule=", "").replace("train.", "").replace(",", "\n")
+             for r in results]
     mib = 2**20
     params = [memory_rows(r)["params"][0] / mib for r in results]
     opt = [memory_rows(r)["opt_state"][0] / mib for r in results]

@@ -17,8 +17,10 @@ Communication per device and step (bytes a device *sends*, ring algorithms on a 
   weight), and its f32 gradient is reduce-scattered once ((N-1)/N x the gradient). Replicated
   weights (norm scales) are all-reduced over the batch axes.
 * TP (Megatron): per layer two all-reduces of the activations [B/(N_data N_fsdp), S, D] in the
-  forward (attention and MLP outputs) and two in the backward (their inputs' gradients), two more
-  when ``model.remat=full`` recomputes the forward; one forward all-reduce for the vocab-parallel
+  forward (attention and MLP outputs) and two in the backward (their inputs' gradients), one more
+  when ``model.remat=full`` recomputes the forward (the attention output, which the MLP's backward
+  needs; the block's own output is not needed by its backward, so its reduction is not redone;
+  ``dots`` saves both matmul outputs); one forward all-reduce for the vocab-parallel
   embedding, one backward for the unembedding's input gradient, and three f32 [rows, S]
   reductions of the vocab-parallel cross-entropy (max, sum of exponentials, target logit).
 * Pipeline: each microbatch's activation [rows / (k m), S, D] crosses v·p - 1 stage boundaries
@@ -196,7 +198,7 @@ def _fsdp_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
         copies = _copies(w, cfg, sizes)
         gathered = copies * math.prod(w.shape) // _divisor(w, sizes, skip=("fsdp",))
         times = passes * (2 if w.backward_needs_it else 1)
-        out.append(Traffic("all-gather", ("fsdp",), f"{cfg.model.dtype} weights", times * copies,
+        out.append(Traffic("all-gather", ("fsdp",), f"{SHORT[cfg.model.dtype]} weights", times * copies,
                            times * gathered, cfg.model.dtype, fsdp))
     return out
 
@@ -209,13 +211,15 @@ def _tensor_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
     passes = cfg.train.microbatches * pipeline_microbatches(cfg, sizes["pipeline"])
     rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"])
     act = rows * cfg.data.seq_len * m.d_model  # one activation of every row this device holds
-    per_layer = 4 + (2 if m.remat == "full" else 0)
+    per_layer = 4 + (1 if m.remat == "full" else 0)
     layers = m.layers // p
+    dtype = SHORT[m.dtype]
+    recomputed = ", 1 recomputed forward (remat=full)" if m.remat == "full" else ""
     return [
-        Traffic("all-reduce", ("tensor",), f"{m.dtype} activations: {per_layer} per layer",
+        Traffic("all-reduce", ("tensor",), f"{dtype} activations per layer: 2 forward, 2 backward{recomputed}",
                 per_layer * layers * passes, per_layer * layers * act, m.dtype, t),
         # Embedding (first stage) and unembedding (last stage): averaged over the p stages.
-        Traffic("all-reduce", ("tensor",), f"{m.dtype} activations: embedding, unembedding",
+        Traffic("all-reduce", ("tensor",), f"{dtype} activations: embedding forward, unembedding backward",
                 2 * passes / p, 2 * act / p, m.dtype, t),
         Traffic("all-reduce", ("tensor",), "f32 cross-entropy [rows, S]: max, sum, target",
                 3 * passes / p, 3 * rows * cfg.data.seq_len / p, "float32", t),
@@ -230,7 +234,7 @@ def _pipeline_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
     rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"] * k * micro)
     sends = 2 * micro * (cfg.pipeline.repeats * p - 1) * k  # per pipeline (one set of p stages)
     act = rows * cfg.data.seq_len * cfg.model.d_model  # replicated over tensor: every device sends it
-    return [Traffic("collective-permute", ("pipeline",), f"{cfg.model.dtype} activations and cotangents",
+    return [Traffic("collective-permute", ("pipeline",), f"{SHORT[cfg.model.dtype]} activations and cotangents",
                     sends / p, sends * act / p, cfg.model.dtype, p)]
 
 
