@@ -294,16 +294,15 @@ def collectives(hlo_text: str, mesh=None) -> CollectiveReport:
                     arrays = [a for a in arrays if a[0] not in ("u32", "s32") or a[1] != 1]
                     arrays = arrays[len(arrays) // 2:]
             operands = _operands(inst.group(4))
-            # Promoted: the operand was rounded to a narrower type just before, and (for a reduction,
-            # whose sums are not narrow values) the result is rounded to it again just after, so the
-            # op carries narrow values in wide containers. Moving data does not change values.
+            # Promoted: the operand was rounded to a narrower type just before and the result is
+            # rounded to it again just after, so the op carries narrow values in wide containers
+            # (a program that itself converts up, to reduce or multiply in f32, is left as it is).
             sources = []
             for i, (array_dtype, _) in enumerate(arrays):
                 src = _widened_from(operands[i], name, module) if i < len(operands) else None
                 index = i if len(arrays) > 1 else None
-                if src and kind in ("all-reduce", "reduce-scatter"):
-                    src = src if _narrowed_to(inst.group(1), name, module, src, index) else None
-                sources.append(src or array_dtype)
+                narrow = src is not None and _narrowed_to(inst.group(1), name, module, src, index)
+                sources.append(src if narrow else array_dtype)
             op_name = _OP_NAME.search(line)
             ops.append(Collective(kind, inst.group(1), dtype, result_bytes, in_loop, trips, name,
                                   _replica_groups(line), tuple(arrays), tuple(sources),
