@@ -11,6 +11,9 @@ and mesh axes, loops multiplied by their trip counts::
     result = make_plan(load_config("default", ["mesh.data=1", "mesh.fsdp=8"]), device_memory=16 * 2**30)
     print(format_plan(result))
     result.params_bytes, result.peak_bytes, result.fits
+
+:func:`compile_step` is the compile on its own (the compiled program, its mesh and abstract state),
+for audits that read more of the program than a :class:`Plan` keeps.
 """
 
 from __future__ import annotations
