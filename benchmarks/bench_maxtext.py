@@ -47,10 +47,11 @@ from shardml.mesh import make_mesh
 from shardml.models import transformer
 from shardml.step import build_trainer, default_optimizer, put_batch
 
+from readme_section import write_section  # benchmarks/ (this script's folder) is on sys.path
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHAPE = {"layers": 4, "d_model": 256, "heads": 4, "head_dim": 64, "d_ff": 1024, "vocab": 256, "seq_len": 128,
          "batch": 32}
-README_BEGIN, README_END = "<!-- bench_maxtext:begin -->", "<!-- bench_maxtext:end -->"
 _STEP_LINE = re.compile(r"completed step: (\d+), seconds: ([\d.]+).*?loss: ([\d.]+)")
 
 
@@ -235,17 +236,6 @@ def table(results, args, have_maxtext) -> str:
     return "\n".join(lines)
 
 
-def write_readme(path: str, text: str, command: str) -> None:
-    readme = pathlib.Path(path)
-    content = readme.read_text()
-    block = f"{README_BEGIN}\n`{command}` (written by the script, {time.strftime('%Y-%m-%d')}):\n\n{text}\n{README_END}"
-    if README_BEGIN in content and README_END in content:
-        content = re.sub(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), lambda _: block, content, flags=re.DOTALL)
-    else:
-        content = content.rstrip() + "\n\n" + block + "\n"
-    readme.write_text(content)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layouts", nargs="+", default=["fsdp=8", "fsdp=2,tensor=4"], help="e.g. fsdp=8 data=2,tensor=4")
@@ -285,7 +275,7 @@ def main():
     if args.readme:
         hidden = {"--readme", args.readme, "--log-dir", args.log_dir}
         shown = " ".join(a for a in sys.argv[1:] if a not in hidden and not a.startswith(("--readme=", "--log-dir=")))
-        write_readme(args.readme, text, f"python benchmarks/bench_maxtext.py {shown}".strip())
+        write_section(args.readme, "bench_maxtext", text, f"python benchmarks/bench_maxtext.py {shown}".strip())
 
 
 if __name__ == "__main__":

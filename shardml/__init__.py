@@ -15,9 +15,10 @@ from shardml.data import load_corpus, train_batch
 from shardml.mesh import describe, emulate_cpu_devices, make_mesh
 from shardml.models import Model, ParamSpec, Stages, mlp_classifier, transformer
 from shardml.pipeline import Pipeline, Schedule
-from shardml.plan import Plan, compare_layouts, format_comparison, format_plan, make_plan
+from shardml.plan import Plan, compare_layouts, compile_step, format_comparison, format_plan, make_plan
 from shardml.sharding import Rules, constrain, use_rules
 from shardml.step import TrainState, Trainer, build_trainer, default_optimizer, put_batch
+from shardml.theory import layout_theory
 from shardml.train import evaluate, train
 
 __version__ = "0.1.0"
@@ -29,5 +30,5 @@ __all__ = [
     "evaluate", "load_config", "make_mesh", "memory", "mlp_classifier", "model_loss", "put_batch",
     "load_corpus", "token_cross_entropy", "train", "train_batch", "transformer", "use_rules", "validate",
     "CheckpointError", "Checkpointer", "load_params",
-    "Plan", "compare_layouts", "format_comparison", "format_plan", "make_plan",
+    "Plan", "compare_layouts", "compile_step", "format_comparison", "format_plan", "make_plan", "layout_theory",
 ]

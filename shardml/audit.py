@@ -4,6 +4,11 @@
     report = collectives(compiled.as_text())
     report.count("all-reduce", in_loop=False)   # e.g. 1
     report.bytes("all-reduce")                  # bytes of the results, loops multiplied by trip count
+
+Each op also keeps its result arrays (a combined collective reduces several at once), the JAX
+operation it came from (``op_name``), and the element type the program gave it before XLA changed
+it: XLA:CPU runs bf16 collectives in f32 (a convert to f32 right before the op, and back after),
+which ``Collective.source_dtypes`` shows as ``bf16`` next to ``dtype`` ``f32``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
 _CALLEE = re.compile(r"\b(?:body|condition|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)")
 _CALLEE_LIST = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_FLOAT_BITS = {"f64": 64, "f32": 32, "bf16": 16, "f16": 16, "f8e4m3fn": 8, "f8e5m2": 8}
+_PASS_THROUGH = ("bitcast", "copy", "reshape", "transpose")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +44,14 @@ class Collective:
     trips: int  # executions per program run (product of enclosing loops' trip counts)
     computation: str
     groups: tuple[tuple[int, ...], ...] = ()  # partition ids that communicate together
+    arrays: tuple[tuple[str, int], ...] = ()  # (dtype, elements) of each result array of one execution
+    source_dtypes: tuple[str, ...] = ()  # per array: the dtype before XLA promoted it (else its dtype)
+    op_name: str = ""  # the JAX operation(s) it came from (HLO metadata)
+
+    @property
+    def promoted(self) -> bool:
+        """True when XLA widened this collective's element type (e.g. bf16 run in f32 on XLA:CPU)."""
+        return any(src != dtype for src, (dtype, _) in zip(self.source_dtypes, self.arrays))
 
     def axes(self, mesh) -> tuple[str, ...]:
         """The mesh axes this collective spans (those whose coordinate varies inside a group)."""
@@ -85,15 +102,82 @@ class CollectiveReport:
 
 def _shape_bytes(text: str) -> tuple[int, str]:
     total, dtypes = 0, []
-    for dtype, dims in _ARRAY.findall(text):
-        if dtype not in _DTYPE_BYTES:
-            continue
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
+    for dtype, n in _arrays(text):
         total += n * _DTYPE_BYTES[dtype]
         dtypes.append(dtype)
     return total, (dtypes[0] if len(set(dtypes)) == 1 else ",".join(sorted(set(dtypes))) or "?")
+
+
+def _arrays(text: str) -> list[tuple[str, int]]:
+    out = []
+    for dtype, dims in _ARRAY.findall(text):
+        if dtype in _DTYPE_BYTES:
+            out.append((dtype, _elements(dims)))
+    return out
+
+
+def _elements(dims: str) -> int:
+    n = 1
+    for d in filter(None, dims.split(",")):
+        n *= int(d)
+    return n
+
+
+def _operands(rest: str) -> list[str]:
+    """Operand names of an instruction, from the text after ``opcode(``."""
+    depth, end = 1, len(rest)
+    for i, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            end = i
+            break
+    return _OPERAND.findall(rest[:end])
+
+
+def _widened_from(name: str, comp: str, module: dict, depth: int = 0) -> str | None:
+    """The narrower float type ``name`` was converted up from (through bitcasts, copies and fusions)."""
+    inst = module["defs"].get(comp, {}).get(name)
+    if inst is None or depth > 8:
+        return None
+    opcode, result, operands, callee = inst
+    if opcode == "convert" and operands:
+        source = module["defs"][comp].get(operands[0])
+        src, dst = _dtype_of(source[1]) if source else None, _dtype_of(result)
+        return src if src in _FLOAT_BITS and dst in _FLOAT_BITS and _FLOAT_BITS[src] < _FLOAT_BITS[dst] else None
+    if opcode in _PASS_THROUGH and operands:
+        return _widened_from(operands[0], comp, module, depth + 1)
+    if opcode == "fusion" and callee in module["roots"]:
+        return _widened_from(module["roots"][callee], callee, module, depth + 1)
+    return None
+
+
+def _narrowed_to(name: str, comp: str, module: dict, dtype: str, index: int | None = None, depth: int = 0) -> bool:
+    """Whether every use of ``name`` (element ``index`` of a tuple) first converts it down to ``dtype``."""
+    uses = module["users"].get(comp, {}).get(name, [])
+    if index is not None:  # a tuple: follow the get-tuple-elements of that element
+        uses = [(user, 0) for user, _ in uses if module["defs"][comp][user][0] == "get-tuple-element"
+                and re.search(rf"index={index}\b", module["lines"][comp][user])]
+        return bool(uses) and all(_narrowed_to(user, comp, module, dtype, None, depth + 1) for user, _ in uses)
+    if not uses or depth > 8:
+        return False
+    for user, position in uses:
+        opcode, result, _, callee = module["defs"][comp][user]
+        if opcode == "convert":
+            ok = _dtype_of(result) == dtype
+        elif opcode in _PASS_THROUGH:
+            ok = _narrowed_to(user, comp, module, dtype, None, depth + 1)
+        elif opcode == "fusion" and position in module["params"].get(callee, {}):
+            ok = _narrowed_to(module["params"][callee][position], callee, module, dtype, None, depth + 1)
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True
+
+
+def _dtype_of(type_text: str) -> str | None:
+    found = _ARRAY.search(type_text)
+    return found.group(1) if found else None
 
 
 def _replica_groups(line: str) -> tuple[tuple[int, ...], ...]:
@@ -132,6 +216,8 @@ def collectives(hlo_text: str, mesh=None) -> CollectiveReport:
     With ``mesh`` (the program's mesh), ops can be selected by the mesh axis they span.
     """
     computations: dict[str, list[str]] = {}
+    # Per computation: name -> (opcode, result type, operands, callee), its line, users, parameters.
+    module: dict[str, dict] = {"defs": {}, "lines": {}, "users": {}, "params": {}, "roots": {}}
     entry = None
     current = None
     for line in hlo_text.splitlines():
@@ -139,6 +225,8 @@ def collectives(hlo_text: str, mesh=None) -> CollectiveReport:
         if match:
             current = match.group(1)
             computations[current] = []
+            for table in ("defs", "lines", "users", "params"):
+                module[table][current] = {}
             if line.startswith("ENTRY"):
                 entry = current
             continue
@@ -147,6 +235,19 @@ def collectives(hlo_text: str, mesh=None) -> CollectiveReport:
                 current = None
             else:
                 computations[current].append(line)
+                inst = _INSTRUCTION.match(line)
+                if inst:
+                    name, opcode, operands = inst.group(1), inst.group(3), _operands(inst.group(4))
+                    callee = _CALLEE.search(line)
+                    module["defs"][current][name] = (opcode, inst.group(2), operands,
+                                                     callee.group(1) if callee else None)
+                    module["lines"][current][name] = line
+                    for position, operand in enumerate(operands):
+                        module["users"][current].setdefault(operand, []).append((name, position))
+                    if opcode == "parameter":
+                        module["params"][current][int(re.match(r"\s*(\d+)", inst.group(4)).group(1))] = name
+                    if line.lstrip().startswith("ROOT"):
+                        module["roots"][current] = name
 
     # Walk the call graph from the entry, tracking loop nesting and trip counts.
     context: dict[str, tuple[bool, int]] = {}
@@ -185,11 +286,27 @@ def collectives(hlo_text: str, mesh=None) -> CollectiveReport:
             if kind not in KINDS:
                 continue
             result_bytes, dtype = _shape_bytes(inst.group(2))
+            arrays = _arrays(inst.group(2))
             if opcode.endswith("-start") and kind in ("all-gather", "collective-permute", "all-reduce"):
                 # An async start returns (operands, results[, scratch]); count the results half.
                 result_bytes //= 2 if kind != "all-reduce" else 1
+                if kind != "all-reduce":
+                    arrays = [a for a in arrays if a[0] not in ("u32", "s32") or a[1] != 1]
+                    arrays = arrays[len(arrays) // 2:]
+            operands = _operands(inst.group(4))
+            # Promoted: the operand was rounded to a narrower type just before and the result is
+            # rounded to it again just after, so the op carries narrow values in wide containers
+            # (a program that itself converts up, to reduce or multiply in f32, is left as it is).
+            sources = []
+            for i, (array_dtype, _) in enumerate(arrays):
+                src = _widened_from(operands[i], name, module) if i < len(operands) else None
+                index = i if len(arrays) > 1 else None
+                narrow = src is not None and _narrowed_to(inst.group(1), name, module, src, index)
+                sources.append(src if narrow else array_dtype)
+            op_name = _OP_NAME.search(line)
             ops.append(Collective(kind, inst.group(1), dtype, result_bytes, in_loop, trips, name,
-                                  _replica_groups(line)))
+                                  _replica_groups(line), tuple(arrays), tuple(sources),
+                                  op_name.group(1) if op_name else ""))
     return CollectiveReport(tuple(ops), mesh)
 
 

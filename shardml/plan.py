@@ -11,6 +11,9 @@ and mesh axes, loops multiplied by their trip counts::
     result = make_plan(load_config("default", ["mesh.data=1", "mesh.fsdp=8"]), device_memory=16 * 2**30)
     print(format_plan(result))
     result.params_bytes, result.peak_bytes, result.fits
+
+:func:`compile_step` is the compile on its own (the compiled program, its mesh and abstract state),
+for audits that read more of the program than a :class:`Plan` keeps.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class CommRow:
     ``bytes`` is the audit's figure: result bytes of each op x its executions (one device).
     ``sent_bytes`` is what one device sends on a ring of ``group`` devices: all-reduce
     2(n-1)/n x result, all-gather and all-to-all (n-1)/n x result, reduce-scatter (n-1) x result
-    (its result is one shard), collective-permute the result.
+    (its result is one shard), collective-permute the result times the share of devices that send
+    (a permute whose pairs leave some devices out: the average over the mesh).
     """
 
     kind: str
@@ -110,7 +114,11 @@ class Plan:
         return sum(r.sent_bytes for r in self.comm)
 
 
-def _sent(op, result_bytes: int) -> int:
+def sent_per_device(op, result_bytes: int, devices: int | None = None) -> int:
+    """Bytes one device sends for ``op`` on a ring (see :class:`CommRow`); ``devices``: mesh size,
+    for the per-device average of a collective-permute."""
+    if op.kind == "collective-permute":
+        return result_bytes * len(op.groups) // devices if devices and op.groups else result_bytes
     n = len(op.groups[0]) if op.groups else 1
     if op.kind == "all-reduce":
         return int(2 * (n - 1) / n * result_bytes)
@@ -132,7 +140,8 @@ def comm_rows(report, mesh) -> tuple[CommRow, ...]:
     for (_, kind, axes, in_loop), ops in sorted(groups.items()):
         rows.append(CommRow(
             kind=kind, axes=axes, in_loop=in_loop, ops=len(ops), executions=sum(o.trips for o in ops),
-            bytes=sum(o.bytes * o.trips for o in ops), sent_bytes=sum(_sent(o, o.bytes) * o.trips for o in ops),
+            bytes=sum(o.bytes * o.trips for o in ops),
+            sent_bytes=sum(sent_per_device(o, o.bytes, mesh.devices.size) * o.trips for o in ops),
             dtypes=",".join(sorted({o.dtype for o in ops}))))
     return tuple(rows)
 
@@ -164,44 +173,91 @@ def abstract_batch(cfg: Config, sharding) -> dict:
             "mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)}
 
 
-def make_plan(cfg: Config, device_memory: int | None = None, label: str = "") -> Plan:
-    """Lowers and compiles the train step of ``cfg`` on the current devices and measures it.
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """The train step of one config, compiled from abstract shapes (nothing allocated)."""
 
-    Args:
-      cfg: a full run config (mesh sizes are resolved against ``jax.device_count()``).
-      device_memory: bytes one device has; sets :attr:`Plan.fits`.
-      label: a name for tables (default: the mesh layout).
+    cfg: Config
+    sizes: dict[str, int]
+    mesh: object
+    model: object
+    trainer: object
+    state: object  # abstract TrainState (ShapeDtypeStructs with shardings)
+    batch: dict
+    compiled: object  # jax.stages.Compiled
+    compile_s: float
+
+    def argument_bytes(self) -> dict[str, int]:
+        """Per-device bytes of the compiled step's arguments by part of the state, read from the
+        shardings the compiled program takes them in (``params``, ``opt_state``, ``batch``, ...)."""
+        import jax
+
+        (state_shardings, batch_shardings), _ = self.compiled.input_shardings
+
+        def per_device(shapes, shardings):
+            return sum(math.prod(sh.shard_shape(s.shape)) * s.dtype.itemsize
+                       for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+
+        parts = {name: per_device(getattr(self.state, name), getattr(state_shardings, name))
+                 for name in ("params", "opt_state", "step", "rng")}
+        parts["batch"] = per_device(self.batch, batch_shardings)
+        return parts
+
+
+def compile_step(cfg: Config, devices=None) -> CompiledStep:
+    """Lowers and compiles the train step of ``cfg`` (``shardml train``'s trainer, pipeline included).
+
+    ``devices`` (default: all) may be a subset, for a layout smaller than the machine.
 
     Raises:
       ConfigError: before anything compiles, for a layout that cannot work.
     """
     import jax
 
-    from shardml.audit import collectives, memory
     from shardml.mesh import make_mesh
     from shardml.models import transformer
     from shardml.step import build_trainer, default_optimizer
 
-    sizes = check(cfg, jax.device_count())
-    mesh = make_mesh(config_lib.MeshConfig(**sizes))
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = check(cfg, len(devices))
+    mesh = make_mesh(config_lib.MeshConfig(**sizes), devices=devices)
     model = transformer(cfg.model, cfg.data.seq_len)
     trainer = build_trainer(model, mesh, default_optimizer(cfg.optim, cfg.train.steps),
-                            microbatches=cfg.train.microbatches)
+                            microbatches=cfg.train.microbatches, pipeline=cfg.pipeline)
     state = trainer.abstract_state()
     batch = abstract_batch(cfg, trainer.batch_sharding)
     start = time.perf_counter()
     compiled = trainer.lower_step(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    mem = memory(compiled)
+    return CompiledStep(cfg, sizes, mesh, model, trainer, state, batch, compiled, time.perf_counter() - start)
+
+
+def make_plan(cfg: Config, device_memory: int | None = None, label: str = "",
+              step: CompiledStep | None = None) -> Plan:
+    """Lowers and compiles the train step of ``cfg`` on the current devices and measures it.
+
+    Args:
+      cfg: a full run config (mesh sizes are resolved against ``jax.device_count()``).
+      device_memory: bytes one device has; sets :attr:`Plan.fits`.
+      label: a name for tables (default: the mesh layout).
+      step: ``compile_step(cfg)`` when the caller already has it (not compiled again).
+
+    Raises:
+      ConfigError: before anything compiles, for a layout that cannot work.
+    """
+    from shardml.audit import collectives, memory
+
+    step = step or compile_step(cfg)
+    mesh, sizes, state = step.mesh, step.sizes, step.state
+    mem = memory(step.compiled)
     layout = {name: size for name, size in sizes.items() if size > 1}
     return Plan(
         label=label or (",".join(f"{n}={s}" for n, s in layout.items()) or "one device"),
-        mesh=dict(sizes), devices=jax.device_count(), platform=jax.devices()[0].platform,
-        num_params=model.num_params, params_bytes=_per_device_bytes(state.params),
-        opt_state_bytes=_per_device_bytes(state.opt_state), batch_bytes=_per_device_bytes(batch),
+        mesh=dict(sizes), devices=mesh.devices.size, platform=mesh.devices.flat[0].platform,
+        num_params=step.model.num_params, params_bytes=_per_device_bytes(state.params),
+        opt_state_bytes=_per_device_bytes(state.opt_state), batch_bytes=_per_device_bytes(step.batch),
         arguments_bytes=mem.arguments, outputs_bytes=mem.outputs, aliased_bytes=mem.aliased,
         temporaries_bytes=mem.temporaries, generated_code_bytes=mem.generated_code,
-        comm=comm_rows(collectives(compiled.as_text(), mesh), mesh), compile_s=compile_s,
+        comm=comm_rows(collectives(step.compiled.as_text(), mesh), mesh), compile_s=step.compile_s,
         device_memory=device_memory,
     )
 

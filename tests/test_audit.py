@@ -77,3 +77,23 @@ def test_fsdp_shards_parameter_and_optimizer_memory(reports, tiny_model):
     state_bytes = 3 * 4 * tiny_model.num_params
     assert dp >= state_bytes, f"data=8 arguments {dp} < replicated state {state_bytes}"
     assert mixed < 0.5 * dp, f"fsdp=2 x tensor=2 arguments {mixed} not well below data=8's {dp}"
+
+
+def test_widened_collectives_keep_their_program_dtype():
+    """XLA:CPU runs bf16 collectives in f32; the audit reports the bf16 the program asked for, and
+    not for an f32 reduction of values the program itself converted up from bf16."""
+    mesh = make_mesh({"data": 8})
+    x = jnp.ones((8, 64), jnp.bfloat16)
+
+    def audit(fn, out_specs=P()):
+        f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("data"), out_specs=out_specs))
+        (op,) = collectives(f.lower(x).compile().as_text(), mesh).ops
+        return op
+
+    bf16_sum = audit(lambda v: jax.lax.psum(v, "data"))
+    assert bf16_sum.arrays == (("f32", 64),) and bf16_sum.source_dtypes == ("bf16",), bf16_sum
+    f32_sum = audit(lambda v: jax.lax.psum(v.astype(jnp.float32), "data"))
+    assert f32_sum.source_dtypes == ("f32",) and not f32_sum.promoted, f32_sum
+    shift = audit(lambda v: jax.lax.ppermute(v, "data", [(i, (i + 1) % 8) for i in range(8)]), P("data"))
+    assert shift.kind == "collective-permute" and shift.source_dtypes == ("bf16",), shift
+    assert "ppermute" in shift.op_name, shift.op_name

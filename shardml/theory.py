@@ -1,0 +1,247 @@
+"""What a layout should cost, in closed form from the config alone: per-device memory and per-step
+communication by the scaling-book formulas, to hold the compiled program against.
+
+Nothing here reads shardml's sharding rules, the model code or a compiled program; the weights
+and the mesh axes that divide them are written out again from the architecture (ZeRO-3 divides
+the model dimension over ``fsdp``; Megatron divides heads, MLP hidden and vocabulary over
+``tensor``; the pipeline divides the stacked layers; norm scales are replicated). Shape letters:
+B global batch, S sequence, D model, H query heads, K key/value heads, E head dim, F MLP hidden,
+V vocabulary, L layers; N_x is the size of mesh axis x.
+
+Communication per device and step (bytes a device *sends*, ring algorithms on a group of N):
+
+* DP: the f32 gradients are all-reduced once per step over the batch axes, 2(N-1)/N x gradient
+  (also with ``train.microbatches`` = k: accumulate, then reduce once).
+* FSDP: every weight sharded over ``fsdp`` is all-gathered in the compute dtype for each forward
+  and again for its backward ((N-1)/N x the gathered weight; the embedding's backward needs no
+  weight), and its f32 gradient is reduce-scattered once ((N-1)/N x the gradient). Replicated
+  weights (norm scales) are all-reduced over the batch axes.
+* TP (Megatron): per layer two all-reduces of the activations [B/(N_data N_fsdp), S, D] in the
+  forward (attention and MLP outputs) and two in the backward (their inputs' gradients), one more
+  when ``model.remat=full`` recomputes the forward (the attention output, which the MLP's backward
+  needs; the block's own output is not needed by its backward, so its reduction is not redone;
+  ``dots`` saves both matmul outputs); one forward all-reduce for the vocab-parallel
+  embedding, one backward for the unembedding's input gradient, and three f32 [rows, S]
+  reductions of the vocab-parallel cross-entropy (max, sum of exponentials, target logit).
+* Pipeline: each microbatch's activation [rows / (k m), S, D] crosses v·p - 1 stage boundaries
+  forward and its cotangent as many backward: 2 m (v p - 1) sends per pass, k passes per step;
+  per device that is the total over the p stages / p (sends = the array, no ring factor).
+
+Memory per device: every weight's f32 bytes / the product of the mesh sizes dividing it; AdamW
+keeps two f32 moments like the parameters (its two step counters are left out).
+
+    theory = layout_theory(cfg, {"data": 2, "fsdp": 1, "tensor": 4, "pipeline": 1})
+    theory.params_bytes, theory.comm_bytes("all-reduce", ("tensor",))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from shardml.config import MESH_AXES, Config, pipeline_microbatches
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """One weight of the decoder; ``axes`` names the mesh axis dividing each dimension (or None)."""
+
+    name: str
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    per_layer: bool
+    backward_needs_it: bool = True  # its input's gradient is computed with it (not the embedding's one-hot)
+
+
+def weights(cfg: Config) -> list[Weight]:
+    """The decoder's weights, one layer's worth for ``per_layer`` ones."""
+    m = cfg.model
+    D, H, F, V = m.d_model, m.heads, m.d_ff, m.vocab
+    K, E = m.kv_heads or H, m.d_model // m.heads
+    col, row, norm = ("fsdp", "tensor"), ("tensor", "fsdp"), (None,)
+    return [
+        Weight("embed", (V, D), ("tensor", "fsdp"), False, backward_needs_it=False),
+        Weight("attn_norm", (D,), norm, True), Weight("wq", (D, H * E), col, True),
+        Weight("wk", (D, K * E), col, True), Weight("wv", (D, K * E), col, True),
+        Weight("wo", (H * E, D), row, True), Weight("mlp_norm", (D,), norm, True),
+        Weight("w_gate", (D, F), col, True), Weight("w_up", (D, F), col, True),
+        Weight("w_down", (F, D), row, True),
+        Weight("final_norm", (D,), norm, False), Weight("unembed", (D, V), col, False),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """One kind of collective on one set of mesh axes for one purpose, per device and step.
+
+    ``elements`` is the size of the full array the ring formula applies to (the gathered weight,
+    the reduced gradient or activation), summed over ``count`` arrays; ``sent_elements`` applies
+    the formula (for permutes it is already the per-device average).
+    """
+
+    kind: str
+    axes: tuple[str, ...]
+    what: str
+    count: float
+    elements: float
+    dtype: str  # numpy-style name: float32, bfloat16
+    group: int
+
+    @property
+    def sent_elements(self) -> float:
+        n = self.group
+        factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n,
+                  "reduce-scatter": (n - 1) / n}.get(self.kind, 1.0)
+        return factor * self.elements
+
+    @property
+    def sent_bytes(self) -> float:
+        return self.sent_elements * DTYPE_BYTES[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutTheory:
+    """Per-device memory and per-step communication of one layout (see the module docstring)."""
+
+    sizes: dict[str, int]
+    params_bytes: int  # f32 parameters per device
+    opt_state_bytes: int  # AdamW's two f32 moments per device
+    activation_bytes: int  # rough: what the remat policy keeps for the backward (see activation_estimate)
+    traffic: tuple[Traffic, ...]
+
+    def comm_bytes(self, kind: str | None = None, axes: tuple[str, ...] | None = None) -> float:
+        """Bytes one device sends per step (ring convention) of a kind and/or over exactly ``axes``."""
+        return sum(t.sent_bytes for t in self.traffic
+                   if (kind is None or t.kind == kind) and (axes is None or t.axes == axes))
+
+
+def _ordered(axes) -> tuple[str, ...]:
+    return tuple(a for a in MESH_AXES if a in axes)
+
+
+def _divisor(w: Weight, sizes: dict[str, int], skip: tuple[str, ...] = ()) -> int:
+    return math.prod(sizes[a] for a in w.axes if a is not None and a not in skip)
+
+
+def _copies(w: Weight, cfg: Config, sizes: dict[str, int]) -> int:
+    """Layers of ``w`` a device holds: the pipeline divides the stack; shared weights: one."""
+    return cfg.model.layers // sizes["pipeline"] if w.per_layer else 1
+
+
+def param_elements(cfg: Config, sizes: dict[str, int]) -> int:
+    """Parameter elements one device holds."""
+    return sum(_copies(w, cfg, sizes) * math.prod(w.shape) // _divisor(w, sizes) for w in weights(cfg))
+
+
+def activation_estimate(cfg: Config, sizes: dict[str, int]) -> int:
+    """Bytes of activations kept for the backward at the peak, per device (a rough guide).
+
+    Per layer and token, in the compute dtype: ``full`` keeps the block input (D); ``dots`` also
+    the matmul outputs q, k, v, the attention projection, gate, up and down (3D + (H + 2K) E / N_t
+    + 2F / N_t); ``none`` also the norms, attention probabilities and the SwiGLU product. Tokens:
+    one accumulation microbatch of this device's rows. Plus the f32 logits of that microbatch.
+    Under a pipeline: the stage inputs a schedule keeps (GPipe and circular v m + p - 1, 1F1B
+    2p - 1 pipeline microbatches) plus one pipeline microbatch's residuals of this stage's layers.
+    """
+    m, t = cfg.model, sizes["tensor"]
+    item = DTYPE_BYTES[m.dtype]
+    H, K, E = m.heads, m.kv_heads or m.heads, m.d_model // m.heads
+    S = cfg.data.seq_len
+    per_token = {"full": m.d_model,
+                 "dots": 3 * m.d_model + (H + 2 * K) * E // t + 2 * m.d_ff // t}
+    per_token["none"] = per_token["dots"] + 2 * m.d_model + (H // t) * S * (item + 4) // item + m.d_ff // t
+    rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"] * cfg.train.microbatches)
+    p = sizes["pipeline"]
+    layers = m.layers // p
+    logits = 4 * rows * S * m.vocab // t
+    if p == 1:
+        return layers * rows * S * per_token[m.remat] * item + logits
+    micro = pipeline_microbatches(cfg, sizes["pipeline"])
+    rows //= micro
+    held = 2 * p - 1 if cfg.pipeline.schedule == "1f1b" else cfg.pipeline.repeats * micro + p - 1
+    return (held * rows * S * m.d_model + layers * rows * S * per_token[m.remat]) * item + logits // micro
+
+
+def _gradient_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
+    out = []
+    fsdp, data = sizes["fsdp"], sizes["data"]
+    for w in weights(cfg):
+        copies = _copies(w, cfg, sizes)
+        grad = copies * math.prod(w.shape) // _divisor(w, sizes, skip=("fsdp",))  # before any fsdp scatter
+        if "fsdp" in w.axes and fsdp > 1:
+            out.append(Traffic("reduce-scatter", ("fsdp",), "f32 gradients", copies, grad, "float32", fsdp))
+            if data > 1:
+                out.append(Traffic("all-reduce", ("data",), "f32 gradients", copies, grad // fsdp, "float32", data))
+            continue
+        axes = [a for a in BATCH_AXES if sizes[a] > 1]
+        if not w.per_layer and sizes["pipeline"] > 1:
+            axes.append("pipeline")  # shared weights are replicated on every stage
+        if axes:
+            group = math.prod(sizes[a] for a in axes)
+            out.append(Traffic("all-reduce", _ordered(axes), "f32 gradients", copies, grad, "float32", group))
+    return out
+
+
+def _fsdp_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
+    fsdp = sizes["fsdp"]
+    if fsdp == 1:
+        return []
+    passes = cfg.train.microbatches * pipeline_microbatches(cfg, sizes["pipeline"])
+    out = []
+    for w in weights(cfg):
+        if "fsdp" not in w.axes:
+            continue
+        copies = _copies(w, cfg, sizes)
+        gathered = copies * math.prod(w.shape) // _divisor(w, sizes, skip=("fsdp",))
+        times = passes * (2 if w.backward_needs_it else 1)
+        out.append(Traffic("all-gather", ("fsdp",), f"{SHORT[cfg.model.dtype]} weights", times * copies,
+                           times * gathered, cfg.model.dtype, fsdp))
+    return out
+
+
+def _tensor_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
+    t = sizes["tensor"]
+    if t == 1:
+        return []
+    m, p = cfg.model, sizes["pipeline"]
+    passes = cfg.train.microbatches * pipeline_microbatches(cfg, sizes["pipeline"])
+    rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"])
+    act = rows * cfg.data.seq_len * m.d_model  # one activation of every row this device holds
+    per_layer = 4 + (1 if m.remat == "full" else 0)
+    layers = m.layers // p
+    dtype = SHORT[m.dtype]
+    recomputed = ", 1 recomputed forward (remat=full)" if m.remat == "full" else ""
+    return [
+        Traffic("all-reduce", ("tensor",), f"{dtype} activations per layer: 2 forward, 2 backward{recomputed}",
+                per_layer * layers * passes, per_layer * layers * act, m.dtype, t),
+        # Embedding (first stage) and unembedding (last stage): averaged over the p stages.
+        Traffic("all-reduce", ("tensor",), f"{dtype} activations: embedding forward, unembedding backward",
+                2 * passes / p, 2 * act / p, m.dtype, t),
+        Traffic("all-reduce", ("tensor",), "f32 cross-entropy [rows, S]: max, sum, target",
+                3 * passes / p, 3 * rows * cfg.data.seq_len / p, "float32", t),
+    ]
+
+
+def _pipeline_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
+    p = sizes["pipeline"]
+    if p == 1:
+        return []
+    micro, k = pipeline_microbatches(cfg, sizes["pipeline"]), cfg.train.microbatches
+    rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"] * k * micro)
+    sends = 2 * micro * (cfg.pipeline.repeats * p - 1) * k  # per pipeline (one set of p stages)
+    act = rows * cfg.data.seq_len * cfg.model.d_model  # replicated over tensor: every device sends it
+    return [Traffic("collective-permute", ("pipeline",), f"{SHORT[cfg.model.dtype]} activations and cotangents",
+                    sends / p, sends * act / p, cfg.model.dtype, p)]
+
+
+def layout_theory(cfg: Config, sizes: dict[str, int]) -> LayoutTheory:
+    """Closed-form memory and communication of ``cfg`` on the resolved mesh ``sizes``."""
+    params = 4 * param_elements(cfg, sizes)
+    traffic = (_gradient_traffic(cfg, sizes) + _fsdp_traffic(cfg, sizes) + _tensor_traffic(cfg, sizes)
+               + _pipeline_traffic(cfg, sizes))
+    return LayoutTheory(sizes=dict(sizes), params_bytes=params, opt_state_bytes=2 * params,
+                        activation_bytes=activation_estimate(cfg, sizes), traffic=tuple(traffic))

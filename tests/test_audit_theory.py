@@ -1,0 +1,57 @@
+"""The closed-form theory of benchmarks/bench_audit.py against the compiled step, where they must agree.
+
+The tiny preset computes in f32, so no collective is widened by XLA:CPU and bytes compare as they are.
+The layouts are those tests/test_plan.py compiles, so in one session the compilation cache serves both.
+"""
+
+import pytest
+
+from shardml.config import load_config
+from shardml.models import transformer
+from shardml.plan import compile_step, layout_config, make_plan
+from shardml.theory import layout_theory
+
+
+def _step(layout: str):
+    step = compile_step(layout_config(load_config("tiny"), layout))
+    return step, layout_theory(step.cfg, step.sizes)
+
+
+def test_theory_counts_every_parameter():
+    cfg = load_config("tiny")
+    replicated = layout_theory(cfg, {"members": 1, "pipeline": 1, "data": 8, "fsdp": 1, "tensor": 1})
+    expected = 4 * transformer(cfg.model, cfg.data.seq_len).num_params
+    assert replicated.params_bytes == expected, f"theory {replicated.params_bytes} B vs model {expected} B (f32)"
+    assert replicated.opt_state_bytes == 2 * expected
+
+
+def test_data_parallel_all_reduce_bytes_match_theory():
+    step, theory = _step("mesh.data=8")
+    plan = make_plan(step.cfg, step=step)
+    sent = sum(r.sent_bytes for r in plan.comm if r.kind == "all-reduce" and r.axes == ("data",))
+    expected = theory.comm_bytes("all-reduce", ("data",))
+    assert expected > 0 and 1.0 <= sent / expected <= 1.1, \
+        f"data all-reduce: compiled sends {sent} B per device, theory {expected:.0f} B ({plan.comm})"
+    assert {r.kind for r in plan.comm} == {"all-reduce"}, f"data=8 should only all-reduce: {plan.comm}"
+
+
+@pytest.fixture(scope="module")
+def fsdp_tensor():
+    return _step("mesh.data=1,mesh.fsdp=2,mesh.tensor=4")
+
+
+def test_fsdp_tensor_state_bytes_per_device_match_theory(fsdp_tensor):
+    step, theory = fsdp_tensor
+    measured = step.argument_bytes()  # from the shardings the compiled program takes its arguments in
+    for part, expected in (("params", theory.params_bytes), ("opt_state", theory.opt_state_bytes)):
+        assert abs(measured[part] / expected - 1) <= 0.10, \
+            f"{part}: compiled argument shards {measured[part]} B per device, theory {expected} B"
+
+
+def test_fsdp_gathers_each_weight_for_forward_and_backward(fsdp_tensor):
+    step, theory = fsdp_tensor
+    plan = make_plan(step.cfg, step=step)
+    sent = sum(r.sent_bytes for r in plan.comm if r.kind == "all-gather" and r.axes == ("fsdp",))
+    expected = theory.comm_bytes("all-gather", ("fsdp",))
+    assert expected > 0 and abs(sent / expected - 1) <= 0.1, \
+        f"fsdp all-gather: compiled sends {sent} B per device, theory {expected:.0f} B ({plan.comm})"
