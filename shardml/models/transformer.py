@@ -12,6 +12,7 @@ per key/value head, E head dim, F MLP hidden, V vocabulary, L layers.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -51,6 +52,38 @@ def transformer_specs(cfg: ModelConfig) -> dict:
     }
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def project(spec: str, x, w, out_dtype=None):
+    """``einsum(spec, x, w)`` in x's (compute) dtype, with the weight gradient summed in f32.
+
+    Weights stay f32 and are cast here. With a plain cast the weight gradient would be a bf16
+    product, and the partitioner reduces its partial sums over the batch-sharded axes (the FSDP
+    reduction) before the cast back to f32; here that product is f32 from the start. ``out_dtype``
+    (e.g. f32 logits) is the product's accumulation and result type.
+
+        y_BSF = project("bsd,df->bsf", x_BSD, w_DF)
+    """
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
+
+
+def _project_fwd(spec, x, w, out_dtype):
+    w_cast = w.astype(x.dtype)
+    return jnp.einsum(spec, x, w_cast, preferred_element_type=out_dtype), (x, w_cast)
+
+
+def _project_bwd(spec, out_dtype, res, g):
+    x, w_cast = res
+    inputs, out = spec.replace(" ", "").split("->")
+    x_idx, w_idx = inputs.split(",")
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{w_idx}->{x_idx}", g, w_cast)
+    dw = jnp.einsum(f"{x_idx},{out}->{w_idx}", x, g, preferred_element_type=jnp.float32)
+    return dx, dw
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 def rms_norm(x, scale, eps: float = 1e-6):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -74,11 +107,11 @@ def attention(h_BSD, layer, cfg: ModelConfig):
     # then sums their input gradients locally and all-reduces once, not once per weight (Megatron's
     # fused QKV). Stacking the per-layer weights keeps each one's sharding and checkpoint name.
     if K == H:
-        qkv_BSCHE = jnp.einsum("bsd,dche->bsche", h_BSD, jnp.stack([layer["wq"], layer["wk"], layer["wv"]], 1))
+        qkv_BSCHE = project("bsd,dche->bsche", h_BSD, jnp.stack([layer["wq"], layer["wk"], layer["wv"]], 1))
         q_BSHE, k_BSKE, v_BSKE = qkv_BSCHE[:, :, 0], qkv_BSCHE[:, :, 1], qkv_BSCHE[:, :, 2]
     else:
-        q_BSHE = jnp.einsum("bsd,dhe->bshe", h_BSD, layer["wq"])
-        kv_BSCKE = jnp.einsum("bsd,dcke->bscke", h_BSD, jnp.stack([layer["wk"], layer["wv"]], 1))
+        q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"])
+        kv_BSCKE = project("bsd,dcke->bscke", h_BSD, jnp.stack([layer["wk"], layer["wv"]], 1))
         k_BSKE, v_BSKE = kv_BSCKE[:, :, 0], kv_BSCKE[:, :, 1]
     q_BSHE = constrain(rotary(q_BSHE, cfg.rope_base), ("batch", "act_seq", "act_heads", None))
     k_BSKE = constrain(rotary(k_BSKE, cfg.rope_base), ("batch", "act_seq", "act_kv_heads", None))
@@ -90,15 +123,15 @@ def attention(h_BSD, layer, cfg: ModelConfig):
     probs = jax.nn.softmax(scores, axis=-1).astype(h_BSD.dtype)
     o_BSKGE = jnp.einsum("bkgst,btke->bskge", probs, v_BSKE)
     o_BSHE = constrain(o_BSKGE.reshape(B, S, H, E), ("batch", "act_seq", "act_heads", None))
-    return jnp.einsum("bshe,hed->bsd", o_BSHE, layer["wo"])
+    return project("bshe,hed->bsd", o_BSHE, layer["wo"])
 
 
 def mlp(h_BSD, layer):
     # Gate and up in one product, for the same reason as the fused attention projections.
-    gate_up_BSCF = jnp.einsum("bsd,dcf->bscf", h_BSD, jnp.stack([layer["w_gate"], layer["w_up"]], 1))
+    gate_up_BSCF = project("bsd,dcf->bscf", h_BSD, jnp.stack([layer["w_gate"], layer["w_up"]], 1))
     gate_up_BSCF = constrain(gate_up_BSCF, ("batch", "act_seq", None, "act_mlp"))
     gate_BSF, up_BSF = gate_up_BSCF[:, :, 0], gate_up_BSCF[:, :, 1]
-    return jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"])
+    return project("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"])
 
 
 _ACT = ("batch", "act_seq", "act_embed")
@@ -110,7 +143,7 @@ def embed_tokens(params, tokens_BS, cfg: ModelConfig):
     # Vocab-parallel lookup as a one-hot product: each tensor shard contributes its slice of the
     # vocabulary and one all-reduce combines them (a gather from a sharded table is replicated whole).
     onehot_BSV = constrain(jax.nn.one_hot(tokens_BS, cfg.vocab, dtype=dtype), ("batch", "act_seq", "act_vocab"))
-    return constrain(jnp.einsum("bsv,vd->bsd", onehot_BSV, params["embed"].astype(dtype)), _ACT)
+    return constrain(project("bsv,vd->bsd", onehot_BSV, params["embed"]), _ACT)
 
 
 def run_layers(layers, x_BSD, cfg: ModelConfig):
@@ -118,7 +151,7 @@ def run_layers(layers, x_BSD, cfg: ModelConfig):
     dtype = jnp.dtype(cfg.dtype)
 
     def block(x_BSD, layer):
-        layer = jax.tree.map(lambda w: w.astype(dtype), layer)
+        # Weights stay f32 here: `project` casts them (norm scales are cast by rms_norm).
         x_BSD = x_BSD + attention(rms_norm(x_BSD, layer["attn_norm"]), layer, cfg)
         x_BSD = x_BSD + mlp(rms_norm(x_BSD, layer["mlp_norm"]), layer)
         return constrain(x_BSD, _ACT), None
@@ -132,8 +165,7 @@ def run_layers(layers, x_BSD, cfg: ModelConfig):
 def output_logits(params, x_BSD, cfg: ModelConfig):
     """Final norm and unembedding: [B, S, D] -> f32 logits [B, S, V]."""
     x_BSD = rms_norm(x_BSD, params["final_norm"])
-    logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, params["unembed"].astype(jnp.dtype(cfg.dtype)),
-                            preferred_element_type=jnp.float32)
+    logits_BSV = project("bsd,dv->bsv", x_BSD, params["unembed"], jnp.float32)
     return constrain(logits_BSV, ("batch", "act_seq", "act_vocab"))
 
 
