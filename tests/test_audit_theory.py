@@ -55,3 +55,24 @@ def test_fsdp_gathers_each_weight_for_forward_and_backward(fsdp_tensor):
     expected = theory.comm_bytes("all-gather", ("fsdp",))
     assert expected > 0 and abs(sent / expected - 1) <= 0.1, \
         f"fsdp all-gather: compiled sends {sent} B per device, theory {expected:.0f} B ({plan.comm})"
+
+
+def test_bf16_step_reduces_gradients_in_f32_and_activations_twice_per_layer_each_way():
+    """bf16 compute on fsdp=2 x tensor=2: weight gradients are f32 products before the FSDP reduction
+    (not bf16 partial sums widened by XLA:CPU), and the layer loops all-reduce 4 activations over
+    `tensor` per layer (Megatron: 2 forward, 2 backward, with q/k/v and gate/up each one product)."""
+    import jax
+
+    from shardml.audit import collectives
+
+    step = compile_step(layout_config(load_config("tiny"), "mesh.data=1,mesh.fsdp=2,mesh.tensor=2,"
+                                                          "model.dtype=bfloat16,model.remat=dots"),
+                        devices=jax.devices()[:4])
+    report = collectives(step.compiled.as_text(), step.mesh)
+    fsdp = [c for c in report.select("all-reduce", axis="fsdp") if c.bytes > 64]
+    assert fsdp, f"no fsdp gradient all-reduce found:\n{report.table()}"
+    widened = [c.name for c in fsdp if c.promoted or any(dtype != "f32" for dtype, _ in c.arrays)]
+    assert not widened, f"fsdp gradient reductions carried bf16 values: {widened}\n{report.table()}"
+    per_layer = sum(len(c.arrays) * c.trips for c in report.select("all-reduce", in_loop=True)
+                    if c.axes(step.mesh) == ("tensor",)) / step.cfg.model.layers
+    assert per_layer == 4, f"{per_layer} activation all-reduces over tensor per layer, Megatron needs 4"

@@ -144,6 +144,7 @@ def compiled(pipe, rows):
         return jax.jit(pipe.gradients).lower(pipe.layout(params()), batch(rows)).compile()
 
 
+@pytest.mark.slow  # six pipeline compiles; CI runs it in the slow step
 def test_1f1b_memory_is_flat_in_microbatches_and_gpipe_grows():
     """Fixed microbatch size, m = 4p -> 16p (the batch grows 4x): 1F1B temporaries grow < 10 %; GPipe's
     grow linearly, by about one stage input per added microbatch (what its backward keeps)."""
