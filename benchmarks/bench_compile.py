@@ -35,6 +35,7 @@ import sys
 import time
 
 import _readme
+
 from shardml.config import load_config, resolve_mesh_sizes
 from shardml.mesh import make_mesh
 from shardml.models import transformer
@@ -138,8 +139,8 @@ def sweep_rows(points, results):
 
 
 def format_table(rows, varying: str) -> str:
-    lines = [f"| {varying} | lower s | compile s | lower + compile s | ratio | CPU s | ratio | "
-             "HLO instructions | ratio |", "|---:" * 9 + "|"]
+    lines = [(f"| {varying} | lower s | compile s | lower + compile s | ratio | CPU s | ratio | "
+              "HLO instructions | ratio |"), "|---:" * 9 + "|"]
     for r in rows:
         stable = "" if r["instructions_stable"] else " (varied)"
         lines.append(f"| {r[varying]} | {r['lower_s']:.2f} | {r['compile_s']:.2f} | {r['total_s']:.2f} | "
@@ -158,21 +159,24 @@ def plot(depth_rows, micro_rows, path):
         print("matplotlib is not installed (pip install -e '.[bench]'); no plot written")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    micro_title = f"vs train.microbatches ({micro_rows[0]['layers']} layers)"
     for ax, rows, key, title in ((axes[0], depth_rows, "layers", "vs depth (microbatches 1)"),
-                                 (axes[1], micro_rows, "microbatches", f"vs train.microbatches "
-                                                                       f"({micro_rows[0]['layers']} layers)")):
+                                 (axes[1], micro_rows, "microbatches", micro_title)):
         xs = [r[key] for r in rows]
         ax.plot(xs, [r["compile_s"] for r in rows], "o-", label="compile")
         ax.plot(xs, [r["lower_s"] for r in rows], "s-", label="lower")
         ax.plot(xs, [r["total_s"] for r in rows], "^-", label="lower + compile")
-        ax.set(xscale="log", xlabel=key, ylabel="seconds (median)", title=f"compile time {title}")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel=key, ylabel="seconds (median)", title=f"compile time {title}")
         ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_ylim(bottom=0)
+        ax.minorticks_off()
+        ax.set_ylim(0, 1.5 * max(r["total_s"] for r in rows))
         twin = ax.twinx()
-        twin.plot(xs, [r["instructions"] for r in rows], "k:", label="HLO instructions")
-        twin.set_ylim(0, 1.3 * max(r["instructions"] for r in rows))
-        twin.set_ylabel("compiled HLO instructions (dotted)")
-        ax.legend(fontsize=8, loc="lower right")
+        twin.plot(xs, [r["instructions"] for r in rows], "k:", label="HLO instructions (right axis)")
+        twin.set_ylim(0, 1.5 * max(r["instructions"] for r in rows))
+        twin.set_ylabel("compiled HLO instructions")
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot written to {path}")

@@ -28,42 +28,31 @@ key starts from a fresh mesh (``--set mesh.data=8``).
     python benchmarks/bench_mfu.py --readme benchmarks/README.md     # also rewrite the README section
 """
 
-import os
-
-from shardml.mesh import accelerator_plugin_installed, avoid_cpu_collective_deadlock, default_cpu_devices
-
-CPU_DEVICES = default_cpu_devices()  # 8 on a CPU-only machine (as the CLI emulates), None with an accelerator
-if CPU_DEVICES:
-    from shardml.mesh import emulate_cpu_devices
-
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    # XLA:CPU runs every emulated device on one pool of max(cores, devices) threads (NPROC sets it).
-    # With 8 threads for 8 devices, a device that has two collectives in flight can leave another
-    # device without a thread, and the rendezvous aborts the process after 40 s: seen for the 100m
-    # config on data=2 x fsdp=2 x tensor=2 in 3 of 4 runs (0 of 2 with 16 threads).
-    os.environ.setdefault("NPROC", str(2 * CPU_DEVICES))
-    emulate_cpu_devices(CPU_DEVICES)  # before any other JAX use; also avoids another collective deadlock
-elif not accelerator_plugin_installed():
-    avoid_cpu_collective_deadlock()  # CPU devices chosen by JAX_NUM_CPU_DEVICES
-
-import jax
-import jax.extend
-
 import argparse
 import collections
 import dataclasses
 import math
+import os
 import statistics
 import sys
 import time
 
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 import _readme
+import jax
+import jax.extend
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from shardml.config import ConfigError, MeshConfig, load_config, validate
 from shardml.data import load_corpus, train_batch
-from shardml.mesh import make_mesh
+from shardml.mesh import (
+    accelerator_plugin_installed,
+    avoid_cpu_collective_deadlock,
+    default_cpu_devices,
+    emulate_cpu_devices,
+    make_mesh,
+)
 from shardml.metrics import peak_flops
 from shardml.models import transformer
 from shardml.plan import abstract_batch, layout_config
@@ -78,6 +67,20 @@ CONFIGS = {
     "1b": ("default", ["model.layers=16", "model.d_model=2048", "model.heads=16", "model.d_ff=8192",
                        "data.seq_len=2048", "train.batch_size=8"]),
 }
+
+
+def setup_devices() -> None:
+    """On a CPU-only machine, 8 emulated devices as the CLI makes them; call before any JAX use."""
+    n = default_cpu_devices()
+    if n:
+        # XLA:CPU runs every emulated device on one pool of max(cores, devices) threads (NPROC sets it).
+        # With 8 threads for 8 devices, a device that has two collectives in flight can leave another
+        # device without a thread, and the rendezvous aborts the process after 40 s: seen for the 100m
+        # config on data=2 x fsdp=2 x tensor=2 in 3 of 4 runs (0 of 2 with 16 threads).
+        os.environ.setdefault("NPROC", str(2 * n))
+        emulate_cpu_devices(n)  # also avoids another XLA:CPU collective deadlock
+    elif not accelerator_plugin_installed():
+        avoid_cpu_collective_deadlock()  # CPU devices chosen by JAX_NUM_CPU_DEVICES
 
 
 def parse_args(accelerator: bool):
@@ -348,8 +351,8 @@ def _best(peaks, dtype: str, index: int, way: str | None = None) -> float:
 
 def peak_table(peaks, args) -> list[str]:
     keys = list(peaks[0]["figures"]["float32"])
-    lines = [f"Peak matmul, GFLOP/s (best of {args.peak_repeats} per measurement; the range over the "
-             f"{len(peaks)} measurements, one before each round and one at the end):", "",
+    lines = [(f"Peak matmul, GFLOP/s (best of {args.peak_repeats} per measurement; the range over the "
+              f"{len(peaks)} measurements, one before each round and one at the end):"), "",
              "| dtype | " + " | ".join(f"{way}, {size}" for way, size in keys) + " | peak | peak per CPU-s |",
              "|---|" + "---:|" * (len(keys) + 2)]
     for dtype in ("float32", "bfloat16"):
@@ -398,7 +401,8 @@ def breakdown(results, peaks, args) -> list[str]:
                       "step (median), so under the same load.")
         if args.slowest:
             lines += ["", f"Slowest matmuls alone (the {args.slowest} largest shares of their time):", "",
-                      "| config | share | GFLOP/s | per step | dot_general (global shapes) |", "|---|---:|---:|---:|---|"]
+                      "| config | share | GFLOP/s | per step | dot_general (global shapes) |",
+                      "|---|---:|---:|---:|---|"]
             for r in timed:
                 for share, rate, count, text in r["slowest"][:args.slowest]:
                     lines.append(f"| {r['name']} | {share:.0%} | {_g(rate)} | {count} | {text} |")
@@ -447,10 +451,10 @@ def report(results, peaks, accelerator, args, load_start) -> str:
                       "Cores used = step CPU time / wall time / cores."))]
 
     lines += breakdown(results, peaks, args)
-    lines.append("Step times, s: " + "; ".join(f"{r['name']} " + " ".join(f"{t:.3f}" for t in r["wall"])
-                                           for r in results)
+    steps = "; ".join(f"{r['name']} " + " ".join(f"{t:.3f}" for t in r["wall"]) for r in results)
+    lines += ["", f"Step times, s: {steps}"
                  + ". Compile + first step, s: " + ", ".join(f"{r['name']} {r['compile_s']:.1f}" for r in results)
-                 + ". First loss: " + ", ".join(f"{r['name']} {r['loss']:.3f}" for r in results) + ".")
+                 + ". First loss: " + ", ".join(f"{r['name']} {r['loss']:.3f}" for r in results) + "."]
     lines.append(_readme.machine_line(load_start))
     return "\n".join(lines)
 
@@ -486,4 +490,5 @@ def main():
 
 
 if __name__ == "__main__":
+    setup_devices()
     main()
