@@ -349,7 +349,7 @@ def _best(peaks, dtype: str, index: int, way: str | None = None) -> float:
     return max(fig[index] for p in peaks for (w, _), fig in p["figures"][dtype].items() if way in (None, w))
 
 
-def peak_table(peaks, args) -> list[str]:
+def peak_table(peaks, args, accelerator: bool) -> list[str]:
     keys = list(peaks[0]["figures"]["float32"])
     lines = [(f"Peak matmul, GFLOP/s (best of {args.peak_repeats} per measurement; the range over the "
               f"{len(peaks)} measurements, one before each round and one at the end):"), "",
@@ -362,6 +362,8 @@ def peak_table(peaks, args) -> list[str]:
             cells.append(f"{_g(min(values))} - {_g(max(values))}")
         lines.append(f"| {dtype} | " + " | ".join(cells) + f" | **{_g(_best(peaks, dtype, 0))}** | "
                      f"{_g(_best(peaks, dtype, 1))} |")
+    if accelerator:
+        return [*lines, "", "peak = the best figure of any size, way and measurement."]
     use = [p["cpu_use"] for p in peaks]
     lines += ["", (f"peak = the best figure of any size, way and measurement; per CPU-s: FLOPs over the "
                    f"process's CPU time (all threads). While measuring, the process used {min(use):.0%} - "
@@ -416,7 +418,7 @@ def report(results, peaks, accelerator, args, load_start) -> str:
              "rounds alternate the order of the configs."
              + (f" XLA:CPU thread pool: NPROC={os.environ['NPROC']}." if device.platform == "cpu"
                 and "NPROC" in os.environ else ""), ""]
-    lines += peak_table(peaks, args)
+    lines += peak_table(peaks, args, accelerator)
     sheet = reference_peak() if accelerator else None
     if accelerator:
         lines.append(f"Reference peak (shardml.metrics.peak_flops): {sheet[1]} = {sheet[0] / 1e12:,.0f} TFLOP/s.")
