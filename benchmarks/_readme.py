@@ -1,0 +1,60 @@
+"""What the benchmark scripts share: rewriting their marked section of a README, and machine load.
+
+A script owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; everything else in
+the file (the hand-written prose around it) is left as it is::
+
+    write_section("benchmarks/README.md", "bench_compile", table, "python benchmarks/bench_compile.py")
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import time
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def write_section(path: str, name: str, text: str, command: str) -> None:
+    """Replaces the ``name`` section of ``path`` with ``text`` under the command that made it.
+
+    A file without the markers gets the section appended at its end.
+    """
+    begin, end = markers(name)
+    readme = pathlib.Path(path)
+    content = readme.read_text()
+    block = f"{begin}\n`{command}` (written by the script, {time.strftime('%Y-%m-%d')}):\n\n{text}\n{end}"
+    if begin in content and end in content:
+        content = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, content, flags=re.DOTALL)
+    else:
+        content = content.rstrip() + "\n\n" + block + "\n"
+    readme.write_text(content)
+
+
+def shown_command(script: str, argv: list[str], hidden: tuple[str, ...] = ("--readme",)) -> str:
+    """The command line that reproduces a run, without the flags (and their values) in ``hidden``."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in hidden:
+            skip = True
+        elif not arg.startswith(tuple(f"{flag}=" for flag in hidden)):
+            shown.append(arg)
+    return " ".join([f"python {script}", *shown])
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (NaN where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover - platforms without getloadavg
+        return float("nan")
+
+
+def machine_line(load_start: float) -> str:
+    return (f"machine: {os.cpu_count()} CPUs, 1-minute load average {load_start:.1f} at the start, "
+            f"{load_average():.1f} at the end")

@@ -1,0 +1,45 @@
+"""The benchmark scripts' own logic, without timing anything: README sections and FLOP counts."""
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import _readme
+import bench_mfu
+
+from shardml.config import load_config
+from shardml.models import transformer
+
+
+def test_write_section_replaces_its_own_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# B\n\nprose\n\n<!-- a:begin -->\nold a\n<!-- a:end -->\n\n"
+                      "<!-- b:begin -->\nold b\n<!-- b:end -->\n")
+    _readme.write_section(str(readme), "a", "new table", "python x.py")
+    text = readme.read_text()
+    assert "old a" not in text and "new table" in text and "`python x.py`" in text, text
+    assert "old b" in text and text.startswith("# B\n\nprose\n"), text
+    _readme.write_section(str(readme), "c", "appended", "python c.py")
+    assert readme.read_text().rstrip().endswith("<!-- c:end -->"), "a missing section is appended at the end"
+
+
+def test_shown_command_hides_the_readme_flag():
+    argv = ["--configs", "tiny", "--readme", "benchmarks/README.md", "--steps=2", "--readme=x.md"]
+    assert _readme.shown_command("benchmarks/b.py", argv) == "python benchmarks/b.py --configs tiny --steps=2"
+
+
+@pytest.mark.parametrize("kv_heads", [0, 2])
+def test_flops_formula_equals_the_step_matmuls_but_the_embedding(kv_heads):
+    """Model.flops_per_example counts every matmul of a no-remat train step except the embedding's
+    one-hot product (forward + weight gradient, 4 x vocab x d_model per token)."""
+    cfg = load_config("tiny", ["model.remat=none", "model.layers=2", f"model.kv_heads={kv_heads}"])
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    model = transformer(cfg.model, cfg.data.seq_len)
+    counted = bench_mfu.inventory_flops(bench_mfu.step_dots(cfg))
+    formula = model.flops_per_example * cfg.train.batch_size
+    embedding = 4 * cfg.model.vocab * cfg.model.d_model * tokens
+    assert counted == formula + embedding, (
+        f"jaxpr matmul FLOPs {counted:,} != formula {formula:,.0f} + embedding one-hot {embedding:,}")
