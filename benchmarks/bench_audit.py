@@ -42,7 +42,7 @@ from shardml.config import MESH_AXES, ConfigError, load_config
 from shardml.plan import check, compile_step, format_bytes, layout_config, sent_per_device
 from shardml.theory import SHORT, layout_theory
 
-from readme_section import write_section  # benchmarks/ (this script's folder) is on sys.path
+import _readme  # benchmarks/ (this script's folder) is on sys.path
 
 # The race decoder of bench_maxtext.py: 4 layers, d_model 256, 4 heads, SwiGLU 1024, vocabulary 256,
 # sequence 128, global batch 32, bf16 compute, f32 parameters, AdamW.
@@ -386,7 +386,7 @@ def main():
         hidden = {"--readme", args.readme, "--plot", args.plot}
         shown = " ".join(a for a in sys.argv[1:] if a not in hidden)
         command = f"python benchmarks/bench_audit.py {shown}".strip()
-        write_section(args.readme, "bench_audit", text + (f"\n\n![memory per layout]({pathlib.Path(args.plot).name})"
+        _readme.write_section(args.readme, "bench_audit", text + (f"\n\n![memory per layout]({pathlib.Path(args.plot).name})"
                                                            if args.plot else ""), command)
 
 

@@ -47,7 +47,7 @@ from shardml.mesh import make_mesh
 from shardml.models import transformer
 from shardml.step import build_trainer, default_optimizer, put_batch
 
-from readme_section import write_section  # benchmarks/ (this script's folder) is on sys.path
+import _readme  # benchmarks/ (this script's folder) is on sys.path
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHAPE = {"layers": 4, "d_model": 256, "heads": 4, "head_dim": 64, "d_ff": 1024, "vocab": 256, "seq_len": 128,
@@ -264,18 +264,15 @@ def main():
 
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="bench_maxtext_")
     os.makedirs(log_dir, exist_ok=True)
-    load_before = os.getloadavg()[0]
+    load_before = _readme.load_average()
     results = [race(layout, args, python, base_yml, log_dir) for layout in args.layouts]
-    text = table(results, args, python is not None)
-    text += f"\nmachine: {os.cpu_count()} CPUs, 1-minute load average {load_before:.1f} at the start, " \
-            f"{os.getloadavg()[0]:.1f} at the end"
+    text = table(results, args, python is not None) + "\n" + _readme.machine_line(load_before)
     print(text)
     if python is not None:
         print(f"MaxText logs: {log_dir}")
     if args.readme:
-        hidden = {"--readme", args.readme, "--log-dir", args.log_dir}
-        shown = " ".join(a for a in sys.argv[1:] if a not in hidden and not a.startswith(("--readme=", "--log-dir=")))
-        write_section(args.readme, "bench_maxtext", text, f"python benchmarks/bench_maxtext.py {shown}".strip())
+        _readme.write_section(args.readme, "bench_maxtext", text, _readme.shown_command(
+            "benchmarks/bench_maxtext.py", sys.argv[1:], hidden=("--readme", "--log-dir")))
 
 
 if __name__ == "__main__":
