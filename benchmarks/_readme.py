@@ -8,9 +8,12 @@ the file (the hand-written prose around it) is left as it is::
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pathlib
 import re
+import sys
 import time
 
 
@@ -58,3 +61,50 @@ def load_average() -> float:
 def machine_line(load_start: float) -> str:
     return (f"machine: {os.cpu_count()} CPUs, 1-minute load average {load_start:.1f} at the start, "
             f"{load_average():.1f} at the end")
+
+
+def option(argv: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), else None.
+
+    Read before argparse, so that a script's whole run can be captured (argparse still checks it).
+    """
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def printed_section(path: str | None, name: str, script: str, argv: list[str], hidden=("--readme",)):
+    """Prints as usual; with ``path`` set, also writes everything printed as the ``name`` section.
+
+    For scripts whose report is their printed output::
+
+        with printed_section(args.readme, "bench_step", "benchmarks/bench_step.py", sys.argv[1:]):
+            main()
+    """
+    if path is None:
+        yield
+        return
+    load_start = load_average()
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, buffer)):
+        yield
+        print(machine_line(load_start))
+    write_section(path, name, "```\n" + buffer.getvalue().rstrip() + "\n```", shown_command(script, argv, hidden))

@@ -24,6 +24,7 @@ emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU colle
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -36,6 +37,8 @@ from shardml.mesh import describe, make_mesh
 from shardml.models import transformer
 from shardml.resume import checkpoint_meta
 from shardml.step import build_trainer, default_optimizer, put_batch
+
+import _readme  # benchmarks/ (this script's folder) is on sys.path
 
 MODES = ("none", "async", "blocking")
 
@@ -104,6 +107,7 @@ def main():
     parser.add_argument("--every", type=int, default=10, help="checkpoint every N steps")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed round (a multiple of --every)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per mode")
+    parser.add_argument("--readme", default=None, help="also write the printed report as this file's bench_checkpoint section")
     args = parser.parse_args()
     if args.steps % args.every:
         parser.error(f"--steps {args.steps} is not a multiple of --every {args.every}")
@@ -128,4 +132,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with _readme.printed_section(_readme.option(sys.argv, "--readme"), "bench_checkpoint", "benchmarks/bench_checkpoint.py",
+                                 sys.argv[1:]):
+        main()

@@ -24,6 +24,7 @@ emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU colle
 
 import argparse
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -35,6 +36,8 @@ from shardml.mesh import make_mesh
 from shardml.models import transformer
 from shardml.pipeline import Schedule
 from shardml.step import build_trainer, default_optimizer, put_batch
+
+import _readme  # benchmarks/ (this script's folder) is on sys.path
 
 SCHEDULES = ("gpipe", "circular", "1f1b")
 
@@ -56,6 +59,7 @@ def parse_args():
     ap.add_argument("--compile-m", default="8,64", help="microbatch counts for the compile-time check ('' to skip)")
     ap.add_argument("--memory-rows", type=int, default=8,
                     help="sequences per microbatch for the memory curve (compile only; m = 4p, 8p, 16p)")
+    ap.add_argument("--readme", default=None, help="also write the printed report as this file's bench_pipeline section")
     return ap.parse_args()
 
 

@@ -19,6 +19,7 @@ emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU colle
 import argparse
 import math
 import statistics
+import sys
 import time
 from functools import partial
 
@@ -33,6 +34,8 @@ from shardml.data import load_corpus, train_batch
 from shardml.mesh import make_mesh
 from shardml.models import transformer
 from shardml.step import build_trainer, default_optimizer, put_batch
+
+import _readme  # benchmarks/ (this script's folder) is on sys.path
 
 VOCAB = 256
 
@@ -139,6 +142,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layout", default="data=8", help="shardml mesh, e.g. data=2,fsdp=2,tensor=2")
     ap.add_argument("--remat", default="dots", choices=("none", "dots", "full"), help="shardml ModelConfig.remat (default: shardml's default, dots)")
+    ap.add_argument("--readme", default=None, help="also write the printed report as this file's bench_step section")
     args = ap.parse_args()
     args.total_steps = 1 + args.warmup + args.rounds * args.steps  # schedule length, same for both
     devices = jax.devices()
@@ -205,4 +209,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with _readme.printed_section(_readme.option(sys.argv, "--readme"), "bench_step", "benchmarks/bench_step.py",
+                                 sys.argv[1:]):
+        main()

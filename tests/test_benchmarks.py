@@ -31,6 +31,19 @@ def test_shown_command_hides_the_readme_flag():
     assert _readme.shown_command("benchmarks/b.py", argv) == "python benchmarks/b.py --configs tiny --steps=2"
 
 
+def test_printed_section_writes_what_the_run_printed(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("prose\n<!-- s:begin -->\nold\n<!-- s:end -->\n")
+    argv = ["--rounds", "2", "--readme", str(readme)]
+    assert _readme.option(argv, "--readme") == str(readme) and _readme.option(["--readme=r.md"], "--readme") == "r.md"
+    with _readme.printed_section(_readme.option(argv, "--readme"), "s", "benchmarks/s.py", argv):
+        print("| table | 1.00 |")
+    text = readme.read_text()
+    assert "| table | 1.00 |" in capsys.readouterr().out, "the report is still printed"
+    assert "old" not in text and "```\n| table | 1.00 |\nmachine:" in text, text
+    assert "`python benchmarks/s.py --rounds 2`" in text and text.startswith("prose\n"), text
+
+
 @pytest.mark.parametrize("kv_heads", [0, 2])
 def test_flops_formula_equals_the_step_matmuls_but_the_embedding(kv_heads):
     """Model.flops_per_example counts every matmul of a no-remat train step except the embedding's

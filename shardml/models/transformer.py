@@ -52,31 +52,32 @@ def transformer_specs(cfg: ModelConfig) -> dict:
     }
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def project(spec: str, x, w, out_dtype=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def project(spec: str, x, w, out_dtype=None, x_grad: bool = True):
     """``einsum(spec, x, w)`` in x's (compute) dtype, with the weight gradient summed in f32.
 
     Weights stay f32 and are cast here. With a plain cast the weight gradient would be a bf16
     product, and the partitioner reduces its partial sums over the batch-sharded axes (the FSDP
     reduction) before the cast back to f32; here that product is f32 from the start. ``out_dtype``
-    (e.g. f32 logits) is the product's accumulation and result type.
+    (e.g. f32 logits) is the product's accumulation and result type. ``x_grad=False`` skips the
+    input gradient, for inputs that are constants (the embedding's one-hot tokens).
 
         y_BSF = project("bsd,df->bsf", x_BSD, w_DF)
     """
     return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
 
 
-def _project_fwd(spec, x, w, out_dtype):
+def _project_fwd(spec, x, w, out_dtype, x_grad):
     w_cast = w.astype(x.dtype)
     return jnp.einsum(spec, x, w_cast, preferred_element_type=out_dtype), (x, w_cast)
 
 
-def _project_bwd(spec, out_dtype, res, g):
+def _project_bwd(spec, out_dtype, x_grad, res, g):
     x, w_cast = res
     inputs, out = spec.replace(" ", "").split("->")
     x_idx, w_idx = inputs.split(",")
     g = g.astype(x.dtype)
-    dx = jnp.einsum(f"{out},{w_idx}->{x_idx}", g, w_cast)
+    dx = jnp.einsum(f"{out},{w_idx}->{x_idx}", g, w_cast) if x_grad else None  # None: a zero cotangent
     dw = jnp.einsum(f"{x_idx},{out}->{w_idx}", x, g, preferred_element_type=jnp.float32)
     return dx, dw
 
@@ -143,7 +144,7 @@ def embed_tokens(params, tokens_BS, cfg: ModelConfig):
     # Vocab-parallel lookup as a one-hot product: each tensor shard contributes its slice of the
     # vocabulary and one all-reduce combines them (a gather from a sharded table is replicated whole).
     onehot_BSV = constrain(jax.nn.one_hot(tokens_BS, cfg.vocab, dtype=dtype), ("batch", "act_seq", "act_vocab"))
-    return constrain(project("bsv,vd->bsd", onehot_BSV, params["embed"]), _ACT)
+    return constrain(project("bsv,vd->bsd", onehot_BSV, params["embed"], x_grad=False), _ACT)
 
 
 def run_layers(layers, x_BSD, cfg: ModelConfig):
