@@ -205,7 +205,33 @@ def _zeros(like):
 def _send(x, pairs):
     if not pairs:
         return _zeros(x)
-    return jax.lax.ppermute(x, PIPE, list(pairs))
+    return _permute(x, tuple(pairs))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _permute(x, pairs):
+    """``ppermute`` over ``pipeline`` that moves 16-bit floats as raw 16-bit words.
+
+    XLA:CPU widens every bf16 collective to f32 (convert, f32 permute, convert), doubling the bytes;
+    a permute only moves bits, so sending them as uint16 keeps the wire in the compute dtype. The
+    bitcast is not differentiable, hence the custom VJP: the cotangent goes back along the reversed
+    pairs, as ``ppermute``'s own transpose does.
+    """
+    if jnp.dtype(x.dtype).itemsize != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+        return jax.lax.ppermute(x, PIPE, list(pairs))
+    words = jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jax.lax.ppermute(words, PIPE, list(pairs)), x.dtype)
+
+
+def _permute_fwd(x, pairs):
+    return _permute(x, pairs), None
+
+
+def _permute_bwd(pairs, _, g):
+    return (_permute(g, tuple((dst, src) for src, dst in pairs)),)
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def _pollute(x, keep, fill: float):

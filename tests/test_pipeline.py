@@ -15,6 +15,7 @@ from shardml.config import ModelConfig
 from shardml.mesh import make_mesh
 from shardml.models import transformer
 from shardml.models.base import init_params
+from shardml import pipeline as pipeline_lib
 from shardml.pipeline import Pipeline, Schedule, _periodic_window
 
 SEQ = 8
@@ -32,7 +33,8 @@ def repeats_of(schedule: str) -> int:
 
 @functools.cache
 def params():
-    return init_params(MODEL.specs, jax.random.key(0))
+    # Host arrays: a first call under some test's mesh must not commit them to that mesh's devices.
+    return jax.device_get(init_params(MODEL.specs, jax.random.key(0)))
 
 
 @functools.cache
@@ -175,6 +177,27 @@ def test_permute_bytes_match_theory(schedule, p):
     assert 0.9 <= sent / theory <= 1.1, (f"{schedule}: permutes move {sent:,} B, theory {theory:,} B "
                                          f"({sent / theory:.3f}x)\n{report.table()}")
     assert report.count("all-gather") == 0, f"{schedule}: unexpected all-gather\n{report.table()}"
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_bf16_activations_cross_stages_as_16_bit_words(schedule, monkeypatch):
+    """XLA:CPU runs a bf16 permute in f32 (twice the bytes); the pipeline sends raw 16-bit words
+    instead, so the bytes are the theory's at 2 bytes per element, and the loss and gradients are
+    bitwise those of a plain ``ppermute``."""
+    model = transformer(ModelConfig(layers=8, d_model=16, heads=2, d_ff=32, dtype="bfloat16"), SEQ)
+    m = 4
+    pipe = pipeline(schedule, 2, m, "data=2", model=model)
+    report = collectives(compiled(pipe, BATCH).as_text(), pipe.mesh)
+    permutes = report.select("collective-permute")
+    sent = sum(op.bytes * op.trips * len(op.groups) for op in permutes)
+    theory = pipe.schedule.permute_passes() * (BATCH // (2 * m)) * SEQ * 16 * 2 * 2  # bf16, 2 data shards
+    assert 0.9 <= sent / theory <= 1.1, (f"{schedule}: bf16 permutes move {sent:,} B, theory {theory:,} B "
+                                         f"({sent / theory:.3f}x)\n{report.table()}")
+    grads, loss, _ = gradients(pipe)
+    monkeypatch.setattr(pipeline_lib, "_permute", lambda x, pairs: jax.lax.ppermute(x, "pipeline", list(pairs)))
+    plain_grads, plain_loss, _ = gradients(pipeline(schedule, 2, m, "data=2", model=model))
+    assert loss == plain_loss, f"{schedule}: loss {loss} with 16-bit words vs {plain_loss} with ppermute"
+    assert max_rel_diff(grads, plain_grads) == 0.0, f"{schedule}: 16-bit-word sends changed the gradients"
 
 
 @pytest.mark.slow
