@@ -30,8 +30,8 @@ def _backend_started() -> bool:
 # device. Its concurrency-optimised scheduler lets a device start two independent collectives at
 # once (seen: an FSDP all-gather beside a pipeline collective-permute); both block a thread, the
 # last device finds no free thread, and the rendezvous aborts the process after 40 s. Observed on
-# jax 0.10.2 with 8 devices on 2 cores (a circular pipeline x fsdp step hung in 2 of 3 runs; with
-# this flag, 0 of 4). The plain scheduler keeps the collectives in one order per device.
+# jax 0.10.2 with 8 devices on 2 cores (a circular pipeline x fsdp test aborted in 2 of 3 runs; with
+# this flag, in 0 of 7). The plain scheduler keeps the collectives in one order per device.
 CPU_COLLECTIVE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
