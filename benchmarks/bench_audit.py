@@ -37,7 +37,7 @@ import sys
 
 import jax
 
-from shardml.audit import KINDS, collectives, memory
+from shardml.audit import DTYPE_BYTES as ITEM, KINDS, collectives, memory
 from shardml.config import MESH_AXES, ConfigError, load_config
 from shardml.plan import check, compile_step, format_bytes, layout_config, sent_per_device
 from shardml.theory import SHORT, layout_theory
@@ -51,7 +51,6 @@ RACE = ["model.layers=4", "model.d_model=256", "model.heads=4", "model.d_ff=1024
 LAYOUTS = ["data=8", "data=8,train.microbatches=4", "fsdp=8", "data=1,tensor=4", "data=2,tensor=4",
            "fsdp=2,tensor=4", "pipeline=4,data=2,pipeline.schedule=1f1b",
            "pipeline=4,data=2,pipeline.schedule=gpipe"]
-ITEM = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
 GOAL = 1.1
 
 
@@ -383,11 +382,9 @@ def main():
     if args.plot:
         plot(results, args.plot)
     if args.readme:
-        hidden = {"--readme", args.readme, "--plot", args.plot}
-        shown = " ".join(a for a in sys.argv[1:] if a not in hidden)
-        command = f"python benchmarks/bench_audit.py {shown}".strip()
-        _readme.write_section(args.readme, "bench_audit", text + (f"\n\n![memory per layout]({pathlib.Path(args.plot).name})"
-                                                           if args.plot else ""), command)
+        command = _readme.shown_command("benchmarks/bench_audit.py", sys.argv[1:])
+        figure = f"\n\n![memory per layout]({pathlib.Path(args.plot).name})" if args.plot else ""
+        _readme.write_section(args.readme, "bench_audit", text + figure, command)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import re
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
@@ -103,7 +103,7 @@ class CollectiveReport:
 def _shape_bytes(text: str) -> tuple[int, str]:
     total, dtypes = 0, []
     for dtype, n in _arrays(text):
-        total += n * _DTYPE_BYTES[dtype]
+        total += n * DTYPE_BYTES[dtype]
         dtypes.append(dtype)
     return total, (dtypes[0] if len(set(dtypes)) == 1 else ",".join(sorted(set(dtypes))) or "?")
 
@@ -111,7 +111,7 @@ def _shape_bytes(text: str) -> tuple[int, str]:
 def _arrays(text: str) -> list[tuple[str, int]]:
     out = []
     for dtype, dims in _ARRAY.findall(text):
-        if dtype in _DTYPE_BYTES:
+        if dtype in DTYPE_BYTES:
             out.append((dtype, _elements(dims)))
     return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -158,6 +159,17 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
         return x
     spec = rules.spec(logical, skip=_manual_axes() | _SKIPPED_AXES.get())
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def shards_of(logical: str) -> int:
+    """How many ways the active rules and mesh split the logical axis ``logical`` here (1 outside
+    :func:`use_rules` or a mesh, and for axes an enclosing transform owns)."""
+    rules = _ACTIVE_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return 1
+    skip = _manual_axes() | _SKIPPED_AXES.get()
+    return math.prod(mesh.shape[a] for a in rules.mesh_axes(logical) if a not in skip)
 
 
 def batch_sharding(mesh, rules: Rules, ndim: int) -> NamedSharding:

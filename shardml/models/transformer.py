@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from shardml.config import ModelConfig
 from shardml.models.base import Model, ParamSpec, Stages
-from shardml.sharding import constrain
+from shardml.sharding import constrain, shards_of
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -104,16 +104,21 @@ def rotary(x_BSHE, base: float):
 def attention(h_BSD, layer, cfg: ModelConfig):
     H = cfg.heads
     K = cfg.kv_heads or H
-    # One product for the projections that share a head axis: under tensor parallelism the backward
+    # Under tensor parallelism, one product for the projections that share a head axis: the backward
     # then sums their input gradients locally and all-reduces once, not once per weight (Megatron's
     # fused QKV). Stacking the per-layer weights keeps each one's sharding and checkpoint name.
-    if K == H:
-        qkv_BSCHE = project("bsd,dche->bsche", h_BSD, jnp.stack([layer["wq"], layer["wk"], layer["wv"]], 1))
-        q_BSHE, k_BSKE, v_BSKE = qkv_BSCHE[:, :, 0], qkv_BSCHE[:, :, 1], qkv_BSCHE[:, :, 2]
+    # Unsplit heads keep separate products: on XLA:CPU the stacking costs ~15 % of a data-parallel step.
+    fuse = shards_of("act_heads") > 1
+    if fuse and K == H:
+        wqkv_CDHE = jnp.stack([layer["wq"], layer["wk"], layer["wv"]])
+        q_BSHE, k_BSKE, v_BSKE = project("bsd,cdhe->cbshe", h_BSD, wqkv_CDHE)
     else:
         q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"])
-        kv_BSCKE = project("bsd,dcke->bscke", h_BSD, jnp.stack([layer["wk"], layer["wv"]], 1))
-        k_BSKE, v_BSKE = kv_BSCKE[:, :, 0], kv_BSCKE[:, :, 1]
+        if fuse:
+            k_BSKE, v_BSKE = project("bsd,cdke->cbske", h_BSD, jnp.stack([layer["wk"], layer["wv"]]))
+        else:
+            k_BSKE = project("bsd,dke->bske", h_BSD, layer["wk"])
+            v_BSKE = project("bsd,dke->bske", h_BSD, layer["wv"])
     q_BSHE = constrain(rotary(q_BSHE, cfg.rope_base), ("batch", "act_seq", "act_heads", None))
     k_BSKE = constrain(rotary(k_BSKE, cfg.rope_base), ("batch", "act_seq", "act_kv_heads", None))
     B, S, _, E = q_BSHE.shape
@@ -128,10 +133,13 @@ def attention(h_BSD, layer, cfg: ModelConfig):
 
 
 def mlp(h_BSD, layer):
-    # Gate and up in one product, for the same reason as the fused attention projections.
-    gate_up_BSCF = project("bsd,dcf->bscf", h_BSD, jnp.stack([layer["w_gate"], layer["w_up"]], 1))
-    gate_up_BSCF = constrain(gate_up_BSCF, ("batch", "act_seq", None, "act_mlp"))
-    gate_BSF, up_BSF = gate_up_BSCF[:, :, 0], gate_up_BSCF[:, :, 1]
+    # Gate and up in one product under tensor parallelism, as for the attention projections.
+    if shards_of("act_mlp") > 1:
+        gate_up_CBSF = project("bsd,cdf->cbsf", h_BSD, jnp.stack([layer["w_gate"], layer["w_up"]]))
+        gate_BSF, up_BSF = constrain(gate_up_CBSF, (None, "batch", "act_seq", "act_mlp"))
+    else:
+        gate_BSF = constrain(project("bsd,df->bsf", h_BSD, layer["w_gate"]), ("batch", "act_seq", "act_mlp"))
+        up_BSF = project("bsd,df->bsf", h_BSD, layer["w_up"])
     return project("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"])
 
 
