@@ -63,6 +63,19 @@ def machine_line(load_start: float) -> str:
             f"{load_average():.1f} at the end")
 
 
+def pyplot(path: str):
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None (saying so) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed (pip install -e '.[bench]'); {path} not written", file=sys.stderr)
+        return None
+    return plt
+
+
 def option(argv: list[str], flag: str) -> str | None:
     """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), else None.
 

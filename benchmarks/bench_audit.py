@@ -330,14 +330,8 @@ def report_text(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"plot skipped: matplotlib is not installed (pip install matplotlib); {path} not written",
-              file=sys.stderr)
+    plt = _readme.pyplot(path)
+    if plt is None:
         return
     names = [r["layout"].replace("pipeline.schedule=", "").replace("train.", "").replace(",", "\n")
              for r in results]

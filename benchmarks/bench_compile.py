@@ -150,13 +150,8 @@ def format_table(rows, varying: str) -> str:
 
 
 def plot(depth_rows, micro_rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'); no plot written")
+    plt = _readme.pyplot(path)
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     micro_title = f"vs train.microbatches ({micro_rows[0]['layers']} layers)"

@@ -199,13 +199,8 @@ def compile_times(model, args, schedules, ms, rounds=3):
 
 
 def plot(rows, curve, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'); no plot written")
+    plt = _readme.pyplot(path)
+    if plt is None:
         return
     fig, (eff_ax, mem_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for p in sorted({r["p"] for r in rows}):
