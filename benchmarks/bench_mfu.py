@@ -73,14 +73,10 @@ def setup_devices() -> None:
     """On a CPU-only machine, 8 emulated devices as the CLI makes them; call before any JAX use."""
     n = default_cpu_devices()
     if n:
-        # XLA:CPU runs every emulated device on one pool of max(cores, devices) threads (NPROC sets it).
-        # With 8 threads for 8 devices, a device that has two collectives in flight can leave another
-        # device without a thread, and the rendezvous aborts the process after 40 s: seen for the 100m
-        # config on data=2 x fsdp=2 x tensor=2 in 3 of 4 runs (0 of 2 with 16 threads).
-        os.environ.setdefault("NPROC", str(2 * n))
-        emulate_cpu_devices(n)  # also avoids another XLA:CPU collective deadlock
+        emulate_cpu_devices(n)  # also 2 XLA:CPU pool threads per device (see shardml.mesh)
     elif not accelerator_plugin_installed():
-        avoid_cpu_collective_deadlock()  # CPU devices chosen by JAX_NUM_CPU_DEVICES
+        count = os.environ.get("JAX_NUM_CPU_DEVICES", "")
+        avoid_cpu_collective_deadlock(int(count) if count.isdigit() else None)
 
 
 def parse_args(accelerator: bool):

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         if devices is not None:
             emulate_cpu_devices(devices)
         elif os.environ.get("JAX_NUM_CPU_DEVICES"):
-            avoid_cpu_collective_deadlock()
+            count = os.environ["JAX_NUM_CPU_DEVICES"]
+            avoid_cpu_collective_deadlock(int(count) if count.isdigit() else None)
         if args.command == "plan":
             _run_plan(cfg, args)
         else:

@@ -26,23 +26,35 @@ def _backend_started() -> bool:
         return False
 
 
-# XLA:CPU runs each emulated device's collectives on one shared thread pool with about one thread per
-# device. Its concurrency-optimised scheduler lets a device start two independent collectives at
-# once (seen: an FSDP all-gather beside a pipeline collective-permute); both block a thread, the
-# last device finds no free thread, and the rendezvous aborts the process after 40 s. Observed on
-# jax 0.10.2 with 8 devices on 2 cores (a circular pipeline x fsdp test aborted in 2 of 3 runs; with
-# this flag, in 0 of 7). The plain scheduler keeps the collectives in one order per device.
+# XLA:CPU runs each emulated device's collectives on one shared thread pool, by default about one
+# thread per device, and a device waiting in a collective's rendezvous holds a thread. When devices
+# have several independent collectives ready they can start them in different orders; if every
+# thread ends up blocked, the devices still to arrive find no thread and XLA aborts the process after
+# 40 s. Two measures, both observed on jax 0.10.2 with 8 devices on 2 cores:
+# - CPU_COLLECTIVE_FLAG turns off the concurrency-optimised scheduler, which let a device run an FSDP
+#   all-gather beside a pipeline collective-permute (a circular pipeline x fsdp test aborted in 2 of
+#   3 runs; with the flag, 0 of 7).
+# - The flag alone is not enough: the executor still runs independent ready collectives at once. A
+#   process compiling and running four variants of an fsdp=8 step aborted in 3 of 3 runs with the
+#   flag and a pool of 8 threads (6 devices waiting in one all-gather, the rest in another); with
+#   2 threads per device (NPROC, read when the backend starts) it finished in 2 of 2. Step time at
+#   fsdp=8 measured the same with 16 threads as with 8 (32 threads: ~6 % slower).
 CPU_COLLECTIVE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+THREADS_PER_DEVICE = 2
 
 
-def avoid_cpu_collective_deadlock() -> None:
-    """Adds ``CPU_COLLECTIVE_FLAG`` to ``XLA_FLAGS`` unless the user already set that option.
+def avoid_cpu_collective_deadlock(devices: int | None = None) -> None:
+    """Adds ``CPU_COLLECTIVE_FLAG`` to ``XLA_FLAGS`` and, for ``devices`` emulated devices, sizes
+    XLA:CPU's thread pool to ``THREADS_PER_DEVICE`` threads per device (``NPROC``), leaving any
+    setting the user made alone.
 
-    XLA reads the variable once, when JAX compiles its first program, so call this before that.
+    XLA reads both when JAX starts its backend, so call this before that.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {CPU_COLLECTIVE_FLAG}".strip()
+    if devices and devices > 1 and "NPROC" not in os.environ:
+        os.environ["NPROC"] = str(max(THREADS_PER_DEVICE * devices, os.cpu_count() or 1))
 
 
 def emulate_cpu_devices(n: int) -> None:
@@ -51,8 +63,9 @@ def emulate_cpu_devices(n: int) -> None:
     Must run before JAX initialises its backend (the first ``jax.devices()`` or array operation).
     ``JAX_NUM_CPU_DEVICES=n`` in the environment does the same without code.
 
-    It also sets ``CPU_COLLECTIVE_FLAG`` (see ``avoid_cpu_collective_deadlock``): without it,
-    XLA:CPU can deadlock when several emulated devices run collectives at once.
+    It also sets ``CPU_COLLECTIVE_FLAG`` and a larger thread pool (see
+    ``avoid_cpu_collective_deadlock``): without them, XLA:CPU can deadlock when several emulated
+    devices run collectives at once.
 
     Raises:
       RuntimeError: if the backend has already started with another device count.
@@ -70,7 +83,7 @@ def emulate_cpu_devices(n: int) -> None:
             f"shardml.emulate_cpu_devices({n}) before any JAX operation (first thing in the notebook "
             f"or script), or set JAX_NUM_CPU_DEVICES={n} in the environment before Python starts"
         )
-    avoid_cpu_collective_deadlock()
+    avoid_cpu_collective_deadlock(n)
     jax.config.update("jax_num_cpu_devices", n)
 
 

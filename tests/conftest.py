@@ -19,7 +19,7 @@ import jax  # noqa: E402
 
 from shardml.mesh import emulate_cpu_devices  # noqa: E402
 
-# Also sets XLA_FLAGS against an XLA:CPU collective deadlock; `shardml` subprocesses inherit it.
+# Also sets XLA_FLAGS and NPROC against an XLA:CPU collective deadlock; `shardml` subprocesses inherit them.
 emulate_cpu_devices(8)
 
 import numpy as np  # noqa: E402

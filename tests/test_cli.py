@@ -10,7 +10,7 @@ import yaml
 
 
 def shardml(*args, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "NPROC")}
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run([sys.executable, "-m", "shardml.cli", *args], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=600)

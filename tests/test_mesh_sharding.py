@@ -1,12 +1,14 @@
 """Mesh construction, device emulation, the rules table, and state created already sharded."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from shardml.config import OptimConfig
-from shardml.mesh import emulate_cpu_devices, make_mesh
+from shardml.mesh import CPU_COLLECTIVE_FLAG, avoid_cpu_collective_deadlock, emulate_cpu_devices, make_mesh
 from shardml.sharding import Rules
 from shardml.step import build_trainer, default_optimizer
 
@@ -21,6 +23,19 @@ def test_emulation_after_backend_start_is_a_clear_error():
     emulate_cpu_devices(8)  # what the backend has: accepted
     with pytest.raises(RuntimeError, match="before any JAX operation.*JAX_NUM_CPU_DEVICES=4"):
         emulate_cpu_devices(4)
+
+
+def test_deadlock_guard_sets_flag_and_pool_but_keeps_user_settings(monkeypatch):
+    monkeypatch.delenv("NPROC", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    avoid_cpu_collective_deadlock(8)
+    assert os.environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {CPU_COLLECTIVE_FLAG}", "flag not appended"
+    assert int(os.environ["NPROC"]) == max(16, os.cpu_count()), "pool not sized at 2 threads per device"
+    monkeypatch.setenv("NPROC", "3")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
+    avoid_cpu_collective_deadlock(8)
+    assert os.environ["NPROC"] == "3", "the user's NPROC was overwritten"
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true", "user's flag overwritten"
 
 
 def test_rules_map_logical_names_and_reject_reuse():

@@ -152,7 +152,7 @@ def test_parse_bytes_rejects(text):
 
 
 def shardml(*args):
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "NPROC")}
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run([sys.executable, "-m", "shardml.cli", "plan", *args], check=False, capture_output=True, text=True,
                           env=env, timeout=600)
