@@ -140,9 +140,10 @@ def run_maxtext(python, base_yml, sizes, warmup, steps, remat, log_path):
 
 # ----------------------------------------------------------------------------- shardml (this process)
 class ShardmlRunner:
-    def __init__(self, sizes, remat, total_steps, n_batches):
+    def __init__(self, sizes, remat, total_steps, n_batches, grad_dtype="float32"):
         cfg = ModelConfig(vocab=SHAPE["vocab"], layers=SHAPE["layers"], d_model=SHAPE["d_model"],
-                          heads=SHAPE["heads"], d_ff=SHAPE["d_ff"], dtype="bfloat16", remat=remat)
+                          heads=SHAPE["heads"], d_ff=SHAPE["d_ff"], dtype="bfloat16", remat=remat,
+                          grad_dtype=grad_dtype)
         self.trainer = build_trainer(transformer(cfg, SHAPE["seq_len"]), make_mesh(sizes),
                                      default_optimizer(OptimConfig(), steps=total_steps), microbatches=1)
         corpus = load_corpus("pydoc")
@@ -161,23 +162,28 @@ class ShardmlRunner:
 
 
 # ----------------------------------------------------------------------------- harness
-def race(layout, args, python, base_yml, log_dir):
+def race(layout, args, python, base_yml, log_dir) -> list[dict]:
+    """One result per shardml ``--grad-dtype``, each against the same MaxText rounds."""
     sizes = parse_layout(layout)
     total = 1 + args.warmup + args.rounds * args.steps
-    sm = ShardmlRunner(sizes, args.remat, total, n_batches=args.steps)
-    t0 = time.perf_counter()
-    first_loss = float(sm.run(1)["loss"])
-    compile_s = time.perf_counter() - t0
-    sm.run(args.warmup)
-    times, cpu, mt_tps, mt_cpu, mt_loss = [], [], [], [], None
+    runners, first_loss, compile_s = {}, {}, {}
+    for grad_dtype in args.grad_dtype:
+        runners[grad_dtype] = ShardmlRunner(sizes, args.remat, total, n_batches=args.steps, grad_dtype=grad_dtype)
+        t0 = time.perf_counter()
+        first_loss[grad_dtype] = float(runners[grad_dtype].run(1)["loss"])
+        compile_s[grad_dtype] = time.perf_counter() - t0
+        runners[grad_dtype].run(args.warmup)
+    times = {g: [] for g in runners}
+    cpu = {g: [] for g in runners}
+    mt_tps, mt_cpu, mt_loss = [], [], None
+    names = [*runners, "maxtext"]
     for r in range(args.rounds):
-        order = ("shardml", "maxtext") if r % 2 == 0 else ("maxtext", "shardml")
-        for name in order:
-            if name == "shardml":
+        for name in names if r % 2 == 0 else names[::-1]:
+            if name in runners:
                 t0, c0 = time.perf_counter(), time.process_time()
-                sm.run(args.steps)
-                times.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
+                runners[name].run(args.steps)
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
             elif python is not None:
                 log = os.path.join(log_dir, f"maxtext_{layout.replace(',', '_').replace('=', '')}_r{r}.log")
                 tps, per_cpu, mt_loss = run_maxtext(python, base_yml, sizes, args.warmup + 1, args.steps,
@@ -188,14 +194,15 @@ def race(layout, args, python, base_yml, log_dir):
                 continue
             print(f"  {layout} round {r + 1}/{args.rounds}: {name} done", file=sys.stderr, flush=True)
     tokens = args.steps * SHAPE["batch"] * SHAPE["seq_len"]
-    return {
-        "layout": layout, "shardml": tokens / statistics.median(times), "shardml_first_loss": first_loss,
-        "shardml_compile_s": compile_s, "shardml_rounds": [tokens / t for t in times],
-        "shardml_per_cpu": tokens / statistics.median(cpu),
+    label = (lambda g: layout) if len(runners) == 1 else (lambda g: f"{layout}, grad_dtype={g}")
+    return [{
+        "layout": label(g), "shardml": tokens / statistics.median(times[g]), "shardml_first_loss": first_loss[g],
+        "shardml_compile_s": compile_s[g], "shardml_rounds": [tokens / t for t in times[g]],
+        "shardml_per_cpu": tokens / statistics.median(cpu[g]),
         "maxtext": statistics.median(mt_tps) if mt_tps else None, "maxtext_rounds": mt_tps,
         "maxtext_per_cpu": statistics.median(mt_cpu) if mt_cpu else None,
         "maxtext_first_loss": mt_loss,
-    }
+    } for g in runners]
 
 
 def table(results, args, have_maxtext) -> str:
@@ -204,7 +211,8 @@ def table(results, args, have_maxtext) -> str:
          f"{SHAPE['head_dim']}, SwiGLU {SHAPE['d_ff']}, vocab {SHAPE['vocab']}, seq {SHAPE['seq_len']}, "
          f"global batch {SHAPE['batch']}, bf16 compute / f32 params; 8 emulated CPU devices; "
          f"{args.rounds} alternating rounds x {args.steps} timed steps (median round); "
-         f"remat: shardml {args.remat}, MaxText {args.maxtext_remat}"),
+         f"remat: shardml {args.remat}, MaxText {args.maxtext_remat}; shardml grad_dtype "
+         f"{', '.join(args.grad_dtype)}"),
         "",
         "| layout | shardml tokens/s | MaxText tokens/s | ratio | shardml tokens/CPU-s | MaxText tokens/CPU-s | ratio |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -244,6 +252,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (each side)")
     ap.add_argument("--remat", default="dots", choices=("none", "dots", "full"), help="shardml ModelConfig.remat")
     ap.add_argument("--maxtext-remat", default="full", help="MaxText remat_policy (its default: full)")
+    ap.add_argument("--grad-dtype", default="float32", type=lambda text: text.split(","),
+                    help="shardml ModelConfig.grad_dtype; a comma list (float32,compute) races each, in the same rounds")
     ap.add_argument("--maxtext-venv", default=os.environ.get("MAXTEXT_VENV", str(REPO.parent / "maxtext-venv")),
                     help="MaxText's virtual environment (env MAXTEXT_VENV; default: ../maxtext-venv)")
     ap.add_argument("--log-dir", default=None, help="where MaxText logs go (default: a temporary folder)")
@@ -252,6 +262,9 @@ def main():
     assert jax.device_count() == 8, f"expected 8 emulated CPU devices, got {jax.device_count()}"
     for layout in args.layouts:
         parse_layout(layout)
+    for grad_dtype in args.grad_dtype:
+        if grad_dtype not in ("float32", "compute"):
+            ap.error(f"--grad-dtype {grad_dtype}: use float32, compute, or both (float32,compute)")
 
     python = maxtext_python(args.maxtext_venv)
     base_yml = maxtext_base_config(args.maxtext_venv) if python else None
@@ -265,7 +278,7 @@ def main():
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="bench_maxtext_")
     os.makedirs(log_dir, exist_ok=True)
     load_before = _readme.load_average()
-    results = [race(layout, args, python, base_yml, log_dir) for layout in args.layouts]
+    results = [res for layout in args.layouts for res in race(layout, args, python, base_yml, log_dir)]
     text = table(results, args, python is not None) + "\n" + _readme.machine_line(load_before)
     print(text)
     if python is not None:

@@ -142,8 +142,14 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layout", default="data=8", help="shardml mesh, e.g. data=2,fsdp=2,tensor=2")
     ap.add_argument("--remat", default="dots", choices=("none", "dots", "full"), help="shardml ModelConfig.remat (default: shardml's default, dots)")
+    ap.add_argument("--grad-dtype", default="float32", type=lambda text: text.split(","),
+                    help="shardml ModelConfig.grad_dtype (compute: weight-gradient products in bf16, as the "
+                         "baseline); a comma list (float32,compute) times each in the same rounds")
     ap.add_argument("--readme", default=None, help="also write the printed report as this file's bench_step section")
     args = ap.parse_args()
+    for grad_dtype in args.grad_dtype:
+        if grad_dtype not in ("float32", "compute"):
+            ap.error(f"--grad-dtype {grad_dtype}: use float32, compute, or both (float32,compute)")
     args.total_steps = 1 + args.warmup + args.rounds * args.steps  # schedule length, same for both
     devices = jax.devices()
     assert len(devices) == 8, f"expected 8 emulated CPU devices, got {len(devices)}"
@@ -152,16 +158,21 @@ def main():
     host = [train_batch(corpus, s, args.batch_size, args.seq_len) for s in range(args.steps)]
     ocfg = OptimConfig()
 
-    # shardml
-    mcfg = ModelConfig(vocab=VOCAB, layers=args.layers, d_model=args.d_model, heads=args.heads, d_ff=args.d_ff,
-                       dtype=args.dtype, remat=args.remat)
-    tr = build_trainer(transformer(mcfg, args.seq_len), make_mesh(parse_layout(args.layout)),
-                       default_optimizer(ocfg, steps=args.total_steps), microbatches=1)
-    sm = {"state": tr.init(0), "batches": [put_batch(b, tr.batch_sharding) for b in host]}
+    # shardml, once per --grad-dtype
+    def shardml_runner(grad_dtype):
+        mcfg = ModelConfig(vocab=VOCAB, layers=args.layers, d_model=args.d_model, heads=args.heads,
+                           d_ff=args.d_ff, dtype=args.dtype, remat=args.remat, grad_dtype=grad_dtype)
+        tr = build_trainer(transformer(mcfg, args.seq_len), make_mesh(parse_layout(args.layout)),
+                           default_optimizer(ocfg, steps=args.total_steps), microbatches=1)
+        sm = {"state": tr.init(0), "batches": [put_batch(b, tr.batch_sharding) for b in host]}
 
-    def sm_step(i):
-        sm["state"], metrics = tr.step(sm["state"], sm["batches"][i % len(host)])
-        return metrics["loss"]
+        def sm_step(i):
+            sm["state"], metrics = tr.step(sm["state"], sm["batches"][i % len(host)])
+            return metrics["loss"], sm["state"]
+
+        return sm_step
+
+    shardml_names = {g: "shardml" if len(args.grad_dtype) == 1 else f"shardml[{g}]" for g in args.grad_dtype}
 
     # baseline
     bl_step_fn, bl_state, bl_sharding = build_baseline(args, ocfg, devices)
@@ -170,13 +181,13 @@ def main():
     def bl_step(i):
         params, opt_state, loss = bl_step_fn(*bl["state"], bl["batches"][i % len(host)])
         bl["state"] = (params, opt_state)
-        return loss
+        return loss, bl["state"]
 
-    runners = {"shardml": sm_step, "baseline": bl_step}
+    runners = {**{shardml_names[g]: shardml_runner(g) for g in args.grad_dtype}, "baseline": bl_step}
     first_loss, compile_s = {}, {}
     for name, run in runners.items():  # compile + first step (sanity: loss ~ ln 256 = 5.55)
         t0 = time.perf_counter()
-        first_loss[name] = float(run(0))
+        first_loss[name] = float(run(0)[0])
         compile_s[name] = time.perf_counter() - t0
         for i in range(args.warmup):
             jax.block_until_ready(run(i + 1))
@@ -188,8 +199,8 @@ def main():
             run = runners[name]
             t0 = time.perf_counter()
             for i in range(args.steps):
-                loss = run(i)
-            jax.block_until_ready((loss, sm["state"], bl["state"]))
+                out = run(i)
+            jax.block_until_ready(out)
             times[name].append(time.perf_counter() - t0)
 
     tokens = args.steps * args.batch_size * args.seq_len
@@ -197,14 +208,16 @@ def main():
     print(f"model: layers={args.layers} d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} "
           f"seq={args.seq_len} batch={args.batch_size} dtype={args.dtype}; "
           f"{args.rounds} rounds x {args.steps} steps, 8 cpu devices, ln(256)={math.log(VOCAB):.3f}")
-    layouts = {"shardml": args.layout + (f" remat={args.remat}" if args.remat != "none" else ""),
-               "baseline": "data=8 (params replicated)"}
-    print(f"{'':10} {'layout':28} {'first loss':>10} {'compile+1 s':>11} {'ms/step':>9} {'tokens/s':>10}")
+    layouts = {shardml_names[g]: args.layout + (f" remat={args.remat}" if args.remat != "none" else "")
+               + (f" grad={g}" if g != "float32" else "") for g in args.grad_dtype}
+    layouts["baseline"] = "data=8 (params replicated)"
+    print(f"{'':16} {'layout':32} {'first loss':>10} {'compile+1 s':>11} {'ms/step':>9} {'tokens/s':>10}")
     for name in runners:
         ms = 1e3 * statistics.median(times[name]) / args.steps
-        print(f"{name:10} {layouts[name]:28} {first_loss[name]:10.4f} {compile_s[name]:11.2f} "
+        print(f"{name:16} {layouts[name]:32} {first_loss[name]:10.4f} {compile_s[name]:11.2f} "
               f"{ms:9.2f} {tps[name]:10.0f}")
-    print(f"ratio shardml/baseline (tokens/s): {tps['shardml'] / tps['baseline']:.3f}")
+    for name in shardml_names.values():
+        print(f"ratio {name}/baseline (tokens/s): {tps[name] / tps['baseline']:.3f}")
     print("per-round seconds: " + "; ".join(f"{n} " + " ".join(f"{t:.3f}" for t in ts) for n, ts in times.items()))
 
 

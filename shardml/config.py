@@ -51,6 +51,10 @@ class ModelConfig:
     d_ff: int = 256
     dtype: str = "bfloat16"
     remat: str = "dots"  # none | full | dots (dots: keep matmul outputs, recompute the rest; fastest measured)
+    # Weight-gradient products of bf16/f16 compute: "float32" accumulates and returns them in f32, so
+    # the FSDP and data reductions sum f32 values; "compute" returns them in the compute dtype (what
+    # autodiff of a plain cast gives), cheaper where f32-output products are slow (XLA:CPU).
+    grad_dtype: str = "float32"
     rope_base: float = 10000.0
 
 
@@ -298,6 +302,8 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"model.dtype='{m.dtype}' is not supported; use bfloat16 or float32")
     if m.remat not in ("none", "full", "dots"):
         raise ConfigError(f"model.remat='{m.remat}' is not a remat policy; use none, full or dots")
+    if m.grad_dtype not in ("float32", "compute"):
+        raise ConfigError(f"model.grad_dtype='{m.grad_dtype}' is not supported; use float32 or compute")
     sizes = resolve_mesh_sizes(cfg.mesh, n_devices)
     microbatches = validate_pipeline(cfg, sizes["pipeline"])
     if sizes["members"] > 1:

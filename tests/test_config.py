@@ -39,6 +39,7 @@ def test_unknown_preset():
     (["mesh.data=4", "mesh.fsdp=2", "train.batch_size=16", "train.microbatches=4"],
      r"4 x 2 x 4 = 32"),
     (["model.layers=0"], r"model.layers=0 must be positive"),
+    (["model.grad_dtype=bf16"], r"model.grad_dtype='bf16' is not supported; use float32 or compute"),
     (["train.batch_size=-4"], r"train.batch_size=-4 must be positive"),
     (["mesh.data=0"], r"mesh.data=0 must be a positive size"),
     (["mesh.pipeline=4", "mesh.data=2", "model.layers=6"],

@@ -35,6 +35,29 @@ def test_remat_policies_give_same_loss_and_grads(tiny_cfg):
         assert max_rel_diff(grads, results[0][1]) < 1e-5, f"remat={remat} grads differ"
 
 
+def test_weight_gradient_products_in_f32_or_in_the_compute_dtype():
+    """`project`'s weight gradient: grad_dtype=float32 is the f32-accumulated product of the bf16
+    operands; grad_dtype=compute equals autodiff of a plain cast (the bf16 product, widened)."""
+    from shardml.models.transformer import project
+
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (64, 32), jnp.bfloat16)
+    w = jax.random.normal(kw, (32, 16), jnp.float32)
+    g = jax.random.normal(kg, (64, 16), jnp.float32)
+
+    def grads(f):
+        return jax.grad(lambda w: jnp.sum(f(w).astype(jnp.float32) * g))(w)
+
+    f32 = grads(lambda w: project("bd,df->bf", x, w))
+    compute = grads(lambda w: project("bd,df->bf", x, w, grad_dtype="compute"))
+    plain = grads(lambda w: jnp.einsum("bd,df->bf", x, w.astype(jnp.bfloat16)))
+    exact = jnp.einsum("bd,bf->df", x.astype(jnp.float32), g.astype(jnp.bfloat16).astype(jnp.float32))
+    assert f32.dtype == compute.dtype == jnp.float32
+    np.testing.assert_array_equal(compute, plain, err_msg="grad_dtype=compute differs from a plain cast's gradient")
+    assert jnp.max(jnp.abs(f32 - exact)) < 1e-4 * jnp.max(jnp.abs(exact)), "f32 product is not the f32 sum"
+    assert jnp.max(jnp.abs(compute - exact)) > jnp.max(jnp.abs(f32 - exact)), "compute product was not rounded"
+
+
 def test_grouped_query_attention_shapes_and_tensor_parallel(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, heads=4, kv_heads=2)
     model = transformer(cfg, 16)

@@ -52,8 +52,8 @@ def transformer_specs(cfg: ModelConfig) -> dict:
     }
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
-def project(spec: str, x, w, out_dtype=None, x_grad: bool = True):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
+def project(spec: str, x, w, out_dtype=None, x_grad: bool = True, grad_dtype: str = "float32"):
     """``einsum(spec, x, w)`` in x's (compute) dtype, with the weight gradient summed in f32.
 
     Weights stay f32 and are cast here. With a plain cast the weight gradient would be a bf16
@@ -61,25 +61,28 @@ def project(spec: str, x, w, out_dtype=None, x_grad: bool = True):
     reduction) before the cast back to f32; here that product is f32 from the start. ``out_dtype``
     (e.g. f32 logits) is the product's accumulation and result type. ``x_grad=False`` skips the
     input gradient, for inputs that are constants (the embedding's one-hot tokens).
+    ``grad_dtype="compute"`` (``ModelConfig.grad_dtype``) makes the weight-gradient product return
+    x's dtype instead, widened to f32 after the reduction, as a plain cast's autodiff does.
 
         y_BSF = project("bsd,df->bsf", x_BSD, w_DF)
     """
     return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
 
 
-def _project_fwd(spec, x, w, out_dtype, x_grad):
+def _project_fwd(spec, x, w, out_dtype, x_grad, grad_dtype):
     w_cast = w.astype(x.dtype)
     return jnp.einsum(spec, x, w_cast, preferred_element_type=out_dtype), (x, w_cast)
 
 
-def _project_bwd(spec, out_dtype, x_grad, res, g):
+def _project_bwd(spec, out_dtype, x_grad, grad_dtype, res, g):
     x, w_cast = res
     inputs, out = spec.replace(" ", "").split("->")
     x_idx, w_idx = inputs.split(",")
     g = g.astype(x.dtype)
     dx = jnp.einsum(f"{out},{w_idx}->{x_idx}", g, w_cast) if x_grad else None  # None: a zero cotangent
-    dw = jnp.einsum(f"{x_idx},{out}->{w_idx}", x, g, preferred_element_type=jnp.float32)
-    return dx, dw
+    product_dtype = jnp.float32 if grad_dtype == "float32" else None
+    dw = jnp.einsum(f"{x_idx},{out}->{w_idx}", x, g, preferred_element_type=product_dtype)
+    return dx, dw.astype(jnp.float32)
 
 
 project.defvjp(_project_fwd, _project_bwd)
@@ -104,6 +107,7 @@ def rotary(x_BSHE, base: float):
 def attention(h_BSD, layer, cfg: ModelConfig):
     H = cfg.heads
     K = cfg.kv_heads or H
+    g = cfg.grad_dtype
     # Under tensor parallelism, one product for the projections that share a head axis: the backward
     # then sums their input gradients locally and all-reduces once, not once per weight (Megatron's
     # fused QKV). Stacking the per-layer weights keeps each one's sharding and checkpoint name.
@@ -111,14 +115,14 @@ def attention(h_BSD, layer, cfg: ModelConfig):
     fuse = shards_of("act_heads") > 1
     if fuse and K == H:
         wqkv_CDHE = jnp.stack([layer["wq"], layer["wk"], layer["wv"]])
-        q_BSHE, k_BSKE, v_BSKE = project("bsd,cdhe->cbshe", h_BSD, wqkv_CDHE)
+        q_BSHE, k_BSKE, v_BSKE = project("bsd,cdhe->cbshe", h_BSD, wqkv_CDHE, grad_dtype=g)
     else:
-        q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"])
+        q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"], grad_dtype=g)
         if fuse:
-            k_BSKE, v_BSKE = project("bsd,cdke->cbske", h_BSD, jnp.stack([layer["wk"], layer["wv"]]))
+            k_BSKE, v_BSKE = project("bsd,cdke->cbske", h_BSD, jnp.stack([layer["wk"], layer["wv"]]), grad_dtype=g)
         else:
-            k_BSKE = project("bsd,dke->bske", h_BSD, layer["wk"])
-            v_BSKE = project("bsd,dke->bske", h_BSD, layer["wv"])
+            k_BSKE = project("bsd,dke->bske", h_BSD, layer["wk"], grad_dtype=g)
+            v_BSKE = project("bsd,dke->bske", h_BSD, layer["wv"], grad_dtype=g)
     q_BSHE = constrain(rotary(q_BSHE, cfg.rope_base), ("batch", "act_seq", "act_heads", None))
     k_BSKE = constrain(rotary(k_BSKE, cfg.rope_base), ("batch", "act_seq", "act_kv_heads", None))
     B, S, _, E = q_BSHE.shape
@@ -129,18 +133,20 @@ def attention(h_BSD, layer, cfg: ModelConfig):
     probs = jax.nn.softmax(scores, axis=-1).astype(h_BSD.dtype)
     o_BSKGE = jnp.einsum("bkgst,btke->bskge", probs, v_BSKE)
     o_BSHE = constrain(o_BSKGE.reshape(B, S, H, E), ("batch", "act_seq", "act_heads", None))
-    return project("bshe,hed->bsd", o_BSHE, layer["wo"])
+    return project("bshe,hed->bsd", o_BSHE, layer["wo"], grad_dtype=g)
 
 
-def mlp(h_BSD, layer):
+def mlp(h_BSD, layer, cfg: ModelConfig):
     # Gate and up in one product under tensor parallelism, as for the attention projections.
+    g = cfg.grad_dtype
     if shards_of("act_mlp") > 1:
-        gate_up_CBSF = project("bsd,cdf->cbsf", h_BSD, jnp.stack([layer["w_gate"], layer["w_up"]]))
+        gate_up_CBSF = project("bsd,cdf->cbsf", h_BSD, jnp.stack([layer["w_gate"], layer["w_up"]]), grad_dtype=g)
         gate_BSF, up_BSF = constrain(gate_up_CBSF, (None, "batch", "act_seq", "act_mlp"))
     else:
-        gate_BSF = constrain(project("bsd,df->bsf", h_BSD, layer["w_gate"]), ("batch", "act_seq", "act_mlp"))
-        up_BSF = project("bsd,df->bsf", h_BSD, layer["w_up"])
-    return project("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"])
+        gate_BSF = project("bsd,df->bsf", h_BSD, layer["w_gate"], grad_dtype=g)
+        gate_BSF = constrain(gate_BSF, ("batch", "act_seq", "act_mlp"))
+        up_BSF = project("bsd,df->bsf", h_BSD, layer["w_up"], grad_dtype=g)
+    return project("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"], grad_dtype=g)
 
 
 _ACT = ("batch", "act_seq", "act_embed")
@@ -152,7 +158,8 @@ def embed_tokens(params, tokens_BS, cfg: ModelConfig):
     # Vocab-parallel lookup as a one-hot product: each tensor shard contributes its slice of the
     # vocabulary and one all-reduce combines them (a gather from a sharded table is replicated whole).
     onehot_BSV = constrain(jax.nn.one_hot(tokens_BS, cfg.vocab, dtype=dtype), ("batch", "act_seq", "act_vocab"))
-    return constrain(project("bsv,vd->bsd", onehot_BSV, params["embed"], x_grad=False), _ACT)
+    return constrain(project("bsv,vd->bsd", onehot_BSV, params["embed"], x_grad=False,
+                                     grad_dtype=cfg.grad_dtype), _ACT)
 
 
 def run_layers(layers, x_BSD, cfg: ModelConfig):
@@ -162,7 +169,7 @@ def run_layers(layers, x_BSD, cfg: ModelConfig):
     def block(x_BSD, layer):
         # Weights stay f32 here: `project` casts them (norm scales are cast by rms_norm).
         x_BSD = x_BSD + attention(rms_norm(x_BSD, layer["attn_norm"]), layer, cfg)
-        x_BSD = x_BSD + mlp(rms_norm(x_BSD, layer["mlp_norm"]), layer)
+        x_BSD = x_BSD + mlp(rms_norm(x_BSD, layer["mlp_norm"]), layer, cfg)
         return constrain(x_BSD, _ACT), None
 
     if cfg.remat != "none":
@@ -174,7 +181,7 @@ def run_layers(layers, x_BSD, cfg: ModelConfig):
 def output_logits(params, x_BSD, cfg: ModelConfig):
     """Final norm and unembedding: [B, S, D] -> f32 logits [B, S, V]."""
     x_BSD = rms_norm(x_BSD, params["final_norm"])
-    logits_BSV = project("bsd,dv->bsv", x_BSD, params["unembed"], jnp.float32)
+    logits_BSV = project("bsd,dv->bsv", x_BSD, params["unembed"], jnp.float32, grad_dtype=cfg.grad_dtype)
     return constrain(logits_BSV, ("batch", "act_seq", "act_vocab"))
 
 
