@@ -37,8 +37,9 @@ def _backend_started() -> bool:
 # - The flag alone is not enough: the executor still runs independent ready collectives at once. A
 #   process compiling and running four variants of an fsdp=8 step aborted in 3 of 3 runs with the
 #   flag and a pool of 8 threads (6 devices waiting in one all-gather, the rest in another); with
-#   2 threads per device (NPROC, read when the backend starts) it finished in 2 of 2. Step time at
-#   fsdp=8 measured the same with 16 threads as with 8 (32 threads: ~6 % slower).
+#   2 threads per device (NPROC, read when the backend starts) it finished in 2 of 2. bench_mfu's
+#   100m config on data=2 x fsdp=2 x tensor=2 likewise aborted in 3 of 4 runs with 8 threads, 0 of 2
+#   with 16. Step time at fsdp=8 measured the same with 16 threads as with 8 (32: ~6 % slower).
 CPU_COLLECTIVE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 THREADS_PER_DEVICE = 2
 
