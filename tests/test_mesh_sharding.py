@@ -8,7 +8,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from shardml.config import OptimConfig
-from shardml.mesh import CPU_COLLECTIVE_FLAG, avoid_cpu_collective_deadlock, emulate_cpu_devices, make_mesh
+from shardml.mesh import (
+    CPU_COLLECTIVE_FLAG,
+    avoid_cpu_collective_deadlock,
+    emulate_cpu_devices,
+    make_mesh,
+)
 from shardml.sharding import Rules
 from shardml.step import build_trainer, default_optimizer
 

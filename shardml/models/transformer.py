@@ -54,7 +54,7 @@ def transformer_specs(cfg: ModelConfig) -> dict:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
 def project(spec: str, x, w, out_dtype=None, x_grad: bool = True, grad_dtype: str = "float32"):
-    """``einsum(spec, x, w)`` in x's (compute) dtype, with the weight gradient summed in f32.
+    """``einsum(spec, x, w)`` in x's (compute) dtype, with the weight gradient summed in f32 (by default).
 
     Weights stay f32 and are cast here. With a plain cast the weight gradient would be a bf16
     product, and the partitioner reduces its partial sums over the batch-sharded axes (the FSDP
@@ -158,8 +158,8 @@ def embed_tokens(params, tokens_BS, cfg: ModelConfig):
     # Vocab-parallel lookup as a one-hot product: each tensor shard contributes its slice of the
     # vocabulary and one all-reduce combines them (a gather from a sharded table is replicated whole).
     onehot_BSV = constrain(jax.nn.one_hot(tokens_BS, cfg.vocab, dtype=dtype), ("batch", "act_seq", "act_vocab"))
-    return constrain(project("bsv,vd->bsd", onehot_BSV, params["embed"], x_grad=False,
-                                     grad_dtype=cfg.grad_dtype), _ACT)
+    embedded_BSD = project("bsv,vd->bsd", onehot_BSV, params["embed"], x_grad=False, grad_dtype=cfg.grad_dtype)
+    return constrain(embedded_BSD, _ACT)
 
 
 def run_layers(layers, x_BSD, cfg: ModelConfig):
