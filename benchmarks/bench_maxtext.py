@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 
-from shardml.config import ModelConfig, OptimConfig
+from shardml.config import GRAD_DTYPES, ModelConfig, OptimConfig
 from shardml.data import load_corpus, train_batch
 from shardml.mesh import make_mesh
 from shardml.models import transformer
@@ -263,7 +263,7 @@ def main():
     for layout in args.layouts:
         parse_layout(layout)
     for grad_dtype in args.grad_dtype:
-        if grad_dtype not in ("float32", "compute"):
+        if grad_dtype not in GRAD_DTYPES:
             ap.error(f"--grad-dtype {grad_dtype}: use float32, compute, or both (float32,compute)")
 
     python = maxtext_python(args.maxtext_venv)

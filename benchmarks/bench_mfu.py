@@ -75,8 +75,7 @@ def setup_devices() -> None:
     if n:
         emulate_cpu_devices(n)  # also 2 XLA:CPU pool threads per device (see shardml.mesh)
     elif not accelerator_plugin_installed():
-        count = os.environ.get("JAX_NUM_CPU_DEVICES", "")
-        avoid_cpu_collective_deadlock(int(count) if count.isdigit() else None)
+        avoid_cpu_collective_deadlock()  # CPU devices chosen by JAX_NUM_CPU_DEVICES
 
 
 def parse_args(accelerator: bool):

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from shardml.config import ModelConfig, OptimConfig
+from shardml.config import GRAD_DTYPES, ModelConfig, OptimConfig
 from shardml.data import load_corpus, train_batch
 from shardml.mesh import make_mesh
 from shardml.models import transformer
@@ -148,7 +148,7 @@ def main():
     ap.add_argument("--readme", default=None, help="also write the printed report as this file's bench_step section")
     args = ap.parse_args()
     for grad_dtype in args.grad_dtype:
-        if grad_dtype not in ("float32", "compute"):
+        if grad_dtype not in GRAD_DTYPES:
             ap.error(f"--grad-dtype {grad_dtype}: use float32, compute, or both (float32,compute)")
     args.total_steps = 1 + args.warmup + args.rounds * args.steps  # schedule length, same for both
     devices = jax.devices()

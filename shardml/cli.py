@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if devices is not None:
             emulate_cpu_devices(devices)
         elif os.environ.get("JAX_NUM_CPU_DEVICES"):
-            count = os.environ["JAX_NUM_CPU_DEVICES"]
-            avoid_cpu_collective_deadlock(int(count) if count.isdigit() else None)
+            avoid_cpu_collective_deadlock()
         if args.command == "plan":
             _run_plan(cfg, args)
         else:

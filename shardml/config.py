@@ -38,6 +38,9 @@ class MeshConfig:
     tensor: int = 1
 
 
+GRAD_DTYPES = ("float32", "compute")  # ModelConfig.grad_dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The reference model. ``dtype`` is the compute dtype; parameters are always float32."""
@@ -302,7 +305,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"model.dtype='{m.dtype}' is not supported; use bfloat16 or float32")
     if m.remat not in ("none", "full", "dots"):
         raise ConfigError(f"model.remat='{m.remat}' is not a remat policy; use none, full or dots")
-    if m.grad_dtype not in ("float32", "compute"):
+    if m.grad_dtype not in GRAD_DTYPES:
         raise ConfigError(f"model.grad_dtype='{m.grad_dtype}' is not supported; use float32 or compute")
     sizes = resolve_mesh_sizes(cfg.mesh, n_devices)
     microbatches = validate_pipeline(cfg, sizes["pipeline"])

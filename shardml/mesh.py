@@ -45,15 +45,17 @@ THREADS_PER_DEVICE = 2
 
 
 def avoid_cpu_collective_deadlock(devices: int | None = None) -> None:
-    """Adds ``CPU_COLLECTIVE_FLAG`` to ``XLA_FLAGS`` and, for ``devices`` emulated devices, sizes
-    XLA:CPU's thread pool to ``THREADS_PER_DEVICE`` threads per device (``NPROC``), leaving any
-    setting the user made alone.
+    """Adds ``CPU_COLLECTIVE_FLAG`` to ``XLA_FLAGS`` and, for ``devices`` emulated devices (default:
+    ``JAX_NUM_CPU_DEVICES``), sizes XLA:CPU's thread pool to ``THREADS_PER_DEVICE`` threads per
+    device (``NPROC``), leaving any setting the user made alone.
 
     XLA reads both when JAX starts its backend, so call this before that.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {CPU_COLLECTIVE_FLAG}".strip()
+    if devices is None and os.environ.get("JAX_NUM_CPU_DEVICES", "").isdigit():
+        devices = int(os.environ["JAX_NUM_CPU_DEVICES"])
     if devices and devices > 1 and "NPROC" not in os.environ:
         os.environ["NPROC"] = str(max(THREADS_PER_DEVICE * devices, os.cpu_count() or 1))
 

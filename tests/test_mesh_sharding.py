@@ -41,6 +41,10 @@ def test_deadlock_guard_sets_flag_and_pool_but_keeps_user_settings(monkeypatch):
     avoid_cpu_collective_deadlock(8)
     assert os.environ["NPROC"] == "3", "the user's NPROC was overwritten"
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true", "user's flag overwritten"
+    monkeypatch.delenv("NPROC")
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
+    avoid_cpu_collective_deadlock()
+    assert int(os.environ["NPROC"]) == max(8, os.cpu_count()), "pool not sized from JAX_NUM_CPU_DEVICES"
 
 
 def test_rules_map_logical_names_and_reject_reuse():
