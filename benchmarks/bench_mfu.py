@@ -15,8 +15,9 @@ the configs; the table shows the median step. Model FLOPs per step come from
 ``Model.flops_per_example`` (6 x matmul parameters + 12 x layers x d_model x seq per token), checked
 against an independent count: the FLOPs of every ``dot_general`` in the step's jaxpr (scans x their
 length). MFU = model FLOPs per step / step seconds / peak. On CPU, ``--breakdown`` (the default)
-also times the step's matmuls alone, kind by kind, at the step's shapes and counts: how fast can
-these matrices be multiplied here at all, and how much of the step is that.
+also times the step's matmuls alone, kind by kind, with the compiled step's per-device shapes,
+types and counts, on all devices at once: how fast can these matrices be multiplied here at all
+(a ceiling on MFU), and how much of the step is that.
 
 Mesh: each preset's own mesh when it fits the devices (on CPU: 8 emulated devices), else all
 devices on ``fsdp`` (all axes 1 on one GPU). ``--set key=value`` overrides every config; a ``mesh.*``
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from shardml import audit
 from shardml.config import ConfigError, MeshConfig, load_config, validate
 from shardml.data import load_corpus, train_batch
 from shardml.mesh import (
@@ -185,35 +187,51 @@ def step_dots(cfg) -> collections.Counter:
     return dot_inventory(closed.jaxpr)
 
 
-class MatmulsAlone:
-    """The step's matmuls and nothing else, on one device: for every kind of dot in the inventory, a
-    program that runs it as often as the step does, with the same (global) shapes and dtypes.
+def compiled_dots(trainer, cfg) -> collections.Counter:
+    """The dots of the compiled step as (lhs, rhs, dimension numbers, result dtype) -> executions per
+    step, with per-device shapes and the types XLA gave them (XLA:CPU multiplies most bf16 products in f32)."""
+    with jax.set_mesh(trainer.mesh):
+        text = trainer.lower_step(trainer.abstract_state(), abstract_batch(cfg, trainer.batch_sharding)).compile().as_text()
+    names = {"f64": "float64", "f32": "float32", "bf16": "bfloat16", "f16": "float16", "s32": "int32", "s8": "int8"}
+    found = collections.Counter()
+    for dot in audit.dots(text):
+        found[(jax.ShapeDtypeStruct(dot.lhs[1], names[dot.lhs[0]]), jax.ShapeDtypeStruct(dot.rhs[1], names[dot.rhs[0]]),
+               ((dot.lhs_contracting, dot.rhs_contracting), (dot.lhs_batch, dot.rhs_batch)),
+               jnp.dtype(names[dot.result[0]]))] += dot.trips
+    return found
 
-    On several devices the step multiplies smaller shards, so this is an optimistic bound on what
-    its matmuls cost. The left operands are distinct stacked copies scanned over (XLA would hoist a
-    repeated identical product out of a loop), and each product passes an optimization barrier (XLA
-    would otherwise compute only the element that is read).
+
+class MatmulsAlone:
+    """The step's matmuls and nothing else: for every kind of dot the compiled step runs, a program
+    that runs it as often as the step does, with the same per-device shapes and types, on every
+    device at once (as the step does), so the time is what these products cost here at the least.
+
+    The left operands are distinct stacked copies scanned over (XLA would hoist a repeated identical
+    product out of a loop), and each product passes an optimization barrier (XLA would otherwise
+    compute only the element that is read).
     """
 
     def __init__(self, found: collections.Counter):
         self.kinds = list(found)
         self.counts = [found[k] for k in self.kinds]
-        self.flops = [dot_flops(k) * found[k] for k in self.kinds]
-        device = jax.devices()[0]
+        n = jax.device_count()
+        self.flops = [dot_flops(k) * found[k] * n for k in self.kinds]  # all devices
+        mesh = jax.make_mesh((n,), ("all",))
         self.programs = []
         for (lhs, rhs, dims, out_dtype), count in zip(self.kinds, self.counts):
-            operands = (jax.device_put(jnp.ones((count, *lhs.shape), lhs.dtype), device),
-                        jax.device_put(jnp.ones(rhs.shape, rhs.dtype), device))
+            operands = (jax.device_put(jnp.ones((n * count, *lhs.shape), lhs.dtype), NamedSharding(mesh, P("all"))),
+                        jax.device_put(jnp.ones((n, *rhs.shape), rhs.dtype), NamedSharding(mesh, P("all"))))
 
             def run(stack, right, dims=dims, out_dtype=out_dtype):
                 def body(acc, left):
                     out = jax.lax.optimization_barrier(
-                        jax.lax.dot_general(left, right, dims, preferred_element_type=out_dtype))
+                        jax.lax.dot_general(left, right[0], dims, preferred_element_type=out_dtype))
                     return acc + out.reshape(-1)[0].astype(jnp.float32), None
 
-                return jax.lax.scan(body, jnp.zeros((), jnp.float32), stack)[0]
+                zero = stack.reshape(-1)[0].astype(jnp.float32) * 0  # per device, as the carry must be
+                return jax.lax.scan(body, zero, stack)[0][None]
 
-            program = jax.jit(run)
+            program = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P("all"), P("all")), out_specs=P("all")))
             program(*operands).block_until_ready()
             self.programs.append((program, operands))
 
@@ -229,11 +247,12 @@ class MatmulsAlone:
 
 
 def describe_dot(key) -> str:
-    lhs, rhs, ((lc, rc), (lb, rb)), _ = key
+    lhs, rhs, ((lc, rc), (lb, rb)), out_dtype = key
     short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
     text = (f"{short.get(str(lhs.dtype), lhs.dtype)}{list(lhs.shape)} x {short.get(str(rhs.dtype), rhs.dtype)}"
             f"{list(rhs.shape)}, contracting {tuple(lc)} x {tuple(rc)}")
-    return text + (f", batch {tuple(lb)} x {tuple(rb)}" if lb else "")
+    text += f", batch {tuple(lb)} x {tuple(rb)}" if lb else ""
+    return text + (f" -> {short.get(str(out_dtype), out_dtype)}" if out_dtype is not None else "")
 
 
 # ----------------------------------------------------------------------------- configs and steps
@@ -281,7 +300,8 @@ class Runner:
         for _ in range(warmup):
             self._step()
         self.dots = step_dots(cfg)
-        self.alone = MatmulsAlone(self.dots) if breakdown else None
+        self.compiled = compiled_dots(self.trainer, cfg)
+        self.alone = MatmulsAlone(self.compiled) if breakdown else None
         self.wall, self.cpu, self.alone_wall, self.alone_cpu, self.alone_each = [], [], [], [], []
 
     def _step(self):
@@ -323,6 +343,7 @@ class Runner:
             "step_s": statistics.median(self.wall), "cpu_s": statistics.median(self.cpu),
             "model_flops": model.flops_per_example * cfg.train.batch_size,
             "counted_flops": inventory_flops(step_dots(remat_none)), "executed_flops": inventory_flops(self.dots),
+            "compiled_flops": inventory_flops(self.compiled) * jax.device_count(),
             # The embedding is a one-hot product here: forward and weight gradient, 2 x V x D each per token.
             "embed_onehot_flops": 4.0 * cfg.model.vocab * cfg.model.d_model * tokens,
             "alone_s": statistics.median(self.alone_wall) if self.alone_wall else None,
@@ -373,15 +394,14 @@ def _row(cells) -> str:
 def breakdown(results, peaks, args) -> list[str]:
     """The FLOP-count check, and with ``--breakdown`` the step's matmuls alone and the slowest of them."""
     timed = [r for r in results if r["alone_s"]]
-    head = ["config", "jaxpr matmul GFLOP/step: no remat / as run", "formula check"]
+    head = ["config", "jaxpr matmul GFLOP/step: no remat / as run", "formula check", "compiled matmul GFLOP/step"]
     if timed:
-        head += ["matmuls alone s", "their GFLOP/s", "of one-device f32 / bf16 peak",
-                 "matmuls alone / step: wall / CPU"]
+        head += ["matmuls alone s", "their GFLOP/s", "of f32 / bf16 peak", "matmuls alone / step: wall / CPU"]
     lines = ["", "Where the FLOPs and the time go:", "", _row(head), "|---|" + "---:|" * (len(head) - 1)]
-    f32, bf16 = _best(peaks, "float32", 0, "one device"), _best(peaks, "bfloat16", 0, "one device")
+    f32, bf16 = _best(peaks, "float32", 0), _best(peaks, "bfloat16", 0)
     for r in results:
         cells = [r["name"], f"{_g(r['counted_flops'])} / {_g(r['executed_flops'])}",
-                 f"{(r['counted_flops'] - r['model_flops']) / r['embed_onehot_flops']:.3f}"]
+                 f"{(r['counted_flops'] - r['model_flops']) / r['embed_onehot_flops']:.3f}", _g(r["compiled_flops"])]
         if r["alone_s"]:
             rate = r["alone_flops"] / r["alone_s"]
             cells += [f"{r['alone_s']:.3f}", _g(rate), f"{rate / f32:.0%} / {rate / bf16:.0%}",
@@ -391,14 +411,17 @@ def breakdown(results, peaks, args) -> list[str]:
                    "off and as run (remat recomputes some products in the backward pass). Formula check = "
                    "(no-remat count - model FLOPs) / the embedding's one-hot product (4 x vocab x d_model per "
                    "token: forward and weight gradient), which the formula leaves out as a lookup; 1.000 means "
-                   "the formula counts every other matmul exactly.")]
+                   "the formula counts every other matmul exactly. Compiled: every dot of the partitioned "
+                   "program (`shardml.audit.dots`, per-device shapes x loop trips x devices); more than the "
+                   "jaxpr's would mean work repeated on several devices.")]
     if timed:
-        lines[-1] += (" Matmuls alone: each kind of dot_general of the step, as often as the step runs it, with "
-                      "the same global shapes and dtypes and nothing else, on one device; timed after each "
-                      "step (median), so under the same load.")
+        lines[-1] += (" Matmuls alone: each kind of dot of the compiled step, as often as the step runs it, "
+                      "with the same per-device shapes and types (XLA:CPU multiplies most bf16 products in f32) "
+                      "and nothing else, on every device at once; timed after each step (median), so under "
+                      "the same load. Their GFLOP/s bound the step's: MFU cannot exceed their share of the peak.")
         if args.slowest:
             lines += ["", f"Slowest matmuls alone (the {args.slowest} largest shares of their time):", "",
-                      "| config | share | GFLOP/s | per step | dot_general (global shapes) |",
+                      "| config | share | GFLOP/s | per step per device | dot (per-device shapes, as compiled) |",
                       "|---|---:|---:|---:|---|"]
             for r in timed:
                 for share, rate, count, text in r["slowest"][:args.slowest]:

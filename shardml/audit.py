@@ -208,15 +208,13 @@ def _replica_groups(line: str) -> tuple[tuple[int, ...], ...]:
     return ()
 
 
-def collectives(hlo_text: str, mesh=None) -> CollectiveReport:
-    """Parses optimized HLO text (``compiled.as_text()``) into a :class:`CollectiveReport`.
+def _parse(hlo_text: str):
+    """Optimized HLO text -> (lines per computation, per-computation tables, entry computation).
 
-    Async pairs count once (the ``-start``); ops in a computation reachable from a ``while`` body or
-    condition are ``in_loop`` and multiplied by the known trip counts of their enclosing loops.
-    With ``mesh`` (the program's mesh), ops can be selected by the mesh axis they span.
+    Tables: ``defs`` name -> (opcode, result type, operands, callee), ``lines``, ``users`` name ->
+    [(user, operand position)], ``params`` index -> name, ``roots``.
     """
     computations: dict[str, list[str]] = {}
-    # Per computation: name -> (opcode, result type, operands, callee), its line, users, parameters.
     module: dict[str, dict] = {"defs": {}, "lines": {}, "users": {}, "params": {}, "roots": {}}
     entry = None
     current = None
@@ -248,8 +246,11 @@ def collectives(hlo_text: str, mesh=None) -> CollectiveReport:
                         module["params"][current][int(re.match(r"\s*(\d+)", inst.group(4)).group(1))] = name
                     if line.lstrip().startswith("ROOT"):
                         module["roots"][current] = name
+    return computations, module, entry
 
-    # Walk the call graph from the entry, tracking loop nesting and trip counts.
+
+def _loop_context(computations: dict[str, list[str]], entry: str | None) -> dict[str, tuple[bool, int]]:
+    """Computation -> (reachable from a ``while``, executions per run: the enclosing loops' trip counts)."""
     context: dict[str, tuple[bool, int]] = {}
 
     def visit(name: str, in_loop: bool, trips: int) -> None:
@@ -274,6 +275,18 @@ def collectives(hlo_text: str, mesh=None) -> CollectiveReport:
 
     if entry is not None:
         visit(entry, False, 1)
+    return context
+
+
+def collectives(hlo_text: str, mesh=None) -> CollectiveReport:
+    """Parses optimized HLO text (``compiled.as_text()``) into a :class:`CollectiveReport`.
+
+    Async pairs count once (the ``-start``); ops in a computation reachable from a ``while`` body or
+    condition are ``in_loop`` and multiplied by the known trip counts of their enclosing loops.
+    With ``mesh`` (the program's mesh), ops can be selected by the mesh axis they span.
+    """
+    computations, module, entry = _parse(hlo_text)
+    context = _loop_context(computations, entry)
     ops = []
     for name, lines in computations.items():
         in_loop, trips = context.get(name, (False, 1))
@@ -308,6 +321,68 @@ def collectives(hlo_text: str, mesh=None) -> CollectiveReport:
                                   _replica_groups(line), tuple(arrays), tuple(sources),
                                   op_name.group(1) if op_name else ""))
     return CollectiveReport(tuple(ops), mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dot:
+    """One ``dot`` instruction of a compiled program, with per-device shapes (what each device multiplies)."""
+
+    name: str
+    lhs: tuple[str, tuple[int, ...]]  # (dtype, shape)
+    rhs: tuple[str, tuple[int, ...]]
+    result: tuple[str, tuple[int, ...]]
+    lhs_contracting: tuple[int, ...]
+    rhs_contracting: tuple[int, ...]
+    lhs_batch: tuple[int, ...]
+    rhs_batch: tuple[int, ...]
+    trips: int  # executions per program run
+    op_name: str = ""
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds x 2 of one execution on one device."""
+        contracted = 1
+        for dim in self.lhs_contracting:
+            contracted *= self.lhs[1][dim]
+        elements = 1
+        for size in self.result[1]:
+            elements *= size
+        return 2 * elements * contracted
+
+
+def _typed(type_text: str) -> tuple[str, tuple[int, ...]]:
+    dtype, dims = _ARRAY.search(type_text).groups()
+    return dtype, tuple(int(d) for d in dims.split(",") if d)
+
+
+def dots(hlo_text: str) -> tuple[Dot, ...]:
+    """Every ``dot`` of optimized HLO text (fusions included), with its loops' trip counts.
+
+    Shapes are the partitioned program's, so per device: ``sum(d.flops * d.trips for d in dots(text))``
+    are the matmul FLOPs one device runs per step.
+
+        dots(trainer.lower_step(state, batch).compile().as_text())
+    """
+    computations, module, entry = _parse(hlo_text)
+    context = _loop_context(computations, entry)
+    found = []
+    for comp, defs in module["defs"].items():
+        if comp not in context:  # not reachable from the entry: never runs
+            continue
+        for name, (opcode, result, operands, _) in defs.items():
+            if opcode != "dot":
+                continue
+            line = module["lines"][comp][name]
+
+            def dims(key: str, line=line) -> tuple[int, ...]:
+                found_dims = re.search(rf"\b{key}=\{{([\d,]*)\}}", line)
+                return tuple(int(d) for d in found_dims.group(1).split(",") if d) if found_dims else ()
+
+            op_name = _OP_NAME.search(line)
+            found.append(Dot(name, _typed(defs[operands[0]][1]), _typed(defs[operands[1]][1]), _typed(result),
+                             dims("lhs_contracting_dims"), dims("rhs_contracting_dims"), dims("lhs_batch_dims"),
+                             dims("rhs_batch_dims"), context[comp][1], op_name.group(1) if op_name else ""))
+    return tuple(found)
 
 
 @dataclasses.dataclass(frozen=True)

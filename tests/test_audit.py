@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import lm_batch
-from shardml.audit import collectives, memory
+from shardml.audit import collectives, dots, memory
 from shardml.config import OptimConfig
 from shardml.mesh import make_mesh
 from shardml.step import build_trainer, default_optimizer
@@ -32,6 +32,27 @@ def test_parser_counts_loops_trips_bytes_and_axes():
     assert len(outside) == 1 and outside[0].axes(mesh) == ("data",), f"step all-reduce: {outside}"
     assert outside[0].bytes == 2 * 3 * 4, f"per-device result is f32[2,3]: {outside[0].bytes} bytes"
     assert report.bytes("all-reduce", in_loop=True) == 5 * 2 * 3 * 4
+
+
+def test_dots_have_per_device_shapes_trip_counts_and_flops():
+    mesh = make_mesh({"data": 8})
+
+    def per_device(x_NK, w_KM, v_BKM):
+        def body(carry_NK, _):
+            return carry_NK + (carry_NK @ w_KM) @ w_KM.T, None
+        y_NK, _ = jax.lax.scan(body, x_NK, None, length=3)
+        return y_NK, jnp.einsum("bnk,bkm->bnm", x_NK[None].repeat(2, 0), v_BKM)
+
+    f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=(P("data"), P(None, "data"))))
+    x, w, v = jnp.ones((8 * 4, 16), jnp.float32), jnp.ones((16, 32), jnp.float32), jnp.ones((2, 16, 8), jnp.float32)
+    found = dots(f.lower(x, w, v).compile().as_text())
+    looped = sorted((d for d in found if d.trips == 3), key=lambda d: d.result[1])
+    assert [(d.lhs[1], d.result[1]) for d in looped] == [((4, 32), (4, 16)), ((4, 16), (4, 32))], \
+        f"the scan's two products per device, 3 trips each: {found}"
+    batched = [d for d in found if d.lhs_batch]
+    assert len(batched) == 1 and batched[0].trips == 1 and batched[0].result == ("f32", (2, 4, 8)), found
+    per_device_flops = sum(d.flops * d.trips for d in found)
+    assert per_device_flops == 3 * 2 * (2 * 4 * 16 * 32) + 2 * 2 * 4 * 16 * 8, f"per-device FLOPs {per_device_flops}"
 
 
 @pytest.fixture(scope="module")
