@@ -19,6 +19,7 @@ skipped with a message.
 
     python benchmarks/bench_maxtext.py                                  # fsdp=8 and fsdp=2,tensor=4
     python benchmarks/bench_maxtext.py --layouts fsdp=8 --rounds 3 --steps 10
+    python benchmarks/bench_maxtext.py --remat dots,full --grad-dtype float32,compute   # shardml settings side by side
     python benchmarks/bench_maxtext.py --readme benchmarks/README.md    # also rewrite the README table
 """
 
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import time
 
-from shardml.config import GRAD_DTYPES, ModelConfig, OptimConfig
+from shardml.config import GRAD_DTYPES, REMAT_POLICIES, ModelConfig, OptimConfig
 from shardml.data import load_corpus, train_batch
 from shardml.mesh import make_mesh
 from shardml.models import transformer
@@ -163,16 +164,18 @@ class ShardmlRunner:
 
 # ----------------------------------------------------------------------------- harness
 def race(layout, args, python, base_yml, log_dir) -> list[dict]:
-    """One result per shardml ``--grad-dtype``, each against the same MaxText rounds."""
+    """One result per shardml setting (each ``--remat`` x ``--grad-dtype``), each against the same MaxText rounds."""
     sizes = parse_layout(layout)
     total = 1 + args.warmup + args.rounds * args.steps
     runners, first_loss, compile_s = {}, {}, {}
-    for grad_dtype in args.grad_dtype:
-        runners[grad_dtype] = ShardmlRunner(sizes, args.remat, total, n_batches=args.steps, grad_dtype=grad_dtype)
-        t0 = time.perf_counter()
-        first_loss[grad_dtype] = float(runners[grad_dtype].run(1)["loss"])
-        compile_s[grad_dtype] = time.perf_counter() - t0
-        runners[grad_dtype].run(args.warmup)
+    for remat in args.remat:
+        for grad_dtype in args.grad_dtype:
+            g = (remat, grad_dtype)
+            runners[g] = ShardmlRunner(sizes, remat, total, n_batches=args.steps, grad_dtype=grad_dtype)
+            t0 = time.perf_counter()
+            first_loss[g] = float(runners[g].run(1)["loss"])
+            compile_s[g] = time.perf_counter() - t0
+            runners[g].run(args.warmup)
     times = {g: [] for g in runners}
     cpu = {g: [] for g in runners}
     mt_tps, mt_cpu, mt_loss = [], [], None
@@ -194,7 +197,11 @@ def race(layout, args, python, base_yml, log_dir) -> list[dict]:
                 continue
             print(f"  {layout} round {r + 1}/{args.rounds}: {name} done", file=sys.stderr, flush=True)
     tokens = args.steps * SHAPE["batch"] * SHAPE["seq_len"]
-    label = (lambda g: layout) if len(runners) == 1 else (lambda g: f"{layout}, grad_dtype={g}")
+
+    def label(g):  # the layout, and the shardml settings that vary between rows
+        varied = [f"remat={g[0]}"] * (len(args.remat) > 1) + [f"grad_dtype={g[1]}"] * (len(args.grad_dtype) > 1)
+        return ", ".join([layout, *varied])
+
     return [{
         "layout": label(g), "shardml": tokens / statistics.median(times[g]), "shardml_first_loss": first_loss[g],
         "shardml_compile_s": compile_s[g], "shardml_rounds": [tokens / t for t in times[g]],
@@ -211,7 +218,7 @@ def table(results, args, have_maxtext) -> str:
          f"{SHAPE['head_dim']}, SwiGLU {SHAPE['d_ff']}, vocab {SHAPE['vocab']}, seq {SHAPE['seq_len']}, "
          f"global batch {SHAPE['batch']}, bf16 compute / f32 params; 8 emulated CPU devices; "
          f"{args.rounds} alternating rounds x {args.steps} timed steps (median round); "
-         f"remat: shardml {args.remat}, MaxText {args.maxtext_remat}; shardml grad_dtype "
+         f"remat: shardml {', '.join(args.remat)}, MaxText {args.maxtext_remat}; shardml grad_dtype "
          f"{', '.join(args.grad_dtype)}"),
         "",
         "| layout | shardml tokens/s | MaxText tokens/s | ratio | shardml tokens/CPU-s | MaxText tokens/CPU-s | ratio |",
@@ -250,7 +257,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (each side)")
-    ap.add_argument("--remat", default="dots", choices=("none", "dots", "full"), help="shardml ModelConfig.remat")
+    ap.add_argument("--remat", default="dots", type=lambda text: text.split(","),
+                    help="shardml ModelConfig.remat (none, dots, full); a comma list (dots,full) races each, in the same rounds")
     ap.add_argument("--maxtext-remat", default="full", help="MaxText remat_policy (its default: full)")
     ap.add_argument("--grad-dtype", default="float32", type=lambda text: text.split(","),
                     help="shardml ModelConfig.grad_dtype; a comma list (float32,compute) races each, in the same rounds")
@@ -262,6 +270,9 @@ def main():
     assert jax.device_count() == 8, f"expected 8 emulated CPU devices, got {jax.device_count()}"
     for layout in args.layouts:
         parse_layout(layout)
+    for remat in args.remat:
+        if remat not in REMAT_POLICIES:
+            ap.error(f"--remat {remat}: use {', '.join(REMAT_POLICIES)}, or a comma list of them (dots,full)")
     for grad_dtype in args.grad_dtype:
         if grad_dtype not in GRAD_DTYPES:
             ap.error(f"--grad-dtype {grad_dtype}: use float32, compute, or both (float32,compute)")

@@ -39,6 +39,7 @@ class MeshConfig:
 
 
 GRAD_DTYPES = ("float32", "compute")  # ModelConfig.grad_dtype
+REMAT_POLICIES = ("none", "full", "dots")  # ModelConfig.remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,9 @@ class ModelConfig:
     kv_heads: int = 0  # 0 means "same as heads" (no grouped-query attention)
     d_ff: int = 256
     dtype: str = "bfloat16"
-    remat: str = "dots"  # none | full | dots (dots: keep matmul outputs, recompute the rest; fastest measured)
+    # none | full | dots (dots: keep matmul outputs, recompute the rest). On XLA:CPU which is faster
+    # depends on the layout (benchmarks/README.md, the MaxText race); dots does the least recompute.
+    remat: str = "dots"
     # Weight-gradient products of bf16/f16 compute: "float32" accumulates and returns them in f32, so
     # the FSDP and data reductions sum f32 values; "compute" returns them in the compute dtype (what
     # autodiff of a plain cast gives), cheaper where f32-output products are slow (XLA:CPU).
@@ -303,7 +306,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"model.kind='{m.kind}' is not a reference model; use transformer or mlp")
     if m.dtype not in ("bfloat16", "float32", "float16"):
         raise ConfigError(f"model.dtype='{m.dtype}' is not supported; use bfloat16 or float32")
-    if m.remat not in ("none", "full", "dots"):
+    if m.remat not in REMAT_POLICIES:
         raise ConfigError(f"model.remat='{m.remat}' is not a remat policy; use none, full or dots")
     if m.grad_dtype not in GRAD_DTYPES:
         raise ConfigError(f"model.grad_dtype='{m.grad_dtype}' is not supported; use float32 or compute")
