@@ -56,3 +56,15 @@ def test_flops_formula_equals_the_step_matmuls_but_the_embedding(kv_heads):
     embedding = 4 * cfg.model.vocab * cfg.model.d_model * tokens
     assert counted == formula + embedding, (
         f"jaxpr matmul FLOPs {counted:,} != formula {formula:,.0f} + embedding one-hot {embedding:,}")
+
+
+def test_compiled_step_multiplies_each_matmul_once_across_devices():
+    """The dots of the partitioned program (per-device shapes x trips x devices) add up to the traced
+    step's matmul FLOPs: no product is repeated on several devices, and `audit.dots` misses none."""
+    import jax
+
+    cfg = load_config("tiny", ["model.layers=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    traced = bench_mfu.inventory_flops(bench_mfu.step_dots(cfg))
+    compiled = bench_mfu.compiled_dots(bench_mfu.make_trainer(cfg), cfg)
+    total = bench_mfu.inventory_flops(compiled) * jax.device_count()
+    assert total == traced, f"compiled dots {total:,} FLOPs x devices vs traced {traced:,}: {compiled}"
