@@ -1,9 +1,11 @@
-"""Read a compiled program: its collectives (count, bytes, dtype, inside or outside loops) and memory.
+"""Read a compiled program: its collectives (count, bytes, dtype, inside or outside loops), its
+matmuls (per-device shapes and executions) and memory.
 
     compiled = trainer.lower_step(state, batch).compile()
     report = collectives(compiled.as_text())
     report.count("all-reduce", in_loop=False)   # e.g. 1
     report.bytes("all-reduce")                  # bytes of the results, loops multiplied by trip count
+    sum(d.flops * d.trips for d in dots(compiled.as_text()))   # matmul FLOPs per device per step
 
 Each op also keeps its result arrays (a combined collective reduces several at once), the JAX
 operation it came from (``op_name``), and the element type the program gave it before XLA changed
