@@ -16,6 +16,7 @@ which ``Collective.source_dtypes`` shows as ``bf16`` next to ``dtype`` ``f32``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -343,18 +344,18 @@ class Dot:
     @property
     def flops(self) -> int:
         """Multiply-adds x 2 of one execution on one device."""
-        contracted = 1
-        for dim in self.lhs_contracting:
-            contracted *= self.lhs[1][dim]
-        elements = 1
-        for size in self.result[1]:
-            elements *= size
-        return 2 * elements * contracted
+        return 2 * math.prod(self.result[1]) * math.prod(self.lhs[1][d] for d in self.lhs_contracting)
 
 
 def _typed(type_text: str) -> tuple[str, tuple[int, ...]]:
     dtype, dims = _ARRAY.search(type_text).groups()
     return dtype, tuple(int(d) for d in dims.split(",") if d)
+
+
+def _dims(line: str, key: str) -> tuple[int, ...]:
+    """A dimension-list attribute of an instruction (``lhs_contracting_dims={1}``); () when absent."""
+    found = re.search(rf"\b{key}=\{{([\d,]*)\}}", line)
+    return tuple(int(d) for d in found.group(1).split(",") if d) if found else ()
 
 
 def dots(hlo_text: str) -> tuple[Dot, ...]:
@@ -375,15 +376,11 @@ def dots(hlo_text: str) -> tuple[Dot, ...]:
             if opcode != "dot":
                 continue
             line = module["lines"][comp][name]
-
-            def dims(key: str, line=line) -> tuple[int, ...]:
-                found_dims = re.search(rf"\b{key}=\{{([\d,]*)\}}", line)
-                return tuple(int(d) for d in found_dims.group(1).split(",") if d) if found_dims else ()
-
             op_name = _OP_NAME.search(line)
             found.append(Dot(name, _typed(defs[operands[0]][1]), _typed(defs[operands[1]][1]), _typed(result),
-                             dims("lhs_contracting_dims"), dims("rhs_contracting_dims"), dims("lhs_batch_dims"),
-                             dims("rhs_batch_dims"), context[comp][1], op_name.group(1) if op_name else ""))
+                             *(_dims(line, f"{side}_{kind}_dims") for kind in ("contracting", "batch")
+                               for side in ("lhs", "rhs")),
+                             context[comp][1], op_name.group(1) if op_name else ""))
     return tuple(found)
 
 
