@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: rewriting their marked section of a README, and machine load.
+"""What the benchmark scripts share: rewriting their marked section of a README, machine load, and
+comma-list options.
 
 A script owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; everything else in
 the file (the hand-written prose around it) is left as it is::
@@ -8,6 +9,7 @@ the file (the hand-written prose around it) is left as it is::
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -121,3 +123,16 @@ def printed_section(path: str | None, name: str, script: str, argv: list[str], h
         yield
         print(machine_line(load_start))
     write_section(path, name, "```\n" + buffer.getvalue().rstrip() + "\n```", shown_command(script, argv, hidden))
+
+
+def comma_list(allowed: tuple[str, ...]):
+    """An argparse ``type`` for a comma list of choices (``--remat dots,full``), each checked."""
+
+    def parse(text: str) -> list[str]:
+        values = text.split(",")
+        for value in values:
+            if value not in allowed:
+                raise argparse.ArgumentTypeError(f"'{value}': use {', '.join(allowed)}, or a comma list of them")
+        return values
+
+    return parse

@@ -257,10 +257,10 @@ def main():
     ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (each side)")
-    ap.add_argument("--remat", default="dots", type=lambda text: text.split(","),
+    ap.add_argument("--remat", default="dots", type=_readme.comma_list(REMAT_POLICIES),
                     help="shardml ModelConfig.remat (none, dots, full); a comma list (dots,full) races each, in the same rounds")
     ap.add_argument("--maxtext-remat", default="full", help="MaxText remat_policy (its default: full)")
-    ap.add_argument("--grad-dtype", default="float32", type=lambda text: text.split(","),
+    ap.add_argument("--grad-dtype", default="float32", type=_readme.comma_list(GRAD_DTYPES),
                     help="shardml ModelConfig.grad_dtype; a comma list (float32,compute) races each, in the same rounds")
     ap.add_argument("--maxtext-venv", default=os.environ.get("MAXTEXT_VENV", str(REPO.parent / "maxtext-venv")),
                     help="MaxText's virtual environment (env MAXTEXT_VENV; default: ../maxtext-venv)")
@@ -270,12 +270,6 @@ def main():
     assert jax.device_count() == 8, f"expected 8 emulated CPU devices, got {jax.device_count()}"
     for layout in args.layouts:
         parse_layout(layout)
-    for remat in args.remat:
-        if remat not in REMAT_POLICIES:
-            ap.error(f"--remat {remat}: use {', '.join(REMAT_POLICIES)}, or a comma list of them (dots,full)")
-    for grad_dtype in args.grad_dtype:
-        if grad_dtype not in GRAD_DTYPES:
-            ap.error(f"--grad-dtype {grad_dtype}: use float32, compute, or both (float32,compute)")
 
     python = maxtext_python(args.maxtext_venv)
     base_yml = maxtext_base_config(args.maxtext_venv) if python else None

@@ -142,14 +142,11 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layout", default="data=8", help="shardml mesh, e.g. data=2,fsdp=2,tensor=2")
     ap.add_argument("--remat", default="dots", choices=("none", "dots", "full"), help="shardml ModelConfig.remat (default: shardml's default, dots)")
-    ap.add_argument("--grad-dtype", default="float32", type=lambda text: text.split(","),
+    ap.add_argument("--grad-dtype", default="float32", type=_readme.comma_list(GRAD_DTYPES),
                     help="shardml ModelConfig.grad_dtype (compute: weight-gradient products in bf16, as the "
                          "baseline); a comma list (float32,compute) times each in the same rounds")
     ap.add_argument("--readme", default=None, help="also write the printed report as this file's bench_step section")
     args = ap.parse_args()
-    for grad_dtype in args.grad_dtype:
-        if grad_dtype not in GRAD_DTYPES:
-            ap.error(f"--grad-dtype {grad_dtype}: use float32, compute, or both (float32,compute)")
     args.total_steps = 1 + args.warmup + args.rounds * args.steps  # schedule length, same for both
     devices = jax.devices()
     assert len(devices) == 8, f"expected 8 emulated CPU devices, got {len(devices)}"

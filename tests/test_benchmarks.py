@@ -68,3 +68,12 @@ def test_compiled_step_multiplies_each_matmul_once_across_devices():
     compiled = bench_mfu.compiled_dots(bench_mfu.make_trainer(cfg), cfg)
     total = bench_mfu.inventory_flops(compiled) * jax.device_count()
     assert total == traced, f"compiled dots {total:,} FLOPs x devices vs traced {traced:,}: {compiled}"
+
+
+def test_comma_list_option_checks_each_choice():
+    import argparse
+
+    parse = _readme.comma_list(("dots", "full"))
+    assert parse("dots,full") == ["dots", "full"] and parse("full") == ["full"]
+    with pytest.raises(argparse.ArgumentTypeError, match="'ful': use dots, full"):
+        parse("dots,ful")
