@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from shardml.config import GRAD_DTYPES, ModelConfig, OptimConfig
+from shardml.config import GRAD_DTYPES, REMAT_POLICIES, ModelConfig, OptimConfig
 from shardml.data import load_corpus, train_batch
 from shardml.mesh import make_mesh
 from shardml.models import transformer
@@ -141,7 +141,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layout", default="data=8", help="shardml mesh, e.g. data=2,fsdp=2,tensor=2")
-    ap.add_argument("--remat", default="dots", choices=("none", "dots", "full"), help="shardml ModelConfig.remat (default: shardml's default, dots)")
+    ap.add_argument("--remat", default="dots", choices=REMAT_POLICIES, help="shardml ModelConfig.remat (default: shardml's default, dots)")
     ap.add_argument("--grad-dtype", default="float32", type=_readme.comma_list(GRAD_DTYPES),
                     help="shardml ModelConfig.grad_dtype (compute: weight-gradient products in bf16, as the "
                          "baseline); a comma list (float32,compute) times each in the same rounds")
