@@ -2,33 +2,52 @@
 
     import shardml
     shardml.emulate_cpu_devices(8)                       # CPU only, before JAX starts
+    model = shardml.from_nnx(lambda rngs: MyModel(rngs=rngs))
+    summary = shardml.fit(model, data, optax.adamw(1e-3), mesh={"data": 2, "fsdp": 2, "tensor": 2},
+                          steps=100, out_dir="runs/mine")
+
     cfg = shardml.load_config("tiny", ["mesh.data=2", "mesh.tensor=4"])
-    summary = shardml.train(cfg)
+    summary = shardml.train(cfg)                         # what `shardml train` runs
+
+Layers: :mod:`shardml.core` (mesh, rules, gradient strategies, the train step, data),
+:mod:`shardml.models` (reference models, Flax adapters), :mod:`shardml.run` (configs, the loop,
+checkpoints, the CLI), :mod:`shardml.analysis` (HLO audit, theory, plans).
 """
 
-from shardml.accumulate import accumulate_gradients, model_loss, token_cross_entropy
-from shardml.audit import collectives, memory
-from shardml.checkpoint import CheckpointError, Checkpointer, load_params
-from shardml.config import (Config, ConfigError, MeshConfig, ModelConfig, OptimConfig, PipelineConfig, load_config,
-                            validate)
-from shardml.data import load_corpus, train_batch
-from shardml.mesh import describe, emulate_cpu_devices, make_mesh
-from shardml.models import Model, ParamSpec, Stages, mlp_classifier, transformer
-from shardml.pipeline import Pipeline, Schedule
-from shardml.plan import Plan, compare_layouts, compile_step, format_comparison, format_plan, make_plan
-from shardml.sharding import Rules, constrain, use_rules
-from shardml.step import TrainState, Trainer, build_trainer, default_optimizer, put_batch
-from shardml.theory import layout_theory
-from shardml.train import evaluate, train
+from shardml.analysis.audit import collectives, memory
+from shardml.analysis.plan import Plan, format_comparison, format_plan
+from shardml.analysis.theory import layout_theory
+from shardml.core.accumulate import accumulator
+from shardml.core.data import (ArrayBatches, Examples, TextBatches, Tokens, load_digits, load_tokens, put_batch,
+                               split_examples)
+from shardml.core.devices import emulate_cpu_devices
+from shardml.core.errors import ConfigError
+from shardml.core.losses import classification, token_cross_entropy
+from shardml.core.mesh import MESH_AXES, MeshConfig, describe, layout_name, make_mesh
+from shardml.core.optim import OptimConfig, default_optimizer
+from shardml.core.pipeline import Pipeline, Schedule
+from shardml.core.sharding import Rules, constrain, per_example, use_rules
+from shardml.core.step import Trainer, TrainState, build_trainer, train_step
+from shardml.core.strategy import GradientStrategy
+from shardml.models import (Model, ParamSpec, Stages, TransformerConfig, from_linen, from_nnx, from_specs,
+                            mlp_classifier, transformer)
+from shardml.run.checkpoint import CheckpointError, Checkpointer, load_params
+from shardml.run.config import Config, ModelConfig, load_config
+from shardml.run.loop import LoopSettings, NonFiniteError, TrainSummary, evaluate, fit
+from shardml.run.planning import compare_layouts, make_plan
+from shardml.run.recipe import trainer_from_config
+from shardml.run.train import train
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Config", "ConfigError", "MeshConfig", "Model", "ModelConfig", "OptimConfig", "ParamSpec", "Pipeline",
-    "PipelineConfig", "Rules", "Schedule", "Stages", "TrainState", "Trainer", "accumulate_gradients",
-    "build_trainer", "collectives", "constrain", "default_optimizer", "describe", "emulate_cpu_devices",
-    "evaluate", "load_config", "make_mesh", "memory", "mlp_classifier", "model_loss", "put_batch",
-    "load_corpus", "token_cross_entropy", "train", "train_batch", "transformer", "use_rules", "validate",
-    "CheckpointError", "Checkpointer", "load_params",
-    "Plan", "compare_layouts", "compile_step", "format_comparison", "format_plan", "make_plan", "layout_theory",
+    "MESH_AXES", "ArrayBatches", "CheckpointError", "Checkpointer", "Config", "ConfigError", "Examples",
+    "GradientStrategy", "LoopSettings", "MeshConfig", "Model", "ModelConfig", "NonFiniteError", "OptimConfig",
+    "ParamSpec", "Pipeline", "Plan", "Rules", "Schedule", "Stages", "TextBatches", "Tokens", "TrainState",
+    "TrainSummary", "Trainer", "TransformerConfig", "accumulator", "build_trainer", "classification", "collectives",
+    "compare_layouts", "constrain", "default_optimizer", "describe", "emulate_cpu_devices", "evaluate", "fit",
+    "format_comparison", "format_plan", "from_linen", "from_nnx", "from_specs", "layout_name", "layout_theory",
+    "load_config", "load_digits", "load_params", "load_tokens", "make_mesh", "make_plan", "memory",
+    "mlp_classifier", "per_example", "put_batch", "split_examples", "token_cross_entropy", "train",
+    "train_step", "trainer_from_config", "transformer", "use_rules",
 ]

@@ -1,6 +1,13 @@
-"""8 emulated CPU devices for every test, set once before JAX starts; shared tiny fixtures."""
+"""8 emulated CPU devices for every test, set once before JAX starts; shared compiled fixtures and
+tree comparisons.
+
+Compiling dominates the suite's time, so trainers are built once per session (:func:`trainer_for`)
+and every module that needs the same (model, layout, microbatches, optimizer) gets the same
+compiled step.
+"""
 
 import atexit
+import functools
 import os
 import shutil
 import tempfile
@@ -17,7 +24,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
-from shardml.mesh import emulate_cpu_devices  # noqa: E402
+from shardml.core.devices import emulate_cpu_devices  # noqa: E402
 
 # Also sets XLA_FLAGS and NPROC against an XLA:CPU collective deadlock; `shardml` subprocesses inherit them.
 emulate_cpu_devices(8)
@@ -25,10 +32,14 @@ emulate_cpu_devices(8)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from shardml.config import ModelConfig  # noqa: E402
-from shardml.models import transformer  # noqa: E402
+from shardml.core.mesh import make_mesh  # noqa: E402
+from shardml.core.optim import OptimConfig, default_optimizer  # noqa: E402
+from shardml.core.step import build_trainer  # noqa: E402
+from shardml.models import TransformerConfig, transformer  # noqa: E402
 
 SEQ = 16
+TINY = TransformerConfig(layers=2, d_model=32, heads=4, d_ff=64, dtype="float32")
+OPTIM = OptimConfig(lr=3e-3, warmup=1)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,12 +49,36 @@ def _eight_devices():
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    return ModelConfig(layers=2, d_model=32, heads=4, d_ff=64, dtype="float32")
+    return TINY
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_cfg):
-    return transformer(tiny_cfg, SEQ)
+def tiny_model():
+    return tiny_transformer()
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_transformer(**changes):
+    import dataclasses
+
+    return transformer(dataclasses.replace(TINY, **changes), SEQ)
+
+
+def mesh_of(sizes: dict, one_device: bool = False):
+    return make_mesh(sizes, jax.devices()[:1] if one_device else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _trainer(model, sizes: tuple, microbatches: int, steps: int, one_device: bool, extra: tuple):
+    return build_trainer(model, mesh_of(dict(sizes), one_device), default_optimizer(OPTIM, steps),
+                         microbatches=microbatches, **dict(extra))
+
+
+def trainer_for(model, sizes: dict, microbatches: int = 1, steps: int = 10, **extra):
+    """The session's trainer of ``model`` on ``sizes`` (``{"data": 1}`` means one device) with the
+    tests' AdamW; built, and so compiled, once per session."""
+    one_device = sizes == {"data": 1}
+    return _trainer(model, tuple(sorted(sizes.items())), microbatches, steps, one_device, tuple(sorted(extra.items())))
 
 
 def lm_batch(batch_size: int, seed: int = 0, seq: int = SEQ, ragged: bool = False) -> dict:
@@ -57,8 +92,33 @@ def lm_batch(batch_size: int, seed: int = 0, seq: int = SEQ, ragged: bool = Fals
     return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32), "mask": mask}
 
 
-def max_rel_diff(a, b) -> float:
-    """Largest per-leaf max|a-b| / max|b| over two PyTrees."""
-    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))
-                                            / (np.max(np.abs(np.asarray(y))) + 1e-30)), a, b)
-    return max(jax.tree.leaves(diffs))
+def _paired(a, b, what: str):
+    """Leaves of two trees with their paths, after checking the structures are the same."""
+    sa, sb = jax.tree.structure(a), jax.tree.structure(b)
+    assert sa == sb, f"{what}: the trees differ in structure:\n{sa}\n{sb}"
+    return zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b))
+
+
+def max_rel_diff(a, b, what: str = "trees") -> float:
+    """Largest per-leaf max|a-b| / max|b| over two PyTrees of the same structure."""
+    diffs = [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+                   / (np.max(np.abs(np.asarray(y, np.float64))) + 1e-30)) for (_, x), y in _paired(a, b, what)]
+    return max(diffs)
+
+
+def assert_trees_close(a, b, rtol: float, what: str) -> None:
+    """Every leaf of ``a`` within ``rtol`` (relative to the leaf's largest value) of ``b``; names the
+    first leaf that is not."""
+    for (path, x), y in _paired(a, b, what):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        diff = float(np.max(np.abs(x - y))) / (float(np.max(np.abs(y))) + 1e-30) if x.size else 0.0
+        assert diff <= rtol, f"{what}: {jax.tree_util.keystr(path)} differs by {diff:.2e} (relative) > {rtol}"
+
+
+def assert_bitwise_equal(a, b, what: str) -> None:
+    for (path, x), y in _paired(a, b, what):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{what}: {jax.tree_util.keystr(path)}")
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, tree)

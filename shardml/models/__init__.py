@@ -1,8 +1,9 @@
-"""Reference models; they name logical axes only."""
+"""Reference models and Flax adapters; models name logical axes only."""
 
-from shardml.models.base import Model, ParamSpec, Stages, abstract_params, count_params, init_params, logical_axes
+from shardml.models.base import Model, ParamSpec, Stages, from_specs, init_params, logical_axes
+from shardml.models.flax import from_linen, from_nnx
 from shardml.models.mlp import mlp_classifier
-from shardml.models.transformer import transformer
+from shardml.models.transformer import TransformerConfig, transformer
 
-__all__ = ["Model", "ParamSpec", "Stages", "abstract_params", "count_params", "init_params", "logical_axes",
-           "mlp_classifier", "transformer"]
+__all__ = ["Model", "ParamSpec", "Stages", "TransformerConfig", "from_linen", "from_nnx", "from_specs", "init_params",
+           "logical_axes", "mlp_classifier", "transformer"]

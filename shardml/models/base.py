@@ -1,15 +1,20 @@
-"""What every shardml model is: a table of parameter specs plus a pure apply function.
+"""What the trainer needs of a model, and no more: ``init``, logical axes, a pure ``apply``.
 
-A :class:`ParamSpec` names the logical axes of one weight, so shardings are derived, never written
-by hand; parameters are plain nested dicts (they checkpoint and load anywhere)::
+A :class:`Model` is three things: ``init(key) -> params`` (a PyTree of f32 arrays), ``logical``
+(the same tree with one tuple of logical axis names per array, mapped to mesh axes by the rules)
+and ``apply(params, inputs, *, rng=None) -> outputs``. :func:`from_specs` builds one from a table
+of :class:`ParamSpec`; :func:`shardml.from_nnx` and :func:`shardml.from_linen` build one from a Flax
+module, reading the axis names its author wrote::
 
     specs = {"w": ParamSpec((16, 32), ("embed", "mlp"))}
-    params = init_params(specs, jax.random.key(0))
+    model = from_specs(specs, apply=lambda params, x: x @ params["w"])
+    params = model.init(jax.random.key(0))
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -17,18 +22,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from shardml.core.sharding import is_axes
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     """Shape, logical axes and initializer of one parameter.
 
-    ``init`` is ``"normal"`` (std ``scale / sqrt(fan_in)``, fan_in = product of ``fan_in_dims``),
-    ``"ones"`` or ``"zeros"``.
+    ``init`` is ``"normal"`` (truncated normal, std ``scale / sqrt(fan_in)``, fan_in = product of
+    ``fan_in_dims``), ``"ones"``, ``"zeros"``, or any ``f(key, shape) -> array`` (e.g. a
+    ``jax.nn.initializers`` initializer).
     """
 
     shape: tuple[int, ...]
     logical: tuple[str | None, ...]
-    init: str = "normal"
+    init: str | Callable = "normal"
     fan_in_dims: tuple[int, ...] = (0,)
     scale: float = 1.0
 
@@ -37,6 +45,8 @@ class ParamSpec:
             raise ValueError(f"shape {self.shape} and logical axes {self.logical} differ in rank")
 
     def initialize(self, key: jax.Array) -> jax.Array:
+        if callable(self.init):
+            return jnp.asarray(self.init(key, self.shape), jnp.float32)
         if self.init == "ones":
             return jnp.ones(self.shape, jnp.float32)
         if self.init == "zeros":
@@ -50,25 +60,10 @@ def _is_spec(x: Any) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def logical_axes(specs: Any) -> Any:
-    """The tree of logical-axes tuples of a spec tree."""
-    return jax.tree.map(lambda s: s.logical, specs, is_leaf=_is_spec)
-
-
-def abstract_params(specs: Any) -> Any:
-    """ShapeDtypeStructs of the parameters; nothing is allocated."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), specs, is_leaf=_is_spec)
-
-
 def init_params(specs: Any, key: jax.Array) -> Any:
     """Initializes every parameter from its own key (folded in by position, so layouts agree)."""
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-    arrays = [spec.initialize(jax.random.fold_in(key, i)) for i, spec in enumerate(leaves)]
-    return jax.tree.unflatten(treedef, arrays)
-
-
-def count_params(specs: Any) -> int:
-    return sum(math.prod(s.shape) for s in jax.tree.leaves(specs, is_leaf=_is_spec))
+    return jax.tree.unflatten(treedef, [spec.initialize(jax.random.fold_in(key, i)) for i, spec in enumerate(leaves)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +77,7 @@ class Stages:
       embed: ``(params, inputs) -> activations``; runs on the first stage.
       layers: ``(layer_stack, activations) -> activations``; every leaf of ``layer_stack`` has a
         leading layer axis.
-      head: ``(params, activations) -> logits``; runs on the last stage.
+      head: ``(params, activations) -> outputs``; runs on the last stage.
       key: the top-level entry of the parameters that holds the stacked layers.
     """
 
@@ -97,19 +92,74 @@ class Model:
     """A model for the trainer.
 
     Attributes:
-      specs: tree of :class:`ParamSpec`.
-      apply: ``apply(params, inputs) -> logits``; pure, names activations by logical axes only.
-      flops_per_example: training FLOPs (forward + backward) for one example, for MFU.
+      init: ``init(key) -> params``; called inside ``jit`` with sharded outputs, so full-size
+        parameters never sit on one device.
+      logical: the parameter tree with a tuple of logical axis names per array (``None`` for a
+        dimension that is not sharded).
+      apply: ``apply(params, inputs) -> outputs``, pure; with ``uses_rng`` it also takes
+        ``rng=keys_B``, one key per example (None when evaluating: deterministic).
+      uses_rng: the model draws random numbers (dropout) in training.
+      flops_per_example: training FLOPs (forward + backward) of one example, for MFU; None: counted
+        from the traced matmuls when first needed.
       tokens_per_example: tokens counted for throughput (sequence length, or 1 for a classifier).
-      stages: the model cut for pipeline parallelism (None: the model cannot be pipelined).
+      stages: the model cut for pipeline parallelism (None: it cannot be pipelined).
+      name: how runs and errors name it.
+      compute_dtype: the dtype its matmuls run in (the peak MFU is measured against).
     """
 
-    specs: Any
-    apply: Callable[[Any, jax.Array], jax.Array]
-    flops_per_example: float
+    init: Callable[[jax.Array], Any]
+    logical: Any
+    apply: Callable[..., Any]
+    uses_rng: bool = False
+    flops_per_example: float | None = None
     tokens_per_example: int = 1
     stages: Stages | None = None
+    name: str = "model"
+    compute_dtype: str = "float32"
+
+    @functools.cached_property
+    def abstract_params(self) -> Any:
+        """ShapeDtypeStructs of the parameters; nothing is allocated."""
+        return jax.eval_shape(self.init, jax.random.key(0))
 
     @property
     def num_params(self) -> int:
-        return count_params(self.specs)
+        return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(self.abstract_params))
+
+    def __call__(self, params: Any, inputs: Any, *, rng: jax.Array | None = None) -> Any:
+        return self.apply(params, inputs, rng=rng) if self.uses_rng else self.apply(params, inputs)
+
+
+def logical_axes(specs: Any) -> Any:
+    """The tree of logical-axes tuples of a spec tree."""
+    return jax.tree.map(lambda s: s.logical, specs, is_leaf=_is_spec)
+
+
+def from_specs(specs: Any, apply: Callable[..., Any], **fields: Any) -> Model:
+    """A :class:`Model` from a tree of :class:`ParamSpec` and a pure apply function.
+
+    Example:
+      >>> model = from_specs({"w": ParamSpec((4, 2), ("embed", None))}, lambda p, x: x @ p["w"])
+      >>> model.num_params
+      8
+    """
+    return Model(init=functools.partial(init_params, specs), logical=logical_axes(specs), apply=apply, **fields)
+
+
+def check_logical(model: Model) -> None:
+    """The logical tree has the parameters' structure and one name per dimension.
+
+    Raises:
+      ValueError: naming the first parameter that does not match.
+    """
+    shapes = model.abstract_params
+    flat_axes = jax.tree_util.tree_flatten_with_path(model.logical, is_leaf=is_axes)[0]
+    flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    if [p for p, _ in flat_axes] != [p for p, _ in flat_shapes]:
+        raise ValueError(f"{model.name}: its logical axes tree does not match its parameters "
+                         f"({len(flat_axes)} entries against {len(flat_shapes)} arrays); give one tuple per "
+                         "array, (None,) * ndim for a replicated one")
+    for (path, axes), (_, shape) in zip(flat_axes, flat_shapes):
+        if len(axes) != len(shape.shape):
+            raise ValueError(f"{model.name}: parameter {jax.tree_util.keystr(path)} has shape {shape.shape} "
+                             f"but logical axes {axes}")

@@ -1,4 +1,4 @@
-"""A small MLP classifier (ReLU hidden layer), with the same logical axes as the transformer.
+"""A small MLP classifier (ReLU hidden layers), with the same logical axes as the transformer.
 
     model = mlp_classifier(features=64, hidden=128, classes=10)
     logits_BC = model.apply(params, x_BI)
@@ -9,12 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from shardml.models.base import Model, ParamSpec
-from shardml.sharding import constrain
+from shardml.core.sharding import constrain
+from shardml.models.base import Model, ParamSpec, from_specs
 
 
 def mlp_classifier(features: int, hidden: int, classes: int, dtype: str = "float32") -> Model:
-    """Column-parallel hidden layer (``mlp`` over tensor), row-parallel output; inputs [B, I] floats."""
+    """Column-parallel hidden layer (``mlp`` over tensor), row-parallel output; inputs [B, I] floats,
+    outputs f32 logits [B, C]."""
     specs = {
         "w_in": ParamSpec((features, hidden), ("embed", "mlp"), fan_in_dims=(0,)),
         "b_in": ParamSpec((hidden,), ("mlp",), "zeros"),
@@ -31,4 +32,5 @@ def mlp_classifier(features: int, hidden: int, classes: int, dtype: str = "float
         return constrain(logits_BC, ("batch", None))
 
     flops = 6.0 * (features * hidden + hidden * classes)
-    return Model(specs=specs, apply=apply, flops_per_example=flops, tokens_per_example=1)
+    return from_specs(specs, apply, flops_per_example=flops, tokens_per_example=1, name="mlp_classifier",
+                      compute_dtype=dtype)

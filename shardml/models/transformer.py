@@ -6,29 +6,69 @@ grow with depth. Every weight and the activations that need it are named by logi
 Shape letters: B batch, S sequence, D model, H query heads, K key/value heads, G = H / K query heads
 per key/value head, E head dim, F MLP hidden, V vocabulary, L layers.
 
-    model = transformer(ModelConfig(layers=2, d_model=64, heads=4, d_ff=256), seq_len=64)
+    model = transformer(TransformerConfig(layers=2, d_model=64, heads=4, d_ff=256), seq_len=64)
     logits_BSV = model.apply(params, tokens_BS)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from shardml.config import ModelConfig
-from shardml.models.base import Model, ParamSpec, Stages
-from shardml.sharding import constrain, shards_of
+from shardml.core.errors import ConfigError
+from shardml.core.settings import check_settings, setting
+from shardml.core.sharding import constrain, shards_of
+from shardml.models.base import Model, ParamSpec, Stages, from_specs
 
-_REMAT_POLICIES = {
+# none: keep every activation; full: recompute the whole layer in the backward; dots: keep matmul
+# outputs, recompute the rest. On XLA:CPU which is faster depends on the layout (benchmarks/README.md).
+REMAT_POLICIES = {
+    "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# Weight-gradient products of bf16/f16 compute: "float32" accumulates and returns them in f32, so
+# the FSDP and data reductions sum f32 values; "compute" returns them in the compute dtype (what
+# autodiff of a plain cast gives), cheaper where f32-output products are slow (XLA:CPU).
+GRAD_DTYPES = ("float32", "compute")
+COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
 
 
-def transformer_specs(cfg: ModelConfig) -> dict:
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """The reference transformer. ``dtype`` is the compute dtype; parameters are always float32."""
+
+    vocab: int = setting(256, minimum=2)
+    layers: int = setting(2, minimum=1)
+    d_model: int = setting(64, minimum=1)
+    heads: int = setting(4, minimum=1)
+    kv_heads: int = setting(0, minimum=0, hint="0 means 'same as heads' (no grouped-query attention)")
+    d_ff: int = setting(256, minimum=1)
+    dtype: str = setting("bfloat16", choices=COMPUTE_DTYPES)
+    remat: str = setting("dots", choices=REMAT_POLICIES)
+    grad_dtype: str = setting("float32", choices=GRAD_DTYPES)
+    rope_base: float = setting(10000.0, above=0.0)
+
+
+def check_transformer(cfg: TransformerConfig) -> None:
+    """The head arithmetic (what the rules and mesh cannot check: they see each weight alone)."""
+    kv = cfg.kv_heads or cfg.heads
+    if cfg.d_model % cfg.heads:
+        raise ConfigError(f"model.d_model={cfg.d_model} is not divisible by model.heads={cfg.heads}; "
+                          "choose d_model = heads x head_dim")
+    if cfg.heads % kv:
+        raise ConfigError(f"model.heads={cfg.heads} is not divisible by model.kv_heads={kv}; "
+                          "each key/value head must serve a whole group of query heads")
+    if (cfg.d_model // cfg.heads) % 2:
+        raise ConfigError(f"model.d_model / model.heads = {cfg.d_model // cfg.heads} is odd; rotary positions "
+                          "rotate channel pairs, so the head dimension must be even")
+
+
+def transformer_specs(cfg: TransformerConfig) -> dict:
     L, D, H, F, V = cfg.layers, cfg.d_model, cfg.heads, cfg.d_ff, cfg.vocab
     K = cfg.kv_heads or H
     E = D // H
@@ -61,7 +101,7 @@ def project(spec: str, x, w, out_dtype=None, x_grad: bool = True, grad_dtype: st
     reduction) before the cast back to f32; here that product is f32 from the start. ``out_dtype``
     (e.g. f32 logits) is the product's accumulation and result type. ``x_grad=False`` skips the
     input gradient, for inputs that are constants (the embedding's one-hot tokens).
-    ``grad_dtype="compute"`` (``ModelConfig.grad_dtype``) makes the weight-gradient product return
+    ``grad_dtype="compute"`` (``TransformerConfig.grad_dtype``) makes the weight-gradient product return
     x's dtype instead, widened to f32 after the reduction, as a plain cast's autodiff does.
 
         y_BSF = project("bsd,df->bsf", x_BSD, w_DF)
@@ -104,7 +144,7 @@ def rotary(x_BSHE, base: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSHE.dtype)
 
 
-def attention(h_BSD, layer, cfg: ModelConfig):
+def attention(h_BSD, layer, cfg: TransformerConfig):
     H = cfg.heads
     K = cfg.kv_heads or H
     g = cfg.grad_dtype
@@ -136,7 +176,7 @@ def attention(h_BSD, layer, cfg: ModelConfig):
     return project("bshe,hed->bsd", o_BSHE, layer["wo"], grad_dtype=g)
 
 
-def mlp(h_BSD, layer, cfg: ModelConfig):
+def mlp(h_BSD, layer, cfg: TransformerConfig):
     # Gate and up in one product under tensor parallelism, as for the attention projections.
     g = cfg.grad_dtype
     if shards_of("act_mlp") > 1:
@@ -152,7 +192,7 @@ def mlp(h_BSD, layer, cfg: ModelConfig):
 _ACT = ("batch", "act_seq", "act_embed")
 
 
-def embed_tokens(params, tokens_BS, cfg: ModelConfig):
+def embed_tokens(params, tokens_BS, cfg: TransformerConfig):
     """Token ids [B, S] -> activations [B, S, D] in the compute dtype."""
     dtype = jnp.dtype(cfg.dtype)
     # Vocab-parallel lookup as a one-hot product: each tensor shard contributes its slice of the
@@ -162,7 +202,7 @@ def embed_tokens(params, tokens_BS, cfg: ModelConfig):
     return constrain(embedded_BSD, _ACT)
 
 
-def run_layers(layers, x_BSD, cfg: ModelConfig):
+def run_layers(layers, x_BSD, cfg: TransformerConfig):
     """Applies a stack of layers (every leaf has a leading layer axis, of any length) with ``lax.scan``."""
     dtype = jnp.dtype(cfg.dtype)
 
@@ -173,25 +213,25 @@ def run_layers(layers, x_BSD, cfg: ModelConfig):
         return constrain(x_BSD, _ACT), None
 
     if cfg.remat != "none":
-        block = jax.checkpoint(block, policy=_REMAT_POLICIES[cfg.remat])
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
     x_BSD, _ = jax.lax.scan(block, x_BSD.astype(dtype), layers)
     return x_BSD
 
 
-def output_logits(params, x_BSD, cfg: ModelConfig):
+def output_logits(params, x_BSD, cfg: TransformerConfig):
     """Final norm and unembedding: [B, S, D] -> f32 logits [B, S, V]."""
     x_BSD = rms_norm(x_BSD, params["final_norm"])
     logits_BSV = project("bsd,dv->bsv", x_BSD, params["unembed"], jnp.float32, grad_dtype=cfg.grad_dtype)
     return constrain(logits_BSV, ("batch", "act_seq", "act_vocab"))
 
 
-def transformer_apply(params, tokens_BS, cfg: ModelConfig):
+def transformer_apply(params, tokens_BS, cfg: TransformerConfig):
     x_BSD = embed_tokens(params, tokens_BS, cfg)
     x_BSD = run_layers(params["layers"], x_BSD, cfg)
     return output_logits(params, x_BSD, cfg)
 
 
-def transformer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def transformer_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul parameters + causal-free attention 12 x L x D x S (PaLM, app. B)."""
     D, F, L, H = cfg.d_model, cfg.d_ff, cfg.layers, cfg.heads
     K = cfg.kv_heads or H
@@ -200,16 +240,25 @@ def transformer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * L * D * seq_len
 
 
-def transformer(cfg: ModelConfig, seq_len: int) -> Model:
-    """The reference language model for ``cfg``; inputs are int token ids [B, S]."""
-    return Model(
-        specs=transformer_specs(cfg),
-        apply=lambda params, tokens_BS: transformer_apply(params, tokens_BS, cfg),
+def transformer(cfg: TransformerConfig, seq_len: int) -> Model:
+    """The reference language model for ``cfg``; inputs are int token ids [B, S], outputs f32
+    logits [B, S, V].
+
+    Raises:
+      ConfigError: a setting out of range, or heads that do not divide d_model.
+    """
+    check_settings(cfg, "model")
+    check_transformer(cfg)
+    return from_specs(
+        transformer_specs(cfg),
+        apply=functools.partial(transformer_apply, cfg=cfg),
         flops_per_example=transformer_flops_per_token(cfg, seq_len) * seq_len,
         tokens_per_example=seq_len,
         stages=Stages(
-            embed=lambda params, tokens_BS: embed_tokens(params, tokens_BS, cfg),
-            layers=lambda layers, x_BSD: run_layers(layers, x_BSD, cfg),
-            head=lambda params, x_BSD: output_logits(params, x_BSD, cfg),
+            embed=functools.partial(embed_tokens, cfg=cfg),
+            layers=functools.partial(run_layers, cfg=cfg),
+            head=functools.partial(output_logits, cfg=cfg),
         ),
+        name="transformer",
+        compute_dtype=cfg.dtype,
     )

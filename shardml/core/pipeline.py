@@ -32,7 +32,7 @@ each run as one pipelined pass of m microbatches, inside the same shard_map; the
 still happen once per step.
 
     pipe = Pipeline(model, mesh, Schedule("1f1b", stages=4, microbatches=16))
-    params = to_pipeline_layout(params, pipe)               # no-op unless repeats > 1
+    params = pipe.layout(params)                             # no-op unless repeats > 1
     loss, grads = jax.value_and_grad(pipe.loss)(params, batch)   # under jax.set_mesh(mesh)
 """
 
@@ -46,12 +46,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from shardml.accumulate import token_cross_entropy
-from shardml.models.base import Model
-from shardml.sharding import Rules, constrain, use_rules
+from shardml.core.errors import ConfigError
+from shardml.core.losses import Loss, check_sums, token_cross_entropy
+from shardml.core.sharding import constrain, is_axes
+from shardml.core.strategy import GradientStrategy
 
 PIPE, DATA = "pipeline", "data"
 MANUAL = (PIPE, DATA)
+SCHEDULES = ("gpipe", "circular", "1f1b")
 
 
 # ----------------------------------------------------------------------------- the schedule
@@ -68,14 +70,16 @@ class Schedule:
 
     def __post_init__(self):
         p, m, v = self.stages, self.microbatches, self.repeats
-        if self.name not in ("gpipe", "circular", "1f1b"):
-            raise ValueError(f"unknown schedule '{self.name}'; use gpipe, circular or 1f1b")
+        if self.name not in SCHEDULES:
+            raise ConfigError(f"pipeline.schedule='{self.name}' is not a schedule; use {', '.join(SCHEDULES)}")
         if min(p, m, v) < 1:
-            raise ValueError(f"stages={p}, microbatches={m}, repeats={v} must all be positive")
+            raise ConfigError(f"pipeline stages={p}, microbatches={m}, repeats={v} must all be positive")
         if v > 1 and self.name != "circular":
-            raise ValueError(f"repeats={v} needs the circular schedule, not '{self.name}'")
+            raise ConfigError(f"pipeline.repeats={v} needs pipeline.schedule=circular (got '{self.name}'); "
+                              "set pipeline.repeats=1 or choose the circular schedule")
         if v > 1 and m % p:
-            raise ValueError(f"circular: microbatches={m} must be a multiple of stages={p}")
+            raise ConfigError(f"pipeline.microbatches={m} is not a multiple of mesh.pipeline={p}; the circular "
+                              "schedule sends microbatches round the ring in groups of one per stage")
 
     @property
     def ticks(self) -> int:
@@ -135,11 +139,6 @@ class Schedule:
     def period(self) -> int:
         """Ticks after which the steady-state send pattern repeats."""
         return self.stages * self.repeats if self.repeats > 1 else 1
-
-    def permute_passes(self) -> int:
-        """Boundary crossings per pass in theory: every microbatch crosses v·p - 1 boundaries
-        forward, and (its cotangent) as many backward."""
-        return 2 * self.microbatches * (self.repeats * self.stages - 1)
 
 
 def _periodic_window(signatures: list, period: int) -> tuple[int, int]:
@@ -234,24 +233,17 @@ def _permute_bwd(pairs, _, g):
 _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-def _pollute(x, keep, fill: float):
-    """Overwrites what an idle slot holds with ``fill`` (tests pass NaN to prove it is masked)."""
-    if fill == 0.0:
-        return x
-    return jnp.where(keep, x, jnp.asarray(fill, x.dtype))
-
-
-def _xent(stages, shared, h, micro, index):
-    mask = micro["mask"][index] if "mask" in micro else None
-    loss, count = token_cross_entropy(stages.head(shared, h), micro["targets"][index], mask)
-    return loss.astype(jnp.float32), count.astype(jnp.float32)
+def _head_sums(stages, loss: Loss, shared, h, micro, index):
+    """The loss sums of microbatch ``index`` from the last stage's activations ``h``."""
+    rows = jax.tree.map(lambda x: x[index], {k: v for k, v in micro.items() if k != "inputs"})
+    return check_sums(loss(stages.head(shared, h), rows), "the pipeline's loss")
 
 
 # ----------------------------------------------------------------------------- the passes
 
 
-def forward_pass(stages, schedule: Schedule, chunks, shared, micro, fill=0.0):
-    """Per-device forward loop (GPipe / circular): returns (loss sum, token count) of the pass.
+def forward_pass(stages, loss: Loss, schedule: Schedule, chunks, shared, micro):
+    """Per-device forward loop (GPipe / circular): returns the loss sums of the pass.
 
     ``chunks``: this device's layers, leaves [v, layers per chunk, ...]; ``micro``: inputs,
     targets[, mask] with leaves [m, microbatch, ...]. Differentiate it for the GPipe backward.
@@ -260,31 +252,30 @@ def forward_pass(stages, schedule: Schedule, chunks, shared, micro, fill=0.0):
     p, v = schedule.stages, schedule.repeats
     stage = jax.lax.axis_index(PIPE)
     h_shape = jax.eval_shape(stages.embed, shared, micro["inputs"][0])
+    sums_shape = jax.eval_shape(lambda h: _head_sums(stages, loss, shared, h, micro, 0), h_shape)
 
     @jax.checkpoint  # keep only the tick's input; the backward recomputes the stage
     def compute(h_recv, t):
         valid, i, r = schedule.forward_slot(t, stage)
         first = (stage == 0) & (r == 0)
-        h_recv = _pollute(h_recv, valid & ~first, fill)
         h_in = jnp.where(first, stages.embed(shared, micro["inputs"][i]), h_recv)
         h_in = jnp.where(valid, h_in, jnp.zeros_like(h_in))  # idle slots compute on zeros, whatever they hold
         h_out = stages.layers(jax.tree.map(lambda w: w[r], chunks), h_in)
-        loss, count = _xent(stages, shared, h_out, micro, i)
         last = valid & (stage == p - 1) & (r == v - 1)
-        return h_out, jnp.where(last, loss, 0.0), jnp.where(last, count, 0.0)
+        sums = _head_sums(stages, loss, shared, h_out, micro, i)
+        return h_out, jax.tree.map(lambda x: jnp.where(last, x, 0.0), sums)
 
     def tick(carry, t, sends):
-        h, loss, count = carry
-        h_out, tick_loss, tick_count = compute(h, t)
-        return _send(h_out, sends[0]), loss + tick_loss, count + tick_count
+        h, sums = carry
+        h_out, tick_sums = compute(h, t)
+        return _send(h_out, sends[0]), jax.tree.map(jnp.add, sums, tick_sums)
 
-    h0 = jnp.full(h_shape.shape, fill, h_shape.dtype)
-    _, loss, count = run_ticks(tick, _vary((h0, jnp.float32(0), jnp.float32(0))), schedule)
-    return loss, count
+    _, sums = run_ticks(tick, _zeros((h_shape, sums_shape)), schedule)
+    return sums
 
 
-def one_f_one_b_pass(stages, schedule: Schedule, chunks, shared, micro, fill=0.0):
-    """Per-device 1F1B loop: returns (loss sum, token count, (layer grads, shared grads)), f32 sums.
+def one_f_one_b_pass(stages, loss: Loss, schedule: Schedule, chunks, shared, micro):
+    """Per-device 1F1B loop: returns (loss sums, (layer grads, shared grads)), f32 sums.
 
     Stage s runs the forward of microbatch t - s and the backward of microbatch t - (2p - 2 - s) at
     tick t; the last stage does both for the same microbatch (its forward only stashes the input:
@@ -295,6 +286,7 @@ def one_f_one_b_pass(stages, schedule: Schedule, chunks, shared, micro, fill=0.0
     stage = jax.lax.axis_index(PIPE)
     layers = jax.tree.map(lambda w: w[0], chunks)
     h_shape = jax.eval_shape(stages.embed, shared, micro["inputs"][0])
+    sums_shape = jax.eval_shape(lambda h: _head_sums(stages, loss, shared, h, micro, 0), h_shape)
 
     def stage_forward(layers, shared, h_in, index):
         h_in = jax.lax.cond(stage == 0, lambda: stages.embed(shared, micro["inputs"][index]).astype(h_in.dtype),
@@ -303,27 +295,25 @@ def one_f_one_b_pass(stages, schedule: Schedule, chunks, shared, micro, fill=0.0
 
     def stage_and_loss(layers, shared, h_in, index):
         h_out = stage_forward(layers, shared, h_in, index)
-        loss, count = jax.lax.cond(stage == p - 1, lambda: _xent(stages, shared, h_out, micro, index),
-                                   lambda: _zeros((jnp.float32(0), jnp.float32(0))))
-        return (h_out, loss), count
+        sums = jax.lax.cond(stage == p - 1, lambda: _head_sums(stages, loss, shared, h_out, micro, index),
+                            lambda: _zeros(sums_shape))
+        return (h_out, sums["loss"]), sums
 
     def backward(stash, recv_b, index):
         fn = functools.partial(stage_and_loss, index=index)
-        (_, loss), vjp_fn, count = jax.vjp(fn, layers, shared, stash[index % slots], has_aux=True)
+        _, vjp_fn, sums = jax.vjp(fn, layers, shared, stash[index % slots], has_aux=True)
         last = stage == p - 1
         # The last stage seeds the loss; the others receive the cotangent of their output. Selecting
         # (not multiplying) keeps whatever an idle receive holds out of the gradients.
         ct_h = jnp.where(last, jnp.zeros_like(recv_b), recv_b)
         ct_loss = _vary(jnp.where(last, 1.0, 0.0).astype(jnp.float32))
         g_layers, g_shared, d_h = vjp_fn((ct_h, ct_loss))
-        return g_layers, g_shared, d_h, loss, count
+        return g_layers, g_shared, d_h, sums
 
     def tick(carry, t, sends):
-        recv_f, recv_b, stash, acc, loss, count = carry
+        recv_f, recv_b, stash, acc, sums = carry
         f_valid, f, _ = schedule.forward_slot(t, stage)
         b_valid, b = schedule.backward_slot(t, stage)
-        recv_f = _pollute(recv_f, f_valid & (stage > 0), fill)
-        recv_b = _pollute(recv_b, b_valid & (stage < p - 1), fill)
         any_forward, any_backward = sends[2]
         h_out = d_h = None
         if any_forward:
@@ -332,33 +322,32 @@ def one_f_one_b_pass(stages, schedule: Schedule, chunks, shared, micro, fill=0.0
             h_out = jax.lax.cond(f_valid & (stage < p - 1), lambda: stage_forward(layers, shared, recv_f, f),
                                  lambda: _zeros(recv_f))
         if any_backward:
-            zero_grads = _zeros((layers, shared, recv_b, jnp.float32(0), jnp.float32(0)))
-            g_layers, g_shared, d_h, b_loss, b_count = jax.lax.cond(
+            zero_grads = _zeros((layers, shared, recv_b, sums_shape))
+            g_layers, g_shared, d_h, b_sums = jax.lax.cond(
                 b_valid, lambda: backward(stash, recv_b, b), lambda: zero_grads)
             acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, (g_layers, g_shared))
-            loss, count = loss + b_loss, count + b_count
+            sums = jax.tree.map(jnp.add, sums, b_sums)
         return (_send(h_out if h_out is not None else recv_f, sends[0]),
-                _send(d_h if d_h is not None else recv_b, sends[1]), stash, acc, loss, count)
+                _send(d_h if d_h is not None else recv_b, sends[1]), stash, acc, sums)
 
-    h_fill = jnp.full(h_shape.shape, fill, h_shape.dtype)
+    h0 = jnp.zeros(h_shape.shape, h_shape.dtype)
     acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (layers, shared))
-    carry = _vary((h_fill, h_fill, jnp.broadcast_to(h_fill, (slots, *h_fill.shape)), acc0,
-                   jnp.float32(0), jnp.float32(0)))
-    _, _, _, (g_layers, g_shared), loss, count = run_ticks(tick, carry, schedule)
-    return loss, count, (jax.tree.map(lambda g: g[None], g_layers), g_shared)
+    carry = _vary((h0, h0, jnp.broadcast_to(h0, (slots, *h0.shape)), acc0, _zeros(sums_shape)))
+    _, _, _, (g_layers, g_shared), sums = run_ticks(tick, carry, schedule)
+    return sums, (jax.tree.map(lambda g: g[None], g_layers), g_shared)
 
 
-def pass_gradients(stages, schedule: Schedule, chunks, shared, micro, fill=0.0):
-    """(loss sum, count, (chunk grads, shared grads)) of one pipelined pass, per device, f32."""
+def pass_gradients(stages, loss: Loss, schedule: Schedule, chunks, shared, micro):
+    """(loss sums, (chunk grads, shared grads)) of one pipelined pass, per device, f32."""
     if schedule.name == "1f1b":
-        return one_f_one_b_pass(stages, schedule, chunks, shared, micro, fill)
+        return one_f_one_b_pass(stages, loss, schedule, chunks, shared, micro)
 
     def loss_fn(chunks, shared):
-        loss, count = forward_pass(stages, schedule, chunks, shared, micro, fill)
-        return loss, count
+        sums = forward_pass(stages, loss, schedule, chunks, shared, micro)
+        return sums["loss"], sums
 
-    (loss, count), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(chunks, shared)
-    return loss, count, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    grads, sums = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(chunks, shared)
+    return sums, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -385,7 +374,7 @@ def pipeline_logical(param_logical: dict, key: str, repeats: int) -> dict:
     if repeats == 1:
         return param_logical
     return {**param_logical, key: jax.tree.map(lambda axes: ("repeats",) + tuple(axes), param_logical[key],
-                                                is_leaf=lambda x: isinstance(x, tuple))}
+                                                is_leaf=is_axes)}
 
 
 # ----------------------------------------------------------------------------- the public object
@@ -409,32 +398,41 @@ def _split(batch, passes: int, microbatches: int):
 class Pipeline:
     """A model pipelined over ``mesh``'s ``pipeline`` axis with one schedule.
 
-    Methods must be traced under ``jax.set_mesh(mesh)`` (the trainer does this). ``params`` are in
-    the pipeline layout (:meth:`layout`); ``batch`` holds ``inputs``, ``targets`` and optionally
-    ``mask``, with the leading (batch) axis sharded over ``data`` x ``fsdp``.
+    Methods must be traced under ``jax.set_mesh(mesh)`` (the trainer does this, and activates its
+    rules, which map the stacked ``layers`` axis to ``pipeline``). ``params`` are in the pipeline
+    layout (:meth:`layout`); ``batch`` holds ``inputs``, ``targets`` and optionally ``mask``, with
+    the leading (batch) axis sharded over ``data`` x ``fsdp``.
 
     Attributes:
+      loss: ``loss(outputs, batch) -> sums`` computed on the last stage (default: token
+        cross-entropy).
       passes: accumulation chunks per step (``train.microbatches``), each one pipelined pass.
-      bubble_fill: what idle slots receive before masking (tests use NaN).
     """
 
-    model: Model
+    model: Any
     mesh: Any
     schedule: Schedule
     passes: int = 1
-    rules: Rules | None = None
-    bubble_fill: float = 0.0
+    loss_fn: Loss = token_cross_entropy
 
     def __post_init__(self):
         stages = self.mesh.shape[PIPE]
+        name = self.model.name
         if self.model.stages is None:
-            raise ValueError("this model has no Stages (embed / layers / head), so it cannot be pipelined")
+            raise ConfigError(f"mesh.pipeline={stages}: {name} has no Stages (embed / layers / head), so it "
+                              "cannot be cut into pipeline stages; use mesh.pipeline=1")
+        if self.model.uses_rng:
+            raise ConfigError(f"mesh.pipeline={stages}: {name} draws random numbers, which the pipeline does "
+                              "not pass to stages yet; use mesh.pipeline=1")
         if self.schedule.stages != stages:
-            raise ValueError(f"schedule has {self.schedule.stages} stages, mesh axis '{PIPE}' has {stages}")
-        layers = jax.tree.leaves(self.model.specs[self.model.stages.key], is_leaf=lambda x: hasattr(x, "shape"))
-        n_layers = layers[0].shape[0]
-        if n_layers % (stages * self.schedule.repeats):
-            raise ValueError(f"{n_layers} layers do not split into {stages} stages x {self.schedule.repeats} repeats")
+            raise ConfigError(f"the schedule has {self.schedule.stages} stages but mesh.pipeline={stages}")
+        n_layers = jax.tree.leaves(self.model.abstract_params[self.key])[0].shape[0]
+        chunks = stages * self.schedule.repeats
+        if n_layers % chunks:
+            raise ConfigError(
+                f"model.layers={n_layers} is not divisible by mesh.pipeline x pipeline.repeats = {stages} x "
+                f"{self.schedule.repeats} = {chunks}; every stage needs the same number of layers, so use a "
+                f"multiple of {chunks}")
 
     @property
     def key(self) -> str:
@@ -451,12 +449,6 @@ class Pipeline:
     def _layer_spec(self):
         return P(PIPE) if self.schedule.repeats == 1 else P(None, PIPE)
 
-    @property
-    def effective_rules(self) -> Rules:
-        """The rules with the stacked ``layers`` axis on ``pipeline`` (unless the user mapped it)."""
-        rules = self.rules or Rules.default()
-        return rules if rules.mesh_axes("layers") else rules.replace(layers=PIPE)
-
     def _sharded(self, local_fn, out_specs, params, batch):
         key, v = self.key, self.schedule.repeats
         stack = params[key]
@@ -471,65 +463,68 @@ class Pipeline:
 
         fn = jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs(layer_spec, stack, shared),
                            axis_names=set(MANUAL))
-        with use_rules(self.effective_rules):
-            return fn(stack, shared, batch)
+        return fn(stack, shared, batch)
 
     def gradient_sums(self, params: dict, batch: dict):
-        """(grad sums, loss sum, token count) of the global batch; f32; reduced once."""
-        stages, schedule, passes, fill = self.model.stages, self.schedule, self.passes, self.bubble_fill
+        """(f32 gradient sums, loss sums) of the global batch, reduced once."""
+        stages, schedule, passes, loss = self.model.stages, self.schedule, self.passes, self.loss_fn
         v, key = schedule.repeats, self.key
 
         def local(chunks, shared, batch):
             split = _split(batch, passes, schedule.microbatches)
 
             def one_pass(micro):
-                return pass_gradients(stages, schedule, chunks, shared, micro, fill)
+                return pass_gradients(stages, loss, schedule, chunks, shared, micro)
 
             if passes == 1:
-                loss, count, (g_chunks, g_shared) = one_pass(jax.tree.map(lambda x: x[0], split))
+                sums, (g_chunks, g_shared) = one_pass(jax.tree.map(lambda x: x[0], split))
             else:
                 def body(total, micro):
                     return jax.tree.map(jnp.add, total, one_pass(micro)), None
 
-                zero = _zeros((jnp.float32(0), jnp.float32(0),
-                               jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (chunks, shared))))
-                (loss, count, (g_chunks, g_shared)), _ = jax.lax.scan(body, zero, split)
+                shapes = jax.eval_shape(one_pass, jax.tree.map(lambda x: x[0], split))
+                (sums, (g_chunks, g_shared)), _ = jax.lax.scan(body, _zeros(shapes), split)
             # The reductions of the step: every gradient over data, the replicated ones over pipeline.
             g_chunks = jax.lax.psum(g_chunks, DATA)
             g_shared = jax.lax.psum(g_shared, MANUAL)
-            loss, count = jax.lax.psum(loss, MANUAL), jax.lax.psum(count, MANUAL)
+            sums = jax.lax.psum(sums, MANUAL)
             g_stack = g_chunks if v > 1 else jax.tree.map(lambda g: g[0], g_chunks)
-            return g_stack, g_shared, loss, count
+            return g_stack, g_shared, sums
 
         def out_specs(layer_spec, stack, shared):
-            return (jax.tree.map(lambda _: layer_spec, stack), jax.tree.map(lambda _: P(), shared), P(), P())
+            return (jax.tree.map(lambda _: layer_spec, stack), jax.tree.map(lambda _: P(), shared), P())
 
-        g_stack, g_shared, loss, count = self._sharded(local, out_specs, params, batch)
-        return {**g_shared, key: g_stack}, loss, count
+        g_stack, g_shared, sums = self._sharded(local, out_specs, params, batch)
+        return {**g_shared, key: g_stack}, sums
 
     def loss_sums(self, params: dict, batch: dict):
-        """(loss sum, token count) with the forward-only loop (evaluation), whatever the schedule."""
-        stages, passes = self.model.stages, self.passes
+        """Loss sums with the forward-only loop (evaluation), whatever the schedule."""
+        stages, passes, loss = self.model.stages, self.passes, self.loss_fn
         forward = Schedule("circular" if self.schedule.repeats > 1 else "gpipe", self.schedule.stages,
                            self.schedule.microbatches, self.schedule.repeats)
 
         def local(chunks, shared, batch):
             split = _split(batch, passes, forward.microbatches)
 
+            def one_pass(micro):
+                return forward_pass(stages, loss, forward, chunks, shared, micro)
+
             def body(total, micro):
-                sums = forward_pass(stages, forward, chunks, shared, micro, self.bubble_fill)
-                return jax.tree.map(jnp.add, total, sums), None
+                return jax.tree.map(jnp.add, total, one_pass(micro)), None
 
-            (loss, count), _ = jax.lax.scan(body, _zeros((jnp.float32(0), jnp.float32(0))), split)
-            return jax.lax.psum(loss, MANUAL), jax.lax.psum(count, MANUAL)
+            shapes = jax.eval_shape(one_pass, jax.tree.map(lambda x: x[0], split))
+            sums, _ = jax.lax.scan(body, _zeros(shapes), split)
+            return jax.lax.psum(sums, MANUAL)
 
-        return self._sharded(local, lambda *_: (P(), P()), params, batch)
+        return self._sharded(local, lambda *_: P(), params, batch)
 
-    def gradients(self, params: dict, batch: dict):
-        """(grads, loss, tokens): per real token, like :func:`shardml.accumulate_gradients`."""
-        grads, loss, count = self.gradient_sums(params, batch)
-        denom = jnp.maximum(count, 1.0)
-        return jax.tree.map(lambda g: g / denom, grads), loss / denom, count
+    def strategy(self) -> GradientStrategy:
+        """This pipeline as the train step's :class:`GradientStrategy`."""
+        return GradientStrategy(
+            gradient_sums=lambda params, batch, rng_rows=None: self.gradient_sums(params, batch),
+            loss_sums=self.loss_sums,
+            param_logical=pipeline_logical(self.model.logical, self.key, self.schedule.repeats),
+            layout=self.layout, natural=self.natural)
 
     @functools.cached_property
     def loss(self):
@@ -540,14 +535,17 @@ class Pipeline:
         rule scales by the incoming cotangent. No forward-mode or higher-order derivatives.
         """
 
+        def mean(sums):
+            return sums["loss"] / jnp.maximum(sums["count"], 1.0)
+
         @jax.custom_vjp
         def loss(params, batch):
-            loss_sum, count = self.loss_sums(params, batch)
-            return loss_sum / jnp.maximum(count, 1.0)
+            return mean(self.loss_sums(params, batch))
 
         def fwd(params, batch):
-            grads, mean, _ = self.gradients(params, batch)
-            return mean, grads
+            grad_sums, sums = self.gradient_sums(params, batch)
+            count = jnp.maximum(sums["count"], 1.0)
+            return mean(sums), jax.tree.map(lambda g: g / count, grad_sums)
 
         def bwd(grads, g):
             return jax.tree.map(lambda x: (g * x).astype(x.dtype), grads), None

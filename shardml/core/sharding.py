@@ -6,6 +6,10 @@ change of mesh sizes (or of this table), never of the model::
 
     rules = Rules.default()
     rules.spec(("embed", "mlp"))   # PartitionSpec('fsdp', 'tensor')
+
+Flax models name the same axes with ``nnx.with_partitioning`` / ``nn.with_logical_partitioning``
+and constrain activations with ``nn.with_logical_constraint``; :func:`flax_rules` hands this table to
+Flax while a model is traced, so both kinds of annotation follow the same rules.
 """
 
 from __future__ import annotations
@@ -14,19 +18,22 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from shardml.core.errors import ConfigError
+
 # Parameters: "embed" is the model dimension of weights (ZeRO-3 shards it over fsdp); heads, mlp and
-# vocab are the Megatron dimensions. Activations: the batch is split over every batch-parallel axis;
+# vocab are the Megatron dimensions; the stacked "layers" axis is cut into pipeline stages (a no-op
+# on meshes without a pipeline axis). Activations: the batch is split over every batch-parallel axis;
 # "act_*" names are the activation twins of the weight dimensions.
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
     "members": "members",
-    "layers": None,  # "pipeline" when the mesh has a pipeline axis (the trainer sets it)
+    "layers": "pipeline",
     "repeats": None,
     "embed": "fsdp",
     "vocab": "tensor",
@@ -35,7 +42,6 @@ DEFAULT_RULES: dict[str, Any] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
-    "features": None,
     "classes": None,
     "act_seq": None,
     "act_embed": None,
@@ -62,16 +68,27 @@ class Rules:
         return cls(tuple(DEFAULT_RULES.items()))
 
     def replace(self, **changes: Any) -> Rules:
+        """A copy with names added or remapped (``None`` replicates the dimension)."""
         table = dict(self.table)
         table.update(changes)
         return Rules(tuple(table.items()))
 
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.table)
+
     def mesh_axes(self, name: str | None) -> tuple[str, ...]:
+        """The mesh axes of one logical name (``()`` for None or an unsharded name).
+
+        Raises:
+          ConfigError: the name has no rule; the message shows how to add one.
+        """
         if name is None:
             return ()
         table = dict(self.table)
         if name not in table:
-            raise KeyError(f"logical axis '{name}' has no sharding rule; known names: {', '.join(table)}")
+            raise ConfigError(
+                f"logical axis '{name}' has no sharding rule (known: {', '.join(table)}); map it, e.g. "
+                f"rules=shardml.Rules.default().replace({name}='tensor'), or replace({name}=None) to replicate it")
         axes = table[name]
         if axes is None:
             return ()
@@ -85,27 +102,22 @@ class Rules:
             axes = tuple(a for a in self.mesh_axes(name) if a not in skip)
             for axis in axes:
                 if axis in used:
-                    raise ValueError(
+                    raise ConfigError(
                         f"mesh axis '{axis}' is mapped from both '{used[axis]}' and '{name}' in {tuple(logical)}; "
-                        "one array dimension per mesh axis"
-                    )
+                        "one array dimension per mesh axis: remap one of them in the rules")
                 used[axis] = name
             parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return P(*parts)
 
 
-def _is_axes(x: Any) -> bool:
+def is_axes(x: Any) -> bool:
+    """Whether ``x`` is one array's logical axes (a tuple of names or None), a leaf of a logical tree."""
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
-
-
-def tree_specs(logical_tree: Any, rules: Rules) -> Any:
-    """Maps a PyTree of logical-axes tuples to a PyTree of PartitionSpecs."""
-    return jax.tree.map(rules.spec, logical_tree, is_leaf=_is_axes)
 
 
 def tree_shardings(logical_tree: Any, rules: Rules, mesh) -> Any:
     """Maps a PyTree of logical-axes tuples to NamedShardings on ``mesh``."""
-    return jax.tree.map(lambda axes: NamedSharding(mesh, rules.spec(axes)), logical_tree, is_leaf=_is_axes)
+    return jax.tree.map(lambda axes: NamedSharding(mesh, rules.spec(axes)), logical_tree, is_leaf=is_axes)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -116,7 +128,7 @@ _SKIPPED_AXES: contextvars.ContextVar[frozenset] = contextvars.ContextVar("shard
 
 @contextlib.contextmanager
 def use_rules(rules: Rules | None):
-    """Activates ``rules`` for :func:`constrain` while a model is traced."""
+    """Activates ``rules`` for :func:`constrain` (and Flax's logical constraints) while tracing."""
     token = _ACTIVE_RULES.set(rules)
     try:
         yield rules
@@ -147,6 +159,11 @@ def _manual_axes() -> frozenset[str]:
     return frozenset(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Manual)
 
 
+def _unavailable_axes() -> frozenset[str]:
+    """Mesh axes a constraint must leave out here: manual (inside shard_map) or owned by a vmap."""
+    return _manual_axes() | _SKIPPED_AXES.get()
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Pins an activation's layout by logical names; a no-op outside :func:`use_rules` or a mesh.
 
@@ -157,7 +174,7 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if rules is None or mesh.empty:
         return x
-    spec = rules.spec(logical, skip=_manual_axes() | _SKIPPED_AXES.get())
+    spec = rules.spec(logical, skip=_unavailable_axes())
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
@@ -168,11 +185,54 @@ def shards_of(logical: str) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if rules is None or mesh.empty:
         return 1
-    skip = _manual_axes() | _SKIPPED_AXES.get()
+    skip = _unavailable_axes()
     return math.prod(mesh.shape[a] for a in rules.mesh_axes(logical) if a not in skip)
 
 
-def batch_sharding(mesh, rules: Rules, ndim: int) -> NamedSharding:
+def flax_rules() -> tuple[tuple[str, Any], ...]:
+    """The active rules in Flax's ``logical_axis_rules`` form, without the axes that are manual or
+    owned by a transform here; ``()`` (Flax constraints are no-ops) outside :func:`use_rules`."""
+    rules = _ACTIVE_RULES.get()
+    if rules is None or jax.sharding.get_abstract_mesh().empty:
+        return ()
+    skip = _unavailable_axes()
+    table = []
+    for name in rules.names():
+        axes = tuple(a for a in rules.mesh_axes(name) if a not in skip)
+        table.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    return tuple(table)
+
+
+def per_example(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """``fn(x_1, key)`` applied to every example of a batch: ``f(x_B, keys_B) -> y_B``.
+
+    For randomness that must not depend on the layout: each example draws from its own key, so
+    the same example sees the same random numbers on one device, on any mesh and in any
+    microbatch. ``fn`` gets one example with a leading batch axis of 1. The mapped axis stays
+    sharded over the batch's mesh axes (``vmap`` with ``spmd_axis_name``).
+
+        dropped_B = per_example(lambda x_1, key: dropout(x_1, key))(x_B, keys_B)
+    """
+
+    def mapped(x, keys):
+        rules = _ACTIVE_RULES.get()
+        mesh = jax.sharding.get_abstract_mesh()
+        axes = ()
+        if rules is not None and not mesh.empty:
+            skip = _unavailable_axes()
+            axes = tuple(a for a in rules.mesh_axes("batch") if a not in skip and mesh.shape[a] > 1)
+
+        def one(x_i, key):
+            out = fn(jax.tree.map(lambda a: a[None], x_i), key)
+            return jax.tree.map(lambda a: a[0], out)
+
+        with axes_owned_by_transform(*axes):
+            return jax.vmap(one, spmd_axis_name=axes or None)(x, keys)
+
+    return mapped
+
+
+def batch_sharding(mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
     """Sharding of a batch array: leading dim over the batch axes, the rest replicated."""
     return NamedSharding(mesh, rules.spec(("batch",) + (None,) * (ndim - 1)))
 

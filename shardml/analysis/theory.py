@@ -39,9 +39,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from shardml.config import MESH_AXES, Config, pipeline_microbatches
+from typing import Any
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+import jax.numpy as jnp
+
+from shardml.core.mesh import MESH_AXES
+
+Config = Any  # a run config (shardml.run.config.Config); read, never imported: the oracle shares no code
 SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 BATCH_AXES = ("data", "fsdp")
 
@@ -55,6 +59,11 @@ class Weight:
     axes: tuple[str | None, ...]
     per_layer: bool
     backward_needs_it: bool = True  # its input's gradient is computed with it (not the embedding's one-hot)
+
+
+def pipeline_microbatches(cfg: Config, stages: int) -> int:
+    """m: ``pipeline.microbatches``, one per stage when 0 (restated from the config's definition)."""
+    return 1 if stages <= 1 else cfg.pipeline.microbatches or stages
 
 
 def weights(cfg: Config) -> list[Weight]:
@@ -100,7 +109,7 @@ class Traffic:
 
     @property
     def sent_bytes(self) -> float:
-        return self.sent_elements * DTYPE_BYTES[self.dtype]
+        return self.sent_elements * jnp.dtype(self.dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +157,7 @@ def activation_estimate(cfg: Config, sizes: dict[str, int]) -> int:
     2p - 1 pipeline microbatches) plus one pipeline microbatch's residuals of this stage's layers.
     """
     m, t = cfg.model, sizes["tensor"]
-    item = DTYPE_BYTES[m.dtype]
+    item = jnp.dtype(m.dtype).itemsize
     H, K, E = m.heads, m.kv_heads or m.heads, m.d_model // m.heads
     S = cfg.data.seq_len
     per_token = {"full": m.d_model,

@@ -1,4 +1,4 @@
-"""Run metrics: JSONL and TensorBoard writers, throughput and model FLOPs utilisation.
+"""Run metrics: a JSONL writer mirrored to TensorBoard, and the progress bar.
 
     writer = MetricsWriter("runs/x")
     writer.write(10, {"loss": 2.3, "tokens_per_s": 1.2e5})
@@ -6,60 +6,8 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
-import time
-
-# Dense peak FLOP/s per chip from vendor datasheets (bf16, without sparsity).
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
-
-
-@functools.lru_cache(maxsize=None)
-def measured_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
-    """This machine's matmul throughput on one device (jitted ``jnp.dot``), FLOP/s, best of repeats."""
-    import jax
-    import jax.numpy as jnp
-
-    device = jax.devices()[0]
-    a = jax.device_put(jnp.ones((size, size), dtype), device)
-    dot = jax.jit(lambda x, y: jnp.dot(x, y))
-    dot(a, a).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dot(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
-
-
-def peak_flops(compute_dtype: str = "bfloat16") -> tuple[float, str]:
-    """Peak FLOP/s of the whole machine running the step, and where the figure comes from.
-
-    Accelerators: datasheet peak per chip x chips. CPU: emulated devices share the host's cores, so
-    the peak is the host's measured matmul throughput (one jitted dot) in the compute dtype.
-    """
-    import jax
-
-    devices = jax.devices()
-    kind = devices[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if kind.startswith(name):
-            return flops * len(devices), f"datasheet {name} x {len(devices)}"
-    dtype = "float32" if compute_dtype == "float32" else compute_dtype
-    return measured_matmul_flops(dtype), f"measured {dtype} matmul on this host"
-
 
 class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl``; mirrors scalars to TensorBoard
@@ -71,14 +19,16 @@ class MetricsWriter:
     holds the kept records and ``dropped`` counts the others.
     """
 
-    def __init__(self, out_dir: str, start_step: int | None = None):
+    def __init__(self, out_dir: str | None, start_step: int | None = None):
+        self.records, self.dropped = [], 0
+        self._file = self._tb = None
+        if out_dir is None:  # records in memory only
+            return
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        self.records, self.dropped = [], 0
         if start_step is not None:
             self.records, self.dropped = _keep_records(self.path, start_step)
         self._file = open(self.path, "a")  # noqa: SIM115 - open for the writer's lifetime
-        self._tb = None
         try:
             from tensorboardX import SummaryWriter
 
@@ -87,16 +37,21 @@ class MetricsWriter:
         except ImportError:
             pass
 
-    def write(self, step: int, values: dict) -> None:
+    def write(self, step: int, values: dict) -> dict:
         record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        self.records.append(record)
+        if self._file is None:
+            return record
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(key, float(value), int(step))
+        return record
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

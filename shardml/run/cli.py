@@ -5,24 +5,23 @@
                   [--compare LAYOUT [LAYOUT ...]]
 
 Exit status: 0 (also after a graceful stop on SIGTERM / SIGINT, checkpoint saved), 1 (the run
-stopped: non-finite steps, or no usable checkpoint), 2 (configuration error, nothing trained).
+stopped: non-finite steps, or no usable checkpoint), 2 (bad input: nothing trained, no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from shardml.config import ConfigError, load_config
+from shardml.core.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardml", description="Sharded training on JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model",
-                           description="Train a model. CONFIG is a preset name in configs/ (tiny, default) "
-                                       "or a YAML file; key=value pairs override single fields.")
+                           description="Train a model. CONFIG is a preset name (tiny, default) or a YAML "
+                                       "file; key=value pairs override single fields.")
     plan = sub.add_parser("plan", help="memory and communication of a layout, without training",
                           description="Lower and compile the train step for a layout, without training, and "
                                       "print per-device memory and per-step communication. CONFIG and "
@@ -30,8 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     for command in (train, plan):
         command.add_argument("args", nargs="*", metavar="CONFIG | key=value")
         command.add_argument("--cpu-devices", type=int, default=None,
-                             help="emulate N CPU devices (default on a CPU-only machine: 8, "
-                                  "unless JAX_NUM_CPU_DEVICES is set)")
+                             help="emulate N CPU devices (default on a CPU-only machine: 8, unless "
+                                  "JAX_NUM_CPU_DEVICES or XLA_FLAGS' device count says otherwise)")
     train.add_argument("--quiet", action="store_true", help="no progress bar or config print")
     train.add_argument("--fresh", action="store_true",
                        help="start over: move a run found in out_dir to out_dir/previous/ instead of resuming it")
@@ -44,65 +43,65 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_plan(cfg, args) -> None:
-    from shardml.plan import (
-        compare_layouts,
-        format_comparison,
-        format_plan,
-        make_plan,
-        parse_bytes,
-    )
+def _arguments(argv: list[str] | None):
+    """(args, preset, overrides); overrides may come after options."""
+    parser = _parser()
+    # argparse's intermixed parsing does not support subcommands.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    preset, overrides = "default", []
+    for i, item in enumerate(args.args + extra):
+        if "=" in item:
+            overrides.append(item)
+        elif i == 0:
+            preset = item
+        else:
+            raise ConfigError(f"'{item}' is neither the first argument (CONFIG) nor key=value")
+    return args, preset, overrides
 
-    device_memory = parse_bytes(args.device_memory) if args.device_memory is not None else None
+
+def _plan(cfg, args) -> None:
+    from shardml.analysis.plan import format_comparison, format_plan
+    from shardml.run.planning import compare_layouts, make_plan
+
+    device_memory = _device_memory(args)
     if args.compare:  # every layout is checked before the first compile
         print(format_comparison(compare_layouts(cfg, args.compare, device_memory)))
     else:
         print(format_plan(make_plan(cfg, device_memory)))
 
 
+def _device_memory(args) -> int | None:
+    from shardml.analysis.plan import parse_bytes
+
+    return parse_bytes(args.device_memory) if getattr(args, "device_memory", None) is not None else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    # Overrides may come after options (argparse's intermixed parsing does not support subcommands).
-    args, extra = parser.parse_known_args(argv)
-    unknown = [item for item in extra if item.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.args += extra
-    preset, overrides = "default", []
-    for i, item in enumerate(args.args):
-        if "=" in item:
-            overrides.append(item)
-        elif i == 0:
-            preset = item
-        else:
-            print(f"shardml: error: '{item}' is neither the first argument (CONFIG) nor key=value",
-                  file=sys.stderr)
-            return 2
     try:
+        args, preset, overrides = _arguments(argv)
+        from shardml.run.config import load_config
+
         cfg = load_config(preset, overrides)
-        if args.command == "plan" and args.device_memory is not None:
-            from shardml.plan import parse_bytes
-
-            parse_bytes(args.device_memory)  # fail on a bad size before JAX starts
+        _device_memory(args)  # a bad size fails before JAX starts
         # Device emulation must precede anything that starts JAX's backend.
-        from shardml.mesh import avoid_cpu_collective_deadlock, default_cpu_devices, emulate_cpu_devices
+        from shardml.core.devices import setup_cpu_devices
 
-        devices = args.cpu_devices if args.cpu_devices is not None else default_cpu_devices()
-        if devices is not None:
-            emulate_cpu_devices(devices)
-        elif os.environ.get("JAX_NUM_CPU_DEVICES"):
-            avoid_cpu_collective_deadlock()
+        setup_cpu_devices(args.cpu_devices)
         if args.command == "plan":
-            _run_plan(cfg, args)
-        else:
-            from shardml.checkpoint import CheckpointError
-            from shardml.train import NonFiniteError, train
+            _plan(cfg, args)
+            return 0
+        from shardml.run.checkpoint import CheckpointError
+        from shardml.run.loop import NonFiniteError
+        from shardml.run.train import train
 
-            try:
-                train(cfg, verbose=not args.quiet, fresh=args.fresh)
-            except (CheckpointError, NonFiniteError) as err:
-                print(f"shardml: error: {err}", file=sys.stderr)
-                return 1
+        try:
+            train(cfg, verbose=not args.quiet, fresh=args.fresh)
+        except (CheckpointError, NonFiniteError) as err:
+            print(f"shardml: error: {err}", file=sys.stderr)
+            return 1
     except ConfigError as err:
         print(f"shardml: error: {err}", file=sys.stderr)
         return 2

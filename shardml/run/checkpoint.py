@@ -3,8 +3,9 @@
 A checkpoint is one Orbax step directory, ``OUT_DIR/checkpoints/<step>/``, with three items:
 
 - ``params``: the parameters, a plain nested dict of arrays (it loads with plain Orbax: README);
-- ``train``: the rest of the :class:`~shardml.step.TrainState`: ``step``, ``opt_state``, ``rng``;
-- ``meta``: JSON: the resolved config, the data position, host-side counters, the mesh it was
+- ``train``: the rest of the :class:`~shardml.core.step.TrainState`: ``step``, ``opt_state``,
+  ``rng`` and the non-finite step counters;
+- ``meta``: JSON: what the run was (its config), the data stream and position, the mesh it was
   saved on, and the shape, dtype and a checksum of every array.
 
 Restores always take their shardings from a *target* (``trainer.abstract_state()`` of the current
@@ -19,6 +20,7 @@ zstd chunks carry none, so a flipped bit would otherwise restore silently).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -31,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from shardml.config import ConfigError
-from shardml.step import TrainState
+from shardml.core.errors import ConfigError
+from shardml.core.step import TrainState
+from shardml.core.trees import flatten, nest
 
-FORMAT = 1
+FORMAT = 2
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
@@ -43,21 +46,6 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- checksums
-
-
-def _path_name(path) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return "/".join(parts)
-
-
-def flatten(tree: Any) -> dict[str, Any]:
-    """``{"params/layers/wq": leaf, ...}``: leaves by their path (dict keys, field names, indices)."""
-    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
@@ -80,7 +68,8 @@ def checksums(tree: Any) -> dict[str, int]:
     return {name: int(value) for name, value in flatten(jax.device_get(_checksums(tree))).items()}
 
 
-def _describe(tree: Any) -> dict[str, list]:
+def describe(tree: Any) -> dict[str, list]:
+    """``{name: [shape, dtype]}`` of every array of a tree (abstract or concrete)."""
     return {name: [list(leaf.shape), str(leaf.dtype)] for name, leaf in flatten(tree).items()}
 
 
@@ -111,7 +100,10 @@ def _read_item(step_dir: str, item: str, target: Any) -> Any:
 
 
 def _split(state: TrainState) -> tuple[Any, dict]:
-    return state.params, {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    return state.params, {name: getattr(state, name) for name in TRAIN_FIELDS}
+
+
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainState) if f.name != "params")
 
 
 def _restore_args(target: Any) -> ocp.args.PyTreeRestore:
@@ -150,8 +142,13 @@ def read_meta(step_dir: str) -> dict:
             meta = json.load(f)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{step_dir}: its meta item is missing or unreadable ({err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{step_dir}: not a shardml checkpoint of format {FORMAT}")
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise CheckpointError(f"{step_dir}: not a shardml checkpoint")
+    if meta["format"] != FORMAT:
+        # Not damage: nothing is moved aside, the user decides.
+        raise ConfigError(f"{step_dir} was written by another shardml version (checkpoint format {meta['format']}, "
+                          f"this one reads {FORMAT}); it was not touched: use another out_dir, or --fresh to move "
+                          "the old run to out_dir/previous/")
     return meta
 
 
@@ -168,7 +165,7 @@ def restore(step_dir: str, target: TrainState) -> tuple[TrainState, dict]:
     """
     step_dir = os.path.abspath(step_dir)
     meta = read_meta(step_dir)
-    expected, saved = _describe(target), meta.get("arrays", {})
+    expected, saved = describe(target), meta.get("arrays", {})
     differ = [name for name in sorted(set(expected) | set(saved)) if saved.get(name) != expected.get(name)]
     if differ:
         name = differ[0]
@@ -212,7 +209,7 @@ def load_params(path: str, target: Any = None) -> Any:
     if target is None:
         arrays = {name[len("params/"):]: spec for name, spec in meta["arrays"].items()
                   if name.startswith("params/")}
-        target = _unflatten_dict({name: np.empty(shape, jnp.dtype(dtype)) for name, (shape, dtype) in arrays.items()})
+        target = nest({name: np.empty(shape, jnp.dtype(dtype)) for name, (shape, dtype) in arrays.items()})
     try:
         params = _read_item(step_dir, "params", target)
     except Exception as err:
@@ -225,17 +222,6 @@ def load_params(path: str, target: Any = None) -> Any:
     except CheckpointError as err:
         raise CheckpointError(f"{step_dir}: {err}") from None
     return params
-
-
-def _unflatten_dict(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for name, leaf in flat.items():
-        node = tree
-        *parents, last = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = leaf
-    return tree
 
 
 def restore_latest(directory: str, target: TrainState, check: Callable[[dict], None] = lambda meta: None,
@@ -317,7 +303,7 @@ class Checkpointer:
         Blocks until ``state`` is computed and on the host, not until it is written.
         """
         sums = checksums(state)  # waits for the step, as the host copy below would anyway
-        meta = {"format": FORMAT, "step": int(step), **meta, "arrays": _describe(state), "checksums": sums}
+        meta = {"format": FORMAT, "step": int(step), **meta, "arrays": describe(state), "checksums": sums}
         params, train = _split(state)
         self._manager.save(step, args=ocp.args.Composite(
             params=ocp.args.PyTreeSave(params), train=ocp.args.PyTreeSave(train), meta=ocp.args.JsonSave(meta)),

@@ -7,13 +7,14 @@ device holds, ``compiled.memory_analysis()`` gives arguments, outputs and tempor
 gradients, buffers), and the HLO audit (:mod:`shardml.audit`) gives every collective with its bytes
 and mesh axes, loops multiplied by their trip counts::
 
-    emulate_cpu_devices(8)                                  # before JAX starts, CPU only
-    result = make_plan(load_config("default", ["mesh.data=1", "mesh.fsdp=8"]), device_memory=16 * 2**30)
+    step = compile_trainer(trainer, abstract_batch)          # nothing allocated
+    result = plan_of(step, device_memory=16 * 2**30)
     print(format_plan(result))
     result.params_bytes, result.peak_bytes, result.fits
 
-:func:`compile_step` is the compile on its own (the compiled program, its mesh and abstract state),
-for audits that read more of the program than a :class:`Plan` keeps.
+From a run config, :func:`shardml.run.planning.make_plan` builds the trainer and does the same
+(what ``shardml plan`` prints). :func:`compile_trainer` is the compile on its own (the compiled
+program and the abstract state), for audits that read more of the program than a :class:`Plan` keeps.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import dataclasses
 import math
 import re
 import time
+from typing import Any
 
-from shardml import config as config_lib
-from shardml.config import Config, ConfigError
+from shardml.core.errors import ConfigError
+from shardml.core.mesh import layout_name
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -131,7 +133,7 @@ def sent_per_device(op, result_bytes: int, devices: int | None = None) -> int:
 
 def comm_rows(report, mesh) -> tuple[CommRow, ...]:
     """Groups an audit report by (kind, mesh axes, inside loops)."""
-    from shardml.audit import KINDS
+    from shardml.analysis.audit import KINDS
 
     groups: dict = {}
     for op in report.ops:
@@ -153,39 +155,19 @@ def _per_device_bytes(abstract_tree) -> int:
                for leaf in jax.tree.leaves(abstract_tree))
 
 
-def check(cfg: Config, n_devices: int) -> dict[str, int]:
-    """Everything :func:`plan` can reject without compiling; returns the resolved mesh sizes."""
-    sizes = config_lib.validate(cfg, n_devices)
-    if cfg.model.kind != "transformer":
-        raise ConfigError(f"shardml plan covers model.kind=transformer (what shardml train runs); "
-                          f"got '{cfg.model.kind}'")
-    return sizes
-
-
-def abstract_batch(cfg: Config, sharding) -> dict:
-    """ShapeDtypeStructs of one global batch as :func:`shardml.data.train_batch` makes it."""
-    import jax
-    import jax.numpy as jnp
-
-    shape = (cfg.train.batch_size, cfg.data.seq_len)
-    return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
-            "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
-            "mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)}
-
-
 @dataclasses.dataclass(frozen=True)
 class CompiledStep:
-    """The train step of one config, compiled from abstract shapes (nothing allocated)."""
+    """A trainer's train step, compiled from abstract shapes (nothing allocated)."""
 
-    cfg: Config
-    sizes: dict[str, int]
-    mesh: object
-    model: object
-    trainer: object
-    state: object  # abstract TrainState (ShapeDtypeStructs with shardings)
+    trainer: Any
+    state: Any  # abstract TrainState (ShapeDtypeStructs with shardings)
     batch: dict
-    compiled: object  # jax.stages.Compiled
+    compiled: Any  # jax.stages.Compiled
     compile_s: float
+
+    @property
+    def mesh(self):
+        return self.trainer.mesh
 
     def argument_bytes(self) -> dict[str, int]:
         """Per-device bytes of the compiled step's arguments by part of the state, read from the
@@ -198,104 +180,45 @@ class CompiledStep:
             return sum(math.prod(sh.shard_shape(s.shape)) * s.dtype.itemsize
                        for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
 
-        parts = {name: per_device(getattr(self.state, name), getattr(state_shardings, name))
-                 for name in ("params", "opt_state", "step", "rng")}
+        parts = {field.name: per_device(getattr(self.state, field.name), getattr(state_shardings, field.name))
+                 for field in dataclasses.fields(self.state)}
         parts["batch"] = per_device(self.batch, batch_shardings)
         return parts
 
 
-def compile_step(cfg: Config, devices=None) -> CompiledStep:
-    """Lowers and compiles the train step of ``cfg`` (``shardml train``'s trainer, pipeline included).
-
-    ``devices`` (default: all) may be a subset, for a layout smaller than the machine.
-
-    Raises:
-      ConfigError: before anything compiles, for a layout that cannot work.
-    """
+def compile_trainer(trainer, batch: dict) -> CompiledStep:
+    """Lowers and compiles ``trainer``'s step for ``batch`` (ShapeDtypeStructs, or arrays)."""
     import jax
 
-    from shardml.mesh import make_mesh
-    from shardml.models import transformer
-    from shardml.step import build_trainer, default_optimizer
-
-    devices = list(devices if devices is not None else jax.devices())
-    sizes = check(cfg, len(devices))
-    mesh = make_mesh(config_lib.MeshConfig(**sizes), devices=devices)
-    model = transformer(cfg.model, cfg.data.seq_len)
-    trainer = build_trainer(model, mesh, default_optimizer(cfg.optim, cfg.train.steps),
-                            microbatches=cfg.train.microbatches, pipeline=cfg.pipeline)
     state = trainer.abstract_state()
-    batch = abstract_batch(cfg, trainer.batch_sharding)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding) for k, v in batch.items()}
     start = time.perf_counter()
     compiled = trainer.lower_step(state, batch).compile()
-    return CompiledStep(cfg, sizes, mesh, model, trainer, state, batch, compiled, time.perf_counter() - start)
+    return CompiledStep(trainer, state, batch, compiled, time.perf_counter() - start)
 
 
-def make_plan(cfg: Config, device_memory: int | None = None, label: str = "",
-              step: CompiledStep | None = None) -> Plan:
-    """Lowers and compiles the train step of ``cfg`` on the current devices and measures it.
+def plan_of(step: CompiledStep, device_memory: int | None = None, label: str = "") -> Plan:
+    """Measures a compiled step: memory per device and communication per step.
 
     Args:
-      cfg: a full run config (mesh sizes are resolved against ``jax.device_count()``).
+      step: from :func:`compile_trainer`.
       device_memory: bytes one device has; sets :attr:`Plan.fits`.
       label: a name for tables (default: the mesh layout).
-      step: ``compile_step(cfg)`` when the caller already has it (not compiled again).
-
-    Raises:
-      ConfigError: before anything compiles, for a layout that cannot work.
     """
-    from shardml.audit import collectives, memory
+    from shardml.analysis.audit import collectives, memory
 
-    step = step or compile_step(cfg)
-    mesh, sizes, state = step.mesh, step.sizes, step.state
+    mesh, state = step.mesh, step.state
     mem = memory(step.compiled)
-    layout = {name: size for name, size in sizes.items() if size > 1}
     return Plan(
-        label=label or (",".join(f"{n}={s}" for n, s in layout.items()) or "one device"),
-        mesh=dict(sizes), devices=mesh.devices.size, platform=mesh.devices.flat[0].platform,
-        num_params=step.model.num_params, params_bytes=_per_device_bytes(state.params),
+        label=label or layout_name(mesh.shape, sep=","),
+        mesh=dict(mesh.shape), devices=mesh.devices.size, platform=mesh.devices.flat[0].platform,
+        num_params=step.trainer.model.num_params, params_bytes=_per_device_bytes(state.params),
         opt_state_bytes=_per_device_bytes(state.opt_state), batch_bytes=_per_device_bytes(step.batch),
         arguments_bytes=mem.arguments, outputs_bytes=mem.outputs, aliased_bytes=mem.aliased,
         temporaries_bytes=mem.temporaries, generated_code_bytes=mem.generated_code,
         comm=comm_rows(collectives(step.compiled.as_text(), mesh), mesh), compile_s=step.compile_s,
         device_memory=device_memory,
     )
-
-
-# ----------------------------------------------------------------------------- several layouts
-
-
-def layout_config(base: Config, layout: str) -> Config:
-    """Applies one ``--compare`` column: comma-separated ``key=value`` overrides.
-
-    A column that sets any ``mesh.*`` key starts from a fresh mesh (``data=-1`` fills, the other
-    axes 1), so ``mesh.fsdp=8`` means fsdp=8 alone, whatever the preset's mesh was.
-    """
-    items = [item.strip() for item in layout.split(",") if item.strip()]
-    if not items:
-        raise ConfigError(f"--compare layout '{layout}' is empty; write e.g. mesh.data=2,mesh.tensor=4")
-    bad = [item for item in items if "=" not in item]
-    if bad:
-        raise ConfigError(f"--compare layout '{layout}': '{bad[0]}' is not key=value (e.g. mesh.fsdp=8)")
-    if any(item.split("=", 1)[0].strip().startswith("mesh.") for item in items):
-        base = dataclasses.replace(base, mesh=config_lib.MeshConfig())
-    return config_lib.apply_overrides(base, items)
-
-
-def compare_layouts(base: Config, layouts: list[str], device_memory: int | None = None) -> list[Plan]:
-    """Plans several layouts of ``base``; all are checked before the first compile."""
-    import jax
-
-    configs = []
-    for layout in layouts:
-        try:
-            configs.append(layout_config(base, layout))
-            check(configs[-1], jax.device_count())
-        except ConfigError as err:
-            message = str(err)
-            raise ConfigError(message if message.startswith("--compare") else
-                              f"--compare layout '{layout}': {message}") from None
-    return [make_plan(cfg, device_memory, label=layout) for layout, cfg in zip(layouts, configs)]
 
 
 # ----------------------------------------------------------------------------- printing
@@ -314,8 +237,7 @@ def _warning(p: Plan) -> str | None:
 
 def format_plan(p: Plan) -> str:
     """A report of one layout: memory per device, then communication per step."""
-    mesh = " x ".join(f"{n}={s}" for n, s in p.mesh.items() if s > 1) or "one device"
-    lines = [(f"plan: {p.devices} {p.platform} device(s): {mesh}; {p.num_params:,} parameters; "
+    lines = [(f"plan: {p.devices} {p.platform} device(s): {layout_name(p.mesh)}; {p.num_params:,} parameters; "
               f"compiled in {p.compile_s:.1f}s"),
              "", "memory per device"]
     rows = [("parameters (state shardings)", p.params_bytes),
@@ -349,12 +271,12 @@ def format_plan(p: Plan) -> str:
 
 def format_comparison(plans: list[Plan]) -> str:
     """Layouts side by side: one column per plan, one row per figure."""
-    from shardml.audit import KINDS
+    from shardml.analysis.audit import KINDS
 
     keys = sorted({(r.kind, r.axes, r.in_loop) for p in plans for r in p.comm},
                   key=lambda k: (KINDS.index(k[0]), k[1], k[2]))
     table = [("layout", [p.label for p in plans]),
-             ("mesh", [" x ".join(f"{n}={s}" for n, s in p.mesh.items() if s > 1) or "1" for p in plans]),
+             ("mesh", [layout_name(p.mesh) for p in plans]),
              ("parameters / device", [format_bytes(p.params_bytes) for p in plans]),
              ("optimizer state / device", [format_bytes(p.opt_state_bytes) for p in plans]),
              ("temporaries / device", [format_bytes(p.temporaries_bytes) for p in plans]),

@@ -1,0 +1,332 @@
+"""Data sources: host NumPy batches by step, and their placement as global arrays.
+
+A *source* gives the loop the global batch of each step (``source.batch(step)``) and describes
+itself (``source.fingerprint``) so a resumed run can check it is reading the same stream. Text
+sources cut random windows out of a token stream; array sources deal examples in a new
+permutation every epoch. In both the batch of step ``s`` is a pure function of (seed, s), so every
+layout sees the same global batch at every step and resuming at step ``s`` needs nothing but ``s``::
+
+    tokens = load_tokens("pydoc")                       # or a text file, a directory, .npy, .bin
+    source = TextBatches(tokens, batch_size=32, seq_len=64, seed=0)
+    batch = source.batch(0)     # {"inputs": int32 [32, 64], "targets": ..., "mask": f32 [32, 64]}
+
+Any ``step -> batch`` callable, an indexable (``data[step]``) or an iterator plugs into the same
+loop through :func:`as_source`; an iterator's position is recorded, and restored when it offers
+``get_state`` / ``set_state`` (grain's iterators do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from shardml.core.errors import ConfigError
+
+EMBEDDED = {"pydoc": "the English documentation of the Python language that CPython ships (pydoc_data.topics)",
+            "digits": "scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes)"}
+TOKEN_FILES = (".npy", ".bin")
+
+
+# ----------------------------------------------------------------------------- token streams
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """A token stream split into a training part and a held-out part (the last ``val_fraction``)."""
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    vocab: int
+
+
+def _pydoc_bytes() -> bytes:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
+
+
+def _text_bytes(path: pathlib.Path) -> bytes:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"data.corpus={str(path)!r} is a directory with no files; give UTF-8 text files")
+    parts = []
+    for file in files:
+        data = file.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"data.corpus: {file} is not UTF-8 text ({err.reason} at byte {err.start}); byte-level "
+                              "text must be UTF-8, and token ids go in a .npy or .bin file") from None
+        parts.append(data)
+    return b"\n\n".join(parts)
+
+
+def _token_file(path: pathlib.Path, token_dtype: str) -> np.ndarray:
+    if path.suffix == ".npy":
+        tokens = np.load(path, mmap_mode="r")
+    else:
+        try:
+            tokens = np.memmap(path, dtype=np.dtype(token_dtype), mode="r")
+        except TypeError:
+            raise ConfigError(f"data.token_dtype={token_dtype!r} is not a NumPy integer type (e.g. uint16)") from None
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ConfigError(f"data.corpus={str(path)!r} holds {tokens.dtype} of shape {tokens.shape}; a token file is "
+                          "a flat array of integer token ids")
+    return tokens
+
+
+def load_tokens(corpus: str = "pydoc", val_fraction: float = 0.05, vocab: int = 0,
+                token_dtype: str = "uint16") -> Tokens:
+    """A token stream: an embedded corpus, a UTF-8 text file or a directory of them (byte-level,
+    vocabulary 256), or a ``.npy`` / raw ``.bin`` file of token ids (memory-mapped; ``vocab`` is
+    given, or read as the largest id + 1).
+
+    Raises:
+      ConfigError: an unknown name, a missing or unreadable file, ids outside ``vocab``.
+    """
+    if not 0.0 < val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction={val_fraction} must lie in (0, 0.5)")
+    path = pathlib.Path(corpus).expanduser()
+    if corpus == "pydoc":
+        tokens, known_vocab = np.frombuffer(_pydoc_bytes(), dtype=np.uint8), 256
+    elif path.suffix in TOKEN_FILES and path.is_file():
+        tokens = _token_file(path, token_dtype)
+        known_vocab = int(tokens.max()) + 1 if len(tokens) else 0
+        if vocab and known_vocab > vocab:
+            raise ConfigError(f"data.corpus={corpus!r} holds token id {known_vocab - 1}, outside model.vocab={vocab}; "
+                              f"set model.vocab to at least {known_vocab}")
+    elif path.exists():
+        tokens, known_vocab = np.frombuffer(_text_bytes(path), dtype=np.uint8), 256
+    else:
+        raise ConfigError(f"data.corpus={corpus!r} is neither an embedded corpus ({', '.join(EMBEDDED)}) nor an "
+                          "existing file or directory; give a UTF-8 text file, a directory of them, or a .npy / "
+                          ".bin file of token ids")
+    cut = int(len(tokens) * (1.0 - val_fraction))
+    return Tokens(corpus, tokens[:cut], tokens[cut:], max(vocab, known_vocab))
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict:
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    seqs = np.asarray(tokens[idx]).astype(np.int32)
+    return {"inputs": seqs[:, :-1], "targets": seqs[:, 1:], "mask": np.ones((len(starts), seq_len), np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextBatches:
+    """Random windows of ``seq_len + 1`` tokens: next-token inputs, targets and a mask.
+
+    Example:
+      >>> source = TextBatches(load_tokens("pydoc"), batch_size=8, seq_len=64)
+      >>> source.batch(3)["inputs"].shape
+      (8, 64)
+    """
+
+    tokens: Tokens
+    batch_size: int
+    seq_len: int
+    seed: int = 0
+
+    def __post_init__(self):
+        for part, stream in (("training", self.tokens.train), ("validation", self.tokens.val)):
+            if len(stream) <= self.seq_len + 1:
+                raise ConfigError(f"data.seq_len={self.seq_len} is longer than the {part} text of "
+                                  f"{self.tokens.name!r} ({len(stream)} tokens); use a shorter sequence")
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"kind": "text", "corpus": self.tokens.name, "train_tokens": len(self.tokens.train),
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed}
+
+    def batch(self, step: int) -> dict:
+        """The global batch of ``step``: random windows, a pure function of (seed, step)."""
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.tokens.train) - self.seq_len - 1, size=self.batch_size)
+        return _windows(self.tokens.train, starts, self.seq_len)
+
+    def eval_batches(self, count: int) -> list[dict]:
+        """``count`` fixed validation batches: evenly spaced windows over the held-out tokens."""
+        span = len(self.tokens.val) - self.seq_len - 1
+        starts = np.linspace(0, span, num=self.batch_size * count).astype(np.int64)
+        return [_windows(self.tokens.val, starts[i * self.batch_size:(i + 1) * self.batch_size], self.seq_len)
+                for i in range(count)]
+
+
+# ----------------------------------------------------------------------------- arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """A labelled dataset split into training and held-out arrays."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    classes: int
+
+    @property
+    def features(self) -> int:
+        return int(np.prod(self.x_train.shape[1:]))
+
+
+def split_examples(name: str, x: np.ndarray, y: np.ndarray, val_fraction: float = 0.2, seed: int = 0) -> Examples:
+    """Shuffles (seeded) and holds out the last ``val_fraction`` of the examples."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    cut = int(len(x) * (1.0 - val_fraction))
+    x, y = np.asarray(x, np.float32)[order], np.asarray(y, np.int32)[order]
+    return Examples(name, x[:cut], y[:cut], x[cut:], y[cut:], int(y.max()) + 1)
+
+
+def load_digits(val_fraction: float = 0.2) -> Examples:
+    """scikit-learn's digits: 8x8 images scaled to [0, 1] as 64 features, 10 classes."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise ConfigError("data.corpus=digits needs scikit-learn: pip install 'shardml[examples]'") from None
+    digits = sklearn_digits()
+    return split_examples("digits", digits.data / 16.0, digits.target, val_fraction)
+
+
+def _pad_rows(batch: dict, rows: int) -> dict:
+    """Pads every leaf to ``rows`` rows with zeros; ``mask`` marks the real ones."""
+    have = len(batch["targets"])
+    mask = np.zeros(rows, np.float32)
+    mask[:have] = 1.0
+    padded = {k: np.concatenate([v, np.zeros((rows - have, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    return {**padded, "mask": mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayBatches:
+    """Batches of examples, a new seeded permutation every epoch: the batch of step ``s`` holds
+    positions ``[s·B, (s+1)·B)`` of the concatenated epochs, a pure function of (seed, s)."""
+
+    examples: Examples
+    batch_size: int
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size > len(self.examples.x_train):
+            raise ConfigError(f"train.batch_size={self.batch_size} exceeds the {len(self.examples.x_train)} training "
+                              f"examples of {self.examples.name!r}")
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"kind": "arrays", "dataset": self.examples.name, "train_examples": len(self.examples.x_train),
+                "batch_size": self.batch_size, "seed": self.seed}
+
+    def _rows(self, step: int) -> np.ndarray:
+        n = len(self.examples.x_train)
+        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        epochs = positions // n
+        perms = {e: np.random.default_rng([self.seed, e]).permutation(n) for e in np.unique(epochs)}
+        return np.array([perms[e][p % n] for e, p in zip(epochs, positions)])
+
+    def batch(self, step: int) -> dict:
+        rows = self._rows(step)
+        return {"inputs": self.examples.x_train[rows], "targets": self.examples.y_train[rows],
+                "mask": np.ones(self.batch_size, np.float32)}
+
+    def eval_batches(self, count: int = 0) -> list[dict]:
+        """The whole held-out set (or its first ``count`` batches) in batches of ``batch_size``,
+        the last one padded with masked rows, so the figure is exactly the full-set mean."""
+        x, y, b = self.examples.x_val, self.examples.y_val, self.batch_size
+        batches = [_pad_rows({"inputs": x[i:i + b], "targets": y[i:i + b]}, b) for i in range(0, len(x), b)]
+        return batches[:count] if count else batches
+
+
+# ----------------------------------------------------------------------------- any source
+
+
+class IteratorSource:
+    """An iterator of batches as a source: read in order, its position recorded.
+
+    ``state()`` is what a checkpoint keeps: the number of batches read, and the iterator's own
+    ``get_state()`` when it has one; :meth:`restore` puts an iterator with ``set_state`` back
+    there, and refuses (rather than repeat or skip batches) one that cannot be put back.
+    """
+
+    fingerprint = None
+
+    def __init__(self, iterable: Iterable):
+        self._iterator: Iterator = iter(iterable)
+        self.position = 0
+
+    def batch(self, step: int) -> dict:
+        if step != self.position:
+            raise RuntimeError(f"an iterator source is read in order: asked for step {step} at position {self.position}")
+        self.position += 1
+        return next(self._iterator)
+
+    def state(self) -> dict:
+        get_state = getattr(self._iterator, "get_state", None)
+        return {"position": self.position, "iterator": get_state() if callable(get_state) else None}
+
+    def restore(self, state: dict) -> None:
+        position = int(state.get("position", 0))
+        set_state = getattr(self._iterator, "set_state", None)
+        if state.get("iterator") is not None and callable(set_state):
+            set_state(state["iterator"])
+        elif position:
+            raise ConfigError(
+                f"cannot resume at batch {position}: the data is a plain iterator, whose position cannot be restored "
+                "without repeating or skipping batches. Pass an indexable source (step -> batch), an iterator with "
+                "get_state/set_state (e.g. a grain DatasetIterator), or start over (resume='never' / --fresh)")
+        self.position = position
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionSource:
+    """``fn(step) -> batch`` (or ``data[step]``) as a source."""
+
+    fn: Callable[[int], dict]
+    fingerprint: dict | None = None
+
+    def batch(self, step: int) -> dict:
+        return self.fn(step)
+
+
+def as_source(data: Any) -> Any:
+    """A source with ``batch(step)`` from a source, a ``step -> batch`` callable, an indexable of
+    batches (``data[step]``; a sequence is read round and round) or an iterator."""
+    if hasattr(data, "batch") and callable(data.batch):
+        return data
+    if callable(data):
+        return FunctionSource(data)
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (dict, str, bytes)):
+        return FunctionSource(lambda step: data[step % len(data)])
+    if isinstance(data, (Iterator, Iterable)) and not isinstance(data, (dict, str, bytes)):
+        return IteratorSource(data)
+    raise TypeError(f"cannot read batches from {type(data).__name__}; pass a step -> batch function, a sequence of "
+                    "batches, an iterator of batches, or a source such as shardml.TextBatches")
+
+
+def put_batch(batch: dict, sharding) -> dict:
+    """Host numpy batch -> global arrays sharded over the batch axes.
+
+    On several processes each passes the rows of its own devices
+    (``jax.make_array_from_process_local_data``).
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def rows_of(batch: dict) -> int:
+    """The batch size of a host batch (the leading dimension of its leaves)."""
+    import jax
+
+    return int(jax.tree.leaves(batch)[0].shape[0])
+
+
+def is_token_file(corpus: str) -> bool:
+    return os.path.splitext(corpus)[1] in TOKEN_FILES

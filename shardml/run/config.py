@@ -1,0 +1,287 @@
+"""The run's configuration: nested typed sections, YAML presets, ``key=value`` overrides, validation.
+
+A run is fully described by one :class:`Config`. Its sections are the typed settings of the parts
+they configure (``MeshConfig`` of the mesh, ``OptimConfig`` of the optimizer, the transformer's
+own config), plus the run's data, loop and checkpoint settings defined here. Presets are YAML files
+holding any subset of its fields (``shardml/run/configs/``, shipped inside the package); dotted
+overrides (``mesh.tensor=2``) change single fields and are type- and range-checked, so a typo or an
+impossible value fails before anything is compiled::
+
+    cfg = load_config("tiny", ["mesh.data=2", "train.steps=5"])
+    cfg.train.steps  # 5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import pathlib
+import typing
+from typing import Any
+
+import yaml
+
+from shardml.core.errors import ConfigError
+from shardml.core.mesh import MeshConfig, resolve_mesh_sizes
+from shardml.core.optim import OptimConfig
+from shardml.core.pipeline import SCHEDULES
+from shardml.core.settings import check_settings, setting
+from shardml.models.transformer import TransformerConfig
+
+MODEL_KINDS = ("transformer", "mlp")
+RESUME_MODES = ("auto", "never")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(TransformerConfig):
+    """The reference model: the transformer's settings, and ``kind``. ``mlp`` is a classifier with
+    one hidden layer of ``d_ff`` units, for array data (``data.corpus=digits``)."""
+
+    kind: str = setting("transformer", choices=MODEL_KINDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """``corpus``: an embedded corpus or dataset (``pydoc``, ``digits``), a UTF-8 text file or a
+    directory of them (byte-level), or a ``.npy`` / raw ``.bin`` file of token ids."""
+
+    corpus: str = "pydoc"
+    seq_len: int = setting(64, minimum=1)
+    val_fraction: float = setting(0.05, above=0.0, below=0.5)
+    token_dtype: str = setting("uint16", choices=("uint8", "uint16", "int32", "uint32", "int64"),
+                               hint="the integer type of a raw .bin token file")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints of the whole train state in ``out_dir/checkpoints`` (see :mod:`shardml.run.checkpoint`)."""
+
+    every: int = setting(100, minimum=0, hint="0 saves only at the end (and on SIGTERM / SIGINT)")
+    keep: int = setting(3, minimum=1)
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = setting(100, minimum=1)
+    batch_size: int = setting(32, minimum=1, hint="the global batch, the same on every layout")
+    microbatches: int = setting(1, minimum=1)
+    seed: int = setting(0, minimum=0)
+    # auto: the latest valid checkpoint in out_dir, if any | never | a checkpoint path
+    resume: str = "auto"
+    max_bad_steps: int = setting(10, minimum=1, hint="stop after this many non-finite steps in a row")
+    log_every: int = setting(10, minimum=1)
+    eval_every: int = setting(0, minimum=0, hint="0 evaluates once, at the end")
+    eval_batches: int = setting(8, minimum=0, hint="0 evaluates the whole held-out set (array data)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """How the ``pipeline`` mesh axis runs the layers (used when ``mesh.pipeline > 1``).
+
+    The batch of each ``train.microbatches`` accumulation step is cut again into ``microbatches``
+    pipeline microbatches, so one step runs ``train.microbatches`` pipelined passes of
+    ``microbatches`` microbatches each (0 means one per stage).
+    """
+
+    schedule: str = setting("1f1b", choices=SCHEDULES)
+    microbatches: int = setting(0, minimum=0, hint="0 means one per stage")
+    repeats: int = setting(1, minimum=1, hint="virtual stages per device (circular)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    mesh: MeshConfig = MeshConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    train: TrainConfig = TrainConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    out_dir: str = "runs/default"
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict of ``cfg`` (for YAML and JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def flat_dict(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"mesh.data": 2, ...}`` of a nested dict."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, typ in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys += all_keys(typ, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else f"; valid keys: {', '.join(all_keys())}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    """Checks ``value`` against the field type; ints are accepted where floats are expected."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '3e-3' as a string
+            return float(value)
+        except ValueError:
+            pass
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a directory named 2024, a corpus path given as a number
+    if isinstance(value, bool) and typ is not bool or not isinstance(value, typ):
+        raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(data: dict, cls=Config, prefix: str = "", base: Any = None) -> Any:
+    """Builds ``cls`` from a nested dict, starting from ``base`` (defaults if None)."""
+    base = base if base is not None else cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    types = typing.get_type_hints(cls)
+    changes = {}
+    for name, value in data.items():
+        key = prefix + name
+        if name not in types:
+            raise _unknown_key(key)
+        typ = types[name]
+        if dataclasses.is_dataclass(typ):
+            changes[name] = from_dict(value, typ, key + ".", getattr(base, name))
+        else:
+            changes[name] = _coerce(key, value, typ)
+    return dataclasses.replace(base, **changes)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Applies ``key=value`` strings; values are parsed as YAML scalars (``2``, ``1e-3``, ``bf16``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. mesh.data=2)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in all_keys():
+            raise _unknown_key(key)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw  # a string YAML cannot read as a scalar (a path with ': ' in it, say)
+        nested: dict = {}
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        cfg = from_dict(nested, base=cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def presets() -> dict[str, Any]:
+    """The presets shipped inside the package: name -> resource."""
+    folder = importlib.resources.files("shardml.run") / "configs"
+    return {entry.name[:-5]: entry for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def _read_yaml(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {where} is not valid YAML{line}: {problem}; fix that line "
+                          "(sections are 'key: value' mappings, e.g. 'train: {steps: 100}')") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {where} must hold a mapping of sections (e.g. 'train: {{steps: 100}}'), "
+                          f"not a {type(data).__name__}")
+    return data
+
+
+def preset_text(name: str) -> tuple[str, str]:
+    """The YAML text of a preset name (``tiny``) or a YAML path, and where it came from."""
+    path = pathlib.Path(name).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"config '{name}' is a directory; give a preset name or a .yaml file")
+        if not path.exists():
+            raise ConfigError(f"config file '{name}' does not exist")
+        return path.read_text(), str(path)
+    found = presets()
+    if name in found:
+        return found[name].read_text(), f"preset '{name}'"
+    near = difflib.get_close_matches(name, sorted(found), n=3)
+    hint = f"did you mean {', '.join(near)}? " if near else ""
+    raise ConfigError(f"no preset named '{name}'; {hint}presets: {', '.join(sorted(found))} (or pass a .yaml path)")
+
+
+def load_config(preset: str | None = "default", overrides: list[str] | None = None) -> Config:
+    """Loads a preset (name or YAML path; None for the built-in defaults) and applies overrides.
+
+    Raises:
+      ConfigError: an unknown preset or key, YAML that does not parse, a value of the wrong type.
+    """
+    cfg = Config()
+    if preset is not None:
+        text, where = preset_text(preset)
+        cfg = from_dict(_read_yaml(text, where))
+    return apply_overrides(cfg, overrides or [])
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def pipeline_microbatches(cfg: Config, stages: int) -> int:
+    """Pipeline microbatches per pass: ``pipeline.microbatches``, or one per stage when it is 0."""
+    return 1 if stages <= 1 else cfg.pipeline.microbatches or stages
+
+
+def validate(cfg: Config, n_devices: int) -> dict[str, int]:
+    """Checks what the config alone decides (every key's range, the mesh against the devices, the
+    resume mode); the model's shapes against the layout are checked when the trainer is built,
+    still before anything compiles. Returns the resolved mesh sizes.
+
+    Raises:
+      ConfigError: naming the key, its value and the fix.
+    """
+    check_settings(cfg)
+    if cfg.train.resume not in RESUME_MODES and not cfg.train.resume.strip():
+        raise ConfigError("train.resume is empty; use auto, never, or the path of a checkpoint")
+    if not cfg.out_dir.strip():
+        raise ConfigError("out_dir is empty; give the directory the run writes to (e.g. out_dir=runs/x)")
+    sizes = resolve_mesh_sizes(cfg.mesh, n_devices)
+    if cfg.model.kind == "mlp" and sizes["pipeline"] > 1:
+        raise ConfigError(f"mesh.pipeline={sizes['pipeline']}: model.kind=mlp has no layers to cut into stages; "
+                          "use model.kind=transformer or mesh.pipeline=1")
+    if cfg.pipeline.repeats > 1 and cfg.pipeline.schedule != "circular":
+        raise ConfigError(f"pipeline.repeats={cfg.pipeline.repeats} needs pipeline.schedule=circular (got "
+                          f"'{cfg.pipeline.schedule}'); set pipeline.repeats=1 or choose the circular schedule")
+    if sizes["members"] > 1:
+        raise ConfigError(f"mesh.members={sizes['members']}: populations of models are not supported yet; "
+                          "set mesh.members=1")
+    return sizes

@@ -1,0 +1,73 @@
+"""``shardml plan`` from a config: build the trainer a run would build, compile its step from
+abstract shapes, and measure it (:mod:`shardml.analysis.plan`); several layouts side by side.
+
+    emulate_cpu_devices(8)                                  # before JAX starts, CPU only
+    result = make_plan(load_config("default", ["mesh.data=1", "mesh.fsdp=8"]), device_memory=16 * 2**30)
+    print(format_plan(result))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from shardml.analysis.plan import CompiledStep, Plan, compile_trainer, plan_of
+from shardml.core.errors import ConfigError
+from shardml.core.mesh import MeshConfig
+from shardml.run import config as config_lib
+from shardml.run.config import Config
+from shardml.run.recipe import Parts, build
+
+
+def abstract_batch(parts: Parts) -> dict:
+    """ShapeDtypeStructs (with the batch sharding) of one global batch of the run's data."""
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parts.trainer.batch_sharding)
+            for k, v in parts.data.batch(0).items()}
+
+
+def compile_step(cfg: Config, devices=None) -> CompiledStep:
+    """Builds the trainer of ``cfg`` (``shardml train``'s, pipeline included) on ``devices``
+    (default: all; a subset for a layout smaller than the machine) and compiles its step.
+
+    Raises:
+      ConfigError: before anything compiles, for a layout that cannot work.
+    """
+    parts = build(cfg, devices)
+    return compile_trainer(parts.trainer, abstract_batch(parts))
+
+
+def make_plan(cfg: Config, device_memory: int | None = None, label: str = "") -> Plan:
+    """The :class:`Plan` of ``cfg`` on the current devices (nothing trained, nothing allocated)."""
+    return plan_of(compile_step(cfg), device_memory, label)
+
+
+def layout_config(base: Config, layout: str) -> Config:
+    """Applies one ``--compare`` column: comma-separated ``key=value`` overrides.
+
+    A column that sets any ``mesh.*`` key starts from a fresh mesh (``data=-1`` fills, the other
+    axes 1), so ``mesh.fsdp=8`` means fsdp=8 alone, whatever the preset's mesh was.
+    """
+    items = [item.strip() for item in layout.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"--compare layout '{layout}' is empty; write e.g. mesh.data=2,mesh.tensor=4")
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise ConfigError(f"--compare layout '{layout}': '{bad[0]}' is not key=value (e.g. mesh.fsdp=8)")
+    if any(item.split("=", 1)[0].strip().startswith("mesh.") for item in items):
+        base = dataclasses.replace(base, mesh=MeshConfig())
+    return config_lib.apply_overrides(base, items)
+
+
+def compare_layouts(base: Config, layouts: list[str], device_memory: int | None = None) -> list[Plan]:
+    """Plans several layouts of ``base``; every one is built and checked before the first compile."""
+    built = []
+    for layout in layouts:
+        try:
+            built.append(build(layout_config(base, layout)))
+        except ConfigError as err:
+            message = str(err)
+            raise ConfigError(message if message.startswith("--compare") else
+                              f"--compare layout '{layout}': {message}") from None
+    return [plan_of(compile_trainer(parts.trainer, abstract_batch(parts)), device_memory, label=layout)
+            for layout, parts in zip(layouts, built)]

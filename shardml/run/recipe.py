@@ -1,0 +1,101 @@
+"""From a config to the parts of a run: model, loss, data, optimizer, mesh and trainer.
+
+The one place that turns a :class:`~shardml.run.config.Config` into objects; ``shardml train``,
+``shardml plan`` and the benchmarks all build their trainer here::
+
+    parts = build(load_config("tiny"))
+    state = parts.trainer.init(parts.cfg.train.seed)
+    state, metrics = parts.trainer.step(state, parts.trainer.put(parts.data.batch(0)))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from shardml.core.checks import check_batch
+from shardml.core.data import ArrayBatches, TextBatches, is_token_file, load_digits, load_tokens
+from shardml.core.errors import ConfigError
+from shardml.core.losses import Loss, classification, token_cross_entropy
+from shardml.core.mesh import MeshConfig, make_mesh
+from shardml.core.optim import default_optimizer
+from shardml.core.pipeline import Schedule
+from shardml.core.step import Trainer, build_trainer
+from shardml.models import Model, mlp_classifier, transformer
+from shardml.run.config import Config, pipeline_microbatches, validate
+
+ARRAY_DATASETS = {"digits": load_digits}
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """Everything a run of ``cfg`` needs, built and checked (nothing compiled yet)."""
+
+    cfg: Config
+    sizes: dict[str, int]
+    model: Model
+    loss: Loss
+    data: Any  # TextBatches | ArrayBatches
+    trainer: Trainer
+    schedule: Schedule | None
+
+    def eval_batches(self) -> list[dict]:
+        return self.data.eval_batches(self.cfg.train.eval_batches)
+
+
+def data_source(cfg: Config) -> TextBatches | ArrayBatches:
+    """The data of ``cfg``: text windows for the transformer, examples for the classifier."""
+    d, t = cfg.data, cfg.train
+    if cfg.model.kind == "mlp":
+        if d.corpus not in ARRAY_DATASETS:
+            raise ConfigError(f"model.kind=mlp trains on array data; data.corpus={d.corpus!r} is not one of "
+                              f"{', '.join(ARRAY_DATASETS)} (from Python, any arrays: shardml.ArrayBatches)")
+        return ArrayBatches(ARRAY_DATASETS[d.corpus](), t.batch_size, t.seed)
+    if d.corpus in ARRAY_DATASETS:
+        raise ConfigError(f"data.corpus={d.corpus} holds labelled examples, not text; use model.kind=mlp")
+    tokens = load_tokens(d.corpus, d.val_fraction, vocab=cfg.model.vocab if is_token_file(d.corpus) else 0,
+                         token_dtype=d.token_dtype)
+    if tokens.vocab > cfg.model.vocab:
+        raise ConfigError(f"data.corpus={d.corpus!r} has a vocabulary of {tokens.vocab} but model.vocab="
+                          f"{cfg.model.vocab}; set model.vocab={tokens.vocab}")
+    return TextBatches(tokens, t.batch_size, d.seq_len, t.seed)
+
+
+def model_of(cfg: Config, data) -> tuple[Model, Loss]:
+    """The reference model of ``cfg.model.kind`` and its loss."""
+    if cfg.model.kind == "mlp":
+        ex = data.examples
+        return mlp_classifier(ex.features, cfg.model.d_ff, ex.classes, cfg.model.dtype), classification
+    return transformer(cfg.model, cfg.data.seq_len), token_cross_entropy
+
+
+def schedule_of(cfg: Config, stages: int) -> Schedule | None:
+    if stages <= 1:
+        return None
+    pc = cfg.pipeline
+    return Schedule(pc.schedule, stages, pipeline_microbatches(cfg, stages), pc.repeats)
+
+
+def build(cfg: Config, devices=None) -> Parts:
+    """Validates ``cfg`` against ``devices`` (default: all), then builds the model, data and trainer.
+
+    Raises:
+      ConfigError: before anything compiles, for anything that cannot work.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = validate(cfg, len(devices))
+    schedule = schedule_of(cfg, sizes["pipeline"])
+    check_batch(cfg.train.batch_size, sizes, cfg.train.microbatches, schedule.microbatches if schedule else 1)
+    data = data_source(cfg)
+    model, loss = model_of(cfg, data)
+    mesh = make_mesh(MeshConfig(**sizes), devices=devices)
+    trainer = build_trainer(model, mesh, default_optimizer(cfg.optim, cfg.train.steps), loss=loss,
+                            microbatches=cfg.train.microbatches, schedule=schedule)
+    return Parts(cfg, sizes, model, loss, data, trainer, schedule)
+
+
+def trainer_from_config(cfg: Config, devices=None) -> Trainer:
+    """The trainer ``shardml train`` builds for ``cfg`` (see :func:`build` for the other parts)."""
+    return build(cfg, devices).trainer
