@@ -233,6 +233,10 @@ def _permute_bwd(pairs, _, g):
 _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
+def _zero_sums(names: tuple[str, ...]):
+    return _zeros({name: jax.ShapeDtypeStruct((), jnp.float32) for name in names})
+
+
 def _head_sums(stages, loss: Loss, shared, h, micro, index):
     """The loss sums of microbatch ``index`` from the last stage's activations ``h``."""
     rows = jax.tree.map(lambda x: x[index], {k: v for k, v in micro.items() if k != "inputs"})
@@ -242,8 +246,8 @@ def _head_sums(stages, loss: Loss, shared, h, micro, index):
 # ----------------------------------------------------------------------------- the passes
 
 
-def forward_pass(stages, loss: Loss, schedule: Schedule, chunks, shared, micro):
-    """Per-device forward loop (GPipe / circular): returns the loss sums of the pass.
+def forward_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, micro):
+    """Per-device forward loop (GPipe / circular): returns the loss sums (``names``) of the pass.
 
     ``chunks``: this device's layers, leaves [v, layers per chunk, ...]; ``micro``: inputs,
     targets[, mask] with leaves [m, microbatch, ...]. Differentiate it for the GPipe backward.
@@ -252,7 +256,6 @@ def forward_pass(stages, loss: Loss, schedule: Schedule, chunks, shared, micro):
     p, v = schedule.stages, schedule.repeats
     stage = jax.lax.axis_index(PIPE)
     h_shape = jax.eval_shape(stages.embed, shared, micro["inputs"][0])
-    sums_shape = jax.eval_shape(lambda h: _head_sums(stages, loss, shared, h, micro, 0), h_shape)
 
     @jax.checkpoint  # keep only the tick's input; the backward recomputes the stage
     def compute(h_recv, t):
@@ -270,11 +273,11 @@ def forward_pass(stages, loss: Loss, schedule: Schedule, chunks, shared, micro):
         h_out, tick_sums = compute(h, t)
         return _send(h_out, sends[0]), jax.tree.map(jnp.add, sums, tick_sums)
 
-    _, sums = run_ticks(tick, _zeros((h_shape, sums_shape)), schedule)
+    _, sums = run_ticks(tick, (_zeros(h_shape), _zero_sums(names)), schedule)
     return sums
 
 
-def one_f_one_b_pass(stages, loss: Loss, schedule: Schedule, chunks, shared, micro):
+def one_f_one_b_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, micro):
     """Per-device 1F1B loop: returns (loss sums, (layer grads, shared grads)), f32 sums.
 
     Stage s runs the forward of microbatch t - s and the backward of microbatch t - (2p - 2 - s) at
@@ -286,7 +289,6 @@ def one_f_one_b_pass(stages, loss: Loss, schedule: Schedule, chunks, shared, mic
     stage = jax.lax.axis_index(PIPE)
     layers = jax.tree.map(lambda w: w[0], chunks)
     h_shape = jax.eval_shape(stages.embed, shared, micro["inputs"][0])
-    sums_shape = jax.eval_shape(lambda h: _head_sums(stages, loss, shared, h, micro, 0), h_shape)
 
     def stage_forward(layers, shared, h_in, index):
         h_in = jax.lax.cond(stage == 0, lambda: stages.embed(shared, micro["inputs"][index]).astype(h_in.dtype),
@@ -296,7 +298,7 @@ def one_f_one_b_pass(stages, loss: Loss, schedule: Schedule, chunks, shared, mic
     def stage_and_loss(layers, shared, h_in, index):
         h_out = stage_forward(layers, shared, h_in, index)
         sums = jax.lax.cond(stage == p - 1, lambda: _head_sums(stages, loss, shared, h_out, micro, index),
-                            lambda: _zeros(sums_shape))
+                            lambda: _zero_sums(names))
         return (h_out, sums["loss"]), sums
 
     def backward(stash, recv_b, index):
@@ -322,7 +324,7 @@ def one_f_one_b_pass(stages, loss: Loss, schedule: Schedule, chunks, shared, mic
             h_out = jax.lax.cond(f_valid & (stage < p - 1), lambda: stage_forward(layers, shared, recv_f, f),
                                  lambda: _zeros(recv_f))
         if any_backward:
-            zero_grads = _zeros((layers, shared, recv_b, sums_shape))
+            zero_grads = (*_zeros((layers, shared, recv_b)), _zero_sums(names))
             g_layers, g_shared, d_h, b_sums = jax.lax.cond(
                 b_valid, lambda: backward(stash, recv_b, b), lambda: zero_grads)
             acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, (g_layers, g_shared))
@@ -332,18 +334,18 @@ def one_f_one_b_pass(stages, loss: Loss, schedule: Schedule, chunks, shared, mic
 
     h0 = jnp.zeros(h_shape.shape, h_shape.dtype)
     acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (layers, shared))
-    carry = _vary((h0, h0, jnp.broadcast_to(h0, (slots, *h0.shape)), acc0, _zeros(sums_shape)))
+    carry = (*_vary((h0, h0, jnp.broadcast_to(h0, (slots, *h0.shape)), acc0)), _zero_sums(names))
     _, _, _, (g_layers, g_shared), sums = run_ticks(tick, carry, schedule)
     return sums, (jax.tree.map(lambda g: g[None], g_layers), g_shared)
 
 
-def pass_gradients(stages, loss: Loss, schedule: Schedule, chunks, shared, micro):
+def pass_gradients(stages, loss: Loss, names, schedule: Schedule, chunks, shared, micro):
     """(loss sums, (chunk grads, shared grads)) of one pipelined pass, per device, f32."""
     if schedule.name == "1f1b":
-        return one_f_one_b_pass(stages, loss, schedule, chunks, shared, micro)
+        return one_f_one_b_pass(stages, loss, names, schedule, chunks, shared, micro)
 
     def loss_fn(chunks, shared):
-        sums = forward_pass(stages, loss, schedule, chunks, shared, micro)
+        sums = forward_pass(stages, loss, names, schedule, chunks, shared, micro)
         return sums["loss"], sums
 
     grads, sums = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(chunks, shared)
@@ -449,8 +451,16 @@ class Pipeline:
     def _layer_spec(self):
         return P(PIPE) if self.schedule.repeats == 1 else P(None, PIPE)
 
+    def _sum_names(self, params, batch) -> tuple[str, ...]:
+        """The names of the loss's sums (traced on global shapes, outside ``shard_map``)."""
+        def sums(params, batch):
+            return check_sums(self.loss_fn(self.model(self.natural(params), batch["inputs"]), batch))
+
+        return tuple(sorted(jax.eval_shape(sums, params, batch)))
+
     def _sharded(self, local_fn, out_specs, params, batch):
         key, v = self.key, self.schedule.repeats
+        names = self._sum_names(params, batch)
         stack = params[key]
         shared = {k: w for k, w in params.items() if k != key}
         layer_spec = self._layer_spec()
@@ -459,7 +469,7 @@ class Pipeline:
 
         def local(stack, shared, batch):
             chunks = stack if v > 1 else jax.tree.map(lambda w: w[None], stack)
-            return local_fn(_vary(chunks), _vary(shared), batch)
+            return local_fn(names, _vary(chunks), _vary(shared), batch)
 
         fn = jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs(layer_spec, stack, shared),
                            axis_names=set(MANUAL))
@@ -470,11 +480,11 @@ class Pipeline:
         stages, schedule, passes, loss = self.model.stages, self.schedule, self.passes, self.loss_fn
         v, key = schedule.repeats, self.key
 
-        def local(chunks, shared, batch):
+        def local(names, chunks, shared, batch):
             split = _split(batch, passes, schedule.microbatches)
 
             def one_pass(micro):
-                return pass_gradients(stages, loss, schedule, chunks, shared, micro)
+                return pass_gradients(stages, loss, names, schedule, chunks, shared, micro)
 
             if passes == 1:
                 sums, (g_chunks, g_shared) = one_pass(jax.tree.map(lambda x: x[0], split))
@@ -482,8 +492,9 @@ class Pipeline:
                 def body(total, micro):
                     return jax.tree.map(jnp.add, total, one_pass(micro)), None
 
-                shapes = jax.eval_shape(one_pass, jax.tree.map(lambda x: x[0], split))
-                (sums, (g_chunks, g_shared)), _ = jax.lax.scan(body, _zeros(shapes), split)
+                zero = (_zero_sums(names), _zeros(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                                                               (chunks, shared))))
+                (sums, (g_chunks, g_shared)), _ = jax.lax.scan(body, zero, split)
             # The reductions of the step: every gradient over data, the replicated ones over pipeline.
             g_chunks = jax.lax.psum(g_chunks, DATA)
             g_shared = jax.lax.psum(g_shared, MANUAL)
@@ -503,17 +514,13 @@ class Pipeline:
         forward = Schedule("circular" if self.schedule.repeats > 1 else "gpipe", self.schedule.stages,
                            self.schedule.microbatches, self.schedule.repeats)
 
-        def local(chunks, shared, batch):
+        def local(names, chunks, shared, batch):
             split = _split(batch, passes, forward.microbatches)
 
-            def one_pass(micro):
-                return forward_pass(stages, loss, forward, chunks, shared, micro)
-
             def body(total, micro):
-                return jax.tree.map(jnp.add, total, one_pass(micro)), None
+                return jax.tree.map(jnp.add, total, forward_pass(stages, loss, names, forward, chunks, shared, micro)), None
 
-            shapes = jax.eval_shape(one_pass, jax.tree.map(lambda x: x[0], split))
-            sums, _ = jax.lax.scan(body, _zeros(shapes), split)
+            sums, _ = jax.lax.scan(body, _zero_sums(names), split)
             return jax.lax.psum(sums, MANUAL)
 
         return self._sharded(local, lambda *_: P(), params, batch)
