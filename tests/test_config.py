@@ -1,8 +1,13 @@
-"""Configuration: presets, overrides, and bad input that fails early with a clear message."""
+"""Configuration: presets, overrides, and bad input that fails early (before any compile) with a
+message naming the value and the fix."""
+
+import dataclasses
 
 import pytest
 
-from shardml.config import ConfigError, load_config, validate
+from shardml.core.errors import ConfigError
+from shardml.run.config import Config, all_keys, load_config, validate
+from shardml.run.recipe import build
 
 
 def test_presets_load_and_overrides_apply():
@@ -26,39 +31,100 @@ def test_unknown_preset():
         load_config("tinny")
 
 
+def test_yaml_that_does_not_parse_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  steps: 10\n  batch_size: [32\nmodel: {layers: 2}\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML at line \d+, column \d+"):
+        load_config(str(path))
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match=r"must hold a mapping of sections"):
+        load_config(str(path))
+
+
+# Layouts decided by the config alone: checked by validate().
 @pytest.mark.parametrize("overrides,message", [
     (["mesh.data=3"], r"multiply to 3 but 8 devices"),
     (["mesh.data=2", "mesh.tensor=3"], r"multiply to 6 but 8 devices"),
     (["mesh.data=-1", "mesh.tensor=3"], r"cannot fill 8 devices"),
-    (["mesh.data=2", "mesh.tensor=4", "model.heads=2", "model.d_model=32"],
-     r"model.heads=2 is not divisible by mesh.tensor=4"),
-    (["mesh.data=2", "mesh.tensor=4", "model.d_ff=66"], r"model.d_ff=66 is not divisible by mesh.tensor=4"),
-    (["mesh.data=1", "mesh.tensor=8", "model.heads=8", "model.vocab=260"],
-     r"model.vocab=260 is not divisible by mesh.tensor=8"),
-    (["mesh.data=8", "train.batch_size=12"], r"train.batch_size=12 is not divisible by .* = 8"),
-    (["mesh.data=4", "mesh.fsdp=2", "train.batch_size=16", "train.microbatches=4"],
-     r"4 x 2 x 4 = 32"),
-    (["model.layers=0"], r"model.layers=0 must be positive"),
-    (["model.grad_dtype=bf16"], r"model.grad_dtype='bf16' is not supported; use float32 or compute"),
-    (["train.batch_size=-4"], r"train.batch_size=-4 must be positive"),
     (["mesh.data=0"], r"mesh.data=0 must be a positive size"),
+    (["model.layers=0"], r"model.layers=0 must be >= 1"),
+    (["model.grad_dtype=bf16"], r"model.grad_dtype='bf16' is not one of float32, compute"),
+    (["model.remat=some"], r"model.remat='some' is not one of none, full, dots"),
+    (["train.batch_size=-4"], r"train.batch_size=-4 must be >= 1"),
+    (["optim.lr=-1"], r"optim.lr=-1.0 must be > 0.0; the peak learning rate is a positive number"),
+    (["optim.b2=1.5"], r"optim.b2=1.5 must be < 1.0"),
+    (["optim.min_lr_ratio=2"], r"optim.min_lr_ratio=2.0 must be <= 1.0"),
+    (["checkpoint.keep=0"], r"checkpoint.keep=0 must be >= 1"),
+    (["checkpoint.every=-1"], r"checkpoint.every=-1 must be >= 0"),
+    (["train.max_bad_steps=0"], r"train.max_bad_steps=0 must be >= 1"),
+    (["train.resume="], r"train.resume is empty"),
+    (["out_dir="], r"out_dir is empty"),
+    (["data.val_fraction=0.7"], r"data.val_fraction=0.7 must be < 0.5"),
+    (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=1f1b", "pipeline.repeats=2"],
+     r"pipeline.repeats=2 needs pipeline.schedule=circular"),
+    (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=zb"], r"pipeline.schedule='zb' is not one of"),
+    (["mesh.pipeline=2", "mesh.data=4", "model.kind=mlp", "data.corpus=digits"],
+     r"model.kind=mlp has no layers to cut into stages"),
+])
+def test_bad_config_fails_with_named_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config("tiny", overrides), n_devices=8)
+
+
+# Layouts that depend on the model's shapes: checked when the trainer is built, before compiling.
+@pytest.mark.parametrize("overrides,message", [
+    (["mesh.data=2", "mesh.tensor=4", "model.heads=2", "model.d_model=32"],
+     r"parameter 'layers/wk' has size 2 along 'kv_heads' .* mesh.tensor=4 = 4 does not divide"),
+    (["mesh.data=2", "mesh.tensor=4", "model.d_ff=66"],
+     r"parameter 'layers/w_down' has size 66 along 'mlp' .* mesh.tensor=4 = 4 does not divide"),
+    (["mesh.data=1", "mesh.tensor=8", "model.heads=8", "model.vocab=260"],
+     r"parameter 'embed' has size 260 along 'vocab'"),
+    (["mesh.data=1", "mesh.fsdp=8", "model.d_model=36", "model.heads=3"], r"size 36 along 'embed'"),
+    (["mesh.data=8", "train.batch_size=12"], r"train.batch_size=12 is not divisible by mesh.data x "
+                                             r"train.microbatches = 8 x 1 = 8"),
+    (["mesh.data=4", "mesh.fsdp=2", "train.batch_size=16", "train.microbatches=4"], r"4 x 2 x 4 = 32"),
     (["mesh.pipeline=4", "mesh.data=2", "model.layers=6"],
      r"model.layers=6 is not divisible by mesh.pipeline x pipeline.repeats = 4 x 1 = 4"),
     (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=circular", "pipeline.repeats=4"],
      r"model.layers=4 is not divisible by .* = 2 x 4 = 8"),
-    (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=1f1b", "pipeline.repeats=2"],
-     r"pipeline.repeats=2 needs pipeline.schedule=circular"),
     (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=circular", "pipeline.repeats=2",
       "pipeline.microbatches=3"], r"pipeline.microbatches=3 is not a multiple of mesh.pipeline=2"),
-    (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=zb"], r"pipeline.schedule='zb' is not a schedule"),
     (["mesh.pipeline=2", "mesh.data=4", "pipeline.microbatches=8"],
-     r"train.batch_size=16 is not divisible by .* x pipeline.microbatches = 4 x 1 x 1 x 8 = 32"),
-    (["mesh.pipeline=2", "mesh.data=4", "model.kind=mlp"], r"model.kind='mlp' cannot be cut into stages"),
+     r"train.batch_size=16 is not divisible by .* x pipeline.microbatches = 4 x 1 x 8 = 32"),
+    (["model.heads=3"], r"model.d_model=32 is not divisible by model.heads=3"),
+    (["data.corpus=digits"], r"data.corpus=digits holds labelled examples, not text; use model.kind=mlp"),
+    (["model.kind=mlp"], r"model.kind=mlp trains on array data; data.corpus='pydoc' is not one of digits"),
+    (["data.corpus=/no/such/file.txt"], r"data.corpus='/no/such/file.txt' is neither an embedded corpus"),
 ])
-def test_bad_input_fails_with_named_values(overrides, message):
-    cfg = load_config("tiny", overrides)
+def test_layouts_the_model_cannot_take_fail_before_compiling(overrides, message, monkeypatch):
+    import jax
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before rejecting the layout")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", no_compile)
     with pytest.raises(ConfigError, match=message):
-        validate(cfg, n_devices=8)
+        build(load_config("tiny", overrides))
+
+
+def test_every_numeric_key_has_a_checked_range():
+    """A negative value of every int/float key (but the mesh sizes, where -1 means fill) is refused."""
+    cfg = Config()
+    unchecked = []
+    for key in all_keys():
+        section, _, name = key.partition(".")
+        if not name or section == "mesh":
+            continue
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        try:
+            validate(load_config(None, [f"{key}={-10 * abs(value) - 1}"]), n_devices=8)
+        except ConfigError as err:
+            assert key in str(err), f"{key}: the error does not name the key: {err}"
+            continue
+        unchecked.append(key)
+    assert not unchecked, f"negative values accepted for {unchecked}"
 
 
 def test_good_layouts_validate():
@@ -67,3 +133,15 @@ def test_good_layouts_validate():
                       ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2"]):
         sizes = validate(load_config("tiny", overrides), n_devices=8)
         assert sizes["pipeline"] * sizes["data"] * sizes["fsdp"] * sizes["tensor"] == 8, sizes
+
+
+def test_config_sections_are_the_parts_own_settings():
+    """One source per fact: the run config nests the core's and the transformer's typed settings."""
+    from shardml.core.mesh import MeshConfig
+    from shardml.core.optim import OptimConfig
+    from shardml.models.transformer import TransformerConfig
+
+    cfg = Config()
+    assert isinstance(cfg.mesh, MeshConfig) and isinstance(cfg.optim, OptimConfig)
+    assert isinstance(cfg.model, TransformerConfig)
+    assert {f.name for f in dataclasses.fields(TransformerConfig)} < {f.name for f in dataclasses.fields(cfg.model)}

@@ -74,9 +74,14 @@ def check_sums(sums: Any, where: str = "the loss") -> Sums:
     return {k: jnp.asarray(v, jnp.float32) for k, v in sums.items()}
 
 
+def mean_name(name: str) -> str:
+    """What the mean of a sum is called: ``correct`` becomes ``accuracy``, the rest keep their name."""
+    return "accuracy" if name == "correct" else name
+
+
 def means(sums: Sums) -> Sums:
-    """``{name: sum / count}`` for every sum but ``count``; ``correct`` is reported as ``accuracy``."""
+    """``{name: sum / count}`` for every sum but ``count`` (kept as is)."""
     count = jnp.maximum(sums["count"], 1.0)
-    out = {("accuracy" if k == "correct" else k): v / count for k, v in sums.items() if k != "count"}
+    out = {mean_name(k): v / count for k, v in sums.items() if k != "count"}
     out["count"] = sums["count"]
     return out

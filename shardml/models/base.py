@@ -87,7 +87,7 @@ class Stages:
     key: str = "layers"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (its fields hold functions)
 class Model:
     """A model for the trainer.
 

@@ -28,7 +28,7 @@ import yaml
 from shardml.analysis.flops import training_flops_per_example
 from shardml.analysis.peak import peak_flops
 from shardml.core.data import as_source, rows_of
-from shardml.core.losses import Loss, means, token_cross_entropy
+from shardml.core.losses import Loss, mean_name, token_cross_entropy
 from shardml.core.mesh import as_mesh
 from shardml.core.step import Trainer, TrainState, build_trainer
 from shardml.run.checkpoint import Checkpointer
@@ -113,11 +113,8 @@ def evaluate(trainer: Trainer, params: Any, batches: Iterable[dict]) -> dict:
     for batch in batches:
         for key, value in jax.device_get(trainer.evaluate(params, trainer.put(batch))).items():
             totals[key] = totals.get(key, 0.0) + float(value)
-    if not totals:
-        return {}
-    result = {k: float(v) for k, v in means({k: np.float64(v) for k, v in totals.items()}).items()}
-    result.pop("count")
-    return result
+    count = max(totals.pop("count", 0.0), 1.0)
+    return {mean_name(k): v / count for k, v in totals.items()}
 
 
 # ----------------------------------------------------------------------------- the loop's parts

@@ -1,4 +1,4 @@
-"""Mesh construction, device emulation, the rules table, and state created already sharded."""
+"""Mesh construction, device settings, the rules table, and state created already sharded."""
 
 import os
 
@@ -7,27 +7,39 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from shardml.config import OptimConfig
-from shardml.mesh import (
-    CPU_COLLECTIVE_FLAG,
-    avoid_cpu_collective_deadlock,
-    emulate_cpu_devices,
-    make_mesh,
-)
-from shardml.sharding import Rules
-from shardml.step import build_trainer, default_optimizer
+from conftest import trainer_for
+from shardml.core.devices import CPU_COLLECTIVE_FLAG, avoid_cpu_collective_deadlock, emulate_cpu_devices, \
+    requested_cpu_devices
+from shardml.core.errors import ConfigError
+from shardml.core.mesh import layout_name, make_mesh
+from shardml.core.sharding import Rules
 
 
 def test_mesh_axes_in_canonical_order_and_fill():
     mesh = make_mesh({"fsdp": 2, "data": -1})
     assert mesh.axis_names == ("members", "pipeline", "data", "fsdp", "tensor")
     assert dict(mesh.shape) == {"members": 1, "pipeline": 1, "data": 4, "fsdp": 2, "tensor": 1}
+    assert layout_name(mesh.shape) == "data=4 x fsdp=2"
 
 
 def test_emulation_after_backend_start_is_a_clear_error():
     emulate_cpu_devices(8)  # what the backend has: accepted
-    with pytest.raises(RuntimeError, match="before any JAX operation.*JAX_NUM_CPU_DEVICES=4"):
+    with pytest.raises(ConfigError, match="before any JAX operation.*JAX_NUM_CPU_DEVICES=4"):
         emulate_cpu_devices(4)
+
+
+def test_every_way_of_asking_for_devices_is_read_and_conflicts_named(monkeypatch):
+    from shardml.core import devices
+
+    # This process's JAX config holds the suite's 8; read it as a fresh process would (unset).
+    monkeypatch.setattr(devices, "_jax_config_devices", lambda: (None, ""))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    assert requested_cpu_devices() == (4, "XLA_FLAGS --xla_force_host_platform_device_count")
+    assert requested_cpu_devices(4)[0] == 4
+    with pytest.raises(ConfigError, match=r"--cpu-devices asks for 2 .* XLA_FLAGS .* asks for 4"):
+        requested_cpu_devices(2)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert requested_cpu_devices() == (None, "")
 
 
 def test_deadlock_guard_sets_flag_and_pool_but_keeps_user_settings(monkeypatch):
@@ -41,28 +53,23 @@ def test_deadlock_guard_sets_flag_and_pool_but_keeps_user_settings(monkeypatch):
     avoid_cpu_collective_deadlock(8)
     assert os.environ["NPROC"] == "3", "the user's NPROC was overwritten"
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true", "user's flag overwritten"
-    monkeypatch.delenv("NPROC")
-    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
-    avoid_cpu_collective_deadlock()
-    assert int(os.environ["NPROC"]) == max(8, os.cpu_count()), "pool not sized from JAX_NUM_CPU_DEVICES"
 
 
 def test_rules_map_logical_names_and_reject_reuse():
     rules = Rules.default()
     assert rules.spec(("embed", "mlp")) == P("fsdp", "tensor")
     assert rules.spec(("batch", None)) == P(("data", "fsdp"), None)
-    with pytest.raises(ValueError, match="mesh axis 'tensor' is mapped from both 'heads' and 'mlp'"):
+    with pytest.raises(ConfigError, match="mesh axis 'tensor' is mapped from both 'heads' and 'mlp'"):
         rules.spec(("heads", "mlp"))
-    with pytest.raises(KeyError, match="logical axis 'embd' has no sharding rule"):
+    with pytest.raises(ConfigError, match=r"logical axis 'embd' has no sharding rule.*replace\(embd='tensor'\)"):
         rules.spec(("embd",))
 
 
 def test_params_and_optimizer_state_created_sharded(tiny_model):
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    trainer = build_trainer(tiny_model, mesh, default_optimizer(OptimConfig(), 10))
+    trainer = trainer_for(tiny_model, {"data": 2, "fsdp": 2, "tensor": 2})
     state = trainer.init(0)
     wq = state.params["layers"]["wq"]  # [L, D, H, E] = ("layers", "embed", "heads", "head_dim")
-    assert wq.sharding.spec == P(None, "fsdp", "tensor", None), wq.sharding.spec
+    assert wq.sharding.spec == P("pipeline", "fsdp", "tensor", None), wq.sharding.spec
     assert wq.addressable_shards[0].data.shape == (2, 16, 2, 8)
     adam = state.opt_state[1][0]
     for moment in (adam.mu, adam.nu):
