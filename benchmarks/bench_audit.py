@@ -1,9 +1,11 @@
 """Communication and memory audit: the compiled train step of each layout against closed-form theory.
 
-For every layout the train step is compiled from abstract shapes on 8 emulated CPU devices
-(:func:`shardml.plan.compile_step`, nothing trained), its collectives are read from the HLO
-(:mod:`shardml.audit`) and its per-device arguments from the shardings the compiled program takes,
-and both are set against :mod:`shardml.theory` (scaling-book formulas from the config alone).
+For every layout the run's trainer is built from the config (:func:`shardml.run.recipe.build`, every
+layout checked before the first compile) and its train step compiled from abstract shapes on 8
+emulated CPU devices, as ``shardml plan`` does (nothing trained); its collectives are read from the HLO
+(:mod:`shardml.analysis.audit`) and its per-device arguments from the shardings the compiled program
+takes, and both are set against :mod:`shardml.analysis.theory` (scaling-book formulas from the config
+alone).
 
 Bytes are what one device sends per step on ring algorithms (all-reduce 2(N-1)/N x array,
 all-gather and reduce-scatter (N-1)/N x the full array, collective-permute the array averaged over
@@ -24,9 +26,9 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from shardml.mesh import emulate_cpu_devices
+import shardml
 
-emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
+shardml.emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
 import collections
@@ -37,10 +39,12 @@ import sys
 
 import jax
 
-from shardml.audit import DTYPE_BYTES as ITEM, KINDS, collectives, memory
-from shardml.config import MESH_AXES, ConfigError, load_config
-from shardml.plan import check, compile_step, format_bytes, layout_config, sent_per_device
-from shardml.theory import SHORT, layout_theory
+from shardml import MESH_AXES, ConfigError, collectives, layout_theory, load_config, memory
+from shardml.analysis.audit import DTYPE_BYTES as ITEM, KINDS
+from shardml.analysis.plan import compile_trainer, format_bytes, sent_per_device
+from shardml.analysis.theory import SHORT
+from shardml.run.planning import abstract_batch, layout_config
+from shardml.run.recipe import build
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
 
@@ -229,25 +233,26 @@ def explain(row: dict, notes: list[str]) -> str:
 # ----------------------------------------------------------------------------- one layout
 
 
-def layout_cfg(base, layout: str):
-    """The config of one layout; rejects one that cannot work before anything compiles."""
+def layout_parts(base, layout: str):
+    """The built trainer of one layout (:func:`shardml.run.recipe.build`: model, data, trainer, mesh
+    sizes); rejects a layout that cannot work before anything compiles."""
     try:
         cfg = layout_config(base, ",".join(layout_overrides(layout)))
-        check(cfg, len(layout_devices(cfg)))
+        return build(cfg, layout_devices(cfg))
     except ConfigError as err:
         raise SystemExit(f"layout '{layout}': {err}") from None
-    return cfg
 
 
-def audit(cfg, layout: str) -> dict:
-    step = compile_step(cfg, layout_devices(cfg))
-    theory = layout_theory(cfg, step.sizes)
+def audit(parts, layout: str) -> dict:
+    step = compile_trainer(parts.trainer, abstract_batch(parts))
+    cfg, sizes = parts.cfg, parts.sizes
+    theory = layout_theory(cfg, sizes)
     report = collectives(step.compiled.as_text(), step.mesh)
-    measured = measured_rows(report, step.sizes)
+    measured = measured_rows(report, sizes)
     rows = compare(theory, measured)
     scalars = measured.get("scalars")
     args, mem = step.argument_bytes(), memory(step.compiled)
-    return {"layout": layout, "cfg": cfg, "sizes": step.sizes, "theory": theory, "rows": rows,
+    return {"layout": layout, "cfg": cfg, "sizes": sizes, "theory": theory, "rows": rows,
             "scalars": scalars, "args": args, "memory": mem, "compile_s": step.compile_s}
 
 
@@ -366,11 +371,11 @@ def main():
     ap.add_argument("--plot", default=None, help="write the memory bar chart (PNG) here")
     args = ap.parse_args()
     base = load_config(args.preset, RACE + args.set)
-    configs = [layout_cfg(base, layout) for layout in args.layouts]
+    built = [layout_parts(base, layout) for layout in args.layouts]  # every layout checked first
     results = []
-    for layout, cfg in zip(args.layouts, configs):
+    for layout, parts in zip(args.layouts, built):
         print(f"compiling {layout} ...", file=sys.stderr, flush=True)
-        results.append(audit(cfg, layout))
+        results.append(audit(parts, layout))
     text = report_text(results)
     print(text)
     if args.plot:

@@ -1,9 +1,10 @@
 """Training-time overhead of checkpointing every N steps: none vs. async vs. blocking Orbax saves.
 
-Each preset's model, mesh and optimizer are built as ``shardml train`` builds them; the loop is
-train.py's: dispatch step s, then read step s-1's metrics; on a checkpoint step, read this step's
-metrics and save (``shardml.checkpoint.Checkpointer``, keeping the last 2, as in training). A timed
-round is ``--steps`` steps with a save every ``--every`` steps, the first one ``every // 2`` steps
+Each preset's model, data, mesh and trainer are built as ``shardml train`` builds them
+(:func:`shardml.run.recipe.build`); the loop is :func:`shardml.run.loop.run_loop`'s: dispatch step
+s, then read step s-1's metrics; on a checkpoint step, read this step's metrics and save
+(``shardml.Checkpointer``, keeping the last 2, as in training, with the metadata the loop writes).
+A timed round is ``--steps`` steps with a save every ``--every`` steps, the first one ``every // 2`` steps
 into the round (so each save, the last one too, has steps after it to overlap, as in a long run),
 and ends when the state is computed *and every save of the round is written and finalized*: an async
 save's background work is counted, not pushed into the next round. Rounds rotate the order of the
@@ -15,11 +16,9 @@ is the steadier figure of the work a save adds; only the wall clock shows what a
     python benchmarks/bench_checkpoint.py --presets tiny --every 5 --steps 40 --rounds 7
 """
 
-import jax
+import shardml
 
-from shardml.mesh import emulate_cpu_devices
-
-emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
+shardml.emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
 import os
@@ -28,15 +27,13 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 
-from shardml import config as config_lib
-from shardml.checkpoint import Checkpointer
-from shardml.data import load_corpus, train_batch
-from shardml.mesh import describe, make_mesh
-from shardml.models import transformer
-from shardml.resume import checkpoint_meta
-from shardml.step import build_trainer, default_optimizer, put_batch
+from shardml import Checkpointer, describe, load_config
+from shardml.run.config import to_dict
+from shardml.run.recipe import build
+from shardml.run.resume import checkpoint_meta, identity
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
 
@@ -44,15 +41,13 @@ MODES = ("none", "async", "blocking")
 
 
 def bench_preset(preset, args, root):
-    cfg = config_lib.load_config(preset)
-    sizes = config_lib.validate(cfg, jax.device_count())
-    mesh = make_mesh(config_lib.MeshConfig(**sizes))
-    model = transformer(cfg.model, cfg.data.seq_len)
-    t = cfg.train
-    trainer = build_trainer(model, mesh, default_optimizer(cfg.optim, t.steps), microbatches=t.microbatches)
-    corpus = load_corpus(cfg.data.corpus, cfg.data.val_fraction)
-    batches = [put_batch(train_batch(corpus, s, t.batch_size, cfg.data.seq_len, t.seed), trainer.batch_sharding)
-               for s in range(args.steps)]
+    cfg = load_config(preset)
+    parts = build(cfg)  # the model, data, mesh and trainer `shardml train` builds
+    trainer, t = parts.trainer, cfg.train
+    mesh = trainer.mesh
+    batches = [trainer.put(parts.data.batch(s)) for s in range(args.steps)]
+    # What the loop records beside the arrays (shardml.run.loop): the run's identity and config.
+    ident = identity(trainer, parts.data.fingerprint, to_dict(cfg))
     checkpointers = {mode: Checkpointer(os.path.join(root, preset, mode), keep=2, async_save=mode == "async")
                      for mode in MODES if mode != "none"}
     state = {"state": trainer.init(t.seed), "step": 0}
@@ -72,7 +67,7 @@ def bench_preset(preset, args, root):
                 previous = None
                 t0 = time.perf_counter()
                 checkpointer.save(state["step"], state["state"],
-                                  checkpoint_meta(cfg, state["step"], {"bad_steps": 0}, mesh.shape))
+                                  checkpoint_meta(ident, state["step"], None, mesh.shape))
                 save_s[mode].append(time.perf_counter() - t0)
         jax.block_until_ready(state["state"])
         if checkpointer is not None:
@@ -96,7 +91,7 @@ def bench_preset(preset, args, root):
     ms = {mode: 1e3 * statistics.median(times[mode]) / args.steps for mode in MODES}
     cpu_ms = {mode: 1e3 * statistics.median(cpu[mode]) / args.steps for mode in MODES}
     state_mb = sum(x.nbytes for x in jax.tree.leaves(state["state"])) / 2**20
-    return {"preset": preset, "mesh": describe(mesh), "params": model.num_params, "state_mb": state_mb, "ms": ms,
+    return {"preset": preset, "mesh": describe(mesh), "params": parts.model.num_params, "state_mb": state_mb, "ms": ms,
             "cpu_ms": cpu_ms,
             "save_ms": {m: 1e3 * statistics.median(v) for m, v in save_s.items() if v}, "times": times}
 

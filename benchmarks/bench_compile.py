@@ -2,9 +2,10 @@
 
 The layers run under one ``lax.scan`` and the accumulator's microbatches under another, so neither
 the depth nor ``train.microbatches`` should grow the program XLA compiles. This measures it: for
-each configuration a fresh trainer is built and its step is lowered and compiled from abstract
-shapes, as ``shardml plan`` does (nothing is allocated or trained), timing ``lower`` (tracing +
-StableHLO) and ``compile`` (XLA) separately with ``time.perf_counter``. The compiled HLO
+each configuration a fresh trainer is built from the config as ``shardml train`` builds it
+(:func:`shardml.run.recipe.build`) and its step is lowered and compiled from abstract shapes, as
+``shardml plan`` does (nothing is allocated or trained), timing ``lower`` (tracing + StableHLO) and
+``compile`` (XLA) separately with ``time.perf_counter``. The compiled HLO
 instruction count (``compiled.as_text()``) shows the same property without machine noise.
 
 The persistent compilation cache is switched off, and every compile is checked to have reached
@@ -22,11 +23,9 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
+import shardml
 
-from shardml.mesh import emulate_cpu_devices
-
-emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
+shardml.emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
 import re
@@ -34,13 +33,13 @@ import statistics
 import sys
 import time
 
+import jax
+
 import _readme
 
-from shardml.config import load_config, resolve_mesh_sizes
-from shardml.mesh import make_mesh
-from shardml.models import transformer
-from shardml.plan import abstract_batch, check, layout_config
-from shardml.step import build_trainer, default_optimizer
+from shardml import load_config, make_mesh
+from shardml.run.planning import abstract_batch, layout_config
+from shardml.run.recipe import build
 
 # One HLO instruction per line: `[ROOT] %name = type op(...)`.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s", re.MULTILINE)
@@ -86,7 +85,8 @@ class CompileEvents:
 
 
 def run_config(args, layers: int, microbatches: int, batch_size: int):
-    """The default preset at this size, on ``--layout`` (a fresh mesh: unnamed axes are 1)."""
+    """The default preset at this size, on ``--layout`` (a fresh mesh: ``data`` fills the devices
+    unless given, the other axes are 1)."""
     base = load_config("default", [
         f"model.layers={layers}", f"model.d_model={args.d_model}", f"model.heads={args.heads}",
         f"model.d_ff={args.d_ff}", f"data.seq_len={args.seq}", f"train.batch_size={batch_size}",
@@ -96,11 +96,10 @@ def run_config(args, layers: int, microbatches: int, batch_size: int):
 
 def measure(cfg, events: CompileEvents) -> dict:
     """lower and compile seconds of a fresh trainer's step (a new jit: nothing cached in memory)."""
-    sizes = check(cfg, jax.device_count())
-    trainer = build_trainer(transformer(cfg.model, cfg.data.seq_len), make_mesh(sizes),
-                            default_optimizer(cfg.optim, cfg.train.steps), microbatches=cfg.train.microbatches)
+    parts = build(cfg)  # `shardml train`'s trainer; rejects a layout that cannot work before compiling
+    trainer = parts.trainer
     state = trainer.abstract_state()
-    batch = abstract_batch(cfg, trainer.batch_sharding)
+    batch = abstract_batch(parts)
     before = events.snapshot()
     cpu_start = time.process_time()
     start = time.perf_counter()
@@ -183,7 +182,7 @@ def main():
     assert jax.device_count() == 8, f"expected 8 emulated CPU devices, got {jax.device_count()}"
     depths = [int(x) for x in args.layers.split(",") if x]
     micro = [int(x) for x in args.microbatches.split(",") if x]
-    sizes = resolve_mesh_sizes(run_config(args, 2, 1, 1).mesh, jax.device_count())
+    sizes = make_mesh(run_config(args, 2, 1, 1).mesh).shape  # the layout's axis sizes, -1 resolved
     batch_size = sizes["data"] * sizes["fsdp"] * max(micro + [1])  # one sequence per microbatch per shard at most
     depth_points = [(layers, 1) for layers in depths]
     micro_points = [(args.base_layers, k) for k in micro]

@@ -27,11 +27,9 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
+import shardml
 
-from shardml.mesh import emulate_cpu_devices
-
-emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
+shardml.emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
 import glob
@@ -42,11 +40,11 @@ import subprocess
 import sys
 import time
 
-from shardml.config import GRAD_DTYPES, REMAT_POLICIES, ModelConfig, OptimConfig
-from shardml.data import load_corpus, train_batch
-from shardml.mesh import make_mesh
-from shardml.models import transformer
-from shardml.step import build_trainer, default_optimizer, put_batch
+import jax
+
+from shardml import load_config
+from shardml.models.transformer import GRAD_DTYPES, REMAT_POLICIES
+from shardml.run.recipe import build
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
 
@@ -140,17 +138,23 @@ def run_maxtext(python, base_yml, sizes, warmup, steps, remat, log_path):
 
 
 # ----------------------------------------------------------------------------- shardml (this process)
+def shardml_config(sizes: dict[str, int], remat: str, total_steps: int, grad_dtype: str = "float32"):
+    """The race decoder as a run config: ``SHAPE`` on ``sizes``, AdamW with the default settings
+    (``shardml.OptimConfig``: peak lr 3e-3, global-norm clipping 1.0), pydoc batches of seed 0."""
+    return load_config(None, [
+        f"model.vocab={SHAPE['vocab']}", f"model.layers={SHAPE['layers']}", f"model.d_model={SHAPE['d_model']}",
+        f"model.heads={SHAPE['heads']}", f"model.d_ff={SHAPE['d_ff']}", "model.dtype=bfloat16",
+        f"model.remat={remat}", f"model.grad_dtype={grad_dtype}", f"data.seq_len={SHAPE['seq_len']}",
+        f"train.batch_size={SHAPE['batch']}", f"train.steps={total_steps}", "train.microbatches=1",
+        *(f"mesh.{axis}={sizes.get(axis, 1)}" for axis in ("data", "fsdp", "tensor"))])
+
+
 class ShardmlRunner:
     def __init__(self, sizes, remat, total_steps, n_batches, grad_dtype="float32"):
-        cfg = ModelConfig(vocab=SHAPE["vocab"], layers=SHAPE["layers"], d_model=SHAPE["d_model"],
-                          heads=SHAPE["heads"], d_ff=SHAPE["d_ff"], dtype="bfloat16", remat=remat,
-                          grad_dtype=grad_dtype)
-        self.trainer = build_trainer(transformer(cfg, SHAPE["seq_len"]), make_mesh(sizes),
-                                     default_optimizer(OptimConfig(), steps=total_steps), microbatches=1)
-        corpus = load_corpus("pydoc")
-        self.batches = [put_batch(train_batch(corpus, s, SHAPE["batch"], SHAPE["seq_len"]), self.trainer.batch_sharding)
-                        for s in range(n_batches)]
-        self.state = self.trainer.init(0)
+        parts = build(shardml_config(sizes, remat, total_steps, grad_dtype))
+        self.trainer = parts.trainer
+        self.batches = [self.trainer.put(parts.data.batch(s)) for s in range(n_batches)]
+        self.state = self.trainer.init(parts.cfg.train.seed)
         self.i = 0
 
     def run(self, steps):
@@ -257,11 +261,11 @@ def main():
     ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (each side)")
-    ap.add_argument("--remat", default="dots", type=_readme.comma_list(REMAT_POLICIES),
-                    help="shardml ModelConfig.remat (none, dots, full); a comma list (dots,full) races each, in the same rounds")
+    ap.add_argument("--remat", default="dots", type=_readme.comma_list(tuple(REMAT_POLICIES)),
+                    help=f"shardml model.remat ({', '.join(REMAT_POLICIES)}); a comma list (dots,full) races each, in the same rounds")
     ap.add_argument("--maxtext-remat", default="full", help="MaxText remat_policy (its default: full)")
     ap.add_argument("--grad-dtype", default="float32", type=_readme.comma_list(GRAD_DTYPES),
-                    help="shardml ModelConfig.grad_dtype; a comma list (float32,compute) races each, in the same rounds")
+                    help="shardml model.grad_dtype; a comma list (float32,compute) races each, in the same rounds")
     ap.add_argument("--maxtext-venv", default=os.environ.get("MAXTEXT_VENV", str(REPO.parent / "maxtext-venv")),
                     help="MaxText's virtual environment (env MAXTEXT_VENV; default: ../maxtext-venv)")
     ap.add_argument("--log-dir", default=None, help="where MaxText logs go (default: a temporary folder)")

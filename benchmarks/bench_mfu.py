@@ -6,7 +6,7 @@ multiplies its block at once, as the sharded step uses the machine). A dtype's p
 figure of any size, way and measurement; it is measured before every round and once at the end, so
 load from other processes hits it as it hits the steps. On CPU the emulated devices share the
 host's cores, so this is the host's peak, not a per-device one. On GPU/TPU the reference is
-``shardml.metrics.peak_flops`` (datasheet dense bf16 per chip x chips), the measured one beside it.
+``shardml.analysis.peak.peak_flops`` (datasheet dense bf16 per chip x chips), the measured one beside it.
 
 The step: shardml trains each config (``--configs``) on real text batches; compile and
 ``--warmup`` steps are not timed, then each round times ``--steps`` steps one by one
@@ -40,25 +40,18 @@ import time
 
 import _readme
 import jax
-import jax.extend
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardml import audit
-from shardml.config import ConfigError, MeshConfig, load_config, validate
-from shardml.data import load_corpus, train_batch
-from shardml.mesh import (
-    accelerator_plugin_installed,
-    avoid_cpu_collective_deadlock,
-    default_cpu_devices,
-    emulate_cpu_devices,
-    make_mesh,
-)
-from shardml.metrics import peak_flops
-from shardml.models import transformer
-from shardml.plan import abstract_batch, layout_config
-from shardml.step import build_trainer, default_optimizer, put_batch
+from shardml import ConfigError, MeshConfig, layout_name, load_config
+from shardml.analysis import audit
+from shardml.analysis.flops import dot_flops, dot_inventory, inventory_flops
+from shardml.analysis.peak import peak_flops
+from shardml.core.devices import setup_cpu_devices
+from shardml.run.config import validate
+from shardml.run.planning import abstract_batch, layout_config
+from shardml.run.recipe import build
 
 # name -> (preset, overrides). 100m and 1b are the default preset's model at a larger size.
 CONFIGS = {
@@ -72,12 +65,9 @@ CONFIGS = {
 
 
 def setup_devices() -> None:
-    """On a CPU-only machine, 8 emulated devices as the CLI makes them; call before any JAX use."""
-    n = default_cpu_devices()
-    if n:
-        emulate_cpu_devices(n)  # also 2 XLA:CPU pool threads per device (see shardml.mesh)
-    elif not accelerator_plugin_installed():
-        avoid_cpu_collective_deadlock()  # CPU devices chosen by JAX_NUM_CPU_DEVICES
+    """On a CPU-only machine, 8 emulated devices as the CLI makes them (or the count the user set);
+    call before any JAX use."""
+    setup_cpu_devices()  # also 2 XLA:CPU pool threads per device (see shardml.core.devices)
 
 
 def parse_args(accelerator: bool):
@@ -140,58 +130,25 @@ def measure_peak(sizes: list[int], repeats: int) -> dict:
 
 
 def reference_peak() -> tuple[float, str]:
-    """On accelerators: ``shardml.metrics.peak_flops`` (datasheet dense bf16 per chip x chips)."""
+    """On accelerators: ``shardml.analysis.peak.peak_flops`` (datasheet dense bf16 per chip x chips)."""
     return peak_flops("bfloat16")
 
 
 # ----------------------------------------------------------------------------- FLOP counts
 
 
-def dot_inventory(jaxpr, times: int = 1, found: collections.Counter | None = None) -> collections.Counter:
-    """Every ``dot_general`` of a jaxpr and its sub-jaxprs as (lhs, rhs, dimension numbers, result
-    dtype) -> executions per call, scan bodies x their length.
-
-    Global shapes: right for the unpipelined step (no ``shard_map``); a ``cond`` would count every branch.
-    """
-    found = collections.Counter() if found is None else found
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-            found[(jax.ShapeDtypeStruct(lhs.shape, lhs.dtype), jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
-                   eqn.params["dimension_numbers"], eqn.params.get("preferred_element_type"))] += times
-        inner = times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    dot_inventory(sub.jaxpr, inner, found)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    dot_inventory(sub, inner, found)
-    return found
+def step_dots(parts) -> collections.Counter:
+    """The dot inventory of one train step of a built run (:func:`shardml.run.recipe.build`),
+    traced from abstract shapes, not compiled."""
+    trainer = parts.trainer
+    return dot_inventory(trainer.trace_step(trainer.abstract_state(), abstract_batch(parts)).jaxpr.jaxpr)
 
 
-def dot_flops(key) -> int:
-    lhs, rhs, ((_, rhs_contract), (_, rhs_batch)), _ = key
-    free_rhs = [d for i, d in enumerate(rhs.shape) if i not in rhs_contract and i not in rhs_batch]
-    return 2 * math.prod(lhs.shape) * math.prod(free_rhs)
-
-
-def inventory_flops(found: collections.Counter) -> int:
-    return sum(dot_flops(key) * count for key, count in found.items())
-
-
-def step_dots(cfg) -> collections.Counter:
-    """The dot inventory of one train step of ``cfg`` (traced, not compiled)."""
-    trainer = make_trainer(cfg)
-    with jax.set_mesh(trainer.mesh):  # Trainer keeps its jitted step in _step and exposes no jaxpr
-        closed = jax.make_jaxpr(trainer._step)(trainer.abstract_state(), abstract_batch(cfg, trainer.batch_sharding))
-    return dot_inventory(closed.jaxpr)
-
-
-def compiled_dots(trainer, cfg) -> collections.Counter:
+def compiled_dots(parts) -> collections.Counter:
     """The dots of the compiled step as (lhs, rhs, dimension numbers, result dtype) -> executions per
     step, with per-device shapes and the types XLA gave them (XLA:CPU multiplies most bf16 products in f32)."""
-    with jax.set_mesh(trainer.mesh):
-        text = trainer.lower_step(trainer.abstract_state(), abstract_batch(cfg, trainer.batch_sharding)).compile().as_text()
+    trainer = parts.trainer
+    text = trainer.lower_step(trainer.abstract_state(), abstract_batch(parts)).compile().as_text()
     names = {"f64": "float64", "f32": "float32", "bf16": "bfloat16", "f16": "float16", "s32": "int32", "s8": "int8"}
     found = collections.Counter()
     for dot in audit.dots(text):
@@ -273,13 +230,6 @@ def resolve_config(name: str, overrides: list[str]):
     return cfg
 
 
-def make_trainer(cfg):
-    sizes = validate(cfg, jax.device_count())
-    model = transformer(cfg.model, cfg.data.seq_len)
-    return build_trainer(model, make_mesh(sizes), default_optimizer(cfg.optim, cfg.train.steps),
-                         microbatches=cfg.train.microbatches)
-
-
 class Runner:
     """One config's trainer, state and batches: compiled and warmed up, then timed step by step.
 
@@ -289,19 +239,18 @@ class Runner:
 
     def __init__(self, name: str, cfg, warmup: int, breakdown: bool):
         self.name, self.cfg = name, cfg
-        self.trainer = make_trainer(cfg)
-        corpus = load_corpus(cfg.data.corpus, cfg.data.val_fraction)
-        self.batches = [put_batch(train_batch(corpus, s, cfg.train.batch_size, cfg.data.seq_len),
-                                  self.trainer.batch_sharding) for s in range(4)]
-        self.state, self.i = self.trainer.init(0), 0
+        self.parts = build(cfg)  # `shardml train`'s model, data and trainer
+        self.trainer = self.parts.trainer
+        self.batches = [self.trainer.put(self.parts.data.batch(s)) for s in range(4)]
+        self.state, self.i = self.trainer.init(cfg.train.seed), 0
         start = time.perf_counter()
         self.loss = float(self._step()["loss"])
         self.compile_s = time.perf_counter() - start
         for _ in range(warmup):
             self._step()
-        self.dots = step_dots(cfg)
+        self.dots = step_dots(self.parts)
         # On GPU the compiled products are library calls, not HLO dots: only the CPU breakdown reads them.
-        self.compiled = compiled_dots(self.trainer, cfg) if breakdown else None
+        self.compiled = compiled_dots(self.parts) if breakdown else None
         self.alone = MatmulsAlone(self.compiled) if breakdown else None
         self.wall, self.cpu, self.alone_wall, self.alone_cpu, self.alone_each = [], [], [], [], []
 
@@ -339,11 +288,12 @@ class Runner:
         remat_none = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat="none"))
         return {
             "name": self.name, "cfg": cfg, "params": model.num_params, "tokens": tokens,
-            "mesh": " x ".join(f"{k}={v}" for k, v in self.trainer.mesh.shape.items() if v > 1) or "one device",
+            "mesh": layout_name(self.trainer.mesh.shape),
             "compile_s": self.compile_s, "loss": self.loss, "wall": self.wall,
             "step_s": statistics.median(self.wall), "cpu_s": statistics.median(self.cpu),
             "model_flops": model.flops_per_example * cfg.train.batch_size,
-            "counted_flops": inventory_flops(step_dots(remat_none)), "executed_flops": inventory_flops(self.dots),
+            "counted_flops": inventory_flops(step_dots(build(remat_none))),
+            "executed_flops": inventory_flops(self.dots),
             "compiled_flops": inventory_flops(self.compiled) * jax.device_count() if self.compiled else None,
             # The embedding is a one-hot product here: forward and weight gradient, 2 x V x D each per token.
             "embed_onehot_flops": 4.0 * cfg.model.vocab * cfg.model.d_model * tokens,
@@ -414,8 +364,8 @@ def breakdown(results, peaks, args) -> list[str]:
                    "token: forward and weight gradient), which the formula leaves out as a lookup; 1.000 means "
                    "the formula counts every other matmul exactly.")]
     if timed:
-        lines[-1] += (" Compiled: every dot of the partitioned program (`shardml.audit.dots`, per-device "
-                      "shapes x loop trips x devices); more than the jaxpr's would mean work repeated on "
+        lines[-1] += (" Compiled: every dot of the partitioned program (`shardml.analysis.audit.dots`, "
+                      "per-device shapes x loop trips x devices); more than the jaxpr's would mean work repeated on "
                       "several devices. Matmuls alone: each kind of dot of the compiled step, as often as the step runs it, "
                       "with the same per-device shapes and types (XLA:CPU multiplies most bf16 products in f32) "
                       "and nothing else, on every device at once; timed after each step (median), so under "
@@ -440,7 +390,7 @@ def report(results, peaks, accelerator, args, load_start) -> str:
     lines += peak_table(peaks, args, accelerator)
     sheet = reference_peak() if accelerator else None
     if accelerator:
-        lines.append(f"Reference peak (shardml.metrics.peak_flops): {sheet[1]} = {sheet[0] / 1e12:,.0f} TFLOP/s.")
+        lines.append(f"Reference peak (shardml.analysis.peak.peak_flops): {sheet[1]} = {sheet[0] / 1e12:,.0f} TFLOP/s.")
     f32, bf16 = _best(peaks, "float32", 0), _best(peaks, "bfloat16", 0)
     f32_cpu, bf16_cpu = _best(peaks, "float32", 1), _best(peaks, "bfloat16", 1)
 

@@ -16,30 +16,23 @@ compiled program and carry over to accelerators.
     python benchmarks/bench_pipeline.py --stages 2 --multiples 1,2 --plot /tmp/pipe.png
 """
 
-import jax
+import shardml
 
-from shardml.mesh import emulate_cpu_devices
-
-emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
+shardml.emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
 import statistics
-import sys
 import time
 
+import jax
 import numpy as np
 
-from shardml.audit import collectives, memory
-from shardml.config import ModelConfig, OptimConfig, PipelineConfig
-from shardml.data import load_corpus, train_batch
-from shardml.mesh import make_mesh
-from shardml.models import transformer
-from shardml.pipeline import Schedule
-from shardml.step import build_trainer, default_optimizer, put_batch
+from shardml import Schedule, collectives, load_config, memory
+from shardml.core.pipeline import SCHEDULES
+from shardml.run.planning import abstract_batch
+from shardml.run.recipe import build
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
-
-SCHEDULES = ("gpipe", "circular", "1f1b")
 
 
 def parse_args():
@@ -63,19 +56,40 @@ def parse_args():
     return ap.parse_args()
 
 
+def run_config(args, stages: int, rows: int, schedule: str = "1f1b", microbatches: int = 0, repeats: int = 1):
+    """The benchmark's transformer (f32, remat dots, AdamW for 100 steps) as a run config on mesh
+    ``pipeline=stages`` (``stages=1``: one device) with a global batch of ``rows`` sequences."""
+    return load_config(None, [
+        f"model.layers={args.layers}", f"model.d_model={args.d_model}", f"model.heads={args.heads}",
+        f"model.d_ff={args.d_ff}", "model.dtype=float32", "model.remat=dots", f"data.seq_len={args.seq}",
+        f"train.batch_size={rows}", "train.steps=100", "mesh.data=1", f"mesh.pipeline={stages}",
+        f"pipeline.schedule={schedule}", f"pipeline.microbatches={microbatches}", f"pipeline.repeats={repeats}"])
+
+
+def build_on_first(cfg):
+    """``shardml train``'s parts of ``cfg`` on the first ``mesh.pipeline`` devices."""
+    return build(cfg, jax.devices()[:cfg.mesh.pipeline])
+
+
+def permute_sends(schedule: Schedule) -> int:
+    """Boundary crossings per pass in theory: every microbatch crosses v·p - 1 stage boundaries
+    forward, and its cotangent as many backward: 2·m·(v·p - 1)."""
+    return 2 * schedule.microbatches * (schedule.repeats * schedule.stages - 1)
+
+
 class Runner:
     """One compiled trainer with its state and batch, ready to time."""
 
-    def __init__(self, model, mesh, batch_rows, seq, pipeline=None):
-        self.trainer = build_trainer(model, mesh, default_optimizer(OptimConfig(), 100), pipeline=pipeline)
-        corpus = load_corpus("pydoc", 0.05)
-        self.batch = put_batch(train_batch(corpus, 0, batch_rows, seq, 0), self.trainer.batch_sharding)
-        self.state = self.trainer.init(0)
+    def __init__(self, cfg):
+        parts = build_on_first(cfg)
+        self.trainer = parts.trainer
+        self.batch = self.trainer.put(parts.data.batch(0))
+        self.state = self.trainer.init(cfg.train.seed)
         start = time.perf_counter()
         self.compiled = compiled = self.trainer.lower_step(self.trainer.abstract_state(), self.batch).compile()
         self.compile_s = time.perf_counter() - start
         self.temp_bytes = memory(compiled).temporaries
-        report = collectives(compiled.as_text(), mesh)
+        report = collectives(compiled.as_text(), self.trainer.mesh)
         self.permute_bytes = sum(op.bytes * op.trips * len(op.groups) for op in report.select("collective-permute"))
         self.step()  # warm up
 
@@ -92,9 +106,7 @@ def main():
     stages_list = [int(p) for p in args.stages.split(",")]
     multiples = [int(k) for k in args.multiples.split(",") if k]
     schedules = args.schedules.split(",")
-    cfg = ModelConfig(layers=args.layers, d_model=args.d_model, heads=args.heads, d_ff=args.d_ff,
-                      dtype="float32", remat="dots")
-    model = transformer(cfg, args.seq)
+    model = build_on_first(run_config(args, 1, args.rows)).model
     print(f"model: {model.num_params:,} parameters, {args.layers} layers, d_model {args.d_model}; microbatch "
           f"{args.rows} x {args.seq} tokens; {jax.device_count()} emulated devices on this host\n")
     header = (f"{'p':>2} {'schedule':<9} {'v':>2} {'m':>3} {'step ms':>9} {'ideal ms':>9} {'eff':>6} {'theory':>6} "
@@ -105,15 +117,13 @@ def main():
         for multiple in multiples:
             m = multiple * p
             batch_rows = m * args.rows
-            ref = Runner(model, make_mesh({"data": 1}, devices=jax.devices()[:1]), batch_rows, args.seq)
-            mesh = make_mesh({"pipeline": p}, devices=jax.devices()[:p])
+            ref = Runner(run_config(args, 1, batch_rows))
             runners = {}
             for name in schedules:
                 v = args.repeats if name == "circular" else 1
                 if args.layers % (p * v) or (v > 1 and m % p):
                     continue
-                runners[name] = Runner(model, mesh, batch_rows, args.seq,
-                                       PipelineConfig(schedule=name, microbatches=m, repeats=v))
+                runners[name] = Runner(run_config(args, p, batch_rows, name, m, v))
             times = {name: [] for name in ["ref", *runners]}
             for _ in range(args.rounds):
                 times["ref"].append(ref.step())
@@ -129,7 +139,7 @@ def main():
                 row = dict(p=p, schedule=name, v=v, m=m, step_ms=1e3 * step, ideal_ms=1e3 * ideal,
                            efficiency=ideal / step, theory=theory, temp_mib=runner.temp_bytes / 2**20,
                            permute_kib=runner.permute_bytes / 2**10,
-                           permute_theory_kib=schedule.permute_passes() * activation / 2**10,
+                           permute_theory_kib=permute_sends(schedule) * activation / 2**10,
                            compile_s=runner.compile_s)
                 rows.append(row)
                 print(f"{p:>2} {name:<9} {v:>2} {m:>3} {row['step_ms']:>9.1f} {row['ideal_ms']:>9.1f} "
@@ -139,23 +149,16 @@ def main():
             if "1f1b" in runners and "gpipe" in runners:
                 ratio = statistics.median(times["1f1b"]) / statistics.median(times["gpipe"])
                 print(f"   p={p} m={m}: 1F1B / GPipe step time = {ratio:.3f}", flush=True)
-    curve = memory_curve(model, args, schedules) if args.memory_rows else []
+    curve = memory_curve(args, schedules) if args.memory_rows else []
     if args.compile_m:
-        compile_times(model, args, schedules, [int(m) for m in args.compile_m.split(",")])
+        compile_times(args, schedules, [int(m) for m in args.compile_m.split(",")])
     if args.plot:
         plot(rows, curve, args.plot)
 
 
-def abstract_batch(trainer, rows, seq):
-    tokens = jax.ShapeDtypeStruct((rows, seq), np.int32, sharding=trainer.batch_sharding)
-    mask = jax.ShapeDtypeStruct((rows, seq), np.float32, sharding=trainer.batch_sharding)
-    return {"inputs": tokens, "targets": tokens, "mask": mask}
-
-
-def memory_curve(model, args, schedules):
+def memory_curve(args, schedules):
     """Temporary bytes per device of the compiled step at a fixed (larger) microbatch, m = 4p .. 16p."""
     p = max(int(x) for x in args.stages.split(","))
-    mesh = make_mesh({"pipeline": p}, devices=jax.devices()[:p])
     stage_input = args.memory_rows * args.seq * args.d_model * 4
     print(f"\ntemporary memory per device (compile only), p={p}, microbatch {args.memory_rows} x {args.seq} "
           f"(one stage input = {stage_input / 2**20:.3f} MiB):")
@@ -164,10 +167,8 @@ def memory_curve(model, args, schedules):
         v = args.repeats if name == "circular" else 1
         cells = []
         for m in (4 * p, 8 * p, 16 * p):
-            trainer = build_trainer(model, mesh, default_optimizer(OptimConfig(), 100),
-                                    pipeline=PipelineConfig(schedule=name, microbatches=m, repeats=v))
-            compiled = trainer.lower_step(trainer.abstract_state(),
-                                          abstract_batch(trainer, m * args.memory_rows, args.seq)).compile()
+            parts = build_on_first(run_config(args, p, m * args.memory_rows, name, m, v))
+            compiled = parts.trainer.lower_step(parts.trainer.abstract_state(), abstract_batch(parts)).compile()
             temp = memory(compiled).temporaries / 2**20
             curve.append(dict(p=p, schedule=name, m=m, temp_mib=temp))
             cells.append(temp)
@@ -176,20 +177,18 @@ def memory_curve(model, args, schedules):
     return curve
 
 
-def compile_times(model, args, schedules, ms, rounds=3):
+def compile_times(args, schedules, ms, rounds=3):
     """lower + compile seconds of the train step at each m (largest p asked for); median of ``rounds``
     rounds that alternate between the m values, so machine load hits them alike."""
     p = max(int(x) for x in args.stages.split(","))
-    mesh = make_mesh({"pipeline": p}, devices=jax.devices()[:p])
     print(f"\ncompile time (lower + compile, p={p}, median of {rounds}), seconds:")
     for name in schedules:
         v = args.repeats if name == "circular" else 1
         seconds = {m: [] for m in ms}
         for _ in range(rounds):
             for m in ms:
-                trainer = build_trainer(model, mesh, default_optimizer(OptimConfig(), 100),
-                                        pipeline=PipelineConfig(schedule=name, microbatches=m, repeats=v))
-                batch = abstract_batch(trainer, m * args.rows, args.seq)
+                parts = build_on_first(run_config(args, p, m * args.rows, name, m, v))
+                trainer, batch = parts.trainer, abstract_batch(parts)
                 start = time.perf_counter()
                 trainer.lower_step(trainer.abstract_state(), batch).compile()
                 seconds[m].append(time.perf_counter() - start)

@@ -10,11 +10,9 @@ Timed rounds alternate between the two so machine noise hits both alike; medians
     python benchmarks/bench_step.py --layout data=2,fsdp=2,tensor=2  # shardml on a 3-D mesh
 """
 
-import jax
+import shardml
 
-from shardml.mesh import emulate_cpu_devices
-
-emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
+shardml.emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
 import math
@@ -23,17 +21,17 @@ import sys
 import time
 from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from shardml.config import GRAD_DTYPES, REMAT_POLICIES, ModelConfig, OptimConfig
-from shardml.data import load_corpus, train_batch
-from shardml.mesh import make_mesh
-from shardml.models import transformer
-from shardml.step import build_trainer, default_optimizer, put_batch
+from shardml import ConfigError, TextBatches, load_config, load_tokens
+from shardml.models.transformer import GRAD_DTYPES, REMAT_POLICIES
+from shardml.run.planning import layout_config
+from shardml.run.recipe import build
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
 
@@ -120,12 +118,16 @@ def build_baseline(args, ocfg, devices):
 
 
 # ----------------------------------------------------------------------------- harness
-def parse_layout(text):
-    sizes = {}
-    for part in text.split(","):
-        name, _, size = part.partition("=")
-        sizes[name.strip()] = int(size)
-    return sizes
+def shardml_config(args, grad_dtype: str):
+    """The benchmark's transformer as a run config on ``--layout`` (a fresh mesh: ``data`` fills the
+    devices unless given, the other axes are 1), with the default optimizer (``shardml.OptimConfig``)
+    scheduled over the whole run."""
+    base = load_config(None, [
+        f"model.vocab={VOCAB}", f"model.layers={args.layers}", f"model.d_model={args.d_model}",
+        f"model.heads={args.heads}", f"model.d_ff={args.d_ff}", f"model.dtype={args.dtype}",
+        f"model.remat={args.remat}", f"model.grad_dtype={grad_dtype}", f"data.seq_len={args.seq_len}",
+        f"train.batch_size={args.batch_size}", f"train.steps={args.total_steps}", "train.microbatches=1"])
+    return layout_config(base, ",".join(f"mesh.{part.strip()}" for part in args.layout.split(",")))
 
 
 def main():
@@ -141,9 +143,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layout", default="data=8", help="shardml mesh, e.g. data=2,fsdp=2,tensor=2")
-    ap.add_argument("--remat", default="dots", choices=REMAT_POLICIES, help="shardml ModelConfig.remat (default: shardml's default, dots)")
+    ap.add_argument("--remat", default="dots", choices=tuple(REMAT_POLICIES),
+                    help="shardml model.remat (default: shardml's default, dots)")
     ap.add_argument("--grad-dtype", default="float32", type=_readme.comma_list(GRAD_DTYPES),
-                    help="shardml ModelConfig.grad_dtype (compute: weight-gradient products in bf16, as the "
+                    help="shardml model.grad_dtype (compute: weight-gradient products in bf16, as the "
                          "baseline); a comma list (float32,compute) times each in the same rounds")
     ap.add_argument("--readme", default=None, help="also write the printed report as this file's bench_step section")
     args = ap.parse_args()
@@ -151,17 +154,18 @@ def main():
     devices = jax.devices()
     assert len(devices) == 8, f"expected 8 emulated CPU devices, got {len(devices)}"
 
-    corpus = load_corpus("pydoc")
-    host = [train_batch(corpus, s, args.batch_size, args.seq_len) for s in range(args.steps)]
-    ocfg = OptimConfig()
+    source = TextBatches(load_tokens("pydoc"), args.batch_size, args.seq_len)  # the same batches for both
+    host = [source.batch(s) for s in range(args.steps)]
+    try:  # `shardml train`'s trainer per --grad-dtype, every one checked before anything compiles
+        built = {g: build(shardml_config(args, g)) for g in args.grad_dtype}
+    except ConfigError as err:
+        raise SystemExit(f"--layout {args.layout}: {err}") from None
+    ocfg = built[args.grad_dtype[0]].cfg.optim  # the baseline's optimizer settings: shardml's
 
     # shardml, once per --grad-dtype
     def shardml_runner(grad_dtype):
-        mcfg = ModelConfig(vocab=VOCAB, layers=args.layers, d_model=args.d_model, heads=args.heads,
-                           d_ff=args.d_ff, dtype=args.dtype, remat=args.remat, grad_dtype=grad_dtype)
-        tr = build_trainer(transformer(mcfg, args.seq_len), make_mesh(parse_layout(args.layout)),
-                           default_optimizer(ocfg, steps=args.total_steps), microbatches=1)
-        sm = {"state": tr.init(0), "batches": [put_batch(b, tr.batch_sharding) for b in host]}
+        tr = built[grad_dtype].trainer
+        sm = {"state": tr.init(built[grad_dtype].cfg.train.seed), "batches": [tr.put(b) for b in host]}
 
         def sm_step(i):
             sm["state"], metrics = tr.step(sm["state"], sm["batches"][i % len(host)])

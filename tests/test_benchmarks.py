@@ -10,8 +10,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchma
 import _readme
 import bench_mfu
 
-from shardml.config import load_config
-from shardml.models import transformer
+from shardml import load_config
+from shardml.analysis.flops import inventory_flops
+from shardml.run.recipe import build
 
 
 def test_write_section_replaces_its_own_markers_only(tmp_path):
@@ -47,15 +48,22 @@ def test_printed_section_writes_what_the_run_printed(tmp_path, capsys):
 @pytest.mark.parametrize("kv_heads", [0, 2])
 def test_flops_formula_equals_the_step_matmuls_but_the_embedding(kv_heads):
     """Model.flops_per_example counts every matmul of a no-remat train step except the embedding's
-    one-hot product (forward + weight gradient, 4 x vocab x d_model per token)."""
+    one-hot product (forward + weight gradient, 4 x vocab x d_model per token), and equals PaLM's
+    6 x matmul parameters + 12 x layers x d_model x seq per token, written out here."""
     cfg = load_config("tiny", ["model.remat=none", "model.layers=2", f"model.kv_heads={kv_heads}"])
-    tokens = cfg.train.batch_size * cfg.data.seq_len
-    model = transformer(cfg.model, cfg.data.seq_len)
-    counted = bench_mfu.inventory_flops(bench_mfu.step_dots(cfg))
-    formula = model.flops_per_example * cfg.train.batch_size
-    embedding = 4 * cfg.model.vocab * cfg.model.d_model * tokens
-    assert counted == formula + embedding, (
-        f"jaxpr matmul FLOPs {counted:,} != formula {formula:,.0f} + embedding one-hot {embedding:,}")
+    parts = build(cfg)
+    m, seq, batch = cfg.model, cfg.data.seq_len, cfg.train.batch_size
+    tokens = batch * seq
+    head_dim, kv = m.d_model // m.heads, m.kv_heads or m.heads
+    matmul_params = (m.layers * (2 * m.d_model * m.heads * head_dim + 2 * m.d_model * kv * head_dim
+                                 + 3 * m.d_model * m.d_ff) + m.d_model * m.vocab)
+    palm = (6 * matmul_params + 12 * m.layers * m.d_model * seq) * tokens
+    formula = parts.model.flops_per_example * batch
+    assert formula == palm, f"Model.flops_per_example x batch {formula:,.0f} != PaLM's count {palm:,}"
+    counted = inventory_flops(bench_mfu.step_dots(parts))
+    embedding = 4 * m.vocab * m.d_model * tokens
+    assert counted == palm + embedding, (
+        f"jaxpr matmul FLOPs {counted:,} != PaLM's count {palm:,} + embedding one-hot {embedding:,}")
 
 
 def test_compiled_step_multiplies_each_matmul_once_across_devices():
@@ -63,10 +71,10 @@ def test_compiled_step_multiplies_each_matmul_once_across_devices():
     step's matmul FLOPs: no product is repeated on several devices, and `audit.dots` misses none."""
     import jax
 
-    cfg = load_config("tiny", ["model.layers=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-    traced = bench_mfu.inventory_flops(bench_mfu.step_dots(cfg))
-    compiled = bench_mfu.compiled_dots(bench_mfu.make_trainer(cfg), cfg)
-    total = bench_mfu.inventory_flops(compiled) * jax.device_count()
+    parts = build(load_config("tiny", ["model.layers=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]))
+    traced = inventory_flops(bench_mfu.step_dots(parts))
+    compiled = bench_mfu.compiled_dots(parts)
+    total = inventory_flops(compiled) * jax.device_count()
     assert total == traced, f"compiled dots {total:,} FLOPs x devices vs traced {traced:,}: {compiled}"
 
 

@@ -173,8 +173,7 @@ def test_annotations_become_shardings():
 def _constraints_on_tensor(model):
     trainer = build_trainer(model, make_mesh({"data": 4, "tensor": 2}), optax.adam(LR), loss=classification)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding) for k, v in data(0).items()}
-    with jax.set_mesh(trainer.mesh):
-        jaxpr = jax.make_jaxpr(trainer._step)(trainer.abstract_state(), batch)
+    jaxpr = trainer.trace_step(trainer.abstract_state(), batch).jaxpr
     found = []
 
     def walk(jaxpr):

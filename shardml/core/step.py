@@ -175,6 +175,11 @@ class Trainer:
         """The model's own parameter layout (a circular pipeline stores layers regrouped)."""
         return self.strategy.natural(params)
 
+    def trace_step(self, state: Any, batch: Any):
+        """``jax.stages.Traced`` of the step (``.jaxpr``), for audits (accepts ShapeDtypeStructs)."""
+        with jax.set_mesh(self.mesh):
+            return self._step.trace(state, batch)
+
     def lower_step(self, state: Any, batch: Any):
         """``jax.stages.Lowered`` of the step, for audits (accepts ShapeDtypeStructs)."""
         with jax.set_mesh(self.mesh):
