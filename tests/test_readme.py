@@ -1,41 +1,55 @@
-"""The README's Python examples run as written (with fewer steps, or a checkpoint made here)."""
+"""The README's Python blocks run as written (shorter loops, files in a temporary directory)."""
 
 import pathlib
 import re
 
 import numpy as np
 
+README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+
+
+def block(after: str) -> str:
+    """The first ```python block after the text ``after``."""
+    return re.search(re.escape(after) + r".*?```python\n(.*?)```", README, re.S).group(1)
+
+
+def run(code: str) -> dict:
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+    return scope
+
+
+def test_readme_flax_nnx_example_trains_on_digits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # out_dir="runs/digits" lands here
+    scope = run(block("## Your own Flax model"))
+    summary = scope["summary"]
+    assert summary.val["accuracy"] >= 0.9, summary.val
+    assert (tmp_path / "runs" / "digits" / "checkpoints" / "300").is_dir()
+
 
 def test_readme_api_example_trains():
-    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    code = re.search(r"## Python API\n\n```python\n(.*?)```", text, re.S).group(1)
-    code = code.replace("range(100)", "range(3)")
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    code = block("## Python API")
+    assert "range(100)" in code
+    scope = run(code.replace("range(100)", "range(3)"))
     assert int(scope["state"].step) == 3
     assert np.isfinite(float(scope["metrics"]["loss"]))
 
 
-def test_readme_orbax_flax_snippet_loads_checkpoint_params(tmp_path):
+def test_readme_orbax_flax_snippet_loads_checkpoint_params(tmp_path, tiny_model):
     import jax
 
-    import shardml
-    from shardml.config import ModelConfig, OptimConfig
+    from conftest import trainer_for
+    from shardml.run.checkpoint import Checkpointer
 
-    model = shardml.transformer(ModelConfig(layers=2, d_model=32, heads=4, d_ff=64, dtype="float32"), 16)
-    trainer = shardml.build_trainer(model, shardml.make_mesh({"data": 8}),
-                                    shardml.default_optimizer(OptimConfig(), 10))
+    trainer = trainer_for(tiny_model, {"data": 8})
     state = trainer.init(seed=1)
-    checkpointer = shardml.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
     checkpointer.save(10, state, meta={})
     checkpointer.close()
 
-    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    code = re.search(r"load with plain Orbax and Flax.*?```python\n(.*?)```", text, re.DOTALL).group(1)
+    code = block("load with plain Orbax and Flax")
     assert '"runs/tiny/checkpoints/10/params"' in code
-    code = code.replace('"runs/tiny/checkpoints/10/params"', repr(str(tmp_path / "checkpoints" / "10" / "params")))
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+    scope = run(code.replace('"runs/tiny/checkpoints/10/params"', repr(str(tmp_path / "checkpoints" / "10" / "params"))))
     saved = {"/".join(str(k.key) for k in path): leaf
              for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     assert scope["flat"].keys() == saved.keys()
