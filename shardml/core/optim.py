@@ -1,8 +1,12 @@
-"""The default optimizer: AdamW with linear warmup, cosine decay and global-norm clipping.
+"""The default optimizer: AdamW with linear warmup, cosine decay and global-norm clipping, its numeric
+hyperparameters injected (``optax.inject_hyperparams``) so that they are arrays in the optimizer
+state: a population gives each member its own values with one compiled step.
 
 Any optax ``GradientTransformation`` works with the trainer; this one is what the presets use::
 
     optimizer = default_optimizer(OptimConfig(lr=1e-3), steps=1000)
+    state = optimizer.init(params)
+    state.hyperparams["lr"]             # Array(0.001)
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ import dataclasses
 import optax
 
 from shardml.core.settings import setting
+
+# The hyperparameters that live in the optimizer state (one value per population member); warmup
+# and min_lr_ratio shape the schedule and are static.
+INJECTED = ("lr", "b1", "b2", "weight_decay", "clip_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,17 +35,28 @@ class OptimConfig:
     clip_norm: float = setting(1.0, above=0.0)
 
 
-def lr_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
-    """Linear warmup to ``cfg.lr`` then cosine decay to ``cfg.lr * cfg.min_lr_ratio`` at ``steps``."""
-    warmup = min(cfg.warmup, max(steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=cfg.lr / (warmup + 1), peak_value=cfg.lr, warmup_steps=warmup,
-        decay_steps=max(steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+def lr_shape(warmup: int, min_lr_ratio: float, steps: int) -> optax.Schedule:
+    """The learning rate relative to its peak: linear warmup from 1/(warmup+1) to 1, then cosine
+    decay to ``min_lr_ratio`` at ``steps``."""
+    warmup = min(warmup, max(steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(init_value=1.0 / (warmup + 1), peak_value=1.0, warmup_steps=warmup,
+                                              decay_steps=max(steps, warmup + 1), end_value=min_lr_ratio)
+
+
+def adamw_cosine(lr, b1, b2, weight_decay, clip_norm, *, warmup: int, min_lr_ratio: float,
+                 steps: int) -> optax.GradientTransformation:
+    """Clipping, then AdamW (``optax.adamw``'s chain) on ``lr`` x :func:`lr_shape`."""
+    shape = lr_shape(warmup, min_lr_ratio, steps)
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.scale_by_adam(b1=b1, b2=b2),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(lambda count: lr * shape(count)),
+    )
 
 
 def default_optimizer(cfg: OptimConfig, steps: int) -> optax.GradientTransformation:
-    """AdamW on the :func:`lr_schedule`, after global-norm clipping."""
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(lr_schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
-    )
+    """:func:`adamw_cosine` with the numeric hyperparameters of ``cfg`` injected into its state."""
+    return optax.inject_hyperparams(adamw_cosine, static_args=("warmup", "min_lr_ratio", "steps"))(
+        **{name: getattr(cfg, name) for name in INJECTED}, warmup=cfg.warmup, min_lr_ratio=cfg.min_lr_ratio,
+        steps=steps)

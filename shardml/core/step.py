@@ -103,6 +103,12 @@ def eval_step(params: Any, batch: dict, *, strategy: GradientStrategy, rules: Ru
         return strategy.loss_sums(params, batch)
 
 
+def predict_step(params: Any, inputs: Any, *, model: Model, strategy: GradientStrategy, rules: Rules) -> Any:
+    """The model's deterministic outputs for ``inputs`` (parameters in the strategy's layout)."""
+    with use_rules(rules):
+        return model(strategy.natural(params), inputs)
+
+
 def gradient_strategy(model: Model, loss: Loss, mesh, microbatches: int = 1,
                       schedule: Schedule | None = None) -> GradientStrategy:
     """The accumulator, or a pipeline when ``mesh`` has a ``pipeline`` axis (``schedule`` default:
@@ -151,6 +157,8 @@ class Trainer:
     _init: Any
     _step: Any
     _eval: Any
+    _predict: Any = None
+    members: int = 1  # > 1: a population (shardml.parallel.members), every leaf stacked on axis 0
 
     def init(self, seed: int = 0) -> TrainState:
         """A fresh state, every array created directly in its shards."""
@@ -170,6 +178,12 @@ class Trainer:
         """Loss sums of a batch (divide sums over batches once, at the end)."""
         with jax.set_mesh(self.mesh):
             return self._eval(params, batch)
+
+    def predict(self, params: Any, inputs: Any) -> Any:
+        """The model's outputs (logits) for a global batch of inputs, deterministic (no dropout);
+        a population gives every member's, stacked on axis 0."""
+        with jax.set_mesh(self.mesh):
+            return self._predict(params, inputs)
 
     def natural(self, params: Any) -> Any:
         """The model's own parameter layout (a circular pipeline stores layers regrouped)."""
@@ -241,4 +255,6 @@ def build_trainer(model: Model, mesh, optimizer: optax.GradientTransformation, *
         _step=jax.jit(step, in_shardings=(shardings, data), out_shardings=(shardings, one), donate_argnums=0),
         _eval=jax.jit(functools.partial(eval_step, strategy=strategy, rules=rules),
                       in_shardings=(shardings.params, data), out_shardings=one),
+        _predict=jax.jit(functools.partial(predict_step, model=model, strategy=strategy, rules=rules),
+                         in_shardings=(shardings.params, data)),
     )
