@@ -30,6 +30,7 @@ from shardml.core.errors import ConfigError
 EMBEDDED = {"pydoc": "the English documentation of the Python language that CPython ships (pydoc_data.topics)",
             "digits": "scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes)"}
 TOKEN_FILES = (".npy", ".bin")
+_BOOT = 0xB007  # mixed into the seeds of resampled data, so resample k never repeats the plain stream
 
 
 # ----------------------------------------------------------------------------- token streams
@@ -131,6 +132,7 @@ class TextBatches:
     batch_size: int
     seq_len: int
     seed: int = 0
+    resample: int = -1  # k >= 0: an independent stream of windows, the k-th "resample" of the text
 
     def __post_init__(self):
         for part, stream in (("training", self.tokens.train), ("validation", self.tokens.val)):
@@ -141,11 +143,11 @@ class TextBatches:
     @property
     def fingerprint(self) -> dict:
         return {"kind": "text", "corpus": self.tokens.name, "train_tokens": len(self.tokens.train),
-                "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed}
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed, "resample": self.resample}
 
     def batch(self, step: int) -> dict:
-        """The global batch of ``step``: random windows, a pure function of (seed, step)."""
-        rng = np.random.default_rng([self.seed, step])
+        """The global batch of ``step``: random windows, a pure function of (seed, step[, resample])."""
+        rng = np.random.default_rng([self.seed, step] if self.resample < 0 else [self.seed, step, _BOOT, self.resample])
         starts = rng.integers(0, len(self.tokens.train) - self.seq_len - 1, size=self.batch_size)
         return _windows(self.tokens.train, starts, self.seq_len)
 
@@ -206,11 +208,16 @@ def _pad_rows(batch: dict, rows: int) -> dict:
 @dataclasses.dataclass(frozen=True)
 class ArrayBatches:
     """Batches of examples, a new seeded permutation every epoch: the batch of step ``s`` holds
-    positions ``[s·B, (s+1)·B)`` of the concatenated epochs, a pure function of (seed, s)."""
+    positions ``[s·B, (s+1)·B)`` of the concatenated epochs, a pure function of (seed, s).
+
+    ``resample`` k >= 0 replaces the training set by its k-th bootstrap resample (n examples drawn
+    with replacement, seeded by (seed, k)): what member k of a bagged ensemble trains on.
+    """
 
     examples: Examples
     batch_size: int
     seed: int = 0
+    resample: int = -1
 
     def __post_init__(self):
         if self.batch_size > len(self.examples.x_train):
@@ -220,14 +227,21 @@ class ArrayBatches:
     @property
     def fingerprint(self) -> dict:
         return {"kind": "arrays", "dataset": self.examples.name, "train_examples": len(self.examples.x_train),
-                "batch_size": self.batch_size, "seed": self.seed}
+                "batch_size": self.batch_size, "seed": self.seed, "resample": self.resample}
+
+    def _indices(self) -> np.ndarray:
+        n = len(self.examples.x_train)
+        if self.resample < 0:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, _BOOT, self.resample]).integers(0, n, n)
 
     def _rows(self, step: int) -> np.ndarray:
-        n = len(self.examples.x_train)
+        indices = self._indices()
+        n = len(indices)
         positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         epochs = positions // n
         perms = {e: np.random.default_rng([self.seed, e]).permutation(n) for e in np.unique(epochs)}
-        return np.array([perms[e][p % n] for e, p in zip(epochs, positions)])
+        return indices[np.array([perms[e][p % n] for e, p in zip(epochs, positions)])]
 
     def batch(self, step: int) -> dict:
         rows = self._rows(step)
@@ -280,6 +294,26 @@ class IteratorSource:
                 "without repeating or skipping batches. Pass an indexable source (step -> batch), an iterator with "
                 "get_state/set_state (e.g. a grain DatasetIterator), or start over (resume='never' / --fresh)")
         self.position = position
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberBatches:
+    """One source per population member, read together: the batch of step s is every member's batch
+    of step s stacked on a leading member axis (bootstrap ensembles, federated clients)."""
+
+    sources: tuple
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"kind": "members", "members": [getattr(s, "fingerprint", None) for s in self.sources]}
+
+    def batch(self, step: int) -> dict:
+        batches = [source.batch(step) for source in self.sources]
+        return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+
+    def eval_batches(self, count: int = 0) -> list[dict]:
+        """The first member's evaluation batches: every member is evaluated on the same data."""
+        return self.sources[0].eval_batches(count)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -159,7 +159,7 @@ class Trainer:
     _eval: Any
     _predict: Any = None
     members: int = 1  # > 1: a population (shardml.parallel.members), every leaf stacked on axis 0
-
+    eval_sharding: NamedSharding | None = None  # of evaluation batches, when not batch_sharding
     def init(self, seed: int = 0) -> TrainState:
         """A fresh state, every array created directly in its shards."""
         with jax.set_mesh(self.mesh):
@@ -207,8 +207,13 @@ class Trainer:
                             shapes, self.state_shardings)
 
     def put(self, batch: dict) -> dict:
-        """A host batch as global arrays sharded over the batch axes (see :func:`put_batch`)."""
+        """A host training batch as global arrays sharded over the batch axes (see :func:`put_batch`)."""
         return put_batch(batch, self.batch_sharding)
+
+    def put_eval(self, batch: dict) -> dict:
+        """A host evaluation (or prediction) batch as global arrays; a population whose members train
+        on their own data still evaluates them all on the same batch."""
+        return put_batch(batch, self.eval_sharding or self.batch_sharding)
 
 
 def build_trainer(model: Model, mesh, optimizer: optax.GradientTransformation, *, loss: Loss = token_cross_entropy,

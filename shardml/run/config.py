@@ -24,10 +24,11 @@ import yaml
 
 from shardml.core.errors import ConfigError
 from shardml.core.mesh import MeshConfig, resolve_mesh_sizes
-from shardml.core.optim import OptimConfig
+from shardml.core.optim import INJECTED, OptimConfig
 from shardml.core.pipeline import SCHEDULES
 from shardml.core.settings import check_settings, setting
 from shardml.models.transformer import TransformerConfig
+from shardml.parallel.population import KINDS, is_search_spec, parse_space
 
 MODEL_KINDS = ("transformer", "mlp")
 RESUME_MODES = ("auto", "never")
@@ -44,13 +45,16 @@ class ModelConfig(TransformerConfig):
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """``corpus``: an embedded corpus or dataset (``pydoc``, ``digits``), a UTF-8 text file or a
-    directory of them (byte-level), or a ``.npy`` / raw ``.bin`` file of token ids."""
+    directory of them (byte-level), or a ``.npy`` / raw ``.bin`` file of token ids. ``resample``
+    k >= 0 trains on the k-th bootstrap resample of the data (what member k of a bootstrap
+    ensemble sees)."""
 
     corpus: str = "pydoc"
     seq_len: int = setting(64, minimum=1)
     val_fraction: float = setting(0.05, above=0.0, below=0.5)
     token_dtype: str = setting("uint16", choices=("uint8", "uint16", "int32", "uint32", "int64"),
                                hint="the integer type of a raw .bin token file")
+    resample: int = setting(-1, minimum=-1, hint="-1 uses the data as it is")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +71,8 @@ class TrainConfig:
     steps: int = setting(100, minimum=1)
     batch_size: int = setting(32, minimum=1, hint="the global batch, the same on every layout")
     microbatches: int = setting(1, minimum=1)
-    seed: int = setting(0, minimum=0)
+    seed: int = setting(0, minimum=0, hint="the data order (and, unless init_seed is set, the initialisation)")
+    init_seed: int = setting(-1, minimum=-1, hint="-1 initialises from train.seed")
     # auto: the latest valid checkpoint in out_dir, if any | never | a checkpoint path
     resume: str = "auto"
     max_bad_steps: int = setting(10, minimum=1, hint="stop after this many non-finite steps in a row")
@@ -91,6 +96,30 @@ class PipelineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PopulationConfig:
+    """Many models in one compiled step (see :mod:`shardml.parallel.population`).
+
+    ``size`` members of ``kind``: ``ensemble`` (members differ by initialisation; ``bootstrap``
+    resamples the data per member), ``sweep`` (members differ by the hyperparameters in
+    ``search``, filled from ``optim.*`` keys given a list or a distribution), or ``pbt`` (a sweep
+    whose worst ``exploit_fraction`` copy a better member every ``ready_every`` steps). A sweep
+    stops its worst ``prune_fraction`` of members every ``prune_every`` steps. ``sampler=optuna``
+    asks Optuna for ``size`` trials per generation, ``generations`` times.
+    """
+
+    size: int = setting(1, minimum=1)
+    kind: str = setting("ensemble", choices=KINDS)
+    bootstrap: bool = False
+    search: dict = dataclasses.field(default_factory=dict)
+    sampler: str = setting("grid", choices=("grid", "optuna"), hint="grid: lists form a grid, distributions are sampled")
+    generations: int = setting(1, minimum=1)
+    ready_every: int = setting(0, minimum=0, hint="PBT's exploit/explore interval in steps")
+    exploit_fraction: float = setting(0.25, above=0.0, maximum=0.5)
+    prune_every: int = setting(0, minimum=0, hint="0: never stop members early")
+    prune_fraction: float = setting(0.25, above=0.0, below=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     mesh: MeshConfig = MeshConfig()
     model: ModelConfig = ModelConfig()
@@ -99,6 +128,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    population: PopulationConfig = PopulationConfig()
     out_dir: str = "runs/default"
 
 
@@ -148,14 +178,40 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
             pass
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a directory named 2024, a corpus path given as a number
+    if typ is dict and isinstance(value, dict):
+        return dict(value)
     if isinstance(value, bool) and typ is not bool or not isinstance(value, typ):
         raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
+SEARCHABLE = tuple(f"optim.{name}" for name in INJECTED)
+
+
+def _move_search(data: dict, base: Config) -> dict:
+    """``optim.*`` values that are lists or distributions move to ``population.search``."""
+    optim = data.get("optim")
+    if not isinstance(optim, dict) or not any(is_search_spec(v) for v in optim.values()):
+        return data
+    search = dict(base.population.search)
+    for name, value in list(optim.items()):
+        if is_search_spec(value):
+            key = f"optim.{name}"
+            if key not in SEARCHABLE:
+                raise ConfigError(f"{key}={value!r}: only {', '.join(SEARCHABLE)} can differ between members "
+                                  "(the others shape the compiled step or the schedule)")
+            space = parse_space(key, value)
+            search[name] = space if isinstance(space, list) else value
+    population = dict(data.get("population") or {})
+    population["search"] = {**search, **(population.get("search") or {})}
+    return {**data, "optim": {k: v for k, v in optim.items() if not is_search_spec(v)}, "population": population}
+
+
 def from_dict(data: dict, cls=Config, prefix: str = "", base: Any = None) -> Any:
     """Builds ``cls`` from a nested dict, starting from ``base`` (defaults if None)."""
     base = base if base is not None else cls()
+    if cls is Config and isinstance(data, dict):
+        data = _move_search(data, base)
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     types = typing.get_type_hints(cls)
@@ -281,7 +337,16 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     if cfg.pipeline.repeats > 1 and cfg.pipeline.schedule != "circular":
         raise ConfigError(f"pipeline.repeats={cfg.pipeline.repeats} needs pipeline.schedule=circular (got "
                           f"'{cfg.pipeline.schedule}'); set pipeline.repeats=1 or choose the circular schedule")
-    if sizes["members"] > 1:
-        raise ConfigError(f"mesh.members={sizes['members']}: populations of models are not supported yet; "
-                          "set mesh.members=1")
+    pop = cfg.population
+    if sizes["members"] > 1 and pop.size % sizes["members"]:
+        raise ConfigError(f"population.size={pop.size} is not divisible by mesh.members={sizes['members']}; each "
+                          f"device group holds the same number of members, so use a multiple of {sizes['members']}")
+    if pop.size > 1 and sizes["pipeline"] > 1:
+        raise ConfigError(f"population.size={pop.size} with mesh.pipeline={sizes['pipeline']}: members are vmapped "
+                          "and the pipeline's shard_map does not run under vmap; use mesh.pipeline=1")
+    if pop.size == 1 and (pop.search or sizes["members"] > 1):
+        what = "a search space" if pop.search else f"mesh.members={sizes['members']}"
+        raise ConfigError(f"{what} needs a population: set population.size (and population.kind)")
+    if pop.kind == "pbt" and pop.size > 1 and not pop.ready_every:
+        raise ConfigError("population.kind=pbt needs population.ready_every=S (exploit/explore every S steps)")
     return sizes

@@ -109,12 +109,13 @@ def evaluate(trainer: Trainer, params: Any, batches: Iterable[dict]) -> dict:
 
     Padded rows (``mask`` 0) count nothing, so a padded last batch gives the exact full-set mean.
     """
-    totals: dict[str, float] = {}
+    totals: dict[str, Any] = {}
     for batch in batches:
-        for key, value in jax.device_get(trainer.evaluate(params, trainer.put(batch))).items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    count = max(totals.pop("count", 0.0), 1.0)
-    return {mean_name(k): v / count for k, v in totals.items()}
+        for key, value in jax.device_get(trainer.evaluate(params, trainer.put_eval(batch))).items():
+            totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+    count = np.maximum(totals.pop("count", 0.0), 1.0)
+    # A population's sums have one entry per member: its means are lists.
+    return {mean_name(k): (v / count).tolist() if np.ndim(v) else float(v / count) for k, v in totals.items()}
 
 
 # ----------------------------------------------------------------------------- the loop's parts
@@ -152,22 +153,33 @@ class Throughput:
 
 
 class Recorder:
-    """Decides which steps are logged and writes their records (JSONL, TensorBoard, progress bar)."""
+    """Decides which steps are logged and writes their records (JSONL, TensorBoard, progress bar);
+    a population writes one record per member per logged step, with a ``member`` field."""
 
     SHOWN = ("loss", "grad_norm", "accuracy", "bad_steps")
 
     def __init__(self, settings: LoopSettings, writer: MetricsWriter, throughput: Throughput, bar):
         self.settings, self.writer, self.throughput, self.bar = settings, writer, throughput, bar
 
+    def due(self, step: int) -> bool:
+        return step in (0, self.settings.steps - 1) or (step + 1) % self.settings.log_every == 0
+
     def record(self, step: int, metrics: dict, val: dict | None) -> None:
-        """Writes the record of ``step`` (0-based) if it is a logging step."""
-        every, last = self.settings.log_every, step == self.settings.steps - 1
-        if not (last or step == 0 or (step + 1) % every == 0 or val is not None):
+        """Writes the record(s) of ``step`` (0-based) if it is a logging or evaluation step."""
+        if not (self.due(step) or val is not None):
             return
-        values = {k: float(np.asarray(metrics[k])) for k in self.SHOWN if k in metrics}
-        values.update(self.throughput.rates(step + 1))
-        values.update({f"val_{k}": v for k, v in (val or {}).items()})
-        record = self.writer.write(step + 1, values)
+        values = {k: np.asarray(metrics[k], np.float64) for k in self.SHOWN if k in metrics}
+        values.update({f"val_{k}": np.asarray(v, np.float64) for k, v in (val or {}).items()
+                       if np.ndim(v) <= 1 and not isinstance(v, dict)})
+        shared = self.throughput.rates(step + 1)
+        members = values["loss"].shape[0] if values["loss"].ndim else 0
+        if not members:
+            record = self.writer.write(step + 1, {**values, **shared})
+        else:
+            for member in range(members):
+                one = {k: v[member] if v.ndim else v for k, v in values.items()}
+                record = self.writer.write(step + 1, {"member": member, **one, **shared})
+            record = {**record, "loss": float(np.mean(values["loss"]))}
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.3g}",
                                  mfu=f"{100 * record['mfu']:.1f}%")
@@ -179,7 +191,7 @@ def check_finite(metrics: dict, step: int, max_bad_steps: int, saved: tuple[int,
     Raises:
       NonFiniteError: naming the steps, the last checkpoint (left as it was) and what to change.
     """
-    streak = int(np.asarray(metrics["bad_streak"]))
+    streak = int(np.max(np.asarray(metrics["bad_streak"])))
     if streak < max_bad_steps:
         return
     step_saved, path = saved
@@ -189,6 +201,25 @@ def check_finite(metrics: dict, step: int, max_bad_steps: int, saved: tuple[int,
         f"steps {step + 2 - streak}-{step + 1}: {streak} steps in a row (max_bad_steps={max_bad_steps}) had a "
         f"non-finite loss or gradients and were skipped; stopping. {last}; lower the learning rate or check the "
         "data, then run again to resume from it")
+
+
+class Policy:
+    """What a population does between steps (PBT, early stopping, freezing diverged members); the
+    single-model loop has none. See :mod:`shardml.run.population`."""
+
+    def due(self, step: int) -> bool:
+        """Whether the loop evaluates and calls :meth:`at` after ``step``."""
+        return False
+
+    def at(self, step: int, state: TrainState, val: dict | None) -> TrainState:
+        return state
+
+    def on_metrics(self, step: int, metrics: dict, state: TrainState, saved: tuple[int, str | None]) -> TrainState:
+        """Called with each step's metrics (one step late); may return a changed state."""
+        check_finite(metrics, step, self.max_bad_steps, saved)
+        return state
+
+    max_bad_steps = 10
 
 
 @dataclasses.dataclass
@@ -214,87 +245,127 @@ def _open_run(trainer: Trainer, source, settings: LoopSettings, config: dict | N
     return begin, ident
 
 
+class _Run:
+    """One run of the loop: the state, where it started, its writers, what was saved."""
+
+    def __init__(self, trainer: Trainer, data: Any, settings: LoopSettings, eval_data, config, policy: Policy):
+        self.trainer, self.settings, self.policy = trainer, settings, policy
+        self.source = as_source(data)
+        self.eval_batches = list(eval_data) if eval_data is not None else None
+        self.start = time.perf_counter()
+        self.begin, self.ident = _open_run(trainer, self.source, settings, config)
+        self.writer = MetricsWriter(settings.out_dir, start_step=self.begin.step if settings.out_dir else None)
+        if self.writer.dropped:
+            notice(f"metrics.jsonl: dropped {self.writer.dropped} record(s) after step {self.begin.step}; "
+                   "they are written again")
+        self.checkpointer = (Checkpointer(os.path.join(settings.out_dir, "checkpoints"), keep=settings.checkpoint_keep,
+                                          async_save=settings.async_checkpoint) if settings.out_dir else None)
+        self.state = self.begin.state if self.begin.state is not None else trainer.init(settings.seed)
+        self.bar = progress(settings.steps, enabled=settings.verbose)
+        if self.bar is not None and self.begin.step:
+            self.bar.update(min(self.begin.step, settings.steps))
+        self.saved = _Saved(self.begin.step, self.begin.source)
+        self.recorder: Recorder | None = None
+        self.pending = None  # (step, metrics, val) of the last step, read one step late
+        self.val, self.compile_s = None, 0.0
+
+    def train(self, step: int) -> None:
+        """Dispatches ``step``, evaluates when due, then reads the previous step's metrics."""
+        batch = self.source.batch(step)
+        if self.recorder is None:
+            self.recorder = Recorder(self.settings, self.writer, Throughput(self.trainer, batch), self.bar)
+        self.state, metrics = self.trainer.step(self.state, self.trainer.put(batch))
+        if step == self.begin.step:
+            jax.block_until_ready(metrics)
+            self.compile_s = time.perf_counter() - self.start
+            self.recorder.throughput.start(step + 1)
+        self.val = self._evaluate(step)
+        self.flush()
+        self.pending = (step, metrics, self.val)
+        if self.policy.due(step):
+            self.flush()
+            self.state = self.policy.at(step, self.state, self.val)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _evaluate(self, step: int) -> dict | None:
+        s = self.settings
+        due = step + 1 == s.steps or (s.eval_every and (step + 1) % s.eval_every == 0) or self.policy.due(step)
+        if not self.eval_batches or not due:
+            return None
+        jax.block_until_ready(self.state)  # training time ends here; evaluation time is not counted
+        eval_start = time.perf_counter()
+        val = evaluate(self.trainer, self.state.params, self.eval_batches)
+        self.recorder.throughput.exclude(time.perf_counter() - eval_start)
+        return val
+
+    def flush(self) -> None:
+        """Records the pending step and lets the policy see its metrics."""
+        if self.pending is not None:
+            step, metrics, val = self.pending
+            self.pending = None
+            self.recorder.record(step, metrics, val)
+            self.state = self.policy.on_metrics(step, metrics, self.state, (self.saved.step, self.saved.path))
+
+    def save(self, step: int) -> None:
+        self.flush()  # the records saved must include this step
+        # Returns once the state is on the host: the next step may take (donate) it.
+        meta = checkpoint_meta(self.ident, step + 1, getattr(self.source, "state", lambda: None)(),
+                               self.trainer.mesh.shape)
+        self.saved.path, self.saved.step = self.checkpointer.save(step + 1, self.state, meta), step + 1
+
+    def save_due(self, step: int, stopping: bool) -> bool:
+        every = self.settings.checkpoint_every
+        last = step + 1 == self.settings.steps
+        return self.checkpointer is not None and (last or (every and (step + 1) % every == 0) or stopping)
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()  # waits until the last save is written and finalized
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+
+    def summary(self, stop_signal: str | None, last_step: int) -> TrainSummary:
+        s = self.settings
+        if stop_signal:
+            where = (f"saved checkpoint {self.saved.path}; run the same command again to resume" if self.saved.path
+                     else "nothing was saved (no out_dir)")
+            notice(f"stopped by {stop_signal} after step {self.saved.step if self.saved.path else last_step} of "
+                   f"{s.steps}; {where}")
+        elif self.begin.step >= s.steps:
+            notice(f"nothing to train: the run in {s.out_dir} is at step {self.begin.step} and steps={s.steps}")
+        return TrainSummary(
+            state=self.state, records=list(self.writer.records), val=None if stop_signal else self.val,
+            out_dir=s.out_dir, mesh=dict(self.trainer.mesh.shape),
+            resumed_from=self.begin.step if self.begin.source else None, preempted=stop_signal,
+            bad_steps=int(np.sum(np.asarray(self.state.bad_steps))), checkpoint=self.saved.path,
+            seconds=time.perf_counter() - self.start, compile_seconds=self.compile_s)
+
+
 def run_loop(trainer: Trainer, data: Any, settings: LoopSettings, eval_data: Iterable[dict] | None = None,
-             config: dict | None = None) -> TrainSummary:
+             config: dict | None = None, policy: Policy | None = None) -> TrainSummary:
     """Trains ``trainer`` on ``data`` (any source :func:`shardml.core.data.as_source` takes) for
-    ``settings.steps`` steps; see :func:`fit`. ``config`` is recorded in the run and checkpoints."""
-    source = as_source(data)
-    eval_batches = list(eval_data) if eval_data is not None else None
-    start = time.perf_counter()
-    begin, ident = _open_run(trainer, source, settings, config)
-    writer = MetricsWriter(settings.out_dir, start_step=begin.step if settings.out_dir else None)
-    if writer.dropped:
-        notice(f"metrics.jsonl: dropped {writer.dropped} record(s) after step {begin.step}; they are written again")
-    checkpointer = (Checkpointer(os.path.join(settings.out_dir, "checkpoints"), keep=settings.checkpoint_keep,
-                                 async_save=settings.async_checkpoint) if settings.out_dir else None)
-    state = begin.state if begin.state is not None else trainer.init(settings.seed)
-    bar = progress(settings.steps, enabled=settings.verbose)
-    if bar is not None and begin.step:
-        bar.update(min(begin.step, settings.steps))
-    saved = _Saved(begin.step, begin.source)
-    throughput = recorder = None
-    compile_s = 0.0
-
-    def finish(step, metrics, val):
-        recorder.record(step, metrics, val)
-        check_finite(metrics, step, settings.max_bad_steps, (saved.step, saved.path))
-
-    pending, stop_signal, val = None, None, None
+    ``settings.steps`` steps; see :func:`fit`. ``config`` is recorded in the run and checkpoints;
+    ``policy`` acts between steps (populations)."""
+    if policy is None:
+        policy = Policy()
+        policy.max_bad_steps = settings.max_bad_steps
+    run = _Run(trainer, data, settings, eval_data, config, policy)
+    stop_signal, step = None, run.begin.step
     with StopRequest() as stop:  # also covers the final wait for the last save
         try:
-            for step in range(begin.step, settings.steps):
-                batch = source.batch(step)
-                if throughput is None:
-                    throughput = Throughput(trainer, batch)
-                    recorder = Recorder(settings, writer, throughput, bar)
-                state, metrics = trainer.step(state, trainer.put(batch))
-                if step == begin.step:
-                    jax.block_until_ready(metrics)
-                    compile_s = time.perf_counter() - start
-                    throughput.start(step + 1)
-                val = None
-                last = step + 1 == settings.steps
-                if eval_batches and (last or (settings.eval_every and (step + 1) % settings.eval_every == 0)):
-                    jax.block_until_ready(state)  # training time ends here; evaluation time is not counted
-                    eval_start = time.perf_counter()
-                    val = evaluate(trainer, state.params, eval_batches)
-                    throughput.exclude(time.perf_counter() - eval_start)
-                if pending is not None:
-                    finish(*pending)
-                pending = (step, metrics, val)
-                if bar is not None:
-                    bar.update(1)
-                every = settings.checkpoint_every
-                if checkpointer and (last or (every and (step + 1) % every == 0) or stop.signal):
-                    finish(*pending)  # the records saved must include this step
-                    pending = None
-                    # Returns once the state is on the host: the next step may take (donate) it.
-                    meta = checkpoint_meta(ident, step + 1, getattr(source, "state", lambda: None)(),
-                                           trainer.mesh.shape)
-                    saved.path, saved.step = checkpointer.save(step + 1, state, meta), step + 1
-                if stop.signal and not last:
+            for step in range(run.begin.step, settings.steps):
+                run.train(step)
+                if run.save_due(step, bool(stop.signal)):
+                    run.save(step)
+                if stop.signal and step + 1 < settings.steps:
                     stop_signal = stop.signal
                     break
-            if pending is not None:
-                finish(*pending)
+            run.flush()
         finally:
-            if checkpointer is not None:
-                checkpointer.close()  # waits until the last save is written and finalized
-            if bar is not None:
-                bar.close()
-            writer.close()
-    if stop_signal:
-        where = f"saved checkpoint {saved.path}; run the same command again to resume" if saved.path else \
-            "nothing was saved (no out_dir)"
-        notice(f"stopped by {stop_signal} after step {saved.step if saved.path else step + 1} of {settings.steps}; "
-               f"{where}")
-    elif begin.step >= settings.steps:
-        notice(f"nothing to train: the run in {settings.out_dir} is at step {begin.step} and steps={settings.steps}")
-    return TrainSummary(
-        state=state, records=list(writer.records), val=None if stop_signal else val, out_dir=settings.out_dir,
-        mesh=dict(trainer.mesh.shape), resumed_from=begin.step if begin.source else None, preempted=stop_signal,
-        bad_steps=int(np.asarray(state.bad_steps)), checkpoint=saved.path,
-        seconds=time.perf_counter() - start, compile_seconds=compile_s)
+            run.close()
+    return run.summary(stop_signal, step + 1)
 
 
 def fit(model, data: Any, optimizer, *, loss: Loss = token_cross_entropy, mesh=None, microbatches: int = 1,
