@@ -38,7 +38,7 @@ class MetricsWriter:
             pass
 
     def write(self, step: int, values: dict) -> dict:
-        record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        record = {"step": int(step), **{k: int(v) if k == "member" else float(v) for k, v in values.items()}}
         self.records.append(record)
         if self._file is None:
             return record

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from shardml.core.checks import check_batch
-from shardml.core.data import ArrayBatches, TextBatches, is_token_file, load_digits, load_tokens
+from shardml.core.data import ArrayBatches, MemberBatches, TextBatches, is_token_file, load_digits, load_tokens
 from shardml.core.errors import ConfigError
 from shardml.core.losses import Loss, classification, token_cross_entropy
 from shardml.core.mesh import MeshConfig, make_mesh
@@ -24,6 +24,8 @@ from shardml.core.optim import default_optimizer
 from shardml.core.pipeline import Schedule
 from shardml.core.step import Trainer, build_trainer
 from shardml.models import Model, mlp_classifier, transformer
+from shardml.parallel.members import build_population
+from shardml.parallel.population import Member, hyperparam_arrays, plan_members
 from shardml.run.config import Config, pipeline_microbatches, validate
 
 ARRAY_DATASETS = {"digits": load_digits}
@@ -37,22 +39,25 @@ class Parts:
     sizes: dict[str, int]
     model: Model
     loss: Loss
-    data: Any  # TextBatches | ArrayBatches
+    data: Any  # TextBatches | ArrayBatches (MemberBatches of them for a bootstrap ensemble)
     trainer: Trainer
     schedule: Schedule | None
+    members: list[Member] | None = None  # a population's members (None: one model)
 
     def eval_batches(self) -> list[dict]:
         return self.data.eval_batches(self.cfg.train.eval_batches)
 
 
-def data_source(cfg: Config) -> TextBatches | ArrayBatches:
-    """The data of ``cfg``: text windows for the transformer, examples for the classifier."""
+def data_source(cfg: Config, resample: int | None = None) -> TextBatches | ArrayBatches:
+    """The data of ``cfg``: text windows for the transformer, examples for the classifier
+    (``resample``, default ``data.resample``: which bootstrap resample, -1 none)."""
     d, t = cfg.data, cfg.train
+    resample = d.resample if resample is None else resample
     if cfg.model.kind == "mlp":
         if d.corpus not in ARRAY_DATASETS:
             raise ConfigError(f"model.kind=mlp trains on array data; data.corpus={d.corpus!r} is not one of "
                               f"{', '.join(ARRAY_DATASETS)} (from Python, any arrays: shardml.ArrayBatches)")
-        return ArrayBatches(ARRAY_DATASETS[d.corpus](), t.batch_size, t.seed)
+        return ArrayBatches(ARRAY_DATASETS[d.corpus](), t.batch_size, t.seed, resample)
     if d.corpus in ARRAY_DATASETS:
         raise ConfigError(f"data.corpus={d.corpus} holds labelled examples, not text; use model.kind=mlp")
     tokens = load_tokens(d.corpus, d.val_fraction, vocab=cfg.model.vocab if is_token_file(d.corpus) else 0,
@@ -60,7 +65,7 @@ def data_source(cfg: Config) -> TextBatches | ArrayBatches:
     if tokens.vocab > cfg.model.vocab:
         raise ConfigError(f"data.corpus={d.corpus!r} has a vocabulary of {tokens.vocab} but model.vocab="
                           f"{cfg.model.vocab}; set model.vocab={tokens.vocab}")
-    return TextBatches(tokens, t.batch_size, d.seq_len, t.seed)
+    return TextBatches(tokens, t.batch_size, d.seq_len, t.seed, resample)
 
 
 def model_of(cfg: Config, data) -> tuple[Model, Loss]:
@@ -78,8 +83,9 @@ def schedule_of(cfg: Config, stages: int) -> Schedule | None:
     return Schedule(pc.schedule, stages, pipeline_microbatches(cfg, stages), pc.repeats)
 
 
-def build(cfg: Config, devices=None) -> Parts:
-    """Validates ``cfg`` against ``devices`` (default: all), then builds the model, data and trainer.
+def build(cfg: Config, devices=None, members: list[Member] | None = None) -> Parts:
+    """Validates ``cfg`` against ``devices`` (default: all), then builds the model, data and trainer
+    (of a population's ``members`` when given, else of those ``cfg.population`` plans).
 
     Raises:
       ConfigError: before anything compiles, for anything that cannot work.
@@ -91,9 +97,19 @@ def build(cfg: Config, devices=None) -> Parts:
     data = data_source(cfg)
     model, loss = model_of(cfg, data)
     mesh = make_mesh(MeshConfig(**sizes), devices=devices)
-    trainer = build_trainer(model, mesh, default_optimizer(cfg.optim, cfg.train.steps), loss=loss,
-                            microbatches=cfg.train.microbatches, schedule=schedule)
-    return Parts(cfg, sizes, model, loss, data, trainer, schedule)
+    optimizer = default_optimizer(cfg.optim, cfg.train.steps)
+    pop = cfg.population
+    if pop.size == 1:
+        trainer = build_trainer(model, mesh, optimizer, loss=loss, microbatches=cfg.train.microbatches,
+                                schedule=schedule)
+        return Parts(cfg, sizes, model, loss, data, trainer, schedule)
+    members = members or plan_members(pop.kind, pop.size, pop.search, cfg.train.seed, cfg.train.init_seed,
+                                      pop.bootstrap)
+    if pop.bootstrap:
+        data = MemberBatches(tuple(data_source(cfg, resample=m.resample) for m in members))
+    trainer = build_population(model, mesh, optimizer, pop.size, loss=loss, microbatches=cfg.train.microbatches,
+                               hyperparams=hyperparam_arrays(members), per_member_data=pop.bootstrap)
+    return Parts(cfg, sizes, model, loss, data, trainer, None, members)
 
 
 def trainer_from_config(cfg: Config, devices=None) -> Trainer:

@@ -18,7 +18,8 @@ from shardml.run.recipe import Parts, build
 def loop_settings(cfg: config_lib.Config, fresh: bool = False, verbose: bool = True) -> LoopSettings:
     """The loop settings of a config's ``train`` and ``checkpoint`` sections."""
     t, c = cfg.train, cfg.checkpoint
-    return LoopSettings(steps=t.steps, seed=t.seed, log_every=t.log_every, eval_every=t.eval_every,
+    seed = t.init_seed if t.init_seed >= 0 else t.seed
+    return LoopSettings(steps=t.steps, seed=seed, log_every=t.log_every, eval_every=t.eval_every,
                         out_dir=cfg.out_dir, checkpoint_every=c.every, checkpoint_keep=c.keep,
                         async_checkpoint=c.async_save, resume=t.resume, fresh=fresh, max_bad_steps=t.max_bad_steps,
                         verbose=verbose)
@@ -38,6 +39,10 @@ def describe_parts(parts: Parts) -> list[str]:
             f"dataset '{data.examples.name}': {len(data.examples.x_train):,} train examples, "
             f"{len(data.examples.x_val):,} validation examples")
     lines.append(f"model: {parts.model.name}, {parts.model.num_params:,} parameters; {what}")
+    if parts.members:
+        pop = cfg.population
+        lines.append(f"population: {pop.kind} of {pop.size} members, {pop.size // parts.sizes['members']} per device "
+                     f"group of mesh.members={parts.sizes['members']}" + (", bootstrap data" if pop.bootstrap else ""))
     return lines
 
 
@@ -58,6 +63,10 @@ def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False) -> 
     say = print if verbose else (lambda *a, **k: None)
     for line in describe_parts(parts):
         say(line)
+    if parts.members and cfg.population.sampler == "optuna":
+        return _train_optuna(cfg, say, fresh, verbose)
+    if parts.members:
+        return _train_population(parts, cfg, say, fresh, verbose)
     summary = run_loop(parts.trainer, parts.data, loop_settings(cfg, fresh, verbose), parts.eval_batches(),
                        config=config_lib.to_dict(cfg))
     if summary.val is not None and summary.records:
@@ -68,4 +77,69 @@ def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False) -> 
         say(f"done: {cfg.train.steps} steps in {summary.seconds:.1f}s (first step incl. compile "
             f"{summary.compile_seconds:.1f}s); final loss {final['loss']:.4f}, validation loss "
             f"{summary.val['loss']:.4f}{baseline}{extra}")
+    return summary
+
+
+def _train_population(parts: Parts, cfg: config_lib.Config, say, fresh: bool, verbose: bool,
+                      report_to: list | None = None) -> TrainSummary:
+    from shardml.run.population import PopulationPolicy, final_ensemble, member_report, summary_lines, write_report
+
+    pop, t = cfg.population, cfg.train
+    policy = PopulationPolicy(parts.trainer, pop.kind, sorted(pop.search), t.seed, t.steps, t.max_bad_steps,
+                              pop.ready_every, pop.exploit_fraction, pop.prune_every, pop.prune_fraction)
+    eval_batches = parts.eval_batches()
+    summary = run_loop(parts.trainer, parts.data, loop_settings(cfg, fresh, verbose), eval_batches,
+                       config=config_lib.to_dict(cfg), policy=policy)
+    if summary.preempted or summary.val is None:
+        return summary
+    report = member_report(parts.members, summary, policy, final_ensemble(parts.trainer, summary, eval_batches,
+                                                                          pop.kind))
+    path = write_report(cfg.out_dir, report)
+    if report_to is not None:
+        report_to.append(report)
+    say(f"done: {t.steps} steps of {pop.size} members in {summary.seconds:.1f}s (first step incl. compile "
+        f"{summary.compile_seconds:.1f}s); {path}")
+    for line in summary_lines(report, sorted(pop.search)):
+        say(line)
+    return summary
+
+
+def _train_optuna(cfg: config_lib.Config, say, fresh: bool, verbose: bool) -> TrainSummary:
+    """``population.sampler=optuna``: per generation, Optuna's TPE proposes ``population.size``
+    trials, which train together as one population in ``OUT_DIR/gen-<g>``; their validation losses
+    are told back. The study lives in ``OUT_DIR/optuna.db``: a rerun continues it."""
+    import dataclasses
+    import os
+
+    from shardml.parallel.population import Member
+    from shardml.run.population import generation_trials, optuna_distributions, optuna_study, tell
+    from shardml.run.resume import move_aside
+
+    pop, t = cfg.population, cfg.train
+    if fresh:
+        move_aside(cfg.out_dir)
+        for name in ("optuna.db",):
+            if os.path.exists(os.path.join(cfg.out_dir, name)):
+                os.replace(os.path.join(cfg.out_dir, name), os.path.join(cfg.out_dir, f"{name}.previous"))
+    study = optuna_study(cfg.out_dir, t.seed)
+    distributions = optuna_distributions(pop.search)
+    base = t.init_seed if t.init_seed >= 0 else t.seed
+    summary = None
+    for generation in range(pop.generations):
+        trials, done = generation_trials(study, generation, pop.size, distributions)
+        if done:
+            say(f"optuna: generation {generation} already told ({len(trials)} trials); skipped")
+            continue
+        members = [Member(i, base + i, dict(trial.params)) for i, trial in enumerate(trials)]
+        gen_cfg = dataclasses.replace(cfg, out_dir=os.path.join(cfg.out_dir, f"gen-{generation}"))
+        say(f"optuna: generation {generation}: trials {[trial.number for trial in trials]}")
+        reports: list = []
+        summary = _train_population(build(gen_cfg, members=members), gen_cfg, say, False, verbose, reports)
+        if summary.preempted or not reports:
+            return summary
+        tell(study, trials, reports[0])
+    best = study.best_trial if any(tr.value is not None for tr in study.get_trials(deepcopy=False)) else None
+    if best is not None:
+        say(f"optuna: best trial {best.number}: {best.params}, value {best.value:.4f} (study in "
+            f"{os.path.join(cfg.out_dir, 'optuna.db')})")
     return summary
