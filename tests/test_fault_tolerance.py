@@ -1,4 +1,4 @@
-"""Fault tolerance end to end: real ``shardml train`` processes, real signals, real damaged files.
+"""Fault tolerance end to end: real ``python -m shardml train`` processes, real signals, real damaged files.
 
 Every run below is compared with one uninterrupted run of the same command: after a resume the
 metrics records and the final parameters must be bitwise equal (same mesh, CPU).
@@ -17,28 +17,30 @@ import time
 import numpy as np
 import pytest
 
-from shardml.checkpoint import flatten, load_params, steps
+from shardml.run.checkpoint import flatten, load_params, steps
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-STEPS, EVERY = 60, 5
+# Short runs (a tiny step takes ~10-30 ms, a save ~0.3 s): every interruption below is sent at least
+# 12 steps and 3 saves before the end, and each test asserts that it landed before the end.
+STEPS, EVERY = 24, 4
 COMMAND = ["train", "tiny", f"train.steps={STEPS}", "train.log_every=1", f"checkpoint.every={EVERY}",
            "checkpoint.keep=3", "--quiet"]
 COMPARED = ("loss", "grad_norm", "val_loss", "bad_steps")
 TIMEOUT = 300
 
-# Runs the real CLI, but the finalization (the atomic rename) of checkpoint step 10 never ends:
+# Runs the real CLI, but the finalization (the atomic rename) of checkpoint step 8 never ends:
 # it writes a marker file and sleeps, so the test can SIGKILL the process in the middle of a save.
 STALL_SAVE = """
 import sys, time
 from orbax.checkpoint._src.path import atomicity
 finalize = atomicity.AtomicRenameTemporaryPath.finalize
 async def stalled(self, *args, **kwargs):
-    if self.get_final().name == "10":
+    if self.get_final().name == "8":
         open(sys.argv[1], "w").close()
         time.sleep(600)
     return await finalize(self, *args, **kwargs)
 atomicity.AtomicRenameTemporaryPath.finalize = stalled
-from shardml.cli import main
+from shardml.run.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -55,7 +57,7 @@ def env(tmp_path_factory):
     return env
 
 
-def start(env, out, cwd, prefix=("-m", "shardml.cli"), extra=()):
+def start(env, out, cwd, prefix=("-m", "shardml"), extra=()):
     return subprocess.Popen([sys.executable, *prefix, *COMMAND, f"out_dir={out}", *extra], env=env, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -125,13 +127,15 @@ def reference(env, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     code, stderr = run(env, root / "run", root)
     assert code == 0, stderr[-3000:]
-    assert steps(str(root / "run" / "checkpoints")) == [50, 55, 60], "checkpoint.every / keep not honoured"
+    assert steps(str(root / "run" / "checkpoints")) == [16, 20, 24], "checkpoint.every / keep not honoured"
     return str(root / "run")
 
 
 def test_sigkill_at_any_moment_then_rerun_resumes_exactly(env, reference, tmp_path):
     out = tmp_path / "run"
-    code, _ = interrupt(start(env, out, tmp_path), out, after=12, sig=signal.SIGKILL)
+    # After step 9 is logged the save of step 8 has started, and Orbax starts a save only once the
+    # previous one (step 4) is finalized: at least one checkpoint is there to resume from.
+    code, _ = interrupt(start(env, out, tmp_path), out, after=10, sig=signal.SIGKILL)
     assert code == -signal.SIGKILL
     code, stderr = run(env, out, tmp_path)
     assert code == 0, stderr[-3000:]
@@ -143,7 +147,7 @@ def test_sigkill_at_any_moment_then_rerun_resumes_exactly(env, reference, tmp_pa
 def test_sigint_then_sigterm_stop_gracefully_and_resume_exactly(env, reference, tmp_path):
     out = tmp_path / "run"
     stopped = []
-    for sig, after in ((signal.SIGINT, 8), (signal.SIGTERM, 20)):
+    for sig, after in ((signal.SIGINT, 3), (signal.SIGTERM, 12)):
         code, stderr = interrupt(start(env, out, tmp_path), out, after=after, sig=sig)
         assert code == 0, f"{sig.name}: exit {code}: {stderr[-3000:]}"
         lines = [line for line in stderr.splitlines() if f"stopped by {sig.name}" in line]
@@ -165,28 +169,30 @@ def test_sigint_then_sigterm_stop_gracefully_and_resume_exactly(env, reference, 
 def test_sigkill_during_a_save_leaves_an_unfinished_write_that_is_skipped(env, reference, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "stalled"
     proc = start(env, out, tmp_path, prefix=("-c", STALL_SAVE, str(marker)))
-    wait_until(proc, marker.exists, "the save of step 10 to stall")
+    wait_until(proc, marker.exists, "the save of step 8 to stall")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=TIMEOUT)
-    assert (out / "checkpoints" / "10.orbax-checkpoint-tmp").is_dir(), os.listdir(out / "checkpoints")
-    assert steps(str(out / "checkpoints")) == [5]
+    assert last_step(out) < STEPS, "the run finished although its save of step 8 never did"
+    assert (out / "checkpoints" / "8.orbax-checkpoint-tmp").is_dir(), os.listdir(out / "checkpoints")
+    assert steps(str(out / "checkpoints")) == [4]
     code, stderr = run(env, out, tmp_path)
     assert code == 0, stderr[-3000:]
-    assert "ignoring an unfinished checkpoint write" in stderr and resumed_from(stderr) == 5, stderr[-3000:]
+    assert "ignoring an unfinished checkpoint write" in stderr and resumed_from(stderr) == 4, stderr[-3000:]
     assert_same_as_uninterrupted(out, reference)
 
 
 def test_truncated_file_in_latest_checkpoint_falls_back_to_previous(env, reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    data = [p for p in (out / "checkpoints" / "60" / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    data = [p for p in (out / "checkpoints" / "24" / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
     victim = max(data, key=lambda p: p.stat().st_size)
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
     code, stderr = run(env, out, tmp_path)
     assert code == 0, stderr[-3000:]
-    assert "skipping damaged checkpoint step 60" in stderr and resumed_from(stderr) == 55, stderr[-3000:]
-    assert (out / "checkpoints-damaged" / "60").is_dir(), "the damaged checkpoint was not kept aside"
+    assert "skipping damaged checkpoint step 24: Orbax cannot read it" in stderr, stderr[-3000:]
+    assert resumed_from(stderr) == 20, stderr[-3000:]
+    assert (out / "checkpoints-damaged" / "24").is_dir(), "the damaged checkpoint was not kept aside"
     assert_same_as_uninterrupted(out, reference)
 
 
@@ -196,6 +202,9 @@ def test_out_dir_of_another_model_is_refused_and_left_untouched(env, reference, 
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     code, stderr = run(env, out, tmp_path, extra=("model.d_model=64",))
     assert code == 2, stderr[-3000:]
-    assert "holds a run of another model (model.d_model: 32 -> 64)" in stderr and "--fresh" in stderr, stderr
+    # Detected from the parameter shapes; all 12 arrays of the transformer have a d_model dimension.
+    assert ("holds a run of another model (transformer with 12 parameter arrays, 12 differing from this "
+            "transformer's (first: embed [[256, 32], 'float32'] -> [[256, 64], 'float32'])); it was not touched"
+            in stderr and "--fresh" in stderr), stderr[-3000:]
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before, "out_dir changed although the run was refused"

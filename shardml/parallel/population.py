@@ -180,10 +180,13 @@ def exploit_explore(state, scores: jax.Array, key: jax.Array, fraction: float, n
 
 
 def freeze(state, members: Iterable[int]):
-    """Stops the given members: their update gate becomes 0 (parameters frozen; no recompile)."""
+    """Stops the given members: their update gate becomes 0 (parameters frozen). The new state
+    keeps the old one's shardings, so the compiled step takes it as it is (no recompile)."""
     gate = np.asarray(hyperparams_of(state.opt_state)[GATE]).copy()
     gate[list(members)] = 0.0
-    return dataclasses.replace(state, opt_state=set_hyperparams(state.opt_state, {GATE: gate}))
+    opt_state = set_hyperparams(state.opt_state, {GATE: gate})
+    opt_state = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), opt_state, state.opt_state)
+    return dataclasses.replace(state, opt_state=opt_state)
 
 
 def active(state) -> np.ndarray:

@@ -181,8 +181,9 @@ def restore(step_dir: str, target: TrainState) -> tuple[TrainState, dict]:
     restored = {**flatten({"params": params}), **flatten(train)}
     state = jax.tree.unflatten(jax.tree.structure(target), [restored[name] for name in expected])
     _verify(state, meta["checksums"])
-    if int(state.step) != meta["step"]:
-        raise CheckpointError(f"its state is at step {int(state.step)}, not {meta['step']}")
+    steps_held = np.unique(np.asarray(state.step))  # a population holds one step per member
+    if steps_held.tolist() != [meta["step"]]:
+        raise CheckpointError(f"its state is at step {steps_held.tolist()}, not {meta['step']}")
     return state, meta
 
 

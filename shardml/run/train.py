@@ -33,7 +33,7 @@ def describe_parts(parts: Parts) -> list[str]:
     if s is not None:
         lines.append(f"pipeline: {s.name}, {s.stages} stages x {s.repeats} repeats, {s.microbatches} microbatches "
                      f"per pass, {cfg.train.microbatches} pass(es) per step; bubble {s.bubble:.1%}")
-    data = parts.data
+    data = parts.data.sources[0] if hasattr(parts.data, "sources") else parts.data
     what = (f"corpus '{data.tokens.name}': {len(data.tokens.train):,} train tokens, {len(data.tokens.val):,} "
             f"validation tokens" if hasattr(data, "tokens") else
             f"dataset '{data.examples.name}': {len(data.examples.x_train):,} train examples, "
