@@ -29,6 +29,8 @@ from shardml.core.pipeline import Pipeline, Schedule
 from shardml.core.sharding import Rules, constrain, per_example, use_rules
 from shardml.core.step import Trainer, TrainState, build_trainer, train_step
 from shardml.core.strategy import GradientStrategy
+from shardml.parallel.members import build_population
+from shardml.parallel.population import ensemble_metrics
 from shardml.models import (Model, ParamSpec, Stages, TransformerConfig, from_linen, from_nnx, from_specs,
                             mlp_classifier, transformer)
 from shardml.run.checkpoint import CheckpointError, Checkpointer, load_params
@@ -44,8 +46,8 @@ __all__ = [
     "MESH_AXES", "ArrayBatches", "CheckpointError", "Checkpointer", "Config", "ConfigError", "Examples",
     "GradientStrategy", "LoopSettings", "MeshConfig", "Model", "ModelConfig", "NonFiniteError", "OptimConfig",
     "ParamSpec", "Pipeline", "Plan", "Rules", "Schedule", "Stages", "TextBatches", "Tokens", "TrainState",
-    "TrainSummary", "Trainer", "TransformerConfig", "accumulator", "build_trainer", "classification", "collectives",
-    "compare_layouts", "constrain", "default_optimizer", "describe", "emulate_cpu_devices", "evaluate", "fit",
+    "TrainSummary", "Trainer", "TransformerConfig", "accumulator", "build_population", "build_trainer", "classification", "collectives",
+    "compare_layouts", "constrain", "default_optimizer", "describe", "emulate_cpu_devices", "ensemble_metrics", "evaluate", "fit",
     "format_comparison", "format_plan", "from_linen", "from_nnx", "from_specs", "layout_name", "layout_theory",
     "load_config", "load_digits", "load_params", "load_tokens", "make_mesh", "make_plan", "memory",
     "mlp_classifier", "per_example", "put_batch", "split_examples", "token_cross_entropy", "train",

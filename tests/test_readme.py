@@ -27,6 +27,14 @@ def test_readme_flax_nnx_example_trains_on_digits(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "digits" / "checkpoints" / "300").is_dir()
 
 
+def test_readme_population_example_trains_an_ensemble_and_a_sweep():
+    code = block("From Python, a population of your own Flax model")
+    assert code.count("steps=200") == 3
+    scope = run(code.replace("steps=200", "steps=20"))
+    sweep = scope["sweep"]
+    assert len(sweep.val["loss"]) == 4 and scope["run"].state.params["hidden"]["kernel"].shape[0] == 8
+
+
 def test_readme_api_example_trains():
     code = block("## Python API")
     assert "range(100)" in code
@@ -56,3 +64,20 @@ def test_readme_orbax_flax_snippet_loads_checkpoint_params(tmp_path, tiny_model)
     for name, leaf in saved.items():
         assert isinstance(scope["flat"][name], np.ndarray), type(scope["flat"][name])
         np.testing.assert_array_equal(scope["flat"][name], np.asarray(leaf), err_msg=f"README snippet: {name}")
+
+
+def test_every_shardml_train_command_in_the_readme_is_a_valid_config(tmp_path, monkeypatch):
+    """Parsed and validated as the command line does (nothing trained)."""
+    import shlex
+
+    from shardml.run.cli import _arguments
+    from shardml.run.config import load_config, validate
+
+    monkeypatch.chdir(pathlib.Path(__file__).parent.parent)  # configs/digits.yaml is relative to the repository
+    commands = [line.strip() for line in re.findall(r"```bash\n(.*?)```", README, re.S) for line in line.splitlines()
+                if line.strip().startswith("shardml train ") and "[" not in line.split("train", 1)[1][:3]]
+    assert len(commands) >= 10, commands
+    for command in commands:
+        args = [a for a in shlex.split(command.split("#")[0])[1:] if a not in ("\\",)]
+        parsed, preset, overrides = _arguments(args)
+        validate(load_config(preset, overrides), n_devices=8)

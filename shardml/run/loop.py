@@ -98,6 +98,7 @@ class TrainSummary:
     checkpoint: str | None
     seconds: float
     compile_seconds: float
+    trainer: Trainer | None = None  # what trained it: its predict / evaluate take ``state.params``
 
     @property
     def val_loss(self) -> float | None:
@@ -340,7 +341,7 @@ class _Run:
             out_dir=s.out_dir, mesh=dict(self.trainer.mesh.shape),
             resumed_from=self.begin.step if self.begin.source else None, preempted=stop_signal,
             bad_steps=int(np.sum(np.asarray(self.state.bad_steps))), checkpoint=self.saved.path,
-            seconds=time.perf_counter() - self.start, compile_seconds=self.compile_s)
+            seconds=time.perf_counter() - self.start, compile_seconds=self.compile_s, trainer=self.trainer)
 
 
 def run_loop(trainer: Trainer, data: Any, settings: LoopSettings, eval_data: Iterable[dict] | None = None,
@@ -369,10 +370,13 @@ def run_loop(trainer: Trainer, data: Any, settings: LoopSettings, eval_data: Ite
 
 
 def fit(model, data: Any, optimizer, *, loss: Loss = token_cross_entropy, mesh=None, microbatches: int = 1,
-        eval_data: Iterable[dict] | None = None, rules=None, schedule=None,
-        steps: int = 100, **settings: Any) -> TrainSummary:
+        eval_data: Iterable[dict] | None = None, rules=None, schedule=None, members: int = 1,
+        hyperparams: dict | None = None, member_data: bool = False, steps: int = 100,
+        **settings: Any) -> TrainSummary:
     """Trains any :class:`shardml.Model` with any loss, optax optimizer and data source: the whole
-    loop, with checkpoints, resume, preemption, metrics and evaluation.
+    loop, with checkpoints, resume, preemption, metrics and evaluation. With ``members`` > 1, a
+    population of that many copies in one compiled step (an ensemble; a sweep with
+    ``hyperparams``), stacked over the ``members`` mesh axis.
 
     Args:
       model: a :class:`shardml.Model` (:func:`shardml.from_nnx`, :func:`shardml.from_linen`, ...).
@@ -385,6 +389,10 @@ def fit(model, data: Any, optimizer, *, loss: Loss = token_cross_entropy, mesh=N
       eval_data: batches evaluated every ``eval_every`` steps and at the end (pad the last one and
         mask its padding, as :meth:`shardml.ArrayBatches.eval_batches` does).
       rules, schedule: see :func:`shardml.build_trainer`.
+      members, hyperparams, member_data: a population (:func:`shardml.build_population`): member i
+        initialises from seed + i; ``hyperparams`` maps injected optimizer hyperparameters to one
+        value per member; ``member_data`` means batches carry a leading member axis. A member whose
+        loss stays non-finite is frozen instead of stopping the run.
       steps, **settings: the fields of :class:`LoopSettings` (``out_dir``, ``seed``, ``log_every``,
         ``eval_every``, ``checkpoint_every``, ``resume``, ``fresh``, ``max_bad_steps``, ``verbose``...).
 
@@ -393,6 +401,15 @@ def fit(model, data: Any, optimizer, *, loss: Loss = token_cross_entropy, mesh=N
       CheckpointError: ``out_dir`` has checkpoints and none is usable.
       NonFiniteError: ``max_bad_steps`` non-finite steps in a row (the last checkpoint is kept).
     """
-    trainer = build_trainer(model, as_mesh(mesh), optimizer, loss=loss, microbatches=microbatches, rules=rules,
-                            schedule=schedule)
-    return run_loop(trainer, data, LoopSettings(steps=steps, **settings), eval_data)
+    loop_settings = LoopSettings(steps=steps, **settings)
+    if members == 1 and not hyperparams:
+        trainer = build_trainer(model, as_mesh(mesh), optimizer, loss=loss, microbatches=microbatches, rules=rules,
+                                schedule=schedule)
+        return run_loop(trainer, data, loop_settings, eval_data)
+    from shardml.parallel.members import build_population
+    from shardml.run.population import PopulationPolicy
+
+    trainer = build_population(model, as_mesh(mesh), optimizer, members, loss=loss, microbatches=microbatches,
+                               rules=rules, hyperparams=hyperparams, per_member_data=member_data)
+    policy = PopulationPolicy(trainer, "ensemble", (), loop_settings.seed, steps, loop_settings.max_bad_steps)
+    return run_loop(trainer, data, loop_settings, eval_data, policy=policy)
