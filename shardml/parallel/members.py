@@ -17,6 +17,7 @@ the loop, checkpoints and resume take a population as they take one model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -73,6 +74,14 @@ def set_hyperparams(opt_state: Any, values: Mapping[str, Any]) -> Any:
     except (KeyError, ValueError) as err:
         raise ConfigError(f"cannot give members their own {sorted(values)}: the optimizer has no injected "
                           f"hyperparameter of that name ({err}); build it with optax.inject_hyperparams") from None
+
+
+def with_hyperparams(state, values: Mapping[str, Any]):
+    """``state`` with injected hyperparameters replaced, on the shardings the old values had (so a
+    compiled step takes the new state without recompiling)."""
+    opt_state = set_hyperparams(state.opt_state, values)
+    opt_state = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), opt_state, state.opt_state)
+    return dataclasses.replace(state, opt_state=opt_state)
 
 
 def hyperparams_of(opt_state: Any) -> dict[str, Any]:
@@ -141,7 +150,7 @@ def build_population(model: Model, mesh, optimizer: optax.GradientTransformation
     def init(seed):
         seeds = jnp.arange(members, dtype=jnp.uint32) + seed
         state = jax.vmap(functools.partial(init_state, model=model, optimizer=optimizer, strategy=strategy))(seeds)
-        return state.__class__(**{**vars(state), "opt_state": set_values(state.opt_state)})
+        return dataclasses.replace(state, opt_state=set_values(state.opt_state))
 
     one_step = functools.partial(train_step, strategy=strategy, optimizer=optimizer, rules=rules,
                                  uses_rng=model.uses_rng)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shardml.core.errors import ConfigError
-from shardml.parallel.members import GATE, hyperparams_of, set_hyperparams
+from shardml.parallel.members import GATE, hyperparams_of, set_hyperparams, with_hyperparams
 
 KINDS = ("ensemble", "sweep", "pbt")
 _DISTRIBUTION = re.compile(r"^\s*(loguniform|uniform)\(\s*([^,]+?)\s*,\s*([^)]+?)\s*\)\s*$")
@@ -184,9 +184,7 @@ def freeze(state, members: Iterable[int]):
     keeps the old one's shardings, so the compiled step takes it as it is (no recompile)."""
     gate = np.asarray(hyperparams_of(state.opt_state)[GATE]).copy()
     gate[list(members)] = 0.0
-    opt_state = set_hyperparams(state.opt_state, {GATE: gate})
-    opt_state = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), opt_state, state.opt_state)
-    return dataclasses.replace(state, opt_state=opt_state)
+    return with_hyperparams(state, {GATE: gate})
 
 
 def active(state) -> np.ndarray:
@@ -207,7 +205,7 @@ class EnsembleMetrics:
     def __init__(self):
         self.count = 0.0
         self.sums: dict[str, Any] = {}
-        self.bins = np.zeros((3, ECE_BINS))  # count, confidence sum, correct sum
+        self.bins = None  # [members + 1 (the ensemble last), 3 (count, confidence sum, correct sum), bins]
 
     def _add(self, name: str, value) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + value
@@ -230,16 +228,20 @@ class EnsembleMetrics:
         self._add("entropy", (-(mean * np.log(mean + 1e-30)).sum(-1) * weight).sum())
         self._add("member_entropy", (-(probs * logp).sum(-1).mean(0) * weight).sum())
         self._add("disagreement", ((member_pred != pred[None]).mean(0) * weight).sum())
-        confidence = mean.max(-1)
-        which = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
-        for b, c, ok, w in zip(which, confidence, pred == targets, weight):
-            self.bins[:, b] += (w, w * c, w * ok)
+        if self.bins is None:
+            self.bins = np.zeros((probs.shape[0] + 1, 3, ECE_BINS))
+        for row, p in enumerate([*probs, mean]):
+            confidence = p.max(-1)
+            which = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+            for part, values in enumerate((weight, weight * confidence, weight * (p.argmax(-1) == targets))):
+                np.add.at(self.bins[row, part], which, values)
 
     def result(self) -> dict:
         n = max(self.count, 1.0)
         out = {name: (value / n).tolist() if np.ndim(value) else float(value / n) for name, value in self.sums.items()}
-        count, confidence, correct = self.bins
-        out["ece"] = float(np.abs(confidence - correct).sum() / n)
+        ece = np.abs(self.bins[:, 1] - self.bins[:, 2]).sum(-1) / n
+        out["ece"], out["member_ece"] = float(ece[-1]), ece[:-1].tolist()
+        out["mean_member_ece"] = float(np.mean(ece[:-1]))
         out["mutual_information"] = out["entropy"] - out["member_entropy"]
         out["mean_member_accuracy"] = float(np.mean(out["member_accuracy"]))
         out["mean_member_loss"] = float(np.mean(out["member_loss"]))
