@@ -23,6 +23,7 @@ their update rule (which microbatch, which devices) would break the equality wit
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,49 @@ def _nnx_logical(variable) -> tuple:
     return names
 
 
+def _nnx_builder(module) -> Callable[[jax.Array], Any]:
+    """``key -> a fresh module``, from a function of ``nnx.Rngs`` or from a built module."""
+    from flax import nnx
+
+    if isinstance(module, nnx.Module):
+        return lambda key: nnx.clone(module)
+    if callable(module):
+        return lambda key: module(nnx.Rngs(key))
+    raise TypeError(f"from_nnx takes an nnx.Module or a function rngs -> nnx.Module, got {type(module).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _NnxParts:
+    """An NNX module split into its graph, its parameters and its RNG streams (anything else is
+    refused), and merged back from a plain parameter tree and one key."""
+
+    graphdef: Any
+    params: tuple  # ((path, abstract nnx.Param), ...)
+    rngs: tuple  # ((path, abstract RngKey / RngCount), ...)
+
+    @classmethod
+    def split(cls, abstract, name: str) -> _NnxParts:
+        from flax import nnx
+
+        graphdef, params, rngs, rest = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
+        _refuse_non_trainable(name, [f"{'/'.join(map(str, p))} ({type(v).__name__})" for p, v in nnx.to_flat_state(rest)])
+        return cls(graphdef, tuple(nnx.to_flat_state(params)), tuple(nnx.to_flat_state(rngs)))
+
+    def logical(self) -> dict:
+        return nest({path_name(path): _nnx_logical(var) for path, var in self.params})
+
+    def merge(self, tree: dict, key: jax.Array | None):
+        """The module with ``tree``'s parameters and RNG streams seeded from ``key`` (key 0 if None)."""
+        from flax import nnx
+
+        flat = {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        params = [(path, var.replace(flat[path_name(path)])) for path, var in self.params]
+        seed = jax.random.key(0) if key is None else key
+        rngs = [(path, var.replace(jax.random.fold_in(seed, i) if isinstance(var, nnx.RngKey)
+                                   else jnp.zeros((), jnp.uint32))) for i, (path, var) in enumerate(self.rngs)]
+        return nnx.merge(self.graphdef, nnx.from_flat_state(params), nnx.from_flat_state(rngs))
+
+
 def from_nnx(module: Callable[..., Any] | Any, *, name: str | None = None, flops_per_example: float | None = None,
              tokens_per_example: int = 1) -> Model:
     """A :class:`shardml.Model` of a Flax NNX module.
@@ -73,60 +117,31 @@ def from_nnx(module: Callable[..., Any] | Any, *, name: str | None = None, flops
     """
     from flax import nnx
 
-    if isinstance(module, nnx.Module):
-        built = module
-
-        def build(key):
-            del key
-            return nnx.clone(built)
-    elif callable(module):
-        def build(key):
-            return module(nnx.Rngs(key))
-    else:
-        raise TypeError(f"from_nnx takes an nnx.Module or a function rngs -> nnx.Module, got {type(module).__name__}")
-
+    build = _nnx_builder(module)
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: build(jax.random.key(0)))
-    graphdef, params, rngs, rest = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
     name = name or type(abstract).__name__
-    _refuse_non_trainable(name, [f"{'/'.join(map(str, p))} ({type(v).__name__})" for p, v in nnx.to_flat_state(rest)])
-    param_paths = [path for path, _ in nnx.to_flat_state(params)]
-    templates = dict(nnx.to_flat_state(params))
-    rng_template = rngs
-
-    def to_tree(state) -> dict:
-        return nest({path_name(path): var.get_value() for path, var in nnx.to_flat_state(state)})
+    parts = _NnxParts.split(abstract, name)
+    uses_rng = bool(parts.rngs)
 
     def init(key):
         with nnx.use_eager_sharding(False):
-            return to_tree(nnx.state(build(key), nnx.Param))
+            state = nnx.state(build(key), nnx.Param)
+        return nest({path_name(path): var.get_value() for path, var in nnx.to_flat_state(state)})
 
-    def module_of(tree, key):
-        flat = {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-        state = nnx.from_flat_state([(path, templates[path].replace(flat[path_name(path)])) for path in param_paths])
-        rng_leaves = list(nnx.to_flat_state(rng_template))
-        seed = jax.random.key(0) if key is None else key
-        fresh = [(path, var.replace(jax.random.fold_in(seed, i) if isinstance(var, nnx.RngKey)
-                                    else jnp.zeros((), jnp.uint32)))
-                 for i, (path, var) in enumerate(rng_leaves)]
-        return nnx.merge(graphdef, state, nnx.from_flat_state(fresh))
-
-    def call(tree, inputs, key, train):
-        model = module_of(tree, key)
+    def call(tree, inputs, key, train: bool):
+        model = parts.merge(tree, key)
         model.train() if train else model.eval()
         with _flax_constraints():
             return model(inputs)
 
-    uses_rng = bool(list(nnx.to_flat_state(rngs)))
-
     def apply(tree, inputs, *, rng=None):
-        if rng is None:
+        if rng is None:  # evaluation: deterministic
             return call(tree, inputs, None, train=not uses_rng)
         return per_example(lambda x_1, key: call(tree, x_1, key, train=True))(inputs, rng)
 
-    return Model(init=init, logical=nest({path_name(p): _nnx_logical(v) for p, v in nnx.to_flat_state(params)}),
-                 apply=apply, uses_rng=uses_rng, flops_per_example=flops_per_example,
-                 tokens_per_example=tokens_per_example, name=name)
+    return Model(init=init, logical=parts.logical(), apply=apply, uses_rng=uses_rng,
+                 flops_per_example=flops_per_example, tokens_per_example=tokens_per_example, name=name)
 
 
 def _flax_constraints():
