@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import assert_trees_close, host
+from conftest import PARAMS_RTOL, assert_trees_close, host
 from shardml.core.errors import ConfigError
 from shardml.core.losses import classification
 from shardml.core.mesh import make_mesh
@@ -156,7 +156,7 @@ def test_flax_model_on_every_layout_equals_the_plain_flax_loop(case, name, sizes
     losses, _, params = shardml_run(model, sizes, microbatches)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5,
                                err_msg=f"{model_name} on {name}: losses differ from the plain Flax + optax loop")
-    assert_trees_close(params, ref_params, 1e-5, f"{model_name} on {name}: parameters vs the plain loop")
+    assert_trees_close(params, ref_params, PARAMS_RTOL, f"{model_name} on {name}: parameters vs the plain loop")
 
 
 def test_annotations_become_shardings():
@@ -208,7 +208,7 @@ def test_dropout_gives_the_same_random_numbers_on_every_layout_and_microbatch_co
     for sizes, k in (({"data": 8}, 4), ({"data": 2, "fsdp": 2, "tensor": 2}, 2)):
         losses, _, params = shardml_run(model, sizes, k)
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f"dropout on {sizes}, k={k}")
-        assert_trees_close(params, ref_params, 1e-5, f"dropout model on {sizes}, k={k}")
+        assert_trees_close(params, ref_params, PARAMS_RTOL, f"dropout model on {sizes}, k={k}")
 
 
 def test_unknown_logical_name_is_a_clear_error():

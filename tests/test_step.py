@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import OPTIM, assert_trees_close, host, lm_batch, max_rel_diff, tiny_transformer, trainer_for
+from conftest import OPTIM, PARAMS_RTOL, assert_trees_close, host, lm_batch, max_rel_diff, tiny_transformer, trainer_for
 from shardml.core.data import TextBatches, load_tokens
 from shardml.core.optim import default_optimizer
 from shardml.core.step import TrainState, train_step
@@ -90,7 +90,7 @@ def test_every_layout_equals_the_independent_update(tiny_model, reference, name,
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5,
                                err_msg=f"{name}: per-step losses differ from plain jax.grad + optax")
     np.testing.assert_allclose(norms, ref_norms, rtol=1e-5, err_msg=f"{name}: grad_norm differs from optax.global_norm")
-    assert_trees_close(params, ref_params, 1e-5, f"{name}: parameters after {STEPS} steps vs the independent update")
+    assert_trees_close(params, ref_params, PARAMS_RTOL, f"{name}: parameters after {STEPS} steps vs the independent update")
 
 
 def test_state_is_donated_and_counters_live_in_it(tiny_model):
