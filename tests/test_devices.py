@@ -71,8 +71,9 @@ def test_params_and_optimizer_state_created_sharded(tiny_model):
     wq = state.params["layers"]["wq"]  # [L, D, H, E] = ("layers", "embed", "heads", "head_dim")
     assert wq.sharding.spec == P("pipeline", "fsdp", "tensor", None), wq.sharding.spec
     assert wq.addressable_shards[0].data.shape == (2, 16, 2, 8)
-    adam = state.opt_state[1][0]
-    for moment in (adam.mu, adam.nu):
+    import optax
+
+    for moment in (optax.tree_utils.tree_get(state.opt_state, "mu"), optax.tree_utils.tree_get(state.opt_state, "nu")):
         specs = jax.tree.map(lambda x: x.sharding.spec, moment)
         assert specs == jax.tree.map(lambda x: x.sharding.spec, state.params), "Adam moments not sharded like params"
     # Nothing whole on one device: the init program's outputs are already shards.
@@ -80,3 +81,26 @@ def test_params_and_optimizer_state_created_sharded(tiny_model):
                      if s.device == jax.devices()[0])
     total = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state.params))
     assert per_device < 0.5 * total, f"device 0 holds {per_device} of {total} parameter bytes"
+
+
+def test_a_config_update_that_replaced_the_environment_is_a_conflict_named(monkeypatch):
+    # JAX read JAX_NUM_CPU_DEVICES at import; this suite's jax.config.update(..., 8) replaced it silently.
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    with pytest.raises(ConfigError, match=r'jax.config.update\("jax_num_cpu_devices", ...\) asks for 8 CPU devices '
+                                          r"but JAX_NUM_CPU_DEVICES asks for 4"):
+        requested_cpu_devices()
+    with pytest.raises(ConfigError, match=r"shardml_cpu_devices asks for 2 CPU devices but jax.config.update"):
+        requested_cpu_devices(2, "shardml_cpu_devices")
+
+
+def test_nobody_asking_after_jax_started_keeps_its_devices(monkeypatch):
+    """An in-process `shardml train` after JAX work: the default count cannot apply any more."""
+    from shardml.core import devices
+
+    monkeypatch.setattr(devices, "_jax_config_devices", lambda: (None, ""))
+    monkeypatch.setattr(devices, "DEFAULT_CPU_DEVICES", 4)  # what emulating the default would now refuse
+    monkeypatch.setattr(devices, "cpu_only", lambda: True)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    assert devices.setup_cpu_devices() == (8, "JAX's backend (already started)")

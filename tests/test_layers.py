@@ -1,5 +1,6 @@
 """The layers stay layers: the core and the models import nothing of the run harness or the analysis
-tools, and the analysis tools nothing of the run harness; the example configs load and validate."""
+tools, and the analysis tools and the testing kit nothing of the run harness; the example configs
+load and validate."""
 
 import ast
 import pathlib
@@ -10,7 +11,7 @@ from shardml.run.config import load_config, validate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FORBIDDEN = {"core": ("shardml.run", "shardml.analysis"), "models": ("shardml.run", "shardml.analysis"),
-             "analysis": ("shardml.run",)}
+             "analysis": ("shardml.run",), "testing": ("shardml.run",)}
 
 
 def imports(path: pathlib.Path) -> set[str]:

@@ -79,18 +79,33 @@ def _jax_config_devices() -> tuple[int | None, str]:
     return None, ""
 
 
-def requested_cpu_devices(cli: int | None = None) -> tuple[int | None, str]:
+def _overridden_environment(config_value: int | None) -> tuple[int | None, str]:
+    """``JAX_NUM_CPU_DEVICES`` when ``jax.config.update`` has since replaced it with another count
+    (JAX reads the variable once, at import, and then uses the update without a word)."""
+    raw = os.environ.get("JAX_NUM_CPU_DEVICES", "")
+    if "jax" in sys.modules and config_value is not None and raw.isdigit() and int(raw) != config_value:
+        return int(raw), "JAX_NUM_CPU_DEVICES"
+    return None, ""
+
+
+def requested_cpu_devices(cli: int | None = None, cli_source: str = "--cpu-devices") -> tuple[int | None, str]:
     """How many CPU devices the user asked for, and where (None, "" when nobody asked).
+
+    ``cli`` is an explicit count (the command line's ``--cpu-devices``, or another setting named by
+    ``cli_source``, such as the pytest plugin's option).
 
     Raises:
       ConfigError: two settings ask for different counts (JAX would silently use one of them).
     """
     asked = []
     if cli is not None:
-        asked.append((cli, "--cpu-devices"))
+        asked.append((cli, cli_source))
     config_value, config_source = _jax_config_devices()
     if config_value is not None:
         asked.append((config_value, config_source))
+    env_value, env_source = _overridden_environment(config_value)
+    if env_value is not None:
+        asked.append((env_value, env_source))
     flag = _xla_flag_devices()
     if flag is not None:
         asked.append((flag, f"XLA_FLAGS --{XLA_DEVICE_FLAG}"))
@@ -159,13 +174,18 @@ def emulate_cpu_devices(n: int) -> None:
 
 def setup_cpu_devices(cli: int | None = None) -> tuple[int | None, str]:
     """What the command line does before JAX starts: honours the user's device count from any of the
-    four settings, emulates ``DEFAULT_CPU_DEVICES`` on a CPU-only machine when none is given, and
+    four settings, emulates ``DEFAULT_CPU_DEVICES`` on a CPU-only machine when none is given (or
+    keeps the devices of a backend that already started: in-process calls after JAX work), and
     applies the deadlock workaround. Returns (count, where it came from); (None, "") on accelerators.
     """
     count, source = requested_cpu_devices(cli)
     if count is None:
         if not cpu_only():
             return None, ""
+        if backend_started():  # nobody asked, and JAX already has its devices: use them
+            import jax
+
+            return len(jax.devices("cpu")), "JAX's backend (already started)"
         count, source = DEFAULT_CPU_DEVICES, "default on a CPU-only machine"
     if source.startswith("XLA_FLAGS"):
         avoid_cpu_collective_deadlock(count)  # XLA reads the flag itself
