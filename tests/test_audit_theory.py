@@ -1,20 +1,22 @@
-"""The closed-form theory of benchmarks/bench_audit.py against the compiled step, where they must agree.
+"""The closed-form theory of shardml.analysis.theory against the compiled step, where they must agree.
 
 The tiny preset computes in f32, so no collective is widened by XLA:CPU and bytes compare as they are.
-The layouts are those tests/test_plan.py compiles, so in one session the compilation cache serves both.
+The compiled steps are tests/test_plan.py's (``compiled_layout``), shared for the whole session.
 """
 
 import pytest
+from test_plan import LAYOUTS, compiled_layout
 
-from shardml.config import load_config
+from shardml.analysis.audit import collectives
+from shardml.analysis.plan import plan_of
+from shardml.analysis.theory import layout_theory
 from shardml.models import transformer
-from shardml.plan import compile_step, layout_config, make_plan
-from shardml.theory import layout_theory
+from shardml.run.config import load_config
 
 
-def _step(layout: str):
-    step = compile_step(layout_config(load_config("tiny"), layout))
-    return step, layout_theory(step.cfg, step.sizes)
+def _step(layout: str, devices: int = 8):
+    parts, step = compiled_layout(layout, devices)
+    return parts, step, layout_theory(parts.cfg, parts.sizes)
 
 
 def test_theory_counts_every_parameter():
@@ -26,8 +28,8 @@ def test_theory_counts_every_parameter():
 
 
 def test_data_parallel_all_reduce_bytes_match_theory():
-    step, theory = _step("mesh.data=8")
-    plan = make_plan(step.cfg, step=step)
+    _, step, theory = _step(LAYOUTS["data=8"])
+    plan = plan_of(step)
     sent = sum(r.sent_bytes for r in plan.comm if r.kind == "all-reduce" and r.axes == ("data",))
     expected = theory.comm_bytes("all-reduce", ("data",))
     assert expected > 0 and 1.0 <= sent / expected <= 1.1, \
@@ -37,11 +39,11 @@ def test_data_parallel_all_reduce_bytes_match_theory():
 
 @pytest.fixture(scope="module")
 def fsdp_tensor():
-    return _step("mesh.data=1,mesh.fsdp=2,mesh.tensor=4")
+    return _step(LAYOUTS["fsdp=2,tensor=4"])
 
 
 def test_fsdp_tensor_state_bytes_per_device_match_theory(fsdp_tensor):
-    step, theory = fsdp_tensor
+    _, step, theory = fsdp_tensor
     measured = step.argument_bytes()  # from the shardings the compiled program takes its arguments in
     for part, expected in (("params", theory.params_bytes), ("opt_state", theory.opt_state_bytes)):
         assert abs(measured[part] / expected - 1) <= 0.10, \
@@ -49,8 +51,8 @@ def test_fsdp_tensor_state_bytes_per_device_match_theory(fsdp_tensor):
 
 
 def test_fsdp_gathers_each_weight_for_forward_and_backward(fsdp_tensor):
-    step, theory = fsdp_tensor
-    plan = make_plan(step.cfg, step=step)
+    _, step, theory = fsdp_tensor
+    plan = plan_of(step)
     sent = sum(r.sent_bytes for r in plan.comm if r.kind == "all-gather" and r.axes == ("fsdp",))
     expected = theory.comm_bytes("all-gather", ("fsdp",))
     assert expected > 0 and abs(sent / expected - 1) <= 0.1, \
@@ -59,20 +61,20 @@ def test_fsdp_gathers_each_weight_for_forward_and_backward(fsdp_tensor):
 
 def test_bf16_step_reduces_gradients_in_f32_and_activations_twice_per_layer_each_way():
     """bf16 compute on fsdp=2 x tensor=2: weight gradients are f32 products before the FSDP reduction
-    (not bf16 partial sums widened by XLA:CPU), and the layer loops all-reduce 4 activations over
-    `tensor` per layer (Megatron: 2 forward, 2 backward, with q/k/v and gate/up each one product)."""
-    import jax
-
-    from shardml.audit import collectives
-
-    step = compile_step(layout_config(load_config("tiny"), "mesh.data=1,mesh.fsdp=2,mesh.tensor=2,"
-                                                          "model.dtype=bfloat16,model.remat=dots"),
-                        devices=jax.devices()[:4])
+    (not bf16 partial sums widened by XLA:CPU, which would read f32 in the collective's own dtype:
+    the audit's source dtype says what the program reduced), and the layer loops all-reduce 4
+    activations over `tensor` per layer (Megatron: 2 forward, 2 backward, with q/k/v and gate/up
+    each one product)."""
+    parts, step, _ = _step("mesh.fsdp=2,mesh.tensor=2,model.dtype=bfloat16,model.remat=dots", devices=4)
+    assert parts.sizes["data"] == 1 and parts.cfg.model.dtype == "bfloat16", parts.sizes
     report = collectives(step.compiled.as_text(), step.mesh)
     fsdp = [c for c in report.select("all-reduce", axis="fsdp") if c.bytes > 64]
     assert fsdp, f"no fsdp gradient all-reduce found:\n{report.table()}"
-    widened = [c.name for c in fsdp if c.promoted or any(dtype != "f32" for dtype, _ in c.arrays)]
-    assert not widened, f"fsdp gradient reductions carried bf16 values: {widened}\n{report.table()}"
+    not_f32 = [(c.name, c.source_dtypes) for c in fsdp if set(c.source_dtypes) != {"f32"}]
+    assert not not_f32, f"fsdp gradient reductions of values the program held in bf16: {not_f32}\n{report.table()}"
     per_layer = sum(len(c.arrays) * c.trips for c in report.select("all-reduce", in_loop=True)
-                    if c.axes(step.mesh) == ("tensor",)) / step.cfg.model.layers
+                    if c.axes(step.mesh) == ("tensor",)) / parts.cfg.model.layers
     assert per_layer == 4, f"{per_layer} activation all-reduces over tensor per layer, Megatron needs 4"
+    # The activations themselves stay bf16 in the program (XLA:CPU only widens the wire).
+    acts = [c for c in report.select("all-reduce", in_loop=True) if c.axes(step.mesh) == ("tensor",)]
+    assert all(set(c.source_dtypes) == {"bf16"} for c in acts), [(c.name, c.source_dtypes) for c in acts]

@@ -251,7 +251,10 @@ def forward_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, 
 
     ``chunks``: this device's layers, leaves [v, layers per chunk, ...]; ``micro``: inputs,
     targets[, mask] with leaves [m, microbatch, ...]. Differentiate it for the GPipe backward.
-    Idle slots compute on zeros and their results are discarded.
+    Idle slots compute on zeros and their results are discarded; the head and the loss run only
+    where the last stage finishes a microbatch (``lax.cond``), so nothing an idle slot computed
+    (NaN from layers that fail on zeros, say) reaches the loss, nor the gradients through 0 x NaN
+    in the head's backward.
     """
     p, v = schedule.stages, schedule.repeats
     stage = jax.lax.axis_index(PIPE)
@@ -265,8 +268,9 @@ def forward_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, 
         h_in = jnp.where(valid, h_in, jnp.zeros_like(h_in))  # idle slots compute on zeros, whatever they hold
         h_out = stages.layers(jax.tree.map(lambda w: w[r], chunks), h_in)
         last = valid & (stage == p - 1) & (r == v - 1)
-        sums = _head_sums(stages, loss, shared, h_out, micro, i)
-        return h_out, jax.tree.map(lambda x: jnp.where(last, x, 0.0), sums)
+        sums = jax.lax.cond(last, lambda: _head_sums(stages, loss, shared, h_out, micro, i),
+                            lambda: _zero_sums(names))
+        return h_out, sums
 
     def tick(carry, t, sends):
         h, sums = carry
