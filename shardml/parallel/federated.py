@@ -1,0 +1,372 @@
+"""Federated learning in one compiled round: the cohort's clients stacked on the ``members`` axis
+(the population mechanism of :mod:`shardml.parallel.members`), each running H local steps of the
+ordinary train step inside the round (``lax.scan``), then the server aggregating their updates and
+applying a server optimizer.
+
+Notation (section 3 of the research notes; McMahan et al. 2017, Reddi et al. 2021, Li et al. 2020,
+Douillard et al. 2023): round t, server weights w_t, client k with n_k examples ends its H local
+steps at w_t^k; its update is Δ_k = w_t − w_t^k and the round's pseudo-gradient is the
+example-weighted mean ``Δ = Σ_k n_k Δ_k / Σ_k n_k`` (empty slots and padded rows weigh 0). The
+server optimizer takes Δ as a gradient: ``w_{t+1} = w_t + server.update(Δ)``.
+
+- ``fedavg``: client SGD, server SGD with lr 1, so ``w_{t+1} = Σ_k (n_k/n) w_t^k``.
+- ``fedprox``: fedavg whose clients add ``μ (w − w_t)`` to their gradients (the proximal term
+  ``μ/2 ‖w − w_t‖²``); μ = 0 is fedavg exactly.
+- ``fedopt``: server Adam, Yogi or Adagrad on Δ (FedAdam / FedYogi / FedAdagrad).
+- ``diloco``: inner AdamW on every client (its state kept across rounds), outer SGD with Nesterov
+  momentum on Δ. Outer lr 1 without momentum is fedavg.
+
+Privacy (``Privacy``): DP-FedAvg clips every Δ_k to ``update_clip``, weights the clients equally
+and adds ``N(0, (update_noise · update_clip)²)`` once to their sum at the server (the mean then
+divides by the cohort); DP-SGD inside clients is :func:`shardml.core.privacy.private_accumulator`.
+
+    trainer = build_federated(model, mesh, fedavg(client_lr=0.1), clients=64, cohort=16, local_steps=8,
+                              loss=classification)
+    data = ClientBatches.from_arrays(x, y, dirichlet(y, 64, alpha=0.3), batch_size=16, local_steps=8,
+                                     cohort=16, slots=trainer.slots)
+    state = trainer.init(seed=0)                    # a TrainState: step counts rounds, params = w_t
+    state, metrics = trainer.step(state, trainer.put(data.batch(0)))     # one whole round
+
+The trainer is a :class:`~shardml.core.step.Trainer` whose step is a round, so the loop,
+checkpoints and resume take a federated run as they take any other; its state's ``params`` are
+the global model (``load_params`` of a federated run gives it). :func:`client_update` is the one
+client's update the round maps over the slots; :mod:`shardml.parallel.flower` compiles the same
+function for a Flower client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from shardml.core.checks import check_divisible
+from shardml.core.errors import ConfigError
+from shardml.core.losses import Loss, token_cross_entropy
+from shardml.core.pipeline import PIPE
+from shardml.core.optim import OptimConfig, default_optimizer
+from shardml.core.privacy import clip_tree, gaussian_noise, private_accumulator, tree_norms
+from shardml.core.sharding import Rules, batch_sharding, replicated, tree_shardings, use_rules
+from shardml.core.step import (Trainer, TrainState, eval_step, gradient_strategy, opt_state_shardings, predict_step,
+                               train_step)
+from shardml.models.base import Model, check_logical
+from shardml.parallel.members import MEMBERS, over_members, stacked
+
+ALGORITHMS = ("fedavg", "fedprox", "fedopt", "diloco")
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
+_CLIENT_TAG, _SERVER_TAG = 0xC11E, 0x5E4E  # key streams of the clients and of the server's noise
+
+
+# ----------------------------------------------------------------------------- algorithms
+
+
+def proximal(mu: float) -> optax.GradientTransformation:
+    """FedProx's term: adds ``mu · (params − anchor)`` to the gradients, the anchor being the
+    parameters the state was initialised with (the round's server weights). ``mu = 0`` adds an
+    exact zero."""
+
+    def init(params):
+        return {"anchor": jax.tree.map(jnp.asarray, params)}
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("proximal needs the parameters (optimizer.update(grads, state, params))")
+        updates = jax.tree.map(lambda g, p, a: g + mu * (p - a), updates, params, state["anchor"])
+        return updates, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def server_optimizer(name: str = "sgd", lr: float = 1.0, momentum: float = 0.0, nesterov: bool = False,
+                     eps: float = 1e-3) -> optax.GradientTransformation:
+    """The server's optimizer of the pseudo-gradient Δ: ``sgd`` (with ``momentum``/``nesterov``),
+    or FedOpt's ``adam``, ``yogi``, ``adagrad`` (optax's, b1 = 0.9, b2 = 0.99, ``eps`` = τ)."""
+    if name == "sgd":
+        return optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
+    if name == "adam":
+        return optax.adam(lr, b1=0.9, b2=0.99, eps=eps)
+    if name == "yogi":
+        return optax.yogi(lr, b1=0.9, b2=0.99, eps=eps)
+    if name == "adagrad":
+        return optax.adagrad(lr, initial_accumulator_value=0.0, eps=eps)
+    raise ConfigError(f"federated.server_optimizer={name!r} is not one of {', '.join(SERVER_OPTIMIZERS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """What clients and server run: the client optimizer (FedProx's term included), the server
+    optimizer, and whether clients keep their optimizer state across rounds."""
+
+    name: str
+    client: optax.GradientTransformation
+    server: optax.GradientTransformation
+    mu: float = 0.0
+    keep_client_state: bool = False
+
+
+def fedavg(client_lr: float = 0.1) -> Algorithm:
+    """Client SGD, server SGD with lr 1 (McMahan et al. 2017)."""
+    return Algorithm("fedavg", optax.sgd(client_lr), server_optimizer("sgd", 1.0))
+
+
+def fedprox(client_lr: float = 0.1, mu: float = 0.01) -> Algorithm:
+    """FedAvg with the proximal term ``mu/2 ‖w − w_t‖²`` on the clients (Li et al. 2020)."""
+    return Algorithm("fedprox", optax.chain(proximal(mu), optax.sgd(client_lr)), server_optimizer("sgd", 1.0), mu)
+
+
+def fedopt(client_lr: float = 0.1, server: str = "adam", server_lr: float = 1e-2, eps: float = 1e-3) -> Algorithm:
+    """Client SGD, server Adam / Yogi / Adagrad on the pseudo-gradient (Reddi et al. 2021)."""
+    return Algorithm("fedopt", optax.sgd(client_lr), server_optimizer(server, server_lr, eps=eps))
+
+
+def diloco(inner: optax.GradientTransformation | None = None, outer_lr: float = 0.7, momentum: float = 0.9,
+           nesterov: bool = True, steps: int = 1000) -> Algorithm:
+    """Inner AdamW on every client, its state kept across rounds; outer SGD with Nesterov momentum
+    on the pseudo-gradient (Douillard et al. 2023). ``inner`` defaults to
+    :func:`shardml.default_optimizer` over ``steps`` inner steps."""
+    inner = inner if inner is not None else default_optimizer(OptimConfig(), steps)
+    return Algorithm("diloco", inner, server_optimizer("sgd", outer_lr, momentum, nesterov and momentum > 0),
+                     keep_client_state=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Privacy:
+    """``update_clip`` > 0: DP-FedAvg (client updates clipped to it, clients weighted equally,
+    ``update_noise`` × clip Gaussian noise on their sum). ``example_clip`` > 0: DP-SGD inside the
+    clients (per-example clipping before the accumulator sums, ``example_noise`` × clip noise once
+    per local step's batch)."""
+
+    update_clip: float = 0.0
+    update_noise: float = 0.0
+    example_clip: float = 0.0
+    example_noise: float = 0.0
+
+    def __post_init__(self):
+        for name in ("update_clip", "update_noise", "example_clip", "example_noise"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"federated.{name}={getattr(self, name)} must be >= 0")
+        if self.update_noise and not self.update_clip:
+            raise ConfigError("federated.update_noise needs federated.update_clip > 0 (the noise is scaled by it)")
+        if self.example_noise and not self.example_clip:
+            raise ConfigError("federated.example_noise needs federated.example_clip > 0 (the noise is scaled by it)")
+
+
+class FederatedOptState(NamedTuple):
+    """The optimizer state of a federated run: the server optimizer's, and the clients' stacked on
+    the slot axis when they keep it across rounds (``()`` otherwise)."""
+
+    server: Any
+    clients: Any
+
+
+# ----------------------------------------------------------------------------- the client update
+
+
+def client_key(rng: jax.Array, round_: jax.Array, client: jax.Array) -> jax.Array:
+    """Key data of client ``client`` in round ``round_`` (``rng``: the run's key data)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), _CLIENT_TAG), round_)
+    return jax.random.key_data(jax.random.fold_in(key, client.astype(jnp.uint32)))
+
+
+def client_update(params: Any, opt_state: Any, batches: dict, rng: jax.Array, *, step) -> tuple[TrainState, dict]:
+    """One client's round: ``step`` (a train step) on each of its H batches (leaves [H, rows, ...]),
+    from ``params``; returns its final state and the per-step metrics [H]."""
+    zero = jnp.zeros((), jnp.int32)
+    state = TrainState(step=zero, params=params, opt_state=opt_state, rng=rng, bad_steps=zero, bad_streak=zero)
+    return jax.lax.scan(step, state, batches)
+
+
+def client_strategy(model: Model, loss: Loss, mesh, microbatches: int, privacy: Privacy):
+    """The clients' gradient strategy: the accumulator, with DP-SGD when ``privacy.example_clip``."""
+    if privacy.example_clip:
+        return private_accumulator(model, loss, mesh, microbatches, clip_norm=privacy.example_clip,
+                                   noise_multiplier=privacy.example_noise)
+    return gradient_strategy(model, loss, mesh, microbatches)
+
+
+def local_step(strategy, optimizer, rules: Rules, model: Model, privacy: Privacy):
+    """The train step every client runs (with row keys under DP-SGD: its noise draws from them)."""
+    return functools.partial(train_step, strategy=strategy, optimizer=optimizer, rules=rules,
+                             uses_rng=model.uses_rng or bool(privacy.example_clip))
+
+
+# ----------------------------------------------------------------------------- the round
+
+
+def aggregate(server_params: Any, client_params: Any, weight: jax.Array, privacy: Privacy,
+              key: jax.Array, logical: Any) -> tuple[Any, dict]:
+    """The round's pseudo-gradient Δ from the clients' final parameters [slots, ...].
+
+    Plain: ``Σ_k n_k Δ_k / Σ_k n_k`` over the slots (``weight`` n_k, 0 for empty slots). DP-FedAvg:
+    ``(Σ_k clip(Δ_k) + N(0, (noise · clip)²)) / cohort``, the real clients weighted equally.
+    """
+    deltas = jax.tree.map(lambda w, wk: w[None] - wk, server_params, client_params)
+    norms = jax.vmap(tree_norms)(deltas)
+    real = (weight > 0).astype(jnp.float32)
+    if privacy.update_clip:
+        deltas = jax.vmap(lambda d: clip_tree(d, privacy.update_clip)[0])(deltas)
+        weight = real
+    total = jnp.maximum(jnp.sum(weight), 1e-30)
+    summed = jax.tree.map(lambda d: jnp.tensordot(weight, d, axes=1), deltas)
+    if privacy.update_noise:
+        summed = jax.tree.map(jnp.add, summed, gaussian_noise(key, summed, privacy.update_noise * privacy.update_clip,
+                                                              logical))
+    mean = jax.tree.map(lambda s: s / total, summed)
+    clipped = jnp.sum(real * (norms > privacy.update_clip)) if privacy.update_clip else jnp.zeros(())
+    return mean, {"delta_norm": jnp.sum(real * norms) / jnp.maximum(jnp.sum(real), 1.0), "clipped_clients": clipped}
+
+
+def _round_metrics(metrics_SH: dict, weight: jax.Array) -> dict:
+    """Client-step metrics [slots, H] -> the round's: sums over real client steps, divided once."""
+    real = (weight > 0).astype(jnp.float32)[:, None]
+    count = metrics_SH["count"] * real
+    total = jnp.maximum(jnp.sum(count), 1.0)
+    out = {k: jnp.sum(metrics_SH[k] * count) / total for k in ("loss", "accuracy", "clipped") if k in metrics_SH}
+    if "clipped" in out:
+        out["clipped_examples"] = out.pop("clipped")
+    out["count"] = jnp.sum(count)
+    out["grad_norm"] = jnp.sum(metrics_SH["grad_norm"] * real) / jnp.maximum(jnp.sum(real) * count.shape[1], 1.0)
+    out["skipped_local_steps"] = jnp.sum(metrics_SH["skipped"] * real.astype(jnp.int32))
+    out["clients"] = jnp.sum(real)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedTrainer(Trainer):
+    """A :class:`Trainer` whose step is one federated round (see the module docstring).
+
+    Attributes:
+      algorithm: what the clients and the server run.
+      clients: K, the simulated clients; ``cohort`` of them take part in each round, in ``slots``
+        compiled slots (the cohort rounded up to a multiple of the ``members`` mesh axis).
+      local_steps: H.
+      batch_sharding: of every leaf of a round batch: the slot axis over ``members`` (the rows of a
+        client's batches are split over its ``data`` / ``fsdp`` devices inside the round).
+    """
+
+    algorithm: Algorithm | None = None
+    privacy: Privacy = Privacy()
+    clients: int = 0
+    cohort: int = 0
+    slots: int = 0
+    local_steps: int = 0
+
+
+def federated_round(state: TrainState, batch: dict, *, update, algorithm: Algorithm, privacy: Privacy, rules: Rules,
+                    logical: Any, slots: int, client_params_sh: Any) -> tuple[TrainState, dict]:
+    """One round (the federated trainer's step): every slot runs ``update`` (the clients' H local
+    steps, vmapped over the members axis) from the server weights, the server aggregates their
+    updates and applies its optimizer; a non-finite round leaves the state as it was."""
+    weight, client = batch["weight"], batch["client"]
+    data = {k: v for k, v in batch.items() if k not in ("weight", "client")}
+    w, keep = state.params, algorithm.keep_client_state
+    start = jax.tree.map(lambda p, sh: jax.lax.with_sharding_constraint(jnp.broadcast_to(p, (slots, *p.shape)), sh),
+                         w, client_params_sh)
+    opt = state.opt_state.clients if keep else jax.vmap(algorithm.client.init)(start)
+    keys = jax.vmap(lambda c: client_key(state.rng, state.step, c))(client)
+    finals, metrics_SH = update(start, opt, data, keys)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), _SERVER_TAG), state.step)
+    with use_rules(rules):
+        delta, server_metrics = aggregate(w, finals.params, weight, privacy, key, logical)
+    updates, server_opt = algorithm.server.update(delta, state.opt_state.server, w)
+    params = optax.apply_updates(w, updates)
+    metrics = _round_metrics(metrics_SH, weight)
+    metrics.update(server_metrics, update_norm=tree_norms(updates))
+    finite = jnp.isfinite(metrics["update_norm"])
+    new_opt = FederatedOptState(server_opt, finals.opt_state if keep else ())
+    params, new_opt = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, new_opt),
+                                   (w, state.opt_state))
+    bad = 1 - finite.astype(jnp.int32)
+    new = TrainState(step=state.step + 1, params=params, opt_state=new_opt, rng=state.rng,
+                     bad_steps=state.bad_steps + bad, bad_streak=(state.bad_streak + 1) * bad)
+    metrics.update(skipped=bad, bad_steps=new.bad_steps, bad_streak=new.bad_streak)
+    return new, metrics
+
+
+def init_federated(seed: jax.Array, *, model: Model, strategy, algorithm: Algorithm, slots: int,
+                   rules: Rules) -> TrainState:
+    """The server weights from ``model.init``, the server optimizer's state and, when clients keep
+    theirs (DiLoCo), every slot's client optimizer state."""
+    key = jax.random.key(seed)
+    with use_rules(rules):
+        params = strategy.layout(model.init(jax.random.fold_in(key, 0)))
+    clients_opt = ()
+    if algorithm.keep_client_state:
+        clients_opt = jax.vmap(algorithm.client.init)(jax.tree.map(lambda p: jnp.broadcast_to(p, (slots, *p.shape)),
+                                                                   params))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=FederatedOptState(algorithm.server.init(params), clients_opt),
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)), bad_steps=zero, bad_streak=zero)
+
+
+def _check_round(mesh, algorithm: Algorithm, clients: int, cohort: int, local_steps: int) -> None:
+    if not 1 <= cohort <= clients:
+        raise ConfigError(f"a cohort of {cohort} clients from federated.clients={clients}")
+    if local_steps < 1:
+        raise ConfigError(f"federated.local_steps={local_steps} must be >= 1")
+    if mesh.shape.get(PIPE, 1) > 1:
+        raise ConfigError(f"mesh.pipeline={mesh.shape[PIPE]} with federated clients: clients are vmapped and the "
+                          "pipeline's shard_map does not run under vmap; use mesh.pipeline=1 (data, fsdp and tensor "
+                          "work inside each client)")
+    if algorithm.keep_client_state and cohort < clients:
+        raise ConfigError(f"{algorithm.name} keeps every client's optimizer state across rounds, so every client takes "
+                          f"part in every round: use federated.fraction=1 (got a cohort of {cohort} of {clients})")
+
+
+def _state_shardings(model: Model, strategy, algorithm: Algorithm, rules: Rules, mesh) -> TrainState:
+    params = tree_shardings(strategy.param_logical, rules, mesh)
+    one = replicated(mesh)
+
+    def of(optimizer):
+        return opt_state_shardings(optimizer, model.abstract_params, params, mesh)
+
+    clients = jax.tree.map(stacked, of(algorithm.client)) if algorithm.keep_client_state else ()
+    return TrainState(step=one, params=params, opt_state=FederatedOptState(server=of(algorithm.server), clients=clients),
+                      rng=one, bad_steps=one, bad_streak=one)
+
+
+def build_federated(model: Model, mesh, algorithm: Algorithm, *, clients: int, local_steps: int,
+                    cohort: int | None = None, loss: Loss = token_cross_entropy, microbatches: int = 1,
+                    rules: Rules | None = None, privacy: Privacy = Privacy()) -> FederatedTrainer:
+    """A :class:`FederatedTrainer`: ``clients`` simulated clients, ``cohort`` (default all) per
+    round, ``local_steps`` local steps each, in one compiled round.
+
+    The round's slots are stacked on the ``members`` mesh axis (slots / mesh.members per device
+    group); the ``data``, ``fsdp`` and ``tensor`` axes work inside each client as in a single run.
+
+    Raises:
+      ConfigError: before anything compiles.
+    """
+    rules = rules or Rules.default()
+    cohort = cohort or clients
+    _check_round(mesh, algorithm, clients, cohort, local_steps)
+    groups = mesh.shape.get(MEMBERS, 1)
+    slots = -(-cohort // groups) * groups
+    check_logical(model)
+    strategy = client_strategy(model, loss, mesh, microbatches, privacy)
+    check_divisible(strategy.param_logical, model.abstract_params, rules, mesh.shape)
+    shardings = _state_shardings(model, strategy, algorithm, rules, mesh)
+    update = over_members(functools.partial(client_update, step=local_step(strategy, algorithm.client, rules, model,
+                                                                            privacy)))
+    step = functools.partial(federated_round, update=update, algorithm=algorithm, privacy=privacy, rules=rules,
+                             logical=strategy.param_logical, slots=slots,
+                             client_params_sh=jax.tree.map(stacked, shardings.params))
+    shared, one, slot_sharding = batch_sharding(mesh, rules), replicated(mesh), NamedSharding(mesh, P(MEMBERS))
+    return FederatedTrainer(
+        model=model, loss=loss, mesh=mesh, rules=rules, optimizer=algorithm.client, microbatches=microbatches,
+        strategy=strategy, state_shardings=shardings, batch_sharding=slot_sharding, schedule=None,
+        eval_sharding=shared, batch_axes=3,
+        _init=jax.jit(functools.partial(init_federated, model=model, strategy=strategy, algorithm=algorithm,
+                                        slots=slots, rules=rules), out_shardings=shardings),
+        _step=jax.jit(step, in_shardings=(shardings, slot_sharding), out_shardings=(shardings, one), donate_argnums=0),
+        _eval=jax.jit(functools.partial(eval_step, strategy=strategy, rules=rules),
+                      in_shardings=(shardings.params, shared), out_shardings=one),
+        _predict=jax.jit(functools.partial(predict_step, model=model, strategy=strategy, rules=rules),
+                         in_shardings=(shardings.params, shared)),
+        algorithm=algorithm, privacy=privacy, clients=clients, cohort=cohort, slots=slots, local_steps=local_steps,
+    )
