@@ -7,7 +7,7 @@ Everything runs on a trainer's mesh with its rules and parameter shardings, so i
 layout code of its own: a trainer built on another mesh restores the same checkpoint resharded.
 
     sums = evaluate_batches(trainer, params, held_out_batches(tokens.val, seq_len=64, rows=64))
-    lm_metrics(sums, byte_level=True)            # loss, perplexity, bits per byte, tokens/s
+    lm_metrics(sums, predicted_bytes=len(tokens.val) - 1)   # loss, perplexity, bits per byte, tokens/s
     logits = predict(trainer, params, x_N, rows=256)                       # [N, C] (population: [M, N, C])
     out = generate(cfg, params, [[84, 104, 101], [65]], mesh=trainer.mesh, max_new_tokens=32)
     out.tokens[0], out.decode_tokens_per_s
@@ -19,6 +19,7 @@ figure over exactly the real examples.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -33,7 +34,12 @@ from jax.sharding import NamedSharding
 
 from shardml.core.errors import ConfigError
 from shardml.core.sharding import Rules, batch_sharding, tree_shardings, use_rules
-from shardml.models.transformer import KV_CACHE_LOGICAL, TransformerConfig, decode_step, prefill
+from shardml.models.transformer import (
+    KV_CACHE_LOGICAL,
+    TransformerConfig,
+    decode_step,
+    prefill,
+)
 from shardml.parallel.population import EnsembleMetrics
 
 MAX_STOP_TOKENS = 8  # stop tokens travel as a fixed-size array, so their number does not recompile
@@ -96,12 +102,13 @@ def padded_rows(arrays: dict, rows: int) -> Iterator[tuple[dict, int]]:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_batches(trainer, params: Any, batches: Iterable[dict]) -> dict:
+def evaluate_batches(trainer, params: Any, batches: Iterable[dict], in_flight: int = 4) -> dict:
     """Loss sums of ``trainer``'s loss over every batch, added in float64 on the host.
 
-    All batches are dispatched before any result is read, so transfers and compute overlap.
-    The first batch (which compiles) is timed apart: ``compile_seconds``; ``seconds`` and
-    ``tokens_per_s`` (real, unmasked tokens or examples per second) cover the rest.
+    Up to ``in_flight`` batches are queued on the devices before the oldest result is read, so
+    transfers and compute overlap while device memory stays bounded. The first batch (which
+    compiles) is timed apart: ``compile_seconds``; ``seconds`` and ``tokens_per_s`` (real,
+    unmasked tokens, or examples, per second) cover the rest.
 
     Returns:
       ``{"loss": sum, "count": n, ...other sums, "seconds", "compile_seconds", "tokens_per_s"}``; a
@@ -111,33 +118,38 @@ def evaluate_batches(trainer, params: Any, batches: Iterable[dict]) -> dict:
     first = next(iterator, None)
     if first is None:
         raise ConfigError("nothing to evaluate: no batches")
-    start = time.perf_counter()
-    pending = [trainer.evaluate(params, trainer.put_eval(first))]
-    jax.block_until_ready(pending[0])
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    timed = [trainer.evaluate(params, trainer.put_eval(batch)) for batch in iterator]
-    timed = jax.device_get(timed)
-    seconds = time.perf_counter() - start
     totals: dict[str, Any] = {}
-    for sums in jax.device_get(pending) + timed:
-        for key, value in sums.items():
+
+    def add(sums) -> float:
+        for key, value in jax.device_get(sums).items():
             totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
-    timed_count = sum(float(np.max(np.asarray(s["count"], np.float64))) for s in timed)
+        return float(np.max(np.asarray(sums["count"])))
+
+    start = time.perf_counter()
+    add(trainer.evaluate(params, trainer.put_eval(first)))
+    compile_s = time.perf_counter() - start
+    start, counted, pending = time.perf_counter(), 0.0, collections.deque()
+    for batch in iterator:
+        pending.append(trainer.evaluate(params, trainer.put_eval(batch)))
+        if len(pending) > in_flight:
+            counted += add(pending.popleft())
+    while pending:
+        counted += add(pending.popleft())
+    seconds = time.perf_counter() - start
     totals.update(seconds=seconds, compile_seconds=compile_s,
-                  tokens_per_s=timed_count / seconds if timed and seconds > 0 else float("nan"))
+                  tokens_per_s=counted / seconds if counted and seconds > 0 else float("nan"))
     return totals
 
 
-def lm_metrics(sums: dict, byte_level: bool) -> dict:
+def lm_metrics(sums: dict, predicted_bytes: float | None = None) -> dict:
     """Language-model figures of :func:`evaluate_batches` sums: ``loss`` (nats per token),
-    ``perplexity``, ``bits_per_token`` and, when every token is one byte, ``bits_per_byte``; a
-    population gives a list per figure (one value per member)."""
+    ``perplexity``, ``bits_per_token`` and, given the number of bytes of text the predicted tokens
+    spell, ``bits_per_byte``; a population gives a list per figure (one value per member)."""
     count = np.maximum(np.asarray(sums["count"], np.float64), 1.0)
     loss = np.asarray(sums["loss"], np.float64) / count
     out = {"loss": loss, "perplexity": np.exp(loss), "bits_per_token": loss / math.log(2)}
-    if byte_level:
-        out["bits_per_byte"] = out["bits_per_token"]
+    if predicted_bytes:
+        out["bits_per_byte"] = np.asarray(sums["loss"], np.float64) / math.log(2) / predicted_bytes
     out = {k: v.tolist() if np.ndim(v) else float(v) for k, v in out.items()}
     out["tokens"] = int(np.max(np.asarray(sums["count"])))
     out.update({k: sums[k] for k in ("tokens_per_s", "seconds", "compile_seconds") if k in sums})
@@ -147,22 +159,30 @@ def lm_metrics(sums: dict, byte_level: bool) -> dict:
 # ----------------------------------------------------------------------------- predictions
 
 
-def predict(trainer, params: Any, inputs: Any, rows: int) -> np.ndarray:
+def predict(trainer, params: Any, inputs: Any, rows: int, in_flight: int = 4) -> np.ndarray:
     """The model's outputs for every example of ``inputs`` (host array [N, ...]) in their order,
     as NumPy: [N, ...], or [M, N, ...] for a population of M members (all members in one pass).
 
     Args:
       rows: examples per batch; rounded up to a multiple of the batch shards (padding rows are
         dropped from the result).
+      in_flight: batches queued on the devices before the oldest result is read.
     """
     rows = round_rows(rows, batch_multiple(trainer))
-    pending, reals = [], []
+    axis = 1 if trainer.members > 1 else 0
+    pending, outputs = collections.deque(), []
+
+    def fetch():
+        out, real = pending.popleft()
+        outputs.append(np.take(jax.device_get(out), np.arange(real), axis=axis))  # padding rows dropped
+
     for batch, real in padded_rows({"inputs": inputs}, rows):
         placed = trainer.put_eval({"inputs": batch["inputs"]})["inputs"]
-        pending.append(trainer.predict(params, placed))
-        reals.append(real)
-    axis = 1 if trainer.members > 1 else 0
-    outputs = [np.take(out, np.arange(real), axis=axis) for out, real in zip(jax.device_get(pending), reals)]
+        pending.append((trainer.predict(params, placed), real))
+        if len(pending) > in_flight:
+            fetch()
+    while pending:
+        fetch()
     return np.concatenate(outputs, axis=axis)
 
 
@@ -197,10 +217,10 @@ def classifier_metrics(logits: np.ndarray, targets: np.ndarray, members: bool = 
     result = metrics.result()
     keep = ("loss", "accuracy", "ece", "entropy")
     if not members:
-        return {k: result[k] for k in keep} | {"examples": int(len(targets))}
+        return {k: result[k] for k in keep} | {"examples": len(targets)}
     more = ("member_loss", "member_accuracy", "mutual_information", "disagreement", "mean_member_loss",
             "mean_member_accuracy")
-    return {k: result[k] for k in keep + more} | {"examples": int(len(targets))}
+    return {k: result[k] for k in keep + more} | {"examples": len(targets)}
 
 
 # ----------------------------------------------------------------------------- generation
@@ -237,38 +257,49 @@ class Generation:
         return decoded / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
-def sample_tokens(logits_BV: jax.Array, step: jax.Array, rows_B: jax.Array, sampling: dict) -> jax.Array:
-    """One token per row: argmax when ``temperature`` is 0; else a draw from the logits / T kept to
-    the ``top_k`` most likely (0: all) and the smallest set of mass ``top_p``. Row r's key is
-    ``fold_in(fold_in(key(seed), r), step)``: the draws do not depend on the layout or the batch."""
+SAMPLERS = ("greedy", "temperature", "filtered")
 
-    def greedy(logits):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def draw(logits):
-        V = logits.shape[-1]
-        scaled = logits / sampling["temperature"]
+def sampler_of(temperature: float, top_k: int, top_p: float) -> str:
+    """Which sampler the settings need; each compiles into its own program, because on XLA:CPU
+    the random draw and the top-k / top-p sort multiply the compile time of the decode loop."""
+    if temperature == 0:
+        return "greedy"
+    return "filtered" if top_k > 0 or top_p < 1 else "temperature"
+
+
+def sample_tokens(logits_BV: jax.Array, step: jax.Array, rows_B: jax.Array, sampling: dict,
+                  sampler: str = "filtered") -> jax.Array:
+    """One token per row: ``greedy`` takes the argmax; ``temperature`` draws from logits / T;
+    ``filtered`` also keeps only the ``top_k`` most likely tokens (0: all) and the smallest set of
+    probability mass ``top_p`` (the values are arguments: changing them does not recompile). Row
+    r's key is ``fold_in(fold_in(key(seed), r), step)``: the draws do not depend on the layout or
+    the batch."""
+    if sampler == "greedy":
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    scaled = logits_BV / sampling["temperature"]
+    if sampler == "filtered":
+        V = scaled.shape[-1]
         desc = -jnp.sort(-scaled, axis=-1)
         k = jnp.where(sampling["top_k"] > 0, jnp.minimum(sampling["top_k"], V), V)
         in_k = jnp.arange(V)[None, :] < k
         probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)
         keep = in_k & (jnp.cumsum(probs, axis=-1) - probs < sampling["top_p"])
         cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-        kept = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
-        base = jax.random.key(sampling["seed"])
-        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows_B)
-        return jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
-
-    return jax.lax.cond(sampling["temperature"] > 0, draw, greedy, logits_BV)
+        scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    base = jax.random.key(sampling["seed"])
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows_B)
+    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
 
 
-def _prefill_fn(params, tokens_BP, starts_B, rows_B, sampling, *, cfg, length, rules):
+def _prefill_fn(params, tokens_BP, starts_B, rows_B, sampling, *, cfg, length, rules, sampler):
     with use_rules(rules):
         logits_BV, cache = prefill(params, tokens_BP, starts_B, cfg, length)
-    return sample_tokens(logits_BV, jnp.int32(0), rows_B, sampling), cache
+    return sample_tokens(logits_BV, jnp.int32(0), rows_B, sampling, sampler), cache
 
 
-def _decode_fn(params, cache, first_B, starts_B, rows_B, live_B, sampling, *, cfg, prompt_slots, new_tokens, rules):
+def _decode_fn(params, cache, first_B, starts_B, rows_B, live_B, sampling, *, cfg, prompt_slots, new_tokens, rules,
+               sampler):
     """The decode loop: a ``lax.while_loop`` of one-token steps with static shapes, until every row
     has stopped (a stop token, or ``new_tokens``). Rows that stopped emit -1."""
     B = first_B.shape[0]
@@ -288,7 +319,7 @@ def _decode_fn(params, cache, first_B, starts_B, rows_B, live_B, sampling, *, cf
         i, cache, last_B, done_B, out_BN = carry
         with use_rules(rules):
             logits_BV, cache = decode_step(params, cache, last_B, prompt_slots + i - 1, starts_B, cfg)
-        token_B = sample_tokens(logits_BV, i, rows_B, sampling)
+        token_B = sample_tokens(logits_BV, i, rows_B, sampling, sampler)
         out_BN = jax.lax.dynamic_update_slice(out_BN, jnp.where(done_B, -1, token_B)[:, None], (0, i))
         return i + 1, cache, token_B, done_B | stops(token_B), out_BN
 
@@ -307,11 +338,12 @@ class Decoder:
     def cache_sharding(self) -> NamedSharding:
         return tree_shardings(KV_CACHE_LOGICAL, self.rules, self.mesh)
 
-    def compiled(self, params, prefill_args: tuple, decode_args: tuple, prompt_slots: int, new_tokens: int):
+    def compiled(self, params, prefill_args: tuple, decode_args: tuple, prompt_slots: int, new_tokens: int,
+                 sampler: str):
         """``(prefill, decode, seconds spent compiling now)`` for the shapes of these arguments
         (``prefill_args``: tokens, starts, rows, sampling; ``decode_args``: starts, rows, live,
-        sampling)."""
-        key = (prefill_args[0].shape, new_tokens, jax.tree.structure(params),
+        sampling) and ``sampler`` (:func:`sampler_of`)."""
+        key = (prefill_args[0].shape, new_tokens, sampler, jax.tree.structure(params),
                tuple((leaf.shape, leaf.dtype, leaf.sharding) for leaf in jax.tree.leaves(params)))
         if key in self._compiled:
             return (*self._compiled[key], 0.0)
@@ -320,15 +352,15 @@ class Decoder:
         rows = batch_sharding(self.mesh, self.rules)
         with jax.set_mesh(self.mesh):
             prefill_jit = jax.jit(functools.partial(_prefill_fn, cfg=self.cfg, length=prompt_slots + new_tokens,
-                                                    rules=self.rules),
+                                                    rules=self.rules, sampler=sampler),
                                   out_shardings=(rows, {"k": cache_sharding, "v": cache_sharding}))
             prefill_exe = prefill_jit.lower(params, *prefill_args).compile()
             first, cache = jax.eval_shape(prefill_jit, params, *prefill_args)
             first = jax.ShapeDtypeStruct(first.shape, first.dtype, sharding=rows)
             cache = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cache_sharding), cache)
             decode_jit = jax.jit(functools.partial(_decode_fn, cfg=self.cfg, prompt_slots=prompt_slots,
-                                                   new_tokens=new_tokens, rules=self.rules),
-                                 out_shardings=(rows, None), donate_argnums=1)
+                                                   new_tokens=new_tokens, rules=self.rules, sampler=sampler),
+                                 out_shardings=(rows, None))
             decode_exe = decode_jit.lower(params, cache, first, *decode_args).compile()
         self._compiled[key] = (prefill_exe, decode_exe)
         return prefill_exe, decode_exe, time.perf_counter() - start
@@ -392,8 +424,8 @@ def generate(cfg: TransformerConfig, params: Any, prompts: Sequence[Sequence[int
     check_generation([len(p) for p in prompts], max_new_tokens, context)
     if mesh.shape.get("pipeline", 1) > 1 or mesh.shape.get("members", 1) > 1:
         raise ConfigError(f"generation runs on data, fsdp and tensor axes; this mesh has pipeline="
-                          f"{mesh.shape.get('pipeline', 1)}, members={mesh.shape.get('members', 1)}: set mesh.pipeline=1 "
-                          "and mesh.members=1 (the checkpoint reshards onto any layout)")
+                          f"{mesh.shape.get('pipeline', 1)}, members={mesh.shape.get('members', 1)}: set "
+                          "mesh.pipeline=1 and mesh.members=1 (the checkpoint reshards onto any layout)")
     if len(stop_tokens) > MAX_STOP_TOKENS:
         raise ConfigError(f"{len(stop_tokens)} stop tokens; at most {MAX_STOP_TOKENS}")
     shards = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
@@ -415,7 +447,8 @@ def generate(cfg: TransformerConfig, params: Any, prompts: Sequence[Sequence[int
                                                                             np.arange(B) < n))
     sampling_d = jax.device_put(sampling, one)
     prefill_exe, decode_exe, compile_s = decoder(cfg, mesh, rules).compiled(
-        params, (tokens_d, starts_d, rows_d, sampling_d), (starts_d, rows_d, live_d, sampling_d), P, max_new_tokens)
+        params, (tokens_d, starts_d, rows_d, sampling_d), (starts_d, rows_d, live_d, sampling_d), P, max_new_tokens,
+        sampler_of(temperature, top_k, top_p))
     with jax.set_mesh(mesh):
         start = time.perf_counter()
         first, cache = prefill_exe(params, tokens_d, starts_d, rows_d, sampling_d)
