@@ -39,6 +39,17 @@ from shardml.run.loop import LoopSettings, NonFiniteError, TrainSummary, evaluat
 from shardml.run.planning import compare_layouts, make_plan
 from shardml.run.recipe import trainer_from_config
 from shardml.run.train import train
+from shardml.core.input import Feeder, PlacementError
+from shardml.core.tokenizer import BPE, train_bpe
+from shardml.run.distributed import start as start_distributed
+from shardml.parallel.inference import Generation, evaluate_batches, generate, held_out_batches, predict
+from shardml.run.inference import evaluate_run, generate_run, load_run, predict_run
+from shardml.core.privacy import dp_fedavg_epsilon, dp_sgd_epsilon, private_accumulator
+from shardml.parallel import flower
+from shardml.parallel.federated import (Algorithm, FederatedTrainer, Privacy, build_federated, diloco, fedavg, fedopt,
+                                        fedprox, server_optimizer)
+from shardml.parallel.partition import (ClientBatches, dirichlet, format_label_report, iid, label_counts, label_report,
+                                        natural, partition)
 
 __version__ = "0.2.0"
 
@@ -53,3 +64,9 @@ __all__ = [
     "mlp_classifier", "per_example", "put_batch", "split_examples", "token_cross_entropy", "train",
     "train_step", "trainer_from_config", "transformer", "use_rules",
 ]
+__all__ += ["BPE", "Feeder", "PlacementError", "start_distributed", "train_bpe"]
+__all__ += ["Generation", "evaluate_batches", "evaluate_run", "generate", "generate_run", "held_out_batches",
+            "load_run", "predict", "predict_run"]
+__all__ += ["Algorithm", "ClientBatches", "FederatedTrainer", "Privacy", "build_federated", "diloco", "dirichlet",
+            "dp_fedavg_epsilon", "dp_sgd_epsilon", "fedavg", "fedopt", "fedprox", "flower", "format_label_report",
+            "iid", "label_counts", "label_report", "natural", "partition", "private_accumulator", "server_optimizer"]

@@ -4,7 +4,6 @@ device, ensemble metrics, checkpoints of whole populations, Optuna generations."
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -183,6 +182,7 @@ def test_a_killed_population_resumes_bitwise(tmp_path):
     assert_bitwise_equal(host(resumed.state), host(whole.state), "population resumed vs uninterrupted")
 
 
+@pytest.mark.slow
 def test_optuna_generations_continue_the_stored_study(tmp_path, capsys):
     import optuna
 
@@ -195,3 +195,33 @@ def test_optuna_generations_continue_the_stored_study(tmp_path, capsys):
     assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), trials
     assert [t.user_attrs["generation"] for t in trials] == [0, 0, 1, 1]
     assert (tmp_path / "study" / "gen-1" / "population.json").is_file()
+
+
+def test_throughput_counts_every_members_examples_and_one_models_flops():
+    """tokens/s and MFU of a population or a federated round: examples of every member, slot and local
+    step, at the FLOPs of one model's forward (not of a batch read as if its leading axes were rows)."""
+    import jax
+    import optax
+
+    from shardml import build_population, make_mesh
+    from shardml.analysis.flops import training_flops_per_example
+    from shardml.core.losses import classification
+    from shardml.models.mlp import mlp_classifier
+    from shardml.parallel.federated import build_federated, fedavg
+    from shardml.run.loop import Throughput
+
+    model = mlp_classifier(64, 16, 10)
+    mesh = make_mesh({"members": 2, "data": 4})
+    per_example = training_flops_per_example(model, jax.ShapeDtypeStruct((8, 64), np.float32))
+
+    def measured(trainer, shape):
+        batch = {"inputs": np.zeros((*shape, 64), np.float32), "targets": np.zeros(shape, np.int32)}
+        meter = Throughput(trainer, batch)
+        return meter.rows, meter.flops_per_example
+
+    shared = build_population(model, mesh, optax.sgd(0.1), 4, loss=classification)
+    own = build_population(model, mesh, optax.sgd(0.1), 4, loss=classification, per_member_data=True)
+    rounds = build_federated(model, mesh, fedavg(0.1), clients=4, local_steps=3, loss=classification)
+    assert measured(shared, (8,)) == (4 * 8, per_example)
+    assert measured(own, (4, 8)) == (4 * 8, per_example)
+    assert measured(rounds, (4, 3, 8)) == (4 * 3 * 8, per_example)

@@ -70,6 +70,12 @@ def local_gradient_sums(sums_fn, microbatches: int, param_logical: Any | None = 
             grads = jax.tree.map(lambda axes, g: constrain(g, axes), param_logical, grads, is_leaf=is_axes)
         return grads, sums
 
+    return summed_over_microbatches(one, microbatches)
+
+
+def summed_over_microbatches(one, microbatches: int):
+    """``f(params, rows)``: the sum of ``one(params, microbatch)`` over k strided microbatches of
+    ``rows`` (a ``lax.scan`` with an f32 carry); ``one`` itself when k is 1."""
     if microbatches == 1:
         return one
 
@@ -93,9 +99,21 @@ def accumulator(model, loss: Loss, mesh, microbatches: int = 1) -> GradientStrat
 
     Its functions must be traced under :func:`shardml.core.sharding.use_rules` (the step does this).
     """
-    n_data = mesh.shape.get(REDUCE_ONCE_AXIS, 1)
     sums_fn = model_sums(model, loss)
     local = local_gradient_sums(sums_fn, microbatches, model.logical)
+
+    def loss_sums(params, batch):
+        return sums_fn(params, batch)
+
+    return GradientStrategy(gradient_sums=reduced_once(local, mesh), loss_sums=loss_sums,
+                            param_logical=model.logical)
+
+
+def reduced_once(local, mesh):
+    """``gradient_sums(params, batch, rng_rows)`` of a per-shard ``local(params, (rows, rng_rows))``:
+    every ``data`` shard sums its own rows, then one f32 sum over the shards (the step's only
+    cross-data reduction)."""
+    n_data = mesh.shape.get(REDUCE_ONCE_AXIS, 1)
 
     def gradient_sums(params, batch, rng_rows=None):
         # [B, ...] -> [data, B/data, ...]: slice i is the block of rows data shard i already holds.
@@ -110,7 +128,4 @@ def accumulator(model, loss: Loss, mesh, microbatches: int = 1) -> GradientStrat
         # The one cross-data reduction of the step, in f32.
         return jax.tree.map(lambda x: jnp.sum(x, axis=0), (grads, sums))
 
-    def loss_sums(params, batch):
-        return sums_fn(params, batch)
-
-    return GradientStrategy(gradient_sums=gradient_sums, loss_sums=loss_sums, param_logical=model.logical)
+    return gradient_sums

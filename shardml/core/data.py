@@ -1,14 +1,20 @@
-"""Data sources: host NumPy batches by step, and their placement as global arrays.
+"""Data sources: host NumPy batches by step, read through grain, and their placement as global arrays.
 
 A *source* gives the loop the global batch of each step (``source.batch(step)``) and describes
 itself (``source.fingerprint``) so a resumed run can check it is reading the same stream. Text
-sources cut random windows out of a token stream; array sources deal examples in a new
-permutation every epoch. In both the batch of step ``s`` is a pure function of (seed, s), so every
-layout sees the same global batch at every step and resuming at step ``s`` needs nothing but ``s``::
+sources cut a token stream into windows; array sources deal examples; both in a new seeded order
+every epoch (grain's global shuffle). The batch of step ``s`` is a pure function of (seed, s), so
+every layout and every split into processes sees the same global batch at every step, and resuming
+at step ``s`` needs nothing but ``s``::
 
     tokens = load_tokens("pydoc")                       # or a text file, a directory, .npy, .bin
     source = TextBatches(tokens, batch_size=32, seq_len=64, seed=0)
     batch = source.batch(0)     # {"inputs": int32 [32, 64], "targets": ..., "mask": f32 [32, 64]}
+
+The built-in sources are two grain stages: ``source.steps()``, a ``grain.MapDataset`` whose element
+s holds the ids of step s's examples (cheap), and ``source.load(step, ids, first_row)``, the work
+(windowing, tokenisation, augmentation) on any subset of those rows. :mod:`shardml.core.input`
+runs the second in worker processes, for this process's rows only.
 
 Any ``step -> batch`` callable, an indexable (``data[step]``) or an iterator plugs into the same
 loop through :func:`as_source`; an iterator's position is recorded, and restored when it offers
@@ -23,14 +29,17 @@ import pathlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import grain
 import numpy as np
 
 from shardml.core.errors import ConfigError
+from shardml.core.tokenizer import window_bytes
 
 EMBEDDED = {"pydoc": "the English documentation of the Python language that CPython ships (pydoc_data.topics)",
             "digits": "scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes)"}
 TOKEN_FILES = (".npy", ".bin")
 _BOOT = 0xB007  # mixed into the seeds of resampled data, so resample k never repeats the plain stream
+_NOISE = 0x401E  # mixed into the seeds of input noise
 
 
 # ----------------------------------------------------------------------------- token streams
@@ -44,6 +53,17 @@ class Tokens:
     train: np.ndarray
     val: np.ndarray
     vocab: int
+    loaded_by: tuple | None = None  # load_tokens' arguments, for a memory-mapped token file
+
+    def __reduce__(self):
+        # A memory-mapped token file travels to worker processes as its path, not its contents.
+        if self.loaded_by is not None and isinstance(self.train, np.memmap):
+            return (_reload_tokens, self.loaded_by)
+        return super().__reduce__()
+
+
+def _reload_tokens(*args) -> Tokens:
+    return load_tokens(*args)
 
 
 def _pydoc_bytes() -> bytes:
@@ -109,7 +129,8 @@ def load_tokens(corpus: str = "pydoc", val_fraction: float = 0.05, vocab: int = 
                           "existing file or directory; give a UTF-8 text file, a directory of them, or a .npy / "
                           ".bin file of token ids")
     cut = int(len(tokens) * (1.0 - val_fraction))
-    return Tokens(corpus, tokens[:cut], tokens[cut:], max(vocab, known_vocab))
+    loaded_by = (corpus, val_fraction, vocab, token_dtype) if isinstance(tokens, np.memmap) else None
+    return Tokens(corpus, tokens[:cut], tokens[cut:], max(vocab, known_vocab), loaded_by)
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict:
@@ -118,9 +139,70 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict:
     return {"inputs": seqs[:, :-1], "targets": seqs[:, 1:], "mask": np.ones((len(starts), seq_len), np.float32)}
 
 
+def _padded(ids: list[list[int]], seq_len: int) -> dict:
+    """Token id lists cut (or zero-padded) to ``seq_len + 1``; the mask marks the real targets."""
+    seqs = np.zeros((len(ids), seq_len + 1), np.int32)
+    mask = np.zeros((len(ids), seq_len), np.float32)
+    for row, one in enumerate(ids):
+        one = one[:seq_len + 1]
+        seqs[row, :len(one)] = one
+        mask[row, :max(len(one) - 1, 0)] = 1.0
+    return {"inputs": seqs[:, :-1], "targets": seqs[:, 1:], "mask": mask}
+
+
 @dataclasses.dataclass(frozen=True)
-class TextBatches:
-    """Random windows of ``seq_len + 1`` tokens: next-token inputs, targets and a mask.
+class _Pick:
+    """A grain map: position -> ``indices[position]`` (a bootstrap resample's draws)."""
+
+    indices: np.ndarray
+
+    def __call__(self, position):
+        return int(self.indices[position])
+
+
+def _example_order(count: int, batch_size: int, seed: int, resample: int) -> grain.MapDataset:
+    """Element s: the ids of step s's examples, ``[batch_size]`` int64. Positions
+    ``[s·B, (s+1)·B)`` of the concatenated epochs, each epoch a new seeded permutation (grain's
+    global shuffle, reseeded every epoch); ``resample`` k >= 0 deals from the k-th bootstrap
+    resample (``count`` draws with replacement) instead."""
+    order = grain.MapDataset.range(count)
+    if resample >= 0:
+        draws = np.random.default_rng([seed, _BOOT, resample]).integers(0, count, count)
+        order = order.map(_Pick(draws))
+    return order.shuffle(seed=seed).repeat().batch(batch_size)
+
+
+class _Order:
+    """Caches a source's example order (a grain MapDataset) outside the dataclass fields."""
+
+    def steps(self) -> grain.MapDataset:
+        """A grain MapDataset whose element s holds the ids of the examples of step s: cheap to
+        compute; :meth:`load` does the work (windowing, tokenisation, augmentation)."""
+        cached = self.__dict__.get("_steps")
+        if cached is None:
+            cached = self._order()
+            object.__setattr__(self, "_steps", cached)
+        return cached
+
+    def batch(self, step: int) -> dict:
+        """The global batch of ``step``, a pure function of (seed, step[, resample])."""
+        return self.load(step, self.steps()[step], 0)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_steps"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextBatches(_Order):
+    """Windows of ``seq_len + 1`` tokens: next-token inputs, targets and a mask.
+
+    The training tokens are cut into windows that start every ``seq_len`` tokens (so each token is
+    a target once per epoch), dealt in a new seeded order every epoch by grain's global shuffle.
+    With a ``tokenizer`` (:class:`shardml.core.tokenizer.BPE`), ``tokens`` holds UTF-8 bytes and
+    each window is a span of text tokenised when it is loaded (in the input pipeline's workers).
 
     Example:
       >>> source = TextBatches(load_tokens("pydoc"), batch_size=8, seq_len=64)
@@ -132,30 +214,54 @@ class TextBatches:
     batch_size: int
     seq_len: int
     seed: int = 0
-    resample: int = -1  # k >= 0: an independent stream of windows, the k-th "resample" of the text
+    resample: int = -1  # k >= 0: the k-th bootstrap resample of the windows
+    tokenizer: Any = None  # None: the tokens are the ids (bytes or a token file); a BPE: they are text
 
     def __post_init__(self):
         for part, stream in (("training", self.tokens.train), ("validation", self.tokens.val)):
-            if len(stream) <= self.seq_len + 1:
+            if len(stream) <= self._span():
+                need = f"{self._span()} bytes of text" if self.tokenizer is not None else f"{self.seq_len + 1} tokens"
                 raise ConfigError(f"data.seq_len={self.seq_len} is longer than the {part} text of "
-                                  f"{self.tokens.name!r} ({len(stream)} tokens); use a shorter sequence")
+                                  f"{self.tokens.name!r} ({len(stream)} {'bytes' if self.tokenizer else 'tokens'}; "
+                                  f"a window needs {need}); use a shorter sequence")
+
+    def _span(self) -> int:
+        return self.seq_len + 1 if self.tokenizer is None else window_bytes(self.tokenizer, self.seq_len)[1]
+
+    def _stride(self) -> int:
+        return self.seq_len if self.tokenizer is None else window_bytes(self.tokenizer, self.seq_len)[0]
+
+    @property
+    def windows(self) -> int:
+        """Training windows per epoch."""
+        return (len(self.tokens.train) - self._span()) // self._stride() + 1
 
     @property
     def fingerprint(self) -> dict:
+        tokenizer = "bytes" if self.tokenizer is None else f"bpe-{self.tokenizer.vocab}-{self.tokenizer.sha}"
         return {"kind": "text", "corpus": self.tokens.name, "train_tokens": len(self.tokens.train),
-                "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed, "resample": self.resample}
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed, "resample": self.resample,
+                "order": "shuffled-windows", "tokenizer": tokenizer}
 
-    def batch(self, step: int) -> dict:
-        """The global batch of ``step``: random windows, a pure function of (seed, step[, resample])."""
-        rng = np.random.default_rng([self.seed, step] if self.resample < 0 else [self.seed, step, _BOOT, self.resample])
-        starts = rng.integers(0, len(self.tokens.train) - self.seq_len - 1, size=self.batch_size)
-        return _windows(self.tokens.train, starts, self.seq_len)
+    def _order(self) -> grain.MapDataset:
+        return _example_order(self.windows, self.batch_size, self.seed, self.resample)
+
+    def _read(self, stream: np.ndarray, starts: np.ndarray) -> dict:
+        if self.tokenizer is None:
+            return _windows(stream, starts, self.seq_len)
+        span = self._span()
+        texts = [bytes(np.asarray(stream[s:s + span])) for s in starts]
+        return _padded(self.tokenizer.encode_batch(texts), self.seq_len)
+
+    def load(self, step: int, ids: np.ndarray, first_row: int = 0) -> dict:
+        """The rows of windows ``ids`` (cut, and tokenised with a tokenizer)."""
+        return self._read(self.tokens.train, np.asarray(ids, np.int64) * self._stride())
 
     def eval_batches(self, count: int) -> list[dict]:
         """``count`` fixed validation batches: evenly spaced windows over the held-out tokens."""
-        span = len(self.tokens.val) - self.seq_len - 1
+        span = len(self.tokens.val) - self._span()
         starts = np.linspace(0, span, num=self.batch_size * count).astype(np.int64)
-        return [_windows(self.tokens.val, starts[i * self.batch_size:(i + 1) * self.batch_size], self.seq_len)
+        return [self._read(self.tokens.val, starts[i * self.batch_size:(i + 1) * self.batch_size])
                 for i in range(count)]
 
 
@@ -206,18 +312,22 @@ def _pad_rows(batch: dict, rows: int) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class ArrayBatches:
-    """Batches of examples, a new seeded permutation every epoch: the batch of step ``s`` holds
-    positions ``[s·B, (s+1)·B)`` of the concatenated epochs, a pure function of (seed, s).
+class ArrayBatches(_Order):
+    """Batches of examples, a new seeded permutation every epoch (grain's global shuffle): the
+    batch of step ``s`` holds positions ``[s·B, (s+1)·B)`` of the concatenated epochs, a pure
+    function of (seed, s).
 
     ``resample`` k >= 0 replaces the training set by its k-th bootstrap resample (n examples drawn
     with replacement, seeded by (seed, k)): what member k of a bagged ensemble trains on.
+    ``noise`` > 0 augments the inputs with Gaussian noise of that standard deviation, drawn for
+    each (seed, step, row of the global batch), so every layout and process split sees the same.
     """
 
     examples: Examples
     batch_size: int
     seed: int = 0
     resample: int = -1
+    noise: float = 0.0
 
     def __post_init__(self):
         if self.batch_size > len(self.examples.x_train):
@@ -227,26 +337,22 @@ class ArrayBatches:
     @property
     def fingerprint(self) -> dict:
         return {"kind": "arrays", "dataset": self.examples.name, "train_examples": len(self.examples.x_train),
-                "batch_size": self.batch_size, "seed": self.seed, "resample": self.resample}
+                "batch_size": self.batch_size, "seed": self.seed, "resample": self.resample,
+                "order": "grain-shuffle", "noise": self.noise}
 
-    def _indices(self) -> np.ndarray:
-        n = len(self.examples.x_train)
-        if self.resample < 0:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, _BOOT, self.resample]).integers(0, n, n)
+    def _order(self) -> grain.MapDataset:
+        return _example_order(len(self.examples.x_train), self.batch_size, self.seed, self.resample)
 
-    def _rows(self, step: int) -> np.ndarray:
-        indices = self._indices()
-        n = len(indices)
-        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        epochs = positions // n
-        perms = {e: np.random.default_rng([self.seed, e]).permutation(n) for e in np.unique(epochs)}
-        return indices[np.array([perms[e][p % n] for e, p in zip(epochs, positions)])]
-
-    def batch(self, step: int) -> dict:
-        rows = self._rows(step)
-        return {"inputs": self.examples.x_train[rows], "targets": self.examples.y_train[rows],
-                "mask": np.ones(self.batch_size, np.float32)}
+    def load(self, step: int, ids: np.ndarray, first_row: int = 0) -> dict:
+        """Rows ``ids`` of the training arrays (``first_row``: the row of the global batch the
+        first of them fills, which seeds its noise)."""
+        ids = np.asarray(ids, np.int64)
+        inputs = self.examples.x_train[ids]
+        if self.noise:
+            noise = np.stack([np.random.default_rng([self.seed, step, first_row + row, _NOISE]).standard_normal(
+                inputs.shape[1:]) for row in range(len(ids))]) if len(ids) else np.zeros_like(inputs)
+            inputs = (inputs + self.noise * noise).astype(inputs.dtype)
+        return {"inputs": inputs, "targets": self.examples.y_train[ids], "mask": np.ones(len(ids), np.float32)}
 
     def eval_batches(self, count: int = 0) -> list[dict]:
         """The whole held-out set (or its first ``count`` batches) in batches of ``batch_size``,
@@ -343,23 +449,19 @@ def as_source(data: Any) -> Any:
 
 
 def put_batch(batch: dict, sharding) -> dict:
-    """Host numpy batch -> global arrays sharded over the batch axes.
+    """A whole host numpy batch -> global arrays sharded over the batch axes.
 
-    On several processes each passes the rows of its own devices
-    (``jax.make_array_from_process_local_data``).
+    On several processes every process passes the whole global batch and each places the rows of
+    its own devices (``jax.make_array_from_callback``); :class:`shardml.core.input.Feeder` reads
+    only those rows in the first place when the source can (``steps`` / ``load``).
     """
     import jax
 
     if jax.process_count() == 1:
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
-
-def rows_of(batch: dict) -> int:
-    """The batch size of a host batch (the leading dimension of its leaves)."""
-    import jax
-
-    return int(jax.tree.leaves(batch)[0].shape[0])
+    # Every process holds the whole global batch here; each places only its own devices' rows.
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x)[index]),
+                        batch)
 
 
 def is_token_file(corpus: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -52,10 +53,12 @@ class TrainState:
 
 
 def init_state(seed: jax.Array, *, model: Model, optimizer: optax.GradientTransformation,
-               strategy: GradientStrategy) -> TrainState:
-    """A fresh state: parameters from ``model.init`` in the strategy's layout, the optimizer's state."""
+               strategy: GradientStrategy, rules: Rules | None = None) -> TrainState:
+    """A fresh state: parameters from ``model.init`` (under ``rules``) in the strategy's layout, the
+    optimizer's state."""
     key = jax.random.key(seed)
-    params = strategy.layout(model.init(jax.random.fold_in(key, 0)))
+    with use_rules(rules):
+        params = strategy.layout(model.init(jax.random.fold_in(key, 0)))
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(key, 1)), bad_steps=zero, bad_streak=zero)
@@ -124,14 +127,32 @@ def default_schedule(stages: int) -> Schedule:
     return Schedule("1f1b", stages, stages)
 
 
+def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params: Any, params: Any, mesh) -> Any:
+    """The optimizer state's shardings: parameter-shaped parts like ``params``, the rest replicated.
+
+    ``optax.tree_map_params`` calls ``optimizer.init`` on a placeholder, which creates (and so
+    compiles) small arrays such as step counts; it runs inside an abstract trace here, so building
+    a trainer compiles nothing before the layout has been checked.
+    """
+    found = []
+
+    def trace():
+        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+        found.append(optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_opt, params,
+                                           transform_non_params=lambda _: replicated(mesh)))
+        return jnp.zeros(())
+
+    jax.eval_shape(trace)
+    return found[0]
+
+
 def state_shardings(strategy: GradientStrategy, optimizer, model: Model, rules: Rules, mesh) -> TrainState:
     """Shardings of the state: parameters by the rules, optimizer state following the parameters."""
     params = tree_shardings(strategy.param_logical, rules, mesh)
-    abstract_opt = jax.eval_shape(lambda p: optimizer.init(strategy.layout(p)), model.abstract_params)
-    opt_state = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_opt, params,
-                                      transform_non_params=lambda _: replicated(mesh))
+    abstract = jax.eval_shape(strategy.layout, model.abstract_params)
     one = replicated(mesh)
-    return TrainState(step=one, params=params, opt_state=opt_state, rng=one, bad_steps=one, bad_streak=one)
+    return TrainState(step=one, params=params, opt_state=opt_state_shardings(optimizer, abstract, params, mesh),
+                      rng=one, bad_steps=one, bad_streak=one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +181,17 @@ class Trainer:
     _predict: Any = None
     members: int = 1  # > 1: a population (shardml.parallel.members), every leaf stacked on axis 0
     eval_sharding: NamedSharding | None = None  # of evaluation batches, when not batch_sharding
+    # Leading axes of a training batch leaf that index the examples one step trains on: 1 for
+    # [rows, ...]; 2 for a population's per-member batches [members, rows, ...]; 3 for a federated
+    # round's [slots, local steps, rows, ...].
+    batch_axes: int = 1
+
+    def examples_per_step(self, batch_shape: tuple[int, ...]) -> int:
+        """How many examples one step trains on, from a training batch leaf's shape (a population
+        sharing one batch trains every member on all of it)."""
+        shared = self.members if self.batch_axes == 1 else 1
+        return math.prod(batch_shape[:self.batch_axes]) * shared
+
     def init(self, seed: int = 0) -> TrainState:
         """A fresh state, every array created directly in its shards."""
         with jax.set_mesh(self.mesh):
@@ -255,7 +287,8 @@ def build_trainer(model: Model, mesh, optimizer: optax.GradientTransformation, *
         model=model, loss=loss, mesh=mesh, rules=rules, optimizer=optimizer, microbatches=microbatches,
         strategy=strategy, state_shardings=shardings, batch_sharding=data,
         schedule=schedule,
-        _init=jax.jit(functools.partial(init_state, model=model, optimizer=optimizer, strategy=strategy),
+        _init=jax.jit(functools.partial(init_state, model=model, optimizer=optimizer, strategy=strategy,
+                                        rules=rules),
                       out_shardings=shardings),
         _step=jax.jit(step, in_shardings=(shardings, data), out_shardings=(shardings, one), donate_argnums=0),
         _eval=jax.jit(functools.partial(eval_step, strategy=strategy, rules=rules),

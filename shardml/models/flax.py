@@ -195,7 +195,7 @@ def from_linen(module, example_inputs: Any, *, rng_streams: tuple[str, ...] = ()
     def boxed(key):
         return module.init(streams(key), jnp.zeros(spec.shape, spec.dtype), **eval_kwargs)
 
-    abstract = jax.eval_shape(boxed, jax.random.key(0))
+    abstract = jax.eval_shape(lambda: boxed(jax.random.key(0)))  # the key too: nothing is computed
     _refuse_non_trainable(name, [c for c in abstract if c != "params"])
     logical = _linen_logical(abstract["params"])
 

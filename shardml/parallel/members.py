@@ -57,8 +57,24 @@ def gated(optimizer: optax.GradientTransformation) -> optax.GradientTransformati
     return optax.chain(optimizer, optax.inject_hyperparams(_gate)(member_active=1.0))
 
 
-def _stacked(sharding: NamedSharding) -> NamedSharding:
+def stacked(sharding: NamedSharding) -> NamedSharding:
+    """The sharding of a stack of arrays laid out as ``sharding``: the leading axis over ``members``."""
     return NamedSharding(sharding.mesh, P(MEMBERS, *sharding.spec))
+
+
+_stacked = stacked
+
+
+def over_members(fn, in_axes: Any = 0):
+    """``fn`` of one member applied to every member of a stack: ``vmap`` over the leading axis, which
+    stays sharded over the ``members`` mesh axis (the constraints inside ``fn`` leave that axis to
+    the vmap). Populations map the train step with it, federated rounds the local update."""
+
+    def mapped(*args):
+        with axes_owned_by_transform(MEMBERS):
+            return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=MEMBERS)(*args)
+
+    return mapped
 
 
 def set_hyperparams(opt_state: Any, values: Mapping[str, Any]) -> Any:
@@ -149,30 +165,22 @@ def build_population(model: Model, mesh, optimizer: optax.GradientTransformation
 
     def init(seed):
         seeds = jnp.arange(members, dtype=jnp.uint32) + seed
-        state = jax.vmap(functools.partial(init_state, model=model, optimizer=optimizer, strategy=strategy))(seeds)
+        state = jax.vmap(functools.partial(init_state, model=model, optimizer=optimizer, strategy=strategy,
+                                              rules=rules))(seeds)
         return dataclasses.replace(state, opt_state=set_values(state.opt_state))
 
     one_step = functools.partial(train_step, strategy=strategy, optimizer=optimizer, rules=rules,
                                  uses_rng=model.uses_rng)
 
-    def step(state, batch):
-        with axes_owned_by_transform(MEMBERS):
-            return jax.vmap(one_step, in_axes=(0, 0 if per_member_data else None), spmd_axis_name=MEMBERS)(
-                state, batch)
-
-    def evaluate(params, batch):
-        with axes_owned_by_transform(MEMBERS):
-            return jax.vmap(functools.partial(eval_step, strategy=strategy, rules=rules),
-                            in_axes=(0, None), spmd_axis_name=MEMBERS)(params, batch)
-
-    def predict(params, inputs):
-        with axes_owned_by_transform(MEMBERS):
-            one_predict = functools.partial(predict_step, model=model, strategy=strategy, rules=rules)
-            return jax.vmap(one_predict, in_axes=(0, None), spmd_axis_name=MEMBERS)(params, inputs)
+    step = over_members(one_step, in_axes=(0, 0 if per_member_data else None))
+    evaluate = over_members(functools.partial(eval_step, strategy=strategy, rules=rules), in_axes=(0, None))
+    predict = over_members(functools.partial(predict_step, model=model, strategy=strategy, rules=rules),
+                           in_axes=(0, None))
 
     return Trainer(
         model=model, loss=loss, mesh=mesh, rules=rules, optimizer=optimizer, microbatches=microbatches,
         strategy=strategy, state_shardings=shardings, batch_sharding=data, schedule=None, members=members,
+        batch_axes=2 if per_member_data else 1,
         _predict=jax.jit(predict, in_shardings=(shardings.params, shared)), eval_sharding=shared,
         _init=jax.jit(init, out_shardings=shardings),
         _step=jax.jit(step, in_shardings=(shardings, data), out_shardings=(shardings, metric), donate_argnums=0),

@@ -6,7 +6,15 @@ A checkpoint is one Orbax step directory, ``OUT_DIR/checkpoints/<step>/``, with 
 - ``train``: the rest of the :class:`~shardml.core.step.TrainState`: ``step``, ``opt_state``,
   ``rng`` and the non-finite step counters;
 - ``meta``: JSON: what the run was (its config), the data stream and position, the mesh it was
-  saved on, and the shape, dtype and a checksum of every array.
+  saved on, and the shape, dtype and a checksum of every array;
+
+and, when the input comes from a grain iterator (``data.workers`` > 0), a fourth:
+
+- ``data``: the iterator's state, written by grain's own Orbax handler
+  (``grain.checkpoint.CheckpointHandler``), one ``process_<i>-of-<n>.json`` per process.
+
+On several processes every process writes its own shards of the arrays (Orbax coordinates them);
+process 0 writes ``meta``.
 
 Restores always take their shardings from a *target* (``trainer.abstract_state()`` of the current
 mesh), never from the saved layout, so a checkpoint restores onto any mesh. A checkpoint counts as
@@ -28,10 +36,12 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from shardml.core.errors import ConfigError
 from shardml.core.step import TrainState
@@ -108,6 +118,38 @@ TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainState) if f.name !=
 
 def _restore_args(target: Any) -> ocp.args.PyTreeRestore:
     return ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+
+
+class IteratorState:
+    """An input iterator's state as grain's Orbax handler saves and restores it (grain calls
+    ``get_state`` / ``set_state`` with JSON bytes). It is captured when the save starts, so an
+    asynchronous write cannot see a later position."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, raw: bytes) -> None:
+        self.state = json.loads(raw)
+
+    def start_prefetch(self) -> None:  # called by grain's handler after a restore
+        pass
+
+
+def read_iterator_state(step_dir: str) -> dict | None:
+    """This process's grain iterator state of a checkpoint (grain's handler reads
+    ``data/process_<i>-of-<n>.json``); None when the checkpoint has none for this process count."""
+    path = os.path.join(step_dir, "data")
+    if not os.path.isdir(path):
+        return None
+    holder = IteratorState()
+    try:
+        grain.checkpoint.CheckpointHandler().restore(epath.Path(path), args=grain.checkpoint.CheckpointRestore(holder))
+    except ValueError:  # no file for this (process index, process count)
+        return None
+    return holder.state
 
 
 def steps(directory: str) -> list[int]:
@@ -293,22 +335,27 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "params": _array_handler(), "train": _array_handler(), "meta": ocp.JsonCheckpointHandler()})
+            "params": _array_handler(), "train": _array_handler(), "meta": ocp.JsonCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler()})
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def save(self, step: int, state: TrainState, meta: dict) -> str:
+    def save(self, step: int, state: TrainState, meta: dict, iterator_state: dict | None = None) -> str:
         """Starts saving ``state`` as checkpoint ``step``; returns its (future) directory.
 
-        Blocks until ``state`` is computed and on the host, not until it is written.
+        ``iterator_state``: this process's grain iterator state (``get_state()``), saved as the
+        ``data`` item by grain's handler. Blocks until ``state`` is computed and on the host, not
+        until it is written.
         """
         sums = checksums(state)  # waits for the step, as the host copy below would anyway
         meta = {"format": FORMAT, "step": int(step), **meta, "arrays": describe(state), "checksums": sums}
         params, train = _split(state)
-        self._manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.PyTreeSave(params), train=ocp.args.PyTreeSave(train), meta=ocp.args.JsonSave(meta)),
-            force=True)
+        items = {"params": ocp.args.PyTreeSave(params), "train": ocp.args.PyTreeSave(train),
+                 "meta": ocp.args.JsonSave(meta)}
+        if iterator_state is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(IteratorState(iterator_state))
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         return self.step_dir(step)
 
     def wait(self) -> None:

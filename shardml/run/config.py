@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import importlib.util
 import pathlib
 import typing
 from typing import Any
@@ -28,6 +29,8 @@ from shardml.core.optim import INJECTED, OptimConfig
 from shardml.core.pipeline import SCHEDULES
 from shardml.core.settings import check_settings, setting
 from shardml.models.transformer import TransformerConfig
+from shardml.parallel.federated import ALGORITHMS as FED_ALGORITHMS, SERVER_OPTIMIZERS
+from shardml.parallel.partition import PARTITIONS
 from shardml.parallel.population import KINDS, is_search_spec, parse_space
 
 MODEL_KINDS = ("transformer", "mlp")
@@ -47,7 +50,10 @@ class DataConfig:
     """``corpus``: an embedded corpus or dataset (``pydoc``, ``digits``), a UTF-8 text file or a
     directory of them (byte-level), or a ``.npy`` / raw ``.bin`` file of token ids. ``resample``
     k >= 0 trains on the k-th bootstrap resample of the data (what member k of a bootstrap
-    ensemble sees)."""
+    ensemble sees). ``workers`` grain worker processes preprocess batches ahead (0: in the training
+    process). ``tokenizer=bpe`` trains a BPE tokenizer of ``vocab`` tokens (0: ``model.vocab``) on
+    the training text, saved as ``out_dir/tokenizer.json``. ``noise`` augments array inputs with
+    Gaussian noise of that standard deviation."""
 
     corpus: str = "pydoc"
     seq_len: int = setting(64, minimum=1)
@@ -55,6 +61,10 @@ class DataConfig:
     token_dtype: str = setting("uint16", choices=("uint8", "uint16", "int32", "uint32", "int64"),
                                hint="the integer type of a raw .bin token file")
     resample: int = setting(-1, minimum=-1, hint="-1 uses the data as it is")
+    workers: int = setting(0, minimum=0, hint="0 preprocesses in the training process")
+    tokenizer: str = setting("byte", choices=("byte", "bpe"), hint="byte: one token per UTF-8 byte (vocabulary 256)")
+    vocab: int = setting(0, minimum=0, hint="the BPE vocabulary; 0 uses model.vocab")
+    noise: float = setting(0.0, minimum=0.0, hint="std of Gaussian noise added to array inputs (augmentation)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +130,41 @@ class PopulationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+    """Federated learning (see :mod:`shardml.parallel.federated`): ``clients`` simulated clients,
+    each holding a ``partition`` of the training data, ``fraction`` of them sampled per round, each
+    running ``local_steps`` steps on batches of ``train.batch_size`` rows inside one compiled round;
+    ``train.steps`` counts rounds. ``none`` trains one model on all the data.
+
+    Algorithms: ``fedavg`` (client SGD at ``client_lr``, server SGD lr 1), ``fedprox`` (plus the
+    proximal term ``mu``), ``fedopt`` (server ``adam`` / ``yogi`` / ``adagrad``), ``diloco`` (inner
+    AdamW from ``optim.*``, kept across rounds; outer SGD lr 0.7 with Nesterov momentum 0.9). The
+    server settings at ``auto`` / 0 / -1 take the algorithm's defaults. Privacy: ``update_clip`` > 0
+    is DP-FedAvg (noise ``update_noise`` x clip at the server), ``example_clip`` > 0 DP-SGD inside
+    the clients (noise ``example_noise`` x clip per local step); ε is reported at ``delta``.
+    """
+
+    algorithm: str = setting("none", choices=("none", *FED_ALGORITHMS))
+    clients: int = setting(10, minimum=1)
+    local_steps: int = setting(1, minimum=1, hint="H local steps per round")
+    fraction: float = setting(1.0, above=0.0, maximum=1.0, hint="clients sampled per round (seeded)")
+    partition: str = setting("iid", choices=PARTITIONS)
+    alpha: float = setting(0.5, above=0.0, hint="Dirichlet concentration: 0.1 very skewed, 100 near IID")
+    min_partition: int = setting(1, minimum=1, hint="the Dirichlet split is redrawn until every client has this many")
+    client_lr: float = setting(0.1, above=0.0, hint="client SGD (fedavg, fedprox, fedopt); diloco uses optim.*")
+    mu: float = setting(0.01, minimum=0.0, hint="fedprox's proximal weight")
+    server_optimizer: str = setting("auto", choices=("auto", *SERVER_OPTIMIZERS))
+    server_lr: float = setting(0.0, minimum=0.0, hint="0: the algorithm's (1 fedavg/fedprox, 1e-2 fedopt, 0.7 diloco)")
+    server_momentum: float = setting(-1.0, minimum=-1.0, below=1.0, hint="-1: the algorithm's (0.9 diloco, else 0)")
+    server_eps: float = setting(1e-3, above=0.0, hint="fedopt's tau")
+    update_clip: float = setting(0.0, minimum=0.0, hint="DP-FedAvg: clip client updates to this L2 norm (0: off)")
+    update_noise: float = setting(0.0, minimum=0.0, hint="DP-FedAvg noise multiplier")
+    example_clip: float = setting(0.0, minimum=0.0, hint="DP-SGD in clients: per-example clip (0: off)")
+    example_noise: float = setting(0.0, minimum=0.0, hint="DP-SGD noise multiplier")
+    delta: float = setting(1e-5, above=0.0, below=1.0, hint="the delta epsilon is reported at")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     mesh: MeshConfig = MeshConfig()
     model: ModelConfig = ModelConfig()
@@ -129,6 +174,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
     population: PopulationConfig = PopulationConfig()
+    federated: FederatedConfig = FederatedConfig()
     out_dir: str = "runs/default"
 
 
@@ -337,6 +383,8 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     if cfg.pipeline.repeats > 1 and cfg.pipeline.schedule != "circular":
         raise ConfigError(f"pipeline.repeats={cfg.pipeline.repeats} needs pipeline.schedule=circular (got "
                           f"'{cfg.pipeline.schedule}'); set pipeline.repeats=1 or choose the circular schedule")
+    if cfg.federated.algorithm != "none":
+        return _validate_federated(cfg, sizes)
     pop = cfg.population
     if sizes["members"] > 1 and pop.size % sizes["members"]:
         raise ConfigError(f"population.size={pop.size} is not divisible by mesh.members={sizes['members']}; each "
@@ -349,4 +397,25 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"{what} needs a population: set population.size (and population.kind)")
     if pop.kind == "pbt" and pop.size > 1 and not pop.ready_every:
         raise ConfigError("population.kind=pbt needs population.ready_every=S (exploit/explore every S steps)")
+    return sizes
+
+
+def _validate_federated(cfg: Config, sizes: dict[str, int]) -> dict[str, int]:
+    f = cfg.federated
+    if cfg.population.size > 1 or cfg.population.search:
+        raise ConfigError(f"federated.algorithm={f.algorithm} with a population: federated clients use the members "
+                          "axis themselves; leave population.size at 1")
+    if sizes["pipeline"] > 1:
+        raise ConfigError(f"federated.algorithm={f.algorithm} with mesh.pipeline={sizes['pipeline']}: clients are "
+                          "vmapped and the pipeline's shard_map does not run under vmap; use mesh.pipeline=1")
+    if f.algorithm == "diloco" and f.fraction < 1.0:
+        raise ConfigError(f"federated.algorithm=diloco keeps every client's inner optimizer state across rounds, so "
+                          f"every client takes part in every round: use federated.fraction=1 (got {f.fraction})")
+    for noise, clip in (("update_noise", "update_clip"), ("example_noise", "example_clip")):
+        if getattr(f, noise) and not getattr(f, clip):
+            raise ConfigError(f"federated.{noise}={getattr(f, noise)} needs federated.{clip} > 0 (the noise is "
+                              "scaled by the clip norm)")
+    if (f.update_noise or f.example_noise) and importlib.util.find_spec("dp_accounting") is None:
+        raise ConfigError("differential privacy reports epsilon with Google's dp-accounting library: "
+                          "pip install 'shardml[privacy]'")
     return sizes

@@ -10,11 +10,17 @@ end, and when SIGTERM / SIGINT asks the run to stop; running the same call again
 latest valid one (:mod:`shardml.run.resume`), exactly when the source is indexable (the batch of
 step s is a function of s). The loop never waits on the device before queueing the next step: the
 metrics of step s are read after step s + 1 has been dispatched.
+
+Batches reach the step through :class:`shardml.core.input.Feeder`: with ``workers`` > 0 grain
+worker processes preprocess them ahead and the iterator's state is checkpointed; on several
+processes (:mod:`shardml.run.distributed`) each reads only its own rows, process 0 alone prints
+and writes metrics and run files, and a stop asked of any process stops all at the same step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -27,13 +33,14 @@ import yaml
 
 from shardml.analysis.flops import training_flops_per_example
 from shardml.analysis.peak import peak_flops
-from shardml.core.data import as_source, rows_of
+from shardml.core.data import as_source
+from shardml.core.input import Feeder
 from shardml.core.losses import Loss, mean_name, token_cross_entropy
 from shardml.core.mesh import as_mesh
 from shardml.core.step import Trainer, TrainState, build_trainer
-from shardml.run.checkpoint import Checkpointer
+from shardml.run import distributed
+from shardml.run.checkpoint import Checkpointer, read_iterator_state
 from shardml.run.metrics import MetricsWriter, progress
-from shardml.run.preemption import StopRequest
 from shardml.run.resume import Start, checkpoint_meta, claim_out_dir, identity, resume_point, write_run
 
 
@@ -42,8 +49,10 @@ class NonFiniteError(RuntimeError):
 
 
 def notice(message: str) -> None:
-    """Run events (resume, preemption, damaged checkpoints): stderr, also when not verbose."""
-    print(f"shardml: {message}", file=sys.stderr, flush=True)
+    """Run events (resume, preemption, damaged checkpoints): stderr, also when not verbose; on
+    several processes, from process 0 only."""
+    if distributed.primary():
+        print(f"shardml: {message}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +66,8 @@ class LoopSettings:
       fresh: move a run found in ``out_dir`` to ``out_dir/previous/`` and start over.
       eval_every: evaluate every N steps (0: once, at the end).
       checkpoint_every: save every N steps (0: only at the end and when stopped by a signal).
+      workers: grain worker processes preprocessing batches ahead (0: batches are read in this
+        process when due); the iterator's position is saved in checkpoints.
     """
 
     steps: int
@@ -71,6 +82,7 @@ class LoopSettings:
     fresh: bool = False
     max_bad_steps: int = 10
     verbose: bool = True
+    workers: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +138,15 @@ class Throughput:
     """Examples per second of training time: the first step (compile) and evaluations excluded."""
 
     def __init__(self, trainer: Trainer, batch: dict):
-        model = trainer.model
-        self.rows = rows_of(batch)
+        model, inputs = trainer.model, batch["inputs"]
+        self.rows = trainer.examples_per_step(inputs.shape)
         self.tokens_per_example = model.tokens_per_example
         self.flops_per_example = model.flops_per_example
         if self.flops_per_example is None:
-            self.flops_per_example = training_flops_per_example(model, jax.numpy.asarray(batch["inputs"]))
+            # One model's forward on the examples, whatever population or round axes lead the batch.
+            rows = math.prod(inputs.shape[:trainer.batch_axes])
+            one = jax.ShapeDtypeStruct((rows, *inputs.shape[trainer.batch_axes:]), inputs.dtype)
+            self.flops_per_example = training_flops_per_example(model, one)
         self.peak, self.peak_source = peak_flops(model.compute_dtype)
         self._time, self._step = None, 0
 
@@ -229,20 +244,35 @@ class _Saved:
     path: str | None = None
 
 
-def _open_run(trainer: Trainer, source, settings: LoopSettings, config: dict | None) -> tuple[Start, dict]:
-    """Claims ``out_dir`` and finds where the run starts (step 0 without one)."""
+def _open_run(trainer: Trainer, source, feeder: Feeder, settings: LoopSettings,
+              config: dict | None) -> tuple[Start, dict]:
+    """Claims ``out_dir`` (process 0 writes), finds where the run starts (step 0 without one) and
+    puts the data there."""
     ident = identity(trainer, getattr(source, "fingerprint", None), config)
     if settings.out_dir is None:
+        feeder.start(0)
         return Start(state=None, step=0, source=None, data_state=None), ident
-    claim_out_dir(settings.out_dir, ident, settings.resume, settings.fresh, notice=notice)
-    os.makedirs(settings.out_dir, exist_ok=True)
-    write_run(settings.out_dir, ident)
-    if config is not None:
-        with open(os.path.join(settings.out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
-    begin = resume_point(settings.out_dir, settings.resume, trainer, ident, notice=notice)
+    primary = distributed.primary()
+    claim_out_dir(settings.out_dir, ident, settings.resume, settings.fresh, notice=notice, primary=primary)
+    distributed.barrier("shardml-checked-out-dir")  # every process has read out_dir before process 0 writes
+    if primary:
+        os.makedirs(settings.out_dir, exist_ok=True)
+        write_run(settings.out_dir, ident)
+        if config is not None:
+            with open(os.path.join(settings.out_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(config, f, sort_keys=False)
+        tokenizer = getattr(source, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(settings.out_dir, "tokenizer.json"))
+    distributed.barrier("shardml-wrote-out-dir")  # ... and has written (or moved aside) before anyone reads
+    begin = resume_point(settings.out_dir, settings.resume, trainer, ident, notice=notice, primary=primary)
     if hasattr(source, "restore"):
         source.restore(begin.data_state or {"position": begin.step, "iterator": None})
+    grain_saved = (begin.data_state or {}).get("grain") if isinstance(begin.data_state, dict) else None
+    iterator_state = read_iterator_state(begin.source) if begin.source and grain_saved else None
+    note = feeder.start(begin.step, begin.data_state if grain_saved else None, iterator_state)
+    if note:
+        notice(note)
     return begin, ident
 
 
@@ -252,17 +282,27 @@ class _Run:
     def __init__(self, trainer: Trainer, data: Any, settings: LoopSettings, eval_data, config, policy: Policy):
         self.trainer, self.settings, self.policy = trainer, settings, policy
         self.source = as_source(data)
+        self.feeder = Feeder(self.source, trainer.batch_sharding, settings.workers)
         self.eval_batches = list(eval_data) if eval_data is not None else None
         self.start = time.perf_counter()
-        self.begin, self.ident = _open_run(trainer, self.source, settings, config)
-        self.writer = MetricsWriter(settings.out_dir, start_step=self.begin.step if settings.out_dir else None)
+        self.begin, self.ident = _open_run(trainer, self.source, self.feeder, settings, config)
+        try:
+            self._open(settings)
+        except BaseException:
+            self.feeder.close()  # its worker processes
+            raise
+
+    def _open(self, settings: LoopSettings) -> None:
+        trainer, primary = self.trainer, distributed.primary()
+        self.writer = MetricsWriter(settings.out_dir if primary else None,
+                                    start_step=self.begin.step if settings.out_dir else None)
         if self.writer.dropped:
             notice(f"metrics.jsonl: dropped {self.writer.dropped} record(s) after step {self.begin.step}; "
                    "they are written again")
         self.checkpointer = (Checkpointer(os.path.join(settings.out_dir, "checkpoints"), keep=settings.checkpoint_keep,
                                           async_save=settings.async_checkpoint) if settings.out_dir else None)
         self.state = self.begin.state if self.begin.state is not None else trainer.init(settings.seed)
-        self.bar = progress(settings.steps, enabled=settings.verbose)
+        self.bar = progress(settings.steps, enabled=settings.verbose and primary)
         if self.bar is not None and self.begin.step:
             self.bar.update(min(self.begin.step, settings.steps))
         self.saved = _Saved(self.begin.step, self.begin.source)
@@ -272,10 +312,10 @@ class _Run:
 
     def train(self, step: int) -> None:
         """Dispatches ``step``, evaluates when due, then reads the previous step's metrics."""
-        batch = self.source.batch(step)
+        batch = self.feeder.get(step)  # global arrays, this process's rows read and placed
         if self.recorder is None:
             self.recorder = Recorder(self.settings, self.writer, Throughput(self.trainer, batch), self.bar)
-        self.state, metrics = self.trainer.step(self.state, self.trainer.put(batch))
+        self.state, metrics = self.trainer.step(self.state, batch)
         if step == self.begin.step:
             jax.block_until_ready(metrics)
             self.compile_s = time.perf_counter() - self.start
@@ -311,9 +351,10 @@ class _Run:
     def save(self, step: int) -> None:
         self.flush()  # the records saved must include this step
         # Returns once the state is on the host: the next step may take (donate) it.
-        meta = checkpoint_meta(self.ident, step + 1, getattr(self.source, "state", lambda: None)(),
-                               self.trainer.mesh.shape)
-        self.saved.path, self.saved.step = self.checkpointer.save(step + 1, self.state, meta), step + 1
+        data_state = self.feeder.state() or getattr(self.source, "state", lambda: None)()
+        meta = checkpoint_meta(self.ident, step + 1, data_state, self.trainer.mesh.shape)
+        self.saved.path = self.checkpointer.save(step + 1, self.state, meta, self.feeder.iterator_state())
+        self.saved.step = step + 1
 
     def save_due(self, step: int, stopping: bool) -> bool:
         every = self.settings.checkpoint_every
@@ -321,6 +362,7 @@ class _Run:
         return self.checkpointer is not None and (last or (every and (step + 1) % every == 0) or stopping)
 
     def close(self) -> None:
+        self.feeder.close()
         if self.checkpointer is not None:
             self.checkpointer.close()  # waits until the last save is written and finalized
         if self.bar is not None:
@@ -354,13 +396,14 @@ def run_loop(trainer: Trainer, data: Any, settings: LoopSettings, eval_data: Ite
         policy.max_bad_steps = settings.max_bad_steps
     run = _Run(trainer, data, settings, eval_data, config, policy)
     stop_signal, step = None, run.begin.step
-    with StopRequest() as stop:  # also covers the final wait for the last save
+    with distributed.stop_request() as stop:  # also covers the final wait for the last save
         try:
             for step in range(run.begin.step, settings.steps):
                 run.train(step)
-                if run.save_due(step, bool(stop.signal)):
+                stopping = stop.requested(step)  # on several processes: the same step on all
+                if run.save_due(step, stopping):
                     run.save(step)
-                if stop.signal and step + 1 < settings.steps:
+                if stopping and step + 1 < settings.steps:
                     stop_signal = stop.signal
                     break
             run.flush()
@@ -394,13 +437,15 @@ def fit(model, data: Any, optimizer, *, loss: Loss = token_cross_entropy, mesh=N
         value per member; ``member_data`` means batches carry a leading member axis. A member whose
         loss stays non-finite is frozen instead of stopping the run.
       steps, **settings: the fields of :class:`LoopSettings` (``out_dir``, ``seed``, ``log_every``,
-        ``eval_every``, ``checkpoint_every``, ``resume``, ``fresh``, ``max_bad_steps``, ``verbose``...).
+        ``eval_every``, ``checkpoint_every``, ``resume``, ``fresh``, ``max_bad_steps``, ``verbose``,
+        ``workers``...).
 
     Raises:
       ConfigError: before anything compiles, for a layout or an out_dir that cannot work.
       CheckpointError: ``out_dir`` has checkpoints and none is usable.
       NonFiniteError: ``max_bad_steps`` non-finite steps in a row (the last checkpoint is kept).
     """
+    distributed.start()  # a cluster JAX detects, when nothing has started JAX's backend yet
     loop_settings = LoopSettings(steps=steps, **settings)
     if members == 1 and not hyperparams:
         trainer = build_trainer(model, as_mesh(mesh), optimizer, loss=loss, microbatches=microbatches, rules=rules,

@@ -57,15 +57,44 @@ def data_source(cfg: Config, resample: int | None = None) -> TextBatches | Array
         if d.corpus not in ARRAY_DATASETS:
             raise ConfigError(f"model.kind=mlp trains on array data; data.corpus={d.corpus!r} is not one of "
                               f"{', '.join(ARRAY_DATASETS)} (from Python, any arrays: shardml.ArrayBatches)")
-        return ArrayBatches(ARRAY_DATASETS[d.corpus](), t.batch_size, t.seed, resample)
+        return ArrayBatches(ARRAY_DATASETS[d.corpus](), t.batch_size, t.seed, resample, d.noise)
     if d.corpus in ARRAY_DATASETS:
         raise ConfigError(f"data.corpus={d.corpus} holds labelled examples, not text; use model.kind=mlp")
+    if d.noise:
+        raise ConfigError(f"data.noise={d.noise} augments array inputs; text has none (set data.noise=0)")
     tokens = load_tokens(d.corpus, d.val_fraction, vocab=cfg.model.vocab if is_token_file(d.corpus) else 0,
                          token_dtype=d.token_dtype)
+    tokenizer = _bpe(cfg, tokens) if d.tokenizer == "bpe" else None
+    if tokenizer is not None:
+        tokens = dataclasses.replace(tokens, vocab=tokenizer.vocab)
     if tokens.vocab > cfg.model.vocab:
         raise ConfigError(f"data.corpus={d.corpus!r} has a vocabulary of {tokens.vocab} but model.vocab="
                           f"{cfg.model.vocab}; set model.vocab={tokens.vocab}")
-    return TextBatches(tokens, t.batch_size, d.seq_len, t.seed, resample)
+    return TextBatches(tokens, t.batch_size, d.seq_len, t.seed, resample, tokenizer)
+
+
+_BPE_CACHE: dict = {}
+
+
+def _bpe(cfg: Config, tokens):
+    """``data.tokenizer=bpe``: a BPE tokenizer of ``data.vocab`` (0: ``model.vocab``) tokens trained on
+    the training text (once per process for the same text and vocabulary: training is deterministic)."""
+    import hashlib
+
+    from shardml.core.tokenizer import train_bpe
+
+    d = cfg.data
+    if is_token_file(d.corpus):
+        raise ConfigError(f"data.tokenizer=bpe tokenises text; data.corpus={d.corpus!r} already holds token ids "
+                          "(use data.tokenizer=byte)")
+    vocab = d.vocab or cfg.model.vocab
+    if vocab > cfg.model.vocab:
+        raise ConfigError(f"data.vocab={vocab} exceeds model.vocab={cfg.model.vocab}; the model's vocabulary must hold "
+                          f"every token id: set model.vocab={vocab} (or a smaller data.vocab)")
+    key = (hashlib.sha1(memoryview(tokens.train)).hexdigest(), vocab)
+    if key not in _BPE_CACHE:
+        _BPE_CACHE[key] = train_bpe(tokens.train, vocab)
+    return _BPE_CACHE[key]
 
 
 def model_of(cfg: Config, data) -> tuple[Model, Loss]:
@@ -94,6 +123,10 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None) -> Par
     sizes = validate(cfg, len(devices))
     schedule = schedule_of(cfg, sizes["pipeline"])
     check_batch(cfg.train.batch_size, sizes, cfg.train.microbatches, schedule.microbatches if schedule else 1)
+    if cfg.federated.algorithm != "none":
+        from shardml.run.federated import federated_parts
+
+        return federated_parts(cfg, sizes, devices)
     data = data_source(cfg)
     model, loss = model_of(cfg, data)
     mesh = make_mesh(MeshConfig(**sizes), devices=devices)

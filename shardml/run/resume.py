@@ -20,6 +20,7 @@ fingerprint and (for config runs) its config; ``out_dir/run.json`` and every che
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import shutil
@@ -31,8 +32,9 @@ from shardml.core.errors import ConfigError
 from shardml.run import checkpoint as ckpt
 from shardml.run.config import flat_dict
 
-# What a run writes into out_dir (moved aside together by a fresh start).
-RUN_FILES = ("checkpoints", "checkpoints-damaged", "metrics.jsonl", "config.yaml", "run.json", "tb", "samples.txt")
+# What a run writes into out_dir (moved aside together by a fresh start); shell patterns.
+RUN_FILES = ("checkpoints", "checkpoints-damaged", "metrics.jsonl", "config.yaml", "run.json", "tb", "samples.txt",
+             "tokenizer.json", "population.json", "federated.json", "predictions.npz", "optuna.db", "gen-*")
 # Config keys that may differ on resume without a note.
 _QUIET_KEYS = ("out_dir", "train.resume")
 
@@ -85,13 +87,17 @@ def _read_run(out_dir: str) -> dict | None:
 
 
 def write_run(out_dir: str, ident: dict) -> None:
-    with open(os.path.join(out_dir, "run.json"), "w") as f:
+    """Writes ``out_dir/run.json`` atomically (a reader never sees half of it)."""
+    path = os.path.join(out_dir, "run.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(ident, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def move_aside(out_dir: str) -> str | None:
     """Moves the files of the run in ``out_dir`` to ``out_dir/previous/<time>/``; returns it."""
-    present = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    present = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in RUN_FILES)]
     if not present:
         return None
     dest = base = os.path.join(out_dir, "previous", time.strftime("%Y%m%d-%H%M%S"))
@@ -109,9 +115,12 @@ _FRESH_HINT = "use another out_dir, or start over with --fresh (resume='never' f
 
 
 def claim_out_dir(out_dir: str, ident: dict, resume: str = "auto", fresh: bool = False,
-                  notice: Callable[[str], None] = print) -> None:
+                  notice: Callable[[str], None] = print, primary: bool = True) -> None:
     """Refuses an ``out_dir`` whose run this one must not continue or overwrite; with ``fresh``,
     moves that run aside instead. Call it before anything is written to ``out_dir``.
+
+    On several processes every process runs the checks (they read the same files, so all refuse
+    together) and only the ``primary`` one moves files.
 
     Raises:
       ConfigError: ``out_dir`` is a file, holds a run of another model, of another data stream
@@ -122,6 +131,8 @@ def claim_out_dir(out_dir: str, ident: dict, resume: str = "auto", fresh: bool =
         raise ConfigError(f"out_dir={out_dir} is an existing file, not a directory; it was not touched: give a "
                           "directory for the run (it is created if missing)")
     if fresh:
+        if not primary:
+            return
         moved = move_aside(out_dir)
         if moved:
             notice(f"fresh start: moved the previous run in {out_dir} to {moved}")
@@ -166,11 +177,12 @@ def _config_notes(saved: dict | None, ident: dict) -> list[str]:
             if old[key] != new[key] and key not in _QUIET_KEYS]
 
 
-def resume_point(out_dir: str, resume: str, trainer, ident: dict, notice: Callable[[str], None] = print) -> Start:
+def resume_point(out_dir: str, resume: str, trainer, ident: dict, notice: Callable[[str], None] = print,
+                 primary: bool = True) -> Start:
     """Where the run starts: restores the checkpoint ``resume`` asks for (``auto``: the latest valid
     one of ``out_dir``; or a path) onto ``trainer``'s mesh, or step 0. Damaged checkpoints of
-    ``out_dir`` are reported and moved to ``checkpoints-damaged/``; a damaged one named explicitly
-    is an error.
+    ``out_dir`` are reported and moved to ``checkpoints-damaged/`` (by the ``primary`` process);
+    a damaged one named explicitly is an error.
 
     Raises:
       ConfigError: the checkpoint holds another model or data stream, ``resume`` names no
@@ -199,7 +211,8 @@ def resume_point(out_dir: str, resume: str, trainer, ident: dict, notice: Callab
         if resume != "auto" and not ckpt.steps(directory):
             raise ConfigError(f"resume={resume}: no checkpoint there; give a run directory, its checkpoints "
                               "directory or one step directory (e.g. runs/x/checkpoints/100)")
-        found = ckpt.restore_latest(directory, target, check, report=notice, set_aside=directory == own_dir)
+        found = ckpt.restore_latest(directory, target, check, report=notice,
+                                    set_aside=directory == own_dir and primary)
     if found is None:
         if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
             notice(f"no checkpoint in {own_dir}; starting the run in {out_dir} from step 0")

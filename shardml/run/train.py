@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+
 from shardml.core.mesh import describe
 from shardml.run import config as config_lib
 from shardml.run.loop import LoopSettings, TrainSummary, run_loop
@@ -22,7 +24,7 @@ def loop_settings(cfg: config_lib.Config, fresh: bool = False, verbose: bool = T
     return LoopSettings(steps=t.steps, seed=seed, log_every=t.log_every, eval_every=t.eval_every,
                         out_dir=cfg.out_dir, checkpoint_every=c.every, checkpoint_keep=c.keep,
                         async_checkpoint=c.async_save, resume=t.resume, fresh=fresh, max_bad_steps=t.max_bad_steps,
-                        verbose=verbose)
+                        verbose=verbose, workers=cfg.data.workers)
 
 
 def describe_parts(parts: Parts) -> list[str]:
@@ -50,7 +52,9 @@ def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False) -> 
     """Trains the reference model ``cfg`` describes; returns the run's :class:`TrainSummary`.
 
     Writes ``out_dir/config.yaml``, ``out_dir/run.json``, ``out_dir/metrics.jsonl`` (plus
-    TensorBoard events when tensorboardX is installed) and checkpoints in ``out_dir/checkpoints``.
+    TensorBoard events when tensorboardX is installed) and checkpoints in ``out_dir/checkpoints``;
+    a byte-level language model that finished also prints a few samples and writes them to
+    ``out_dir/samples.txt``.
     Everything is validated before anything compiles. With ``train.resume=auto`` a run found in
     ``out_dir`` is resumed; ``fresh`` moves it to ``out_dir/previous/`` and starts over instead.
 
@@ -59,8 +63,15 @@ def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False) -> 
       CheckpointError: ``out_dir`` has checkpoints and none is usable.
       NonFiniteError: ``train.max_bad_steps`` non-finite steps in a row.
     """
+    from shardml.run.distributed import primary, start
+
+    start()  # a cluster jax.distributed detects, before JAX's backend starts (no-op once started)
     parts = build(cfg)
-    say = print if verbose else (lambda *a, **k: None)
+    if cfg.federated.algorithm != "none":  # train.steps counts rounds
+        from shardml.run.federated import train_federated
+
+        return train_federated(parts, verbose, fresh)
+    say = print if verbose and primary() else (lambda *a, **k: None)  # process 0 prints
     for line in describe_parts(parts):
         say(line)
     if parts.members and cfg.population.sampler == "optuna":
@@ -77,6 +88,12 @@ def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False) -> 
         say(f"done: {cfg.train.steps} steps in {summary.seconds:.1f}s (first step incl. compile "
             f"{summary.compile_seconds:.1f}s); final loss {final['loss']:.4f}, validation loss "
             f"{summary.val['loss']:.4f}{baseline}{extra}")
+    # Samples are decoded on one process (generate reads whole arrays; not yet across processes).
+    if summary.val is not None and not summary.preempted and cfg.model.kind == "transformer" and \
+            cfg.data.tokenizer == "byte" and jax.process_count() == 1:
+        from shardml.run.inference import write_samples
+
+        write_samples(parts, summary.state.params, int(summary.state.step), say)
     return summary
 
 
@@ -117,10 +134,7 @@ def _train_optuna(cfg: config_lib.Config, say, fresh: bool, verbose: bool) -> Tr
 
     pop, t = cfg.population, cfg.train
     if fresh:
-        move_aside(cfg.out_dir)
-        for name in ("optuna.db",):
-            if os.path.exists(os.path.join(cfg.out_dir, name)):
-                os.replace(os.path.join(cfg.out_dir, name), os.path.join(cfg.out_dir, f"{name}.previous"))
+        move_aside(cfg.out_dir)  # the study and the generations' runs too
     study = optuna_study(cfg.out_dir, t.seed)
     distributions = optuna_distributions(pop.search)
     base = t.init_seed if t.init_seed >= 0 else t.seed
