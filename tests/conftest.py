@@ -127,3 +127,19 @@ def assert_bitwise_equal(a, b, what: str) -> None:
 
 def host(tree):
     return jax.tree.map(np.asarray, tree)
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Any XLA compile fails the test ("compiled before rejecting the input"). The hook sits on the
+    path every jit takes (JAX's compile_or_get_cached; ``Lowered.compile`` alone misses plain jit
+    calls), and is checked to fire on a fresh program first."""
+    import jax.numpy as jnp
+    from jax._src import compiler
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled before rejecting the input")
+
+    monkeypatch.setattr(compiler, "compile_or_get_cached", refuse)
+    with pytest.raises(AssertionError, match="compiled before"):
+        jax.jit(lambda x: x * 3.0 + 1.0)(jnp.float32(np.random.default_rng().random()))

@@ -414,6 +414,7 @@ def test_a_second_ctrl_c_is_not_intercepted():
         signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.slow
 def test_pipelined_run_checkpoints_and_resumes_exactly(tmp_path):
     """mesh pipeline=2 x data=4, circular with 2 repeats (layers stored regrouped): a run saved at step
     2 and resumed to step 4 ends bitwise equal to the run that never stopped."""
@@ -535,7 +536,7 @@ def test_cli_fresh_moves_the_previous_run_aside_and_starts_over(cli_runs):
     stderr = runs["fresh"][1]
     assert f"fresh start: moved the previous run in {out} to {previous}" in stderr, stderr[-3000:]
     assert "resuming" not in stderr, f"--fresh resumed: {stderr[-3000:]}"
-    run_files = {"checkpoints", "config.yaml", "metrics.jsonl", "run.json"}
+    run_files = {"checkpoints", "config.yaml", "metrics.jsonl", "run.json", "samples.txt"}
     tensorboard = {"tb"}  # when tensorboardX is installed
     assert set(os.listdir(previous)) - tensorboard == run_files, f"moved aside: {os.listdir(previous)}"
     assert ckpt.steps(str(previous / "checkpoints")) == [STOP_AT, STEPS], "the previous run's checkpoints"

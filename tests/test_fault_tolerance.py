@@ -131,6 +131,7 @@ def reference(env, tmp_path_factory):
     return str(root / "run")
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_rerun_resumes_exactly(env, reference, tmp_path):
     out = tmp_path / "run"
     # After step 9 is logged the save of step 8 has started, and Orbax starts a save only once the
@@ -166,6 +167,7 @@ def test_sigint_then_sigterm_stop_gracefully_and_resume_exactly(env, reference, 
     assert_same_as_uninterrupted(out, reference)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_leaves_an_unfinished_write_that_is_skipped(env, reference, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "stalled"
     proc = start(env, out, tmp_path, prefix=("-c", STALL_SAVE, str(marker)))

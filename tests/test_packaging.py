@@ -8,9 +8,12 @@ import subprocess
 import sys
 import sysconfig
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_wheel_in_a_fresh_venv_runs_a_preset_from_another_directory(tmp_path):
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
@@ -21,12 +24,14 @@ def test_wheel_in_a_fresh_venv_runs_a_preset_from_another_directory(tmp_path):
     python = venv / "bin" / "python"
     fresh_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                 check=True, capture_output=True, text=True).stdout.strip()
-    # The dependencies (JAX, Flax, Orbax...) come from this environment's site-packages, read as plain
-    # directories (its .pth files, the editable install among them, are not processed).
-    deps = [p for p in {sysconfig.get_paths()["purelib"], *site.getsitepackages()} if os.path.isdir(p)]
-    pathlib.Path(fresh_site, "shardml_test_deps.pth").write_text("\n".join(deps) + "\n")
+    # The wheel goes in first: with this environment's site-packages already visible, pip would find the
+    # shardml installed there (CI installs it non-editable) and install nothing.
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
                    capture_output=True, text=True, timeout=300)
+    # The dependencies (JAX, Flax, Orbax...) come from this environment's site-packages, read as plain
+    # directories after the fresh venv's own (its .pth files, the editable install among them, are not processed).
+    deps = [p for p in {sysconfig.get_paths()["purelib"], *site.getsitepackages()} if os.path.isdir(p)]
+    pathlib.Path(fresh_site, "shardml_test_deps.pth").write_text("\n".join(deps) + "\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "NPROC")}

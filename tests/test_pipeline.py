@@ -157,12 +157,12 @@ def activation_bytes(layout, m, rows=BATCH, passes=1, itemsize=4):
     return rows // (sizes.get("data", 1) * sizes.get("fsdp", 1) * passes * m) * SEQ * D_MODEL * itemsize
 
 
-# (schedule, p, m, layout). Default: each (schedule, p) once, GPipe and 1F1B composed with fsdp
-# among them; with the slow ones every pair of values of (schedule, p, m, layout) appears at least
+# (schedule, p, m, layout). Default: each schedule once, GPipe composed with fsdp among them; with
+# the slow ones each (schedule, p) appears, 1F1B with fsdp too, and every pair of values of (schedule, p, m, layout) appears at least
 # once (m in {p, 2p, 4p}; test_cases_cover_every_pair checks it).
-DEFAULT = [("gpipe", 2, 4, "fsdp=2"), ("gpipe", 4, 4, "tensor=2"), ("circular", 2, 2, "alone"),
-           ("circular", 4, 4, "data=2"), ("1f1b", 2, 8, "data=2"), ("1f1b", 4, 4, "fsdp=2")]
-SLOW = [("gpipe", 2, 4, "data=2"), ("gpipe", 4, 16, "alone"), ("circular", 2, 4, "tensor=2"),
+DEFAULT = [("gpipe", 2, 4, "fsdp=2"), ("circular", 2, 2, "alone"), ("1f1b", 2, 8, "data=2")]
+SLOW = [("gpipe", 4, 4, "tensor=2"), ("circular", 4, 4, "data=2"), ("1f1b", 4, 4, "fsdp=2"),
+        ("gpipe", 2, 4, "data=2"), ("gpipe", 4, 16, "alone"), ("circular", 2, 4, "tensor=2"),
         ("circular", 2, 8, "fsdp=2"), ("1f1b", 4, 8, "alone"), ("1f1b", 4, 16, "tensor=2")]
 CASES = ([pytest.param(*case, id="-".join(map(str, case))) for case in DEFAULT]
          + [pytest.param(*case, marks=pytest.mark.slow, id="-".join(map(str, case))) for case in SLOW])
@@ -176,8 +176,7 @@ def test_cases_cover_every_pair():
     missing = [(i, a, j, b) for i, j in itertools.combinations(range(4), 2) for a in values[i] for b in values[j]
                if (i, a, j, b) not in seen]
     assert not missing, f"pairs of (schedule, p, m/p, layout) values no case covers: {missing}"
-    assert sorted(c[:2] for c in DEFAULT) == sorted(itertools.product(values[0], values[1])), \
-        f"the default cases must cover each (schedule, p) exactly once: {DEFAULT}"
+    assert sorted(c[0] for c in DEFAULT) == sorted(values[0]), f"the default cases must cover each schedule once: {DEFAULT}"
 
 
 @pytest.mark.parametrize("schedule,p,m,layout", CASES)
@@ -410,6 +409,7 @@ CLI_PIPELINED = ["mesh.pipeline=2", "mesh.fsdp=2", "pipeline.schedule=circular",
                  "pipeline.microbatches=2", "train.microbatches=2", "train.steps=4"]
 
 
+@pytest.mark.slow
 def test_cli_pipelined_training_equals_an_independent_update(tmp_path, capsys):
     """`shardml train tiny mesh.pipeline=2 mesh.fsdp=2 pipeline.schedule=circular ...` (in-process): the
     full train step (optimizer state in the [v, layers/v] layout, sharded over fsdp too) logs the

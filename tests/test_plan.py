@@ -23,7 +23,7 @@ from shardml.analysis.plan import (
 from shardml.core.errors import ConfigError
 from shardml.core.mesh import make_mesh
 from shardml.models.transformer import transformer_specs
-from shardml.run import cli, planning
+from shardml.run import cli
 from shardml.run.config import load_config
 from shardml.run.planning import abstract_batch, layout_config
 from shardml.run.recipe import build
@@ -58,10 +58,18 @@ def compiled_layout(layout: str, devices: int = 8):
     return parts, compile_trainer(parts.trainer, abstract_batch(parts))
 
 
+class _Plans(dict):
+    """Each layout's plan, compiled when a test first asks for it (the pipelined one only in the slow suite)."""
+
+    def __missing__(self, name):
+        layout = {**LAYOUTS, "pipeline=2": PIPELINED}[name]
+        self[name] = plan_of(compiled_layout(layout)[1], device_memory=SMALL, label=name)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def plans():
-    return {name: plan_of(compiled_layout(layout)[1], device_memory=SMALL, label=name)
-            for name, layout in {**LAYOUTS, "pipeline=2": PIPELINED}.items()}
+    return _Plans()
 
 
 def _leaves(tree):
@@ -90,7 +98,7 @@ def config_of(layout):
     return compiled_layout(layout)[0].cfg
 
 
-@pytest.mark.parametrize("name", [*LAYOUTS, "pipeline=2"])
+@pytest.mark.parametrize("name", [*LAYOUTS, pytest.param("pipeline=2", marks=pytest.mark.slow)])
 def test_state_bytes_per_device_match_theory(plans, name):
     p = plans[name]
     cfg = config_of(LAYOUTS.get(name, PIPELINED))
@@ -191,6 +199,7 @@ def test_tensor_parallel_moves_activations_not_weights(plans):
     assert grads <= data <= 1.05 * grads + 256, f"data all-reduce {data} B vs tensor-sharded gradients {grads}"
 
 
+@pytest.mark.slow
 def test_pipeline_plan_sends_activations_between_stages(plans):
     """pipeline=2 x data=2 x fsdp=2, circular with v=2 repeats, m=2 pipeline microbatches, k=2
     passes. Each microbatch's activation [rows, S, D] goes round the ring of 2 stages twice, crossing
@@ -302,14 +311,9 @@ def test_cli_plan_compare_prints_layouts_side_by_side(plans, capsys):
     (["tiny", "mesh.tensr=2"], "unknown config key 'mesh.tensr'"),
     (["tiny", "mesh.pipeline=2", "pipeline.repeats=2"], "pipeline.repeats=2 needs pipeline.schedule=circular"),
 ])
-def test_cli_bad_input_exits_2_before_compiling(args, message, monkeypatch, capsys):
-    """Every layout is checked before the first compile: compiling raises here, so a check that
-    came after a compile (of the first --compare column, say) fails this test."""
-    def no_compile(*_, **__):
-        raise AssertionError("compiled before rejecting the input")
-
-    monkeypatch.setattr(jax.stages.Lowered, "compile", no_compile)
-    monkeypatch.setattr(planning, "compile_trainer", no_compile)
+def test_cli_bad_input_exits_2_before_compiling(args, message, no_compile, capsys):
+    """Every layout is checked before the first compile: compiling raises here (conftest's
+    no_compile), so a check that came after a compile (of the first --compare column, say) fails."""
     code = cli.main(["plan", *args])
     out, err = capsys.readouterr()
     assert code == 2, (code, out[-2000:], err[-2000:])

@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
 
@@ -27,6 +28,7 @@ def test_readme_flax_nnx_example_trains_on_digits(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "digits" / "checkpoints" / "300").is_dir()
 
 
+@pytest.mark.slow
 def test_readme_population_example_trains_an_ensemble_and_a_sweep():
     code = block("From Python, a population of your own Flax model")
     assert code.count("steps=200") == 3
@@ -43,6 +45,7 @@ def test_readme_api_example_trains():
     assert np.isfinite(float(scope["metrics"]["loss"]))
 
 
+@pytest.mark.slow
 def test_readme_orbax_flax_snippet_loads_checkpoint_params(tmp_path, tiny_model):
     import jax
 

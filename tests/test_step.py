@@ -17,15 +17,16 @@ from shardml.core.step import TrainState, train_step
 
 STEPS = 3
 BATCH = 32
-LAYOUTS = [
-    ("one device", {"data": 1}, 1),
-    ("data=8", {"data": 8}, 1),
-    ("fsdp=8", {"fsdp": 8}, 1),
-    ("data=2 x tensor=4", {"data": 2, "tensor": 4}, 1),
-    ("data=2 x fsdp=2 x tensor=2", {"data": 2, "fsdp": 2, "tensor": 2}, 1),
-    ("data=8, 4 microbatches", {"data": 8}, 4),
-    ("data=2 x fsdp=2 x tensor=2, 2 microbatches", {"data": 2, "fsdp": 2, "tensor": 2}, 2),
-]
+SLOW = [pytest.mark.slow]  # the default suite keeps one layout of each axis and both accumulations
+LAYOUTS = [pytest.param(name, sizes, k, marks=marks, id=name) for name, sizes, k, marks in [
+    ("one device", {"data": 1}, 1, ()),
+    ("data=8", {"data": 8}, 1, SLOW),
+    ("fsdp=8", {"fsdp": 8}, 1, ()),
+    ("data=2 x tensor=4", {"data": 2, "tensor": 4}, 1, SLOW),
+    ("data=2 x fsdp=2 x tensor=2", {"data": 2, "fsdp": 2, "tensor": 2}, 1, SLOW),
+    ("data=8, 4 microbatches", {"data": 8}, 4, ()),
+    ("data=2 x fsdp=2 x tensor=2, 2 microbatches", {"data": 2, "fsdp": 2, "tensor": 2}, 2, ()),
+]]
 
 
 def batches():
@@ -82,7 +83,7 @@ def run(trainer):
     return np.array(losses), np.array(norms), host(state.params)
 
 
-@pytest.mark.parametrize("name,sizes,microbatches", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+@pytest.mark.parametrize("name,sizes,microbatches", LAYOUTS)
 def test_every_layout_equals_the_independent_update(tiny_model, reference, name, sizes, microbatches):
     ref_losses, ref_norms, ref_params = reference
     assert ref_losses[-1] < ref_losses[0], f"the reference did not learn on distinct real batches: {ref_losses}"
