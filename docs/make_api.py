@@ -132,7 +132,10 @@ def _own_members(cls) -> list[tuple[str, object]]:
 def entry(name: str, obj) -> str:
     """The reference entry of one public name."""
     lines = [f"### `shardml.{name}`", ""]
-    if inspect.isclass(obj) or callable(obj):
+    if inspect.ismodule(obj):  # its repr holds the install path, which differs between machines
+        doc = inspect.getdoc(obj)
+        lines += ["```text", f"module {obj.__name__}", "```", "", markdown(doc) if doc else "(no docstring)"]
+    elif inspect.isclass(obj) or callable(obj):
         kind = "class " if inspect.isclass(obj) else ""
         lines += ["```text", kind + signature(obj, name), "```", ""]
         doc = inspect.getdoc(obj)
@@ -159,8 +162,8 @@ def render() -> str:
     by_section: dict[str, list[str]] = {prefix: [] for prefix, _ in SECTIONS}
     for name in sorted(shardml.__all__, key=str.lower):
         obj = getattr(shardml, name)
-        module = getattr(obj, "__module__", None) or ""
-        if not inspect.isclass(obj) and not callable(obj):
+        module = obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None) or ""
+        if not inspect.isclass(obj) and not callable(obj) and not inspect.ismodule(obj):
             module = "shardml.core"  # constants: MESH_AXES
         prefix = next((p for p, _ in SECTIONS if module.startswith(p)), SECTIONS[2][0])
         by_section[prefix].append(name)

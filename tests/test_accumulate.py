@@ -35,7 +35,8 @@ def reference(seed=3):
     return model, params, batch, float(loss), jax.device_get(grads)
 
 
-@pytest.mark.parametrize("sizes,k", [({"data": 8}, 4), ({"data": 2, "fsdp": 2, "tensor": 2}, 2),
+@pytest.mark.parametrize("sizes,k", [({"data": 8}, 4),
+                                     pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, 2, marks=pytest.mark.slow),
                                      ({"data": 2, "fsdp": 4}, 4)])
 def test_microbatches_equal_full_batch_with_unequal_token_counts(sizes, k):
     model, params, batch, ref_loss, ref_grads = reference()

@@ -59,6 +59,7 @@ def test_fsdp_gathers_each_weight_for_forward_and_backward(fsdp_tensor):
         f"fsdp all-gather: compiled sends {sent} B per device, theory {expected:.0f} B ({plan.comm})"
 
 
+@pytest.mark.slow
 def test_bf16_step_reduces_gradients_in_f32_and_activations_twice_per_layer_each_way():
     """bf16 compute on fsdp=2 x tensor=2: weight gradients are f32 products before the FSDP reduction
     (not bf16 partial sums widened by XLA:CPU, which would read f32 in the collective's own dtype:

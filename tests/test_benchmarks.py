@@ -66,6 +66,7 @@ def test_flops_formula_equals_the_step_matmuls_but_the_embedding(kv_heads):
         f"jaxpr matmul FLOPs {counted:,} != PaLM's count {palm:,} + embedding one-hot {embedding:,}")
 
 
+@pytest.mark.slow
 def test_compiled_step_multiplies_each_matmul_once_across_devices():
     """The dots of the partitioned program (per-device shapes x trips x devices) add up to the traced
     step's matmul FLOPs: no product is repeated on several devices, and `audit.dots` misses none."""

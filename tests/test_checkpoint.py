@@ -88,10 +88,10 @@ def saved_run(trainer8, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,sizes", [
-    ("data=2 x tensor=4", {"data": 2, "tensor": 4}),
-    ("fsdp=8", {"fsdp": 8}),
-    ("one device", {"data": 1}),
-], ids=["data2xtensor4", "fsdp8", "one_device"])
+    pytest.param("data=2 x tensor=4", {"data": 2, "tensor": 4}, marks=pytest.mark.slow, id="data2xtensor4"),
+    pytest.param("fsdp=8", {"fsdp": 8}, id="fsdp8"),
+    pytest.param("one device", {"data": 1}, marks=pytest.mark.slow, id="one_device"),
+])
 def test_restore_onto_another_mesh_continues_like_the_original(tiny_model, saved_run, name, sizes):
     step_dir, saved, ref_losses, ref_params = saved_run
     trainer = trainer_for(tiny_model, sizes)

@@ -255,6 +255,7 @@ def test_embedding_and_head_gradients_are_reduced_over_the_pipeline_axis():
         assert not np.any(where[name]), f"a stage computed part of the {name} gradient it does not own"
 
 
+@pytest.mark.slow
 def test_value_and_grad_through_custom_vjp():
     """``jax.grad`` of the pipelined loss (1F1B inside) composes with other terms of a user's loss;
     called alone, the loss runs the forward-only loop."""
@@ -351,7 +352,8 @@ def bf16_reference():
 
 
 # GPipe sends the cotangents through the 16-bit permute's custom VJP (1F1B sends them explicitly).
-@pytest.mark.parametrize("schedule", ["gpipe", pytest.param("1f1b", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_bf16_activations_cross_stages_as_16_bit_words(schedule):
     """XLA:CPU runs a bf16 permute in f32 (twice the bytes); the pipeline sends raw 16-bit words
     instead: 2·m·(p−1) sends of 2 bytes per element. Gradients still match the unpipelined bf16
