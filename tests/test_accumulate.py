@@ -115,6 +115,7 @@ def test_bf16_compute_reduces_gradients_over_data_from_f32_sources():
     assert sources == {"f32"}, f"the data reductions sum {sources}, not f32 sums"
 
 
+@pytest.mark.slow
 def test_fsdp_keeps_gradient_accumulators_at_one_fsdp_th(tiny_model):
     """With k microbatches the f32 gradient accumulator lives sharded over fsdp: the step's
     temporaries on fsdp=8 are smaller than on data=8 by most of a full f32 gradient."""

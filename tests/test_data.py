@@ -75,6 +75,7 @@ def test_sequences_and_functions_are_sources():
         as_source(3)
 
 
+@pytest.mark.slow
 def test_command_line_trains_on_a_users_text_file_and_digits(tmp_path, capsys):
     corpus = tmp_path / "notes.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 400)

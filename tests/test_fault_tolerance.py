@@ -145,6 +145,7 @@ def test_sigkill_at_any_moment_then_rerun_resumes_exactly(env, reference, tmp_pa
     assert_same_as_uninterrupted(out, reference)
 
 
+@pytest.mark.slow
 def test_sigint_then_sigterm_stop_gracefully_and_resume_exactly(env, reference, tmp_path):
     out = tmp_path / "run"
     stopped = []

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import lm_batch, max_rel_diff, tiny_transformer, trainer_for
 from shardml.core.losses import token_cross_entropy
@@ -17,6 +18,7 @@ def test_transformer_is_causal(tiny_model):
     assert not np.allclose(a[:, 10:], b[:, 10:]), "changed tokens did not change their own logits"
 
 
+@pytest.mark.slow
 def test_remat_policies_give_same_loss_and_grads():
     batch = jax.tree.map(jnp.asarray, lm_batch(4))
     results = []

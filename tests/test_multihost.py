@@ -239,8 +239,9 @@ def test_a_one_process_checkpoint_continues_on_two_processes_found_in_a_slurm_jo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim, how", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
-                         ids=["worker-killed", "coordinator-killed", "worker-frozen"])
+# A killed coordinator fails the survivor the same way a killed worker does (its sockets close);
+# the frozen worker is the case only the heartbeat ends.
+@pytest.mark.parametrize("victim, how", [(1, signal.SIGKILL), (1, signal.SIGSTOP)], ids=["worker-killed", "worker-frozen"])
 def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout(env, tmp_path, victim, how):
     """Killed: its sockets close, the survivor's next collective fails at once. Frozen (SIGSTOP, as
     a hung host or a lost network): nothing fails, only the missed heartbeats end the survivor."""

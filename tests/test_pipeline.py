@@ -281,6 +281,7 @@ def test_value_and_grad_through_custom_vjp():
     assert_trees_close(host(grads), host(ref_grads), TOL, "gradients through custom_vjp")
 
 
+@pytest.mark.slow
 def test_accumulation_passes_compose_and_reduce_over_data_once():
     """train.microbatches=2 with pipeline microbatches=8: two pipelined passes, the same gradients,
     twice the sends, and the data-axis reduction still happens once per step, outside every loop."""

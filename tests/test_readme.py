@@ -37,6 +37,7 @@ def test_readme_population_example_trains_an_ensemble_and_a_sweep():
     assert len(sweep.val["loss"]) == 4 and scope["run"].state.params["hidden"]["kernel"].shape[0] == 8
 
 
+@pytest.mark.slow
 def test_readme_api_example_trains():
     code = block("## Python API")
     assert "range(100)" in code

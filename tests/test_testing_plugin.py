@@ -100,6 +100,7 @@ def howto_block(after: str, language: str = "python") -> str:
     return re.search(re.escape(after) + rf".*?```{language}\n(.*?)```", HOWTO, re.DOTALL).group(1)
 
 
+@pytest.mark.slow
 def test_the_howto_runs_as_written_a_correct_model_passes_and_a_forgotten_psum_is_named(pytester, fresh_env):
     """The how-to's ini, its test file and its planted bug, in a user's suite (8 devices by default)."""
     pytester.makefile(".ini", pytest=howto_block("## 1. Turn on the plugin", "ini"))
