@@ -1,12 +1,46 @@
-"""shardml vs MaxText: training tokens/s on the same decoder, 8 emulated CPU devices, alternating rounds.
+"""shardml vs MaxText: training tokens/s on the same decoder, 8 emulated CPU devices, each in its own process.
 
 Both train the same llama-style decoder (4 layers, d_model 256, 4 heads of 64, SwiGLU MLP 1024,
 vocabulary 256, sequence 128, global batch 32, bf16 compute, f32 parameters, AdamW with global-norm
-clipping) on the same mesh layout. shardml runs in this process; MaxText (PyPI ``maxtext[tpu]``,
-which needs Python >= 3.12) runs as a subprocess in its own virtual environment
-(``hardware=cpu dataset_type=synthetic``), and its per-step times are read from its log. Rounds
-alternate between the two (the order flips every round) so load from other processes hits both
-alike. Compilation and the first steps are never timed.
+clipping) on the same mesh layout, and both are started the same way: as a child process of this
+script, one at a time, with nothing else of ours alive. This script imports neither JAX nor shardml.
+
+- shardml runs as ``PY -m shardml train`` (``--shardml-python`` or ``SHARDML_PYTHON``, default: the
+  Python running this script) with the race decoder as ``key=value`` overrides of the built-in
+  defaults, no evaluation, a record per step in ``metrics.jsonl``, and no checkpoint but the final one.
+- MaxText (PyPI ``maxtext[tpu]``, which needs Python >= 3.12) runs as
+  ``python -m maxtext.trainers.pre_train.train base.yml key=value ...`` in its own virtual
+  environment (``hardware=cpu dataset_type=synthetic``, checkpointing off).
+
+The two must run on the same JAX: both interpreters are asked for their JAX version first, and the
+race is refused when they differ (``--allow-jax-mismatch`` runs it anyway, marked not comparable,
+and never writes the README). Both children get the same environment: 8 CPU devices through
+``JAX_NUM_CPU_DEVICES``, and the XLA:CPU settings shardml's workaround against a collective
+deadlock would add (``shardml.core.devices.avoid_cpu_collective_deadlock``; none on a JAX that does
+not need it), so the thread pool and scheduler are the same for both (``--xla-env own`` gives
+MaxText JAX's defaults instead).
+
+Two measures, side by side:
+
+- whole process: (wall time of a ``--long`` run - wall time of a ``--short`` run) / (long - short)
+  steps. Start-up, compilation, the first steps, the final checkpoint and exit cancel out; what is
+  left is the cost of a step as the whole process pays it (also in CPU-seconds, from the
+  children's resource usage). Each round runs every system's long and short run in the order
+  A-long B-long B-short A-short; the next round flips both orders (B-short A-short A-long B-long),
+  so a drift in machine load hits both alike. The median round is shown.
+- in loop: the step times each training loop records itself, over the same steps (those after the
+  first ``--short``) of the long run: MaxText's ``completed step: N, seconds: X`` log lines (the time
+  between two step dispatches; its loop reads a step's metrics after dispatching the next), and
+  shardml's ``metrics.jsonl`` records (``tokens_per_s`` over the time between the completions of two
+  steps; its loop also reads a step's metrics after dispatching the next).
+
+A trustworthy figure needs an idle machine, and the run itself keeps every core busy, so the load
+average after it says nothing. The machine is judged by what ran besides the benchmark: the CPU
+time of all other processes (``/proc/stat``'s busy time, steal included, minus the CPU time of this
+script and its children), over 3 seconds before the first run and over the whole measurement.
+``--readme`` refuses to write (exit 2) when the 1-minute load average as the script starts (before its
+version probes) is above 0.5, or other processes used more than 0.2 cores on average before or
+during the measurement.
 
 Install MaxText once, outside this repository (about 4 minutes and 2.8 GB)::
 
@@ -15,43 +49,40 @@ Install MaxText once, outside this repository (about 4 minutes and 2.8 GB)::
 
 then point the benchmark at it with ``--maxtext-venv`` or ``MAXTEXT_VENV`` (default: a folder
 ``maxtext-venv`` beside the repository). Without it, shardml is measured alone and MaxText is
-skipped with a message.
+skipped with a message. shardml needs an interpreter with the same JAX as MaxText's (0.12 for
+MaxText 0.2.5), e.g. a Python 3.12 virtual environment with ``pip install -e .``::
 
-    python benchmarks/bench_maxtext.py                                  # fsdp=8 and fsdp=2,tensor=4
-    python benchmarks/bench_maxtext.py --layouts fsdp=8 --rounds 3 --steps 10
-    python benchmarks/bench_maxtext.py --remat dots,full --grad-dtype float32,compute   # shardml settings side by side
-    python benchmarks/bench_maxtext.py --readme benchmarks/README.md    # also rewrite the README table
+    python benchmarks/bench_maxtext.py --shardml-python ../py312/bin/python    # fsdp=8 and fsdp=2,tensor=4
+    python benchmarks/bench_maxtext.py --layouts fsdp=8 --rounds 3 --long 46 --short 6
+    python benchmarks/bench_maxtext.py --remat dots,full       # shardml settings side by side (each a system)
+    python benchmarks/bench_maxtext.py --readme benchmarks/README.md    # also rewrite the README section
 """
 
-import os
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import shardml
-
-shardml.emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
+from __future__ import annotations
 
 import argparse
-import glob
+import json
+import os
 import pathlib
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
-import jax
-
-from shardml import load_config
-from shardml.models.transformer import GRAD_DTYPES, REMAT_POLICIES
-from shardml.run.recipe import build
-
-import _readme  # benchmarks/ (this script's folder) is on sys.path
+import _readme  # benchmarks/ (this script's folder) is on sys.path; it imports no JAX
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHAPE = {"layers": 4, "d_model": 256, "heads": 4, "head_dim": 64, "d_ff": 1024, "vocab": 256, "seq_len": 128,
          "batch": 32}
+TOKENS_PER_STEP = SHAPE["batch"] * SHAPE["seq_len"]
+DEVICES = 8
 _STEP_LINE = re.compile(r"completed step: (\d+), seconds: ([\d.]+).*?loss: ([\d.]+)")
+IDLE_LOAD = 0.5  # --readme: the most 1-minute load average before the start
+IDLE_OTHERS = 0.2  # --readme: the most cores other processes may use, before or during the measurement
 
 
 def parse_layout(text: str) -> dict[str, int]:
@@ -61,24 +92,121 @@ def parse_layout(text: str) -> dict[str, int]:
         if name.strip() not in ("data", "fsdp", "tensor") or not size.strip().isdigit():
             raise SystemExit(f"layout '{text}': write axis=size pairs over data, fsdp, tensor (e.g. fsdp=2,tensor=4)")
         sizes[name.strip()] = int(size)
+    product = 1
+    for size in sizes.values():
+        product *= size
+    if product != DEVICES:
+        raise SystemExit(f"layout '{text}' uses {product} devices; the race has {DEVICES}")
     return sizes
 
 
-# ----------------------------------------------------------------------------- MaxText (subprocess)
+def _slug(layout: str) -> str:
+    return layout.replace(",", "_").replace("=", "")
+
+
+# ----------------------------------------------------------------------------- the machine
+def _busy_seconds() -> float:
+    """CPU-seconds the whole machine has been busy (user, nice, system, irq, softirq, steal)."""
+    fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _our_seconds() -> float:
+    """CPU-seconds of this process and of its children that have exited (none is left running)."""
+    me = os.times()
+    return me.user + me.system + me.children_user + me.children_system
+
+
+class OtherLoad:
+    """CPU used by every process but this script and its children, in cores, over an interval.
+
+    ``mark()`` between runs (no child alive) closes one interval and starts the next.
+    """
+
+    def __init__(self):
+        self.available = os.path.exists("/proc/stat")
+        self.intervals: list[tuple[float, float]] = []  # (seconds, others' CPU-seconds)
+        self._at = self._sample()
+
+    def _sample(self):
+        return (time.perf_counter(), _busy_seconds(), _our_seconds()) if self.available else None
+
+    def mark(self) -> float:
+        """Others' cores over the interval just closed (NaN without /proc)."""
+        now = self._sample()
+        if now is None:
+            return float("nan")
+        (t0, busy0, ours0), (t1, busy1, ours1) = self._at, now
+        self._at = now
+        others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
+        self.intervals.append((t1 - t0, others))
+        return others / max(t1 - t0, 1e-9)
+
+    @staticmethod
+    def mean(intervals) -> float:
+        seconds = sum(s for s, _ in intervals)
+        return sum(o for _, o in intervals) / seconds if seconds else float("nan")
+
+
+# ----------------------------------------------------------------------------- children
+def child_environment(xla: dict[str, str]) -> dict[str, str]:
+    """What both children start with: this environment without settings that would reach into
+    them (a PYTHONPATH, XLA flags, a device count, another virtual environment), plus 8 CPU devices
+    and ``xla`` (XLA_FLAGS / NPROC)."""
+    drop = ("PYTHONPATH", "XLA_FLAGS", "NPROC", "VIRTUAL_ENV", "JAX_NUM_CPU_DEVICES", "JAX_PLATFORMS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(DEVICES), TF_CPP_MIN_LOG_LEVEL="1", **xla)
+    return env
+
+
+_PROBE = """
+import json, os, sys
+import jax
+out = {"jax": jax.__version__, "python": sys.version.split()[0], "executable": sys.executable}
+if sys.argv[1] == "shardml":
+    import shardml
+    from shardml.core.devices import avoid_cpu_collective_deadlock
+    from shardml.core.settings import check_settings
+    from shardml.run.config import load_config
+    cfg = load_config(None, sys.argv[2:])  # the race's overrides: a typo or a bad value fails here, before any run
+    check_settings(cfg)
+    model = cfg.model
+    out["settings"] = f"remat={model.remat}, grad_dtype={model.grad_dtype}"
+    before = {k: os.environ.get(k) for k in ("XLA_FLAGS", "NPROC")}
+    avoid_cpu_collective_deadlock(int(os.environ["JAX_NUM_CPU_DEVICES"]))
+    out["xla"] = {k: os.environ[k] for k in before if os.environ.get(k) != before[k]}
+    out["package"] = os.path.dirname(shardml.__file__)
+else:
+    import importlib.metadata, maxtext.trainers.pre_train.train
+    out["package"] = "maxtext " + importlib.metadata.version("maxtext")
+print("PROBE " + json.dumps(out))
+"""
+
+
+def probe(python: str, what: str, env: dict, cwd: str, overrides: list[str] = ()) -> dict:
+    """JAX and Python versions of an interpreter (and, for shardml, the XLA settings its deadlock
+    workaround adds, with the race's overrides checked); exits with the child's error otherwise."""
+    cmd = [python, "-c", _PROBE, what, *overrides]
+    done = subprocess.run(cmd, check=False, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    for line in done.stdout.splitlines():
+        if line.startswith("PROBE "):
+            return json.loads(line[6:])
+    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-12:])
+    raise SystemExit(f"{what}: {python} cannot run the race (exit {done.returncode}):\n{tail}")
+
+
 def maxtext_python(venv: str) -> str | None:
     path = pathlib.Path(venv) / "bin" / "python"
-    if not path.exists():
-        return None
-    return str(path)
+    return str(path) if path.exists() else None
 
 
 def maxtext_base_config(venv: str) -> str | None:
-    found = glob.glob(os.path.join(venv, "lib", "python3*", "site-packages", "maxtext", "configs", "base.yml"))
-    return found[0] if found else None
+    found = sorted(pathlib.Path(venv).glob("lib/python3*/site-packages/maxtext/configs/base.yml"))
+    return str(found[0]) if found else None
 
 
 def maxtext_command(python: str, base_yml: str, sizes: dict[str, int], steps: int, remat: str, out: str):
-    devices = 8
     return [
         python, "-m", "maxtext.trainers.pre_train.train", base_yml,
         "run_name=shardml_race", f"base_output_directory={out}", "hardware=cpu", "skip_jax_distributed_system=true",
@@ -86,7 +214,7 @@ def maxtext_command(python: str, base_yml: str, sizes: dict[str, int], steps: in
         f"base_num_decoder_layers={SHAPE['layers']}", f"base_emb_dim={SHAPE['d_model']}",
         f"base_num_query_heads={SHAPE['heads']}", f"base_num_kv_heads={SHAPE['heads']}",
         f"head_dim={SHAPE['head_dim']}", f"base_mlp_dim={SHAPE['d_ff']}", f"vocab_size={SHAPE['vocab']}",
-        f"max_target_length={SHAPE['seq_len']}", f"per_device_batch_size={SHAPE['batch'] / devices:g}",
+        f"max_target_length={SHAPE['seq_len']}", f"per_device_batch_size={SHAPE['batch'] / DEVICES:g}",
         "dtype=bfloat16", "weight_dtype=float32", "logits_via_embedding=false",  # mlp_activations default: silu,linear
         "learning_rate=3e-3", "gradient_clipping_threshold=1.0", f"remat_policy={remat}",
         f"ici_data_parallelism={sizes.get('data', 1)}", f"ici_fsdp_parallelism={sizes.get('fsdp', 1)}",
@@ -94,207 +222,297 @@ def maxtext_command(python: str, base_yml: str, sizes: dict[str, int], steps: in
     ]
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process (all its threads), from /proc."""
-    try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
-def run_maxtext(python, base_yml, sizes, warmup, steps, remat, log_path):
-    """One MaxText run of warmup + steps, timed on its own per-step log lines.
-
-    Returns tokens/s over the timed steps (MaxText's own step seconds), tokens per CPU-second
-    (the process's CPU time between the log lines of the timed steps) and the first loss.
-    """
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "VIRTUAL_ENV")}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="1")
-    out = os.path.join(os.path.dirname(log_path), "maxtext_out")
-    cmd = maxtext_command(python, base_yml, sizes, warmup + steps + 1, remat, out)
-    records, cpu_at = {}, {}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                                cwd=os.path.dirname(log_path), errors="replace")
-        for line in proc.stdout:
-            log.write(line)
-            if m := _STEP_LINE.search(line):
-                step = int(m.group(1))
-                cpu_at[step] = _cpu_seconds(proc.pid)
-                records[step] = (float(m.group(2)), float(m.group(3)))
-        proc.wait(timeout=600)
-    # A step's line is printed once the next step is dispatched (MaxText logs one step late), so
-    # the CPU time between the lines of steps s-1 and s belongs to step s; one extra step is run
-    # so the last timed step's line has a successor.
-    timed = range(warmup, warmup + steps)
-    if proc.returncode != 0 or any(s not in records or s - 1 not in cpu_at for s in timed):
-        tail = "\n".join(pathlib.Path(log_path).read_text(errors="replace").splitlines()[-15:])
-        raise RuntimeError(f"MaxText run failed (exit {proc.returncode}, {len(records)} steps logged); "
-                           f"log {log_path}:\n{tail}")
-    tokens = steps * SHAPE["batch"] * SHAPE["seq_len"]
-    cpu = cpu_at[warmup + steps - 1] - cpu_at[warmup - 1]
-    return tokens / sum(records[s][0] for s in timed), tokens / cpu, records[0][1]
-
-
-# ----------------------------------------------------------------------------- shardml (this process)
-def shardml_config(sizes: dict[str, int], remat: str, total_steps: int, grad_dtype: str = "float32"):
-    """The race decoder as a run config: ``SHAPE`` on ``sizes``, AdamW with the default settings
-    (``shardml.OptimConfig``: peak lr 3e-3, global-norm clipping 1.0), pydoc batches of seed 0."""
-    return load_config(None, [
+def shardml_overrides(settings: list[str]) -> list[str]:
+    """The race decoder as overrides of shardml's built-in defaults (``shardml.OptimConfig``: AdamW,
+    peak lr 3e-3, global-norm clipping 1.0; pydoc text batches of seed 0), then ``settings``."""
+    return [
         f"model.vocab={SHAPE['vocab']}", f"model.layers={SHAPE['layers']}", f"model.d_model={SHAPE['d_model']}",
         f"model.heads={SHAPE['heads']}", f"model.d_ff={SHAPE['d_ff']}", "model.dtype=bfloat16",
-        f"model.remat={remat}", f"model.grad_dtype={grad_dtype}", f"data.seq_len={SHAPE['seq_len']}",
-        f"train.batch_size={SHAPE['batch']}", f"train.steps={total_steps}", "train.microbatches=1",
-        *(f"mesh.{axis}={sizes.get(axis, 1)}" for axis in ("data", "fsdp", "tensor"))])
+        f"data.seq_len={SHAPE['seq_len']}", f"train.batch_size={SHAPE['batch']}", "train.microbatches=1",
+        "train.log_every=1", "train.eval_batches=0", "checkpoint.every=0", *settings]
 
 
-class ShardmlRunner:
-    def __init__(self, sizes, remat, total_steps, n_batches, grad_dtype="float32"):
-        parts = build(shardml_config(sizes, remat, total_steps, grad_dtype))
-        self.trainer = parts.trainer
-        self.batches = [self.trainer.put(parts.data.batch(s)) for s in range(n_batches)]
-        self.state = self.trainer.init(parts.cfg.train.seed)
-        self.i = 0
-
-    def run(self, steps):
-        metrics = None
-        for _ in range(steps):
-            self.state, metrics = self.trainer.step(self.state, self.batches[self.i % len(self.batches)])
-            self.i += 1
-        jax.block_until_ready((self.state, metrics))
-        return metrics
+def shardml_command(python: str, defaults_yml: str, sizes: dict[str, int], steps: int, settings: list[str],
+                    out: str):
+    # An explicit empty config file: the built-in defaults (the CLI's own default is the 'default' preset).
+    return [python, "-m", "shardml", "train", defaults_yml, *shardml_overrides(settings),
+            *(f"mesh.{axis}={sizes.get(axis, 1)}" for axis in ("data", "fsdp", "tensor")),
+            f"train.steps={steps}", f"out_dir={out}", "--quiet", "--num-processes", "1"]
 
 
-# ----------------------------------------------------------------------------- harness
-def race(layout, args, python, base_yml, log_dir) -> list[dict]:
-    """One result per shardml setting (each ``--remat`` x ``--grad-dtype``), each against the same MaxText rounds."""
+def run_child(cmd: list[str], env: dict, cwd: str, log_path: str, timeout: float) -> tuple[float, float, int]:
+    """Runs ``cmd`` to its end, its output into ``log_path``; (wall seconds, CPU-seconds of it and its
+    children, exit status). Nothing of this process runs meanwhile but the wait."""
+    with open(log_path, "w") as log:
+        log.write(" ".join(cmd) + "\n\n")
+        log.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=cwd, start_new_session=True)
+        killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, 9))
+        killer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_utime + usage.ru_stime, proc.returncode
+
+
+def _fail(name: str, code: int, log_path: str, why: str = "") -> SystemExit:
+    tail = "\n".join(pathlib.Path(log_path).read_text(errors="replace").splitlines()[-15:])
+    return SystemExit(f"{name} run failed (exit {code}{why}); log {log_path}:\n{tail}")
+
+
+def maxtext_steps(log_path: str) -> dict[int, tuple[float, float]]:
+    """MaxText's ``completed step`` lines: 0-based step -> (seconds, loss)."""
+    steps = {}
+    for line in pathlib.Path(log_path).read_text(errors="replace").splitlines():
+        if m := _STEP_LINE.search(line):
+            steps[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+    return steps
+
+
+def shardml_steps(out_dir: str) -> dict[int, tuple[float, float]]:
+    """shardml's ``metrics.jsonl`` records as 0-based step -> (seconds, loss).
+
+    Record ``k`` (1-based) holds ``tokens_per_s`` over the time since the record before; with
+    ``train.log_every=1`` that is step k alone. The first record's rate is 0: the loop's clock
+    starts when the first step (compilation) has finished.
+    """
+    steps = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            seconds = TOKENS_PER_STEP / r["tokens_per_s"] if r.get("tokens_per_s") else float("nan")
+            steps[r["step"] - 1] = (seconds, r["loss"])
+    return steps
+
+
+# ----------------------------------------------------------------------------- the race
+class System:
+    """One racer: ``command(sizes, steps, out)`` is its command line, ``steps_of(out, log)`` reads its
+    in-loop step records (0-based step -> (seconds, loss)), ``env`` is its environment."""
+
+    def __init__(self, name: str, command, steps_of, env: dict):
+        self.name, self.command, self.steps_of, self.env = name, command, steps_of, env
+
+
+def race(layout: str, systems: list[System], args, log_dir: str, load: OtherLoad) -> dict:
+    """Every system's long and short runs for ``layout``, ``args.rounds`` rounds; per system the
+    per-round whole-process and in-loop seconds per step, CPU-seconds per step and first loss."""
     sizes = parse_layout(layout)
-    total = 1 + args.warmup + args.rounds * args.steps
-    runners, first_loss, compile_s = {}, {}, {}
-    for remat in args.remat:
-        for grad_dtype in args.grad_dtype:
-            g = (remat, grad_dtype)
-            runners[g] = ShardmlRunner(sizes, remat, total, n_batches=args.steps, grad_dtype=grad_dtype)
-            t0 = time.perf_counter()
-            first_loss[g] = float(runners[g].run(1)["loss"])
-            compile_s[g] = time.perf_counter() - t0
-            runners[g].run(args.warmup)
-    times = {g: [] for g in runners}
-    cpu = {g: [] for g in runners}
-    mt_tps, mt_cpu, mt_loss = [], [], None
-    names = [*runners, "maxtext"]
+    res = {s.name: {"wall": [], "cpu": [], "loop": [], "startup": [], "loss": None, "others": []} for s in systems}
     for r in range(args.rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            if name in runners:
-                t0, c0 = time.perf_counter(), time.process_time()
-                runners[name].run(args.steps)
-                times[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
-            elif python is not None:
-                log = os.path.join(log_dir, f"maxtext_{layout.replace(',', '_').replace('=', '')}_r{r}.log")
-                tps, per_cpu, mt_loss = run_maxtext(python, base_yml, sizes, args.warmup + 1, args.steps,
-                                                    args.maxtext_remat, log)
-                mt_tps.append(tps)
-                mt_cpu.append(per_cpu)
-            else:
-                continue
-            print(f"  {layout} round {r + 1}/{args.rounds}: {name} done", file=sys.stderr, flush=True)
-    tokens = args.steps * SHAPE["batch"] * SHAPE["seq_len"]
+        order = systems if r % 2 == 0 else systems[::-1]
+        first, second = (args.long, args.short) if r % 2 == 0 else (args.short, args.long)
+        runs, timed = [(s, first) for s in order] + [(s, second) for s in order[::-1]], {}
+        for system, steps in runs:
+            tag = f"{system.name}_{_slug(layout)}_r{r}_{steps}steps"
+            out = os.path.join(log_dir, tag)
+            shutil.rmtree(out, ignore_errors=True)  # a run left here would be resumed
+            log_path = out + ".log"
+            load.mark()
+            wall, cpu, code = run_child(system.command(sizes, steps, out), system.env, log_dir, log_path, args.timeout)
+            others = load.mark()
+            res[system.name]["others"].append(others)
+            if code:
+                raise _fail(system.name, code, log_path, ", killed at the timeout" if wall >= args.timeout else "")
+            timed[system.name, steps] = (wall, cpu)
+            print(f"  {layout} round {r + 1}/{args.rounds}: {system.name} {steps} steps {wall:.1f}s "
+                  f"(others: {others:.2f} cores)", file=sys.stderr, flush=True)
+            if steps == args.long:
+                per_step = system.steps_of(out, log_path)
+                loop = [per_step[s][0] for s in range(args.short, args.long) if s in per_step]
+                if len(loop) < args.long - args.short - 1:  # MaxText may leave the last step's line out
+                    raise _fail(system.name, code, log_path, f"; {len(per_step)} step records of {args.long}")
+                res[system.name]["loop"].append(statistics.fmean(loop))
+                res[system.name]["loss"] = per_step[min(per_step)][1]
+        for s in systems:
+            (wall_l, cpu_l), (wall_s, cpu_s) = timed[s.name, args.long], timed[s.name, args.short]
+            step = (wall_l - wall_s) / (args.long - args.short)
+            res[s.name]["wall"].append(step)
+            res[s.name]["cpu"].append((cpu_l - cpu_s) / (args.long - args.short))
+            res[s.name]["startup"].append(wall_l - args.long * step)
+    return res
 
-    def label(g):  # the layout, and the shardml settings that vary between rows
-        varied = [f"remat={g[0]}"] * (len(args.remat) > 1) + [f"grad_dtype={g[1]}"] * (len(args.grad_dtype) > 1)
-        return ", ".join([layout, *varied])
 
-    return [{
-        "layout": label(g), "shardml": tokens / statistics.median(times[g]), "shardml_first_loss": first_loss[g],
-        "shardml_compile_s": compile_s[g], "shardml_rounds": [tokens / t for t in times[g]],
-        "shardml_per_cpu": tokens / statistics.median(cpu[g]),
-        "maxtext": statistics.median(mt_tps) if mt_tps else None, "maxtext_rounds": mt_tps,
-        "maxtext_per_cpu": statistics.median(mt_cpu) if mt_cpu else None,
-        "maxtext_first_loss": mt_loss,
-    } for g in runners]
+# ----------------------------------------------------------------------------- report
+def _tps(seconds: float) -> float:
+    return TOKENS_PER_STEP / seconds if seconds > 0 else float("nan")
 
 
-def table(results, args, have_maxtext) -> str:
+def _ms(seconds: list[float]) -> str:
+    return " ".join(f"{1000 * x:.0f}" for x in seconds)
+
+
+def table(layouts, results, systems, args, info, comparable: bool) -> str:
+    shardmls = [s.name for s in systems if s.name != "maxtext"]
+    have_mt = any(s.name == "maxtext" for s in systems)
     lines = [
         (f"decoder: {SHAPE['layers']} layers, d_model {SHAPE['d_model']}, {SHAPE['heads']} heads x "
          f"{SHAPE['head_dim']}, SwiGLU {SHAPE['d_ff']}, vocab {SHAPE['vocab']}, seq {SHAPE['seq_len']}, "
-         f"global batch {SHAPE['batch']}, bf16 compute / f32 params; 8 emulated CPU devices; "
-         f"{args.rounds} alternating rounds x {args.steps} timed steps (median round); "
-         f"remat: shardml {', '.join(args.remat)}, MaxText {args.maxtext_remat}; shardml grad_dtype "
-         f"{', '.join(args.grad_dtype)}"),
-        "",
-        "| layout | shardml tokens/s | MaxText tokens/s | ratio | shardml tokens/CPU-s | MaxText tokens/CPU-s | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+         f"global batch {SHAPE['batch']}, bf16 compute / f32 params; {DEVICES} emulated CPU devices; each system a "
+         f"child process; {args.rounds} rounds of {args.long}- and {args.short}-step runs (median round); "
+         f"shardml {info['shardml']['settings']}{''.join(f', {o}' for o in args.set)}; MaxText "
+         f"remat_policy={args.maxtext_remat}"),
     ]
-    for res in results:
-        have = res["maxtext"] is not None
-        mt = f"{res['maxtext']:.0f}" if have else "skipped"
-        ratio = f"{res['shardml'] / res['maxtext']:.2f}" if have else "-"
-        mt_cpu = f"{res['maxtext_per_cpu']:.0f}" if have else "skipped"
-        ratio_cpu = f"{res['shardml_per_cpu'] / res['maxtext_per_cpu']:.2f}" if have else "-"
-        lines.append(f"| {res['layout']} | {res['shardml']:.0f} | {mt} | {ratio} | {res['shardml_per_cpu']:.0f} | "
-                     f"{mt_cpu} | {ratio_cpu} |")
-    lines.append("")
-    lines.append("tokens/s: wall clock over the timed steps (MaxText: the step seconds it logs); tokens/CPU-s: "
-                 "the same tokens over the CPU time the training process used, which other processes on "
-                 "the machine disturb less. Ratio = shardml / MaxText.")
-    lines.append("per-round tokens/s: " + "; ".join(
-        f"{r['layout']}: shardml " + " ".join(f"{x:.0f}" for x in r["shardml_rounds"])
-        + (", MaxText " + " ".join(f"{x:.0f}" for x in r["maxtext_rounds"]) if r["maxtext_rounds"] else "")
-        for r in results))
-    lines.append("first loss (sanity): " + "; ".join(
-        f"{r['layout']}: shardml {r['shardml_first_loss']:.3f}"
-        + (f", MaxText {r['maxtext_first_loss']:.3f}" if r["maxtext_first_loss"] is not None else "")
-        for r in results))
-    versions = f"shardml on jax {jax.__version__} (Python {sys.version.split()[0]})"
-    if have_maxtext:
-        versions += f"; MaxText venv: {args.maxtext_venv}"
-    lines.append(versions)
+    if not comparable:
+        lines.append(f"NOT COMPARABLE: shardml runs on JAX {info['shardml']['jax']}, MaxText on JAX "
+                     f"{info['maxtext']['jax']}")
+    lines += ["",
+              "| layout | measure | " + " | ".join(f"{n} tokens/s" for n in shardmls)
+              + (" | MaxText tokens/s | " + " | ".join(
+                  f"ratio {n}/MaxText" if len(shardmls) > 1 else "ratio" for n in shardmls) if have_mt else "") + " |",
+              "|---|---|" + "---:|" * (len(shardmls) + (1 + len(shardmls) if have_mt else 0))]
+    measures = (("whole process", "wall"), ("in loop", "loop"), ("whole process, per CPU-s", "cpu"))
+    for layout in layouts:
+        res = results[layout]
+        for label, key in measures:
+            tps = {n: _tps(statistics.median(res[n][key])) for n in res}
+            cells = [f"{tps[n]:.0f}" for n in shardmls]
+            if have_mt:
+                cells += [f"{tps['maxtext']:.0f}"] + [f"{tps[n] / tps['maxtext']:.2f}" for n in shardmls]
+            lines.append(f"| {layout} | {label} | " + " | ".join(cells) + " |")
+    lines += ["",
+              (f"whole process: (wall time of a {args.long}-step run - that of a {args.short}-step run) / "
+               f"{args.long - args.short} steps, start-up and compilation cancelled out; in loop: the step times the "
+               f"training loop records (shardml metrics.jsonl, MaxText 'completed step' lines), steps "
+               f"{args.short + 1}-{args.long} of the long run; per CPU-s: the same tokens over the CPU-seconds the "
+               "process used per step. Ratio = shardml / MaxText.")]
+    for layout in layouts:
+        res = results[layout]
+        parts = [f"{n}: whole {_ms(r['wall'])}, loop {_ms(r['loop'])}, start-up+compile "
+                 + " ".join(f"{x:.1f}s" for x in r["startup"]) for n, r in res.items()]
+        lines.append(f"per-round ms/step, {layout}: " + "; ".join(parts))
+    lines.append("first loss (sanity; ln 256 = 5.545): " + "; ".join(
+        f"{layout}: " + ", ".join(f"{n} {results[layout][n]['loss']:.3f}" for n in results[layout])
+        for layout in layouts))
+    for name, i in info.items():
+        lines.append(f"{name}: Python {i['python']}, JAX {i['jax']}, {i['package']} ({i['executable']}); "
+                     f"XLA settings: {i['xla_env'] or 'JAX defaults'}")
     return "\n".join(lines)
 
 
+def _xla_text(xla: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in xla.items())
+
+
 def main():
+    load_before = _readme.load_average()  # before the version probes, which load the machine themselves
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layouts", nargs="+", default=["fsdp=8", "fsdp=2,tensor=4"], help="e.g. fsdp=8 data=2,tensor=4")
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (each side)")
-    ap.add_argument("--remat", default="dots", type=_readme.comma_list(tuple(REMAT_POLICIES)),
-                    help=f"shardml model.remat ({', '.join(REMAT_POLICIES)}); a comma list (dots,full) races each, in the same rounds")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of long and short runs (the order flips each round)")
+    ap.add_argument("--long", type=int, default=36, help="steps of the long runs")
+    ap.add_argument("--short", type=int, default=6, help="steps of the short runs (and steps not timed in the loop)")
+    ap.add_argument("--shardml-python", default=os.environ.get("SHARDML_PYTHON", sys.executable),
+                    help="the interpreter that runs `-m shardml train` (env SHARDML_PYTHON; default: this one); "
+                         "its JAX must be MaxText's")
+    ap.add_argument("--remat", default=None,
+                    help="shardml model.remat (default: shardml's own); a comma list (dots,full) races each")
+    ap.add_argument("--grad-dtype", default=None,
+                    help="shardml model.grad_dtype (default: shardml's own); a comma list races each")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another shardml override for every shardml run (repeatable)")
     ap.add_argument("--maxtext-remat", default="full", help="MaxText remat_policy (its default: full)")
-    ap.add_argument("--grad-dtype", default="float32", type=_readme.comma_list(GRAD_DTYPES),
-                    help="shardml model.grad_dtype; a comma list (float32,compute) races each, in the same rounds")
     ap.add_argument("--maxtext-venv", default=os.environ.get("MAXTEXT_VENV", str(REPO.parent / "maxtext-venv")),
                     help="MaxText's virtual environment (env MAXTEXT_VENV; default: ../maxtext-venv)")
-    ap.add_argument("--log-dir", default=None, help="where MaxText logs go (default: a temporary folder)")
-    ap.add_argument("--readme", default=None, help="rewrite this file's bench_maxtext table")
+    ap.add_argument("--xla-env", choices=("same", "own"), default="same",
+                    help="same (default): MaxText gets the XLA_FLAGS / NPROC shardml sets for itself; own: JAX's defaults")
+    ap.add_argument("--allow-jax-mismatch", action="store_true",
+                    help="race interpreters with different JAX versions anyway (marked not comparable)")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds before a run counts as hung and is killed")
+    ap.add_argument("--log-dir", default=None, help="where the runs' logs and outputs go (default: a temporary folder)")
+    ap.add_argument("--readme", default=None, help="rewrite this file's bench_maxtext section (an idle machine only)")
     args = ap.parse_args()
-    assert jax.device_count() == 8, f"expected 8 emulated CPU devices, got {jax.device_count()}"
+    if not 0 < args.short < args.long:
+        raise SystemExit(f"--short {args.short} / --long {args.long}: need 0 < short < long")
     for layout in args.layouts:
         parse_layout(layout)
 
+    log_dir = os.path.abspath(args.log_dir or tempfile.mkdtemp(prefix="bench_maxtext_"))
+    os.makedirs(log_dir, exist_ok=True)
+    defaults_yml = os.path.join(log_dir, "builtin_defaults.yaml")
+    pathlib.Path(defaults_yml).write_text("# shardml's built-in defaults; the race is the command line's overrides\n{}\n")
+
+    variants = [[f"model.remat={r}"] if r else [] for r in (args.remat.split(",") if args.remat else [None])]
+    variants = [v + ([f"model.grad_dtype={g}"] if g else []) for v in variants
+                for g in (args.grad_dtype.split(",") if args.grad_dtype else [None])]
+    bare = child_environment({})
+    info, settings = {}, []
+    for extra in variants:  # each variant's overrides checked by shardml's own config, before anything runs
+        found = probe(args.shardml_python, "shardml", bare, log_dir, shardml_overrides([*args.set, *extra]))
+        info.setdefault("shardml", found)
+        settings.append(found["settings"])
+    info["shardml"]["settings"] = "; ".join(settings)
+    xla = info["shardml"]["xla"]
+    env = child_environment(xla)
+    info["shardml"]["xla_env"] = _xla_text(xla)
+
+    systems = []
+    for extra in variants:
+        name = "shardml" + ("" if len(variants) == 1 else "[" + ",".join(o.split(".", 1)[1] for o in extra) + "]")
+        systems.append(System(
+            name, lambda sizes, steps, out, s=[*args.set, *extra]: shardml_command(
+                args.shardml_python, defaults_yml, sizes, steps, s, out),
+            lambda out, log: shardml_steps(out), env))
     python = maxtext_python(args.maxtext_venv)
     base_yml = maxtext_base_config(args.maxtext_venv) if python else None
+    comparable = True
     if python is None or base_yml is None:
         print(f"MaxText skipped: no MaxText virtual environment at {args.maxtext_venv} "
               "(create one with Python >= 3.12: `python3.12 -m venv DIR && DIR/bin/pip install "
               "\"maxtext[tpu]==0.2.5\"`, then pass --maxtext-venv DIR or set MAXTEXT_VENV=DIR)", file=sys.stderr)
-        python = None
-    import tempfile
+    else:
+        info["maxtext"] = probe(python, "maxtext", bare, log_dir)
+        info["maxtext"]["xla_env"] = _xla_text(xla) if args.xla_env == "same" else ""
+        comparable = info["maxtext"]["jax"] == info["shardml"]["jax"]
+        if not comparable and not args.allow_jax_mismatch:
+            raise SystemExit(f"not comparable: shardml's interpreter ({args.shardml_python}) has JAX "
+                             f"{info['shardml']['jax']}, MaxText's ({python}) JAX {info['maxtext']['jax']}. Pass "
+                             "--shardml-python (or SHARDML_PYTHON) with an interpreter of MaxText's JAX and shardml "
+                             "installed (pip install -e .), or --allow-jax-mismatch to race anyway")
+        systems.append(System(
+            "maxtext", lambda sizes, steps, out: maxtext_command(python, base_yml, sizes, steps, args.maxtext_remat, out),
+            lambda out, log: maxtext_steps(log), env if args.xla_env == "same" else bare))
+    for name, i in info.items():
+        print(f"{name}: Python {i['python']}, JAX {i['jax']}, {i['package']}; XLA settings: "
+              f"{i['xla_env'] or 'JAX defaults'}", file=sys.stderr)
 
-    log_dir = args.log_dir or tempfile.mkdtemp(prefix="bench_maxtext_")
-    os.makedirs(log_dir, exist_ok=True)
-    load_before = _readme.load_average()
-    results = [res for layout in args.layouts for res in race(layout, args, python, base_yml, log_dir)]
-    text = table(results, args, python is not None) + "\n" + _readme.machine_line(load_before)
+    load = OtherLoad()
+    time.sleep(3.0)
+    others_before = load.mark()
+    print(f"1-minute load average {load_before:.2f}; other processes used {others_before:.2f} cores over 3 s",
+          file=sys.stderr, flush=True)
+    measured_from = len(load.intervals)
+    results = {}
+    for layout in args.layouts:
+        results[layout] = race(layout, systems, args, log_dir, load)
+    load.mark()
+    others_during = OtherLoad.mean(load.intervals[measured_from:])
+    others_most = max(max(r["others"]) for res in results.values() for r in res.values())
+    load_after = _readme.load_average()
+    text = table(args.layouts, results, systems, args, info, comparable)
+    text += (f"\nmachine: {os.cpu_count()} CPUs; 1-minute load average {load_before:.2f} before, {load_after:.2f} "
+             f"after (the race's own); other processes: {others_before:.2f} cores before, {others_during:.2f} during "
+             f"(at most {others_most:.2f} over one run)")
     print(text)
-    if python is not None:
-        print(f"MaxText logs: {log_dir}")
+    print(f"logs: {log_dir}")
     if args.readme:
+        reasons = []
+        if not comparable:
+            reasons.append("the two run on different JAX versions")
+        if load_before > IDLE_LOAD:
+            reasons.append(f"the 1-minute load average was {load_before:.2f} before the start (> {IDLE_LOAD})")
+        if not others_before <= IDLE_OTHERS or not others_during <= IDLE_OTHERS:
+            reasons.append(f"other processes used {others_before:.2f} cores before and {others_during:.2f} during "
+                           f"the measurement (> {IDLE_OTHERS})")
+        if reasons:
+            print(f"{args.readme} not written: " + "; ".join(reasons) + ". Rerun on an idle machine.", file=sys.stderr)
+            sys.exit(2)
         _readme.write_section(args.readme, "bench_maxtext", text, _readme.shown_command(
-            "benchmarks/bench_maxtext.py", sys.argv[1:], hidden=("--readme", "--log-dir")))
+            "benchmarks/bench_maxtext.py", sys.argv[1:], hidden=("--readme", "--log-dir", "--shardml-python", "--maxtext-venv")))
 
 
 if __name__ == "__main__":
