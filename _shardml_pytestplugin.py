@@ -42,10 +42,12 @@ DEFAULT_CPU_DEVICES = 8
 MARKER = "shardml"
 FIXTURES = ("shardml_devices", "shardml_mesh", "shardml_make_mesh")
 XLA_DEVICE_FLAG = "xla_force_host_platform_device_count"
-# Also in shardml.core.devices (CPU_COLLECTIVE_FLAG, THREADS_PER_DEVICE), which cannot be imported
-# here without importing JAX: see that module for why emulated devices need them.
+# Also in shardml.core.devices (CPU_COLLECTIVE_FLAG, THREADS_PER_DEVICE, WORKAROUND_BEFORE_JAXLIB),
+# which cannot be imported here without importing JAX: see that module for why emulated devices
+# need them, and on which jaxlib.
 CPU_COLLECTIVE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 THREADS_PER_DEVICE = 2
+WORKAROUND_BEFORE_JAXLIB = (0, 12)
 
 _STATE = pytest.StashKey[dict]()
 
@@ -115,11 +117,24 @@ def choose_devices(explicit: tuple[int | None, str], environ) -> tuple[int, str]
     return asked[0] if asked else (DEFAULT_CPU_DEVICES, "the plugin's default")
 
 
+def _workaround_needed() -> bool:
+    """shardml.core.devices.collective_workaround_needed, without importing JAX."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    return tuple(int(n) for n in re.findall(r"\d+", version)[:2]) < WORKAROUND_BEFORE_JAXLIB
+
+
 def _prepare_environment(count: int, source: str, environ) -> None:
     """What JAX reads when it is imported and when its backend starts (nothing is imported here)."""
     environ.setdefault("JAX_PLATFORMS", "cpu")
     if not source.startswith("XLA_FLAGS"):
         environ["JAX_NUM_CPU_DEVICES"] = str(count)
+    if not _workaround_needed():
+        return
     flags = environ.get("XLA_FLAGS", "")
     if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
         environ["XLA_FLAGS"] = f"{flags} {CPU_COLLECTIVE_FLAG}".strip()

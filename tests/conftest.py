@@ -26,7 +26,8 @@ import jax  # noqa: E402
 
 from shardml.core.devices import emulate_cpu_devices  # noqa: E402
 
-# Also sets XLA_FLAGS and NPROC against an XLA:CPU collective deadlock; `shardml` subprocesses inherit them.
+# Below jaxlib 0.12 also sets XLA_FLAGS and NPROC against an XLA:CPU collective deadlock; `shardml`
+# subprocesses inherit them.
 emulate_cpu_devices(8)
 
 import numpy as np  # noqa: E402

@@ -8,8 +8,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import trainer_for
-from shardml.core.devices import CPU_COLLECTIVE_FLAG, avoid_cpu_collective_deadlock, emulate_cpu_devices, \
-    requested_cpu_devices
+from shardml.core import devices
+from shardml.core.devices import CPU_COLLECTIVE_FLAG, avoid_cpu_collective_deadlock, collective_workaround_needed, \
+    emulate_cpu_devices, requested_cpu_devices
 from shardml.core.errors import ConfigError
 from shardml.core.mesh import layout_name, make_mesh
 from shardml.core.sharding import Rules
@@ -42,7 +43,21 @@ def test_every_way_of_asking_for_devices_is_read_and_conflicts_named(monkeypatch
     assert requested_cpu_devices() == (None, "")
 
 
+def test_deadlock_guard_only_below_jaxlib_0_12():
+    assert collective_workaround_needed("0.10.2") and collective_workaround_needed("0.11.9")
+    assert not collective_workaround_needed("0.12.0.1") and not collective_workaround_needed("1.0.0")
+
+
+def test_deadlock_guard_sets_nothing_where_not_needed(monkeypatch):
+    monkeypatch.setattr(devices, "collective_workaround_needed", lambda: False)
+    monkeypatch.delenv("NPROC", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    avoid_cpu_collective_deadlock(8)
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x" and "NPROC" not in os.environ
+
+
 def test_deadlock_guard_sets_flag_and_pool_but_keeps_user_settings(monkeypatch):
+    monkeypatch.setattr(devices, "collective_workaround_needed", lambda: True)
     monkeypatch.delenv("NPROC", raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     avoid_cpu_collective_deadlock(8)

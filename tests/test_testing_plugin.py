@@ -178,7 +178,7 @@ def test_nothing_imported_or_set(request):
     assert "shardml:" not in result.stdout.str()
 
 
-def test_device_count_from_the_suite_or_the_environment_and_conflicts_named():
+def test_device_count_from_the_suite_or_the_environment_and_conflicts_named(monkeypatch):
     ini = (4, "shardml_cpu_devices (pytest ini)")
     xla = {"XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"}
     assert plugin.choose_devices((None, ""), {}) == (8, "the plugin's default")
@@ -191,7 +191,15 @@ def test_device_count_from_the_suite_or_the_environment_and_conflicts_named():
     with pytest.raises(pytest.UsageError, match="JAX_NUM_CPU_DEVICES asks for 2 .* XLA_FLAGS .* asks for 4"):
         plugin.choose_devices((None, ""), {"JAX_NUM_CPU_DEVICES": "2", **xla})
 
+    from shardml.core.devices import collective_workaround_needed
+
+    assert plugin._workaround_needed() == collective_workaround_needed(), "the plugin's copy of the jaxlib gate differs"
     env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    monkeypatch.setattr(plugin, "_workaround_needed", lambda: False)  # jaxlib >= 0.12
+    plugin._prepare_environment(4, "shardml_cpu_devices (pytest ini)", env)
+    assert env == {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}, env
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    monkeypatch.setattr(plugin, "_workaround_needed", lambda: True)
     plugin._prepare_environment(4, "shardml_cpu_devices (pytest ini)", env)
     assert env == {"XLA_FLAGS": f"--xla_dump_to=/tmp/x {plugin.CPU_COLLECTIVE_FLAG}", "JAX_PLATFORMS": "cpu",
                    "JAX_NUM_CPU_DEVICES": "4", "NPROC": env["NPROC"]} and int(env["NPROC"]) >= 8, env

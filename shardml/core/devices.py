@@ -13,6 +13,7 @@ naming both:
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -36,8 +37,15 @@ XLA_DEVICE_FLAG = "xla_force_host_platform_device_count"
 #   2 threads per device (NPROC, read when the backend starts) it finished in 2 of 2. bench_mfu's
 #   100m config on data=2 x fsdp=2 x tensor=2 likewise aborted in 3 of 4 runs with 8 threads, 0 of 2
 #   with 16. Step time at fsdp=8 measured the same with 16 threads as with 8 (32: ~6 % slower).
+# jaxlib 0.12 no longer needs either (2026-11-29, 8 devices on 2 cores): the four-variant process
+# that aborted 2 of 2 times on 0.10.2 with the flag and 8 threads finished 2 of 2 times on 0.12 so,
+# and 2 of 2 with JAX's defaults alone (NPROC unset, scheduler on), as did the circular pipeline x
+# fsdp run; the whole default and slow test suites passed on 0.12 without the workaround. There it
+# would only cost time (the race decoder at fsdp=8: 1,405 ms/step with it, 1,381 ms without), so it
+# applies below WORKAROUND_BEFORE_JAXLIB only.
 CPU_COLLECTIVE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 THREADS_PER_DEVICE = 2
+WORKAROUND_BEFORE_JAXLIB = (0, 12)
 DEFAULT_CPU_DEVICES = 8
 
 
@@ -128,11 +136,30 @@ def cpu_only() -> bool:
     return not accelerator_plugin_installed() and platforms in ("", "cpu")
 
 
+def collective_workaround_needed(jaxlib_version: str | None = None) -> bool:
+    """Whether this jaxlib's XLA:CPU needs :func:`avoid_cpu_collective_deadlock` (older than
+    ``WORKAROUND_BEFORE_JAXLIB``; also when jaxlib's version cannot be read). Reads the installed
+    version without importing JAX.
+
+        collective_workaround_needed("0.10.2")   # True
+    """
+    if jaxlib_version is None:
+        try:
+            jaxlib_version = importlib.metadata.version("jaxlib")
+        except importlib.metadata.PackageNotFoundError:
+            return True
+    numbers = tuple(int(n) for n in re.findall(r"\d+", jaxlib_version)[:2])
+    return numbers < WORKAROUND_BEFORE_JAXLIB
+
+
 def avoid_cpu_collective_deadlock(devices: int | None = None) -> None:
     """Adds ``CPU_COLLECTIVE_FLAG`` to ``XLA_FLAGS`` and, for ``devices`` emulated devices, sizes
     XLA:CPU's thread pool to ``THREADS_PER_DEVICE`` threads per device (``NPROC``), leaving any
-    setting the user made alone. XLA reads both when JAX starts its backend, so call this before.
+    setting the user made alone; only where :func:`collective_workaround_needed`. XLA reads both
+    when JAX starts its backend, so call this before.
     """
+    if not collective_workaround_needed():
+        return
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {CPU_COLLECTIVE_FLAG}".strip()
