@@ -61,12 +61,13 @@ def test_fsdp_gathers_each_weight_for_forward_and_backward(fsdp_tensor):
 
 @pytest.mark.slow
 def test_bf16_step_reduces_gradients_in_f32_and_activations_twice_per_layer_each_way():
-    """bf16 compute on fsdp=2 x tensor=2: weight gradients are f32 products before the FSDP reduction
+    """bf16 compute on fsdp=2 x tensor=2 with model.grad_dtype=float32: weight gradients are f32 products before the FSDP reduction
     (not bf16 partial sums widened by XLA:CPU, which would read f32 in the collective's own dtype:
     the audit's source dtype says what the program reduced), and the layer loops all-reduce 4
     activations over `tensor` per layer (Megatron: 2 forward, 2 backward, with q/k/v and gate/up
     each one product)."""
-    parts, step, _ = _step("mesh.fsdp=2,mesh.tensor=2,model.dtype=bfloat16,model.remat=dots", devices=4)
+    parts, step, _ = _step("mesh.fsdp=2,mesh.tensor=2,model.dtype=bfloat16,model.remat=dots,model.grad_dtype=float32",
+                           devices=4)
     assert parts.sizes["data"] == 1 and parts.cfg.model.dtype == "bfloat16", parts.sizes
     report = collectives(step.compiled.as_text(), step.mesh)
     fsdp = [c for c in report.select("all-reduce", axis="fsdp") if c.bytes > 64]

@@ -19,21 +19,23 @@ def test_transformer_is_causal(tiny_model):
 
 
 @pytest.mark.slow
-def test_remat_policies_give_same_loss_and_grads():
+def test_remat_policies_and_unrolled_layers_give_same_loss_and_grads():
     batch = jax.tree.map(jnp.asarray, lm_batch(4))
+    variants = [("none", True), ("full", True), ("dots", True), ("none", False), ("dots", False)]
     results = []
-    for remat in ("none", "full", "dots"):
-        model = tiny_transformer(remat=remat)
+    for remat, scan in variants:
+        model = tiny_transformer(remat=remat, scan_layers=scan)
         params = model.init(jax.random.key(0))
         results.append(jax.value_and_grad(lambda p: token_cross_entropy(model(p, batch["inputs"]), batch)["loss"])(params))
-    for remat, (loss, grads) in zip(("full", "dots"), results[1:]):
-        np.testing.assert_allclose(loss, results[0][0], rtol=1e-6, err_msg=f"remat={remat} loss differs")
-        assert max_rel_diff(grads, results[0][1]) < 1e-5, f"remat={remat} grads differ"
+    for (remat, scan), (loss, grads) in zip(variants[1:], results[1:]):
+        np.testing.assert_allclose(loss, results[0][0], rtol=1e-6, err_msg=f"remat={remat} scan={scan}: loss differs")
+        assert max_rel_diff(grads, results[0][1]) < 1e-5, f"remat={remat} scan={scan}: grads differ"
 
 
 def test_weight_gradient_products_in_f32_or_in_the_compute_dtype():
-    """`project`'s weight gradient: grad_dtype=float32 is the f32-accumulated product of the bf16
-    operands; grad_dtype=compute equals autodiff of a plain cast (the bf16 product, widened)."""
+    """`project`'s weight gradient: grad_dtype=compute (the default) equals autodiff of a plain cast
+    (the bf16 product, widened); grad_dtype=float32 is the f32-accumulated product of the bf16
+    operands."""
     from shardml.models.transformer import project
 
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
@@ -44,8 +46,8 @@ def test_weight_gradient_products_in_f32_or_in_the_compute_dtype():
     def grads(f):
         return jax.grad(lambda w: jnp.sum(f(w).astype(jnp.float32) * g))(w)
 
-    f32 = grads(lambda w: project("bd,df->bf", x, w))
-    compute = grads(lambda w: project("bd,df->bf", x, w, grad_dtype="compute"))
+    f32 = grads(lambda w: project("bd,df->bf", x, w, grad_dtype="float32"))
+    compute = grads(lambda w: project("bd,df->bf", x, w))  # the default
     plain = grads(lambda w: jnp.einsum("bd,df->bf", x, w.astype(jnp.bfloat16)))
     exact = jnp.einsum("bd,bf->df", x.astype(jnp.float32), g.astype(jnp.bfloat16).astype(jnp.float32))
     assert f32.dtype == compute.dtype == jnp.float32

@@ -31,10 +31,13 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-# Weight-gradient products of bf16/f16 compute: "float32" accumulates and returns them in f32, so
-# the FSDP and data reductions sum f32 values; "compute" returns them in the compute dtype (what
-# autodiff of a plain cast gives), cheaper where f32-output products are slow (XLA:CPU).
-GRAD_DTYPES = ("float32", "compute")
+# Weight-gradient products of bf16/f16 compute: "compute" (the default) returns them in the compute
+# dtype, as autodiff of a plain cast does (plain Flax, MaxText); "float32" accumulates and returns
+# them in f32. On XLA:CPU the partial sums are reduced across devices in f32 either way (the
+# compiled steps' gradient all-reduces are f32 with "compute" too, JAX 0.10.2 and 0.12), so there
+# "float32" only spares each device's own product one rounding, and an f32-output product of bf16
+# operands costs 5-11 % of the step (benchmarks/README.md, bench_step.py).
+GRAD_DTYPES = ("compute", "float32")
 COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
 
 
@@ -50,7 +53,9 @@ class TransformerConfig:
     d_ff: int = setting(256, minimum=1)
     dtype: str = setting("bfloat16", choices=COMPUTE_DTYPES)
     remat: str = setting("dots", choices=REMAT_POLICIES)
-    grad_dtype: str = setting("float32", choices=GRAD_DTYPES)
+    scan_layers: bool = setting(True, choices=(True, False),
+                                hint="false unrolls the layers (faster small models on XLA:CPU; see run_layers)")
+    grad_dtype: str = setting("compute", choices=GRAD_DTYPES)
     rope_base: float = setting(10000.0, above=0.0)
 
 
@@ -93,16 +98,15 @@ def transformer_specs(cfg: TransformerConfig) -> dict:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
-def project(spec: str, x, w, out_dtype=None, x_grad: bool = True, grad_dtype: str = "float32"):
-    """``einsum(spec, x, w)`` in x's (compute) dtype, with the weight gradient summed in f32 (by default).
+def project(spec: str, x, w, out_dtype=None, x_grad: bool = True, grad_dtype: str = "compute"):
+    """``einsum(spec, x, w)`` in x's (compute) dtype, weights f32 and cast here.
 
-    Weights stay f32 and are cast here. With a plain cast the weight gradient would be a bf16
-    product, and the partitioner reduces its partial sums over the batch-sharded axes (the FSDP
-    reduction) before the cast back to f32; here that product is f32 from the start. ``out_dtype``
-    (e.g. f32 logits) is the product's accumulation and result type. ``x_grad=False`` skips the
+    The gradient is what autodiff of the plain cast gives, except for two choices: ``out_dtype``
+    (e.g. f32 logits) is the product's accumulation and result type, and ``x_grad=False`` skips the
     input gradient, for inputs that are constants (the embedding's one-hot tokens).
-    ``grad_dtype="compute"`` (``TransformerConfig.grad_dtype``) makes the weight-gradient product return
-    x's dtype instead, widened to f32 after the reduction, as a plain cast's autodiff does.
+    ``grad_dtype="float32"`` (``TransformerConfig.grad_dtype``) makes the weight-gradient product
+    accumulate and return f32 instead of x's dtype, so each device's partial sum is not rounded
+    before the partitioner reduces it over the batch-sharded axes.
 
         y_BSF = project("bsd,df->bsf", x_BSD, w_DF)
     """
@@ -214,7 +218,12 @@ def run_layers(layers, x_BSD, cfg: TransformerConfig):
 
     if cfg.remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
-    x_BSD, _ = jax.lax.scan(block, x_BSD.astype(dtype), layers)
+    # scan_layers=False unrolls the loop: XLA:CPU then stacks no per-layer residuals and slices no
+    # stacked weights, and with remat=none a small model's step is 10-28 % faster (benchmarks/README.md,
+    # "Train step vs plain JAX"). Not the default: compile time grows with depth, and XLA then keeps
+    # each FSDP-gathered weight from the forward for the backward instead of gathering it again, so
+    # the whole model's weights can be resident at once, which FSDP is there to avoid.
+    x_BSD, _ = jax.lax.scan(block, x_BSD.astype(dtype), layers, unroll=not cfg.scan_layers)
     return x_BSD
 
 
