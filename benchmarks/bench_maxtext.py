@@ -172,7 +172,7 @@ if sys.argv[1] == "shardml":
     cfg = load_config(None, sys.argv[2:])  # the race's overrides: a typo or a bad value fails here, before any run
     check_settings(cfg)
     model = cfg.model
-    out["settings"] = f"remat={model.remat}, grad_dtype={model.grad_dtype}"
+    out["settings"] = f"remat={model.remat}, scan_layers={model.scan_layers}, grad_dtype={model.grad_dtype}"
     before = {k: os.environ.get(k) for k in ("XLA_FLAGS", "NPROC")}
     avoid_cpu_collective_deadlock(int(os.environ["JAX_NUM_CPU_DEVICES"]))
     out["xla"] = {k: os.environ[k] for k in before if os.environ.get(k) != before[k]}
@@ -431,6 +431,8 @@ def main():
     for layout in args.layouts:
         parse_layout(layout)
 
+    if os.sep in args.shardml_python:  # the children run in log_dir: a relative path means from here
+        args.shardml_python = os.path.abspath(args.shardml_python)
     log_dir = os.path.abspath(args.log_dir or tempfile.mkdtemp(prefix="bench_maxtext_"))
     os.makedirs(log_dir, exist_ok=True)
     defaults_yml = os.path.join(log_dir, "builtin_defaults.yaml")

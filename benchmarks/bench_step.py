@@ -15,6 +15,7 @@ import shardml
 shardml.emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
+import importlib.metadata
 import math
 import statistics
 import sys
@@ -29,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from shardml import ConfigError, TextBatches, load_config, load_tokens
-from shardml.models.transformer import GRAD_DTYPES, REMAT_POLICIES
+from shardml.models.transformer import GRAD_DTYPES, REMAT_POLICIES, TransformerConfig
 from shardml.run.planning import layout_config
 from shardml.run.recipe import build
 
@@ -125,7 +126,8 @@ def shardml_config(args, grad_dtype: str):
     base = load_config(None, [
         f"model.vocab={VOCAB}", f"model.layers={args.layers}", f"model.d_model={args.d_model}",
         f"model.heads={args.heads}", f"model.d_ff={args.d_ff}", f"model.dtype={args.dtype}",
-        f"model.remat={args.remat}", f"model.grad_dtype={grad_dtype}", f"data.seq_len={args.seq_len}",
+        f"model.remat={args.remat}", f"model.scan_layers={args.scan_layers}", f"model.grad_dtype={grad_dtype}",
+        f"data.seq_len={args.seq_len}",
         f"train.batch_size={args.batch_size}", f"train.steps={args.total_steps}", "train.microbatches=1"])
     return layout_config(base, ",".join(f"mesh.{part.strip()}" for part in args.layout.split(",")))
 
@@ -143,11 +145,14 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layout", default="data=8", help="shardml mesh, e.g. data=2,fsdp=2,tensor=2")
-    ap.add_argument("--remat", default="dots", choices=tuple(REMAT_POLICIES),
-                    help="shardml model.remat (default: shardml's default, dots)")
-    ap.add_argument("--grad-dtype", default="float32", type=_readme.comma_list(GRAD_DTYPES),
-                    help="shardml model.grad_dtype (compute: weight-gradient products in bf16, as the "
-                         "baseline); a comma list (float32,compute) times each in the same rounds")
+    ap.add_argument("--remat", default=TransformerConfig().remat, choices=tuple(REMAT_POLICIES),
+                    help=f"shardml model.remat (default: shardml's, {TransformerConfig().remat})")
+    ap.add_argument("--scan-layers", default=str(TransformerConfig().scan_layers).lower(), choices=("true", "false"),
+                    help="shardml model.scan_layers (false: the layers unrolled)")
+    default_grad = TransformerConfig().grad_dtype
+    ap.add_argument("--grad-dtype", default=[default_grad], type=_readme.comma_list(GRAD_DTYPES),
+                    help=f"shardml model.grad_dtype (default: shardml's, {default_grad}: weight-gradient products in "
+                         "bf16, as the baseline); a comma list (compute,float32) times each in the same rounds")
     ap.add_argument("--readme", default=None, help="also write the printed report as this file's bench_step section")
     args = ap.parse_args()
     args.total_steps = 1 + args.warmup + args.rounds * args.steps  # schedule length, same for both
@@ -209,8 +214,8 @@ def main():
     print(f"model: layers={args.layers} d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} "
           f"seq={args.seq_len} batch={args.batch_size} dtype={args.dtype}; "
           f"{args.rounds} rounds x {args.steps} steps, 8 cpu devices, ln(256)={math.log(VOCAB):.3f}")
-    layouts = {shardml_names[g]: args.layout + (f" remat={args.remat}" if args.remat != "none" else "")
-               + (f" grad={g}" if g != "float32" else "") for g in args.grad_dtype}
+    layouts = {shardml_names[g]: f"{args.layout} remat={args.remat}"
+               + ("" if args.scan_layers == "true" else " unrolled") + f" grad={g}" for g in args.grad_dtype}
     layouts["baseline"] = "data=8 (params replicated)"
     print(f"{'':16} {'layout':32} {'first loss':>10} {'compile+1 s':>11} {'ms/step':>9} {'tokens/s':>10}")
     for name in runners:
@@ -223,6 +228,8 @@ def main():
 
 
 if __name__ == "__main__":
-    with _readme.printed_section(_readme.option(sys.argv, "--readme"), "bench_step", "benchmarks/bench_step.py",
-                                 sys.argv[1:]):
+    # One README section per JAX minor version: the figures differ between them (benchmarks/README.md).
+    jax_minor = ".".join(importlib.metadata.version("jax").split(".")[:2])
+    with _readme.printed_section(_readme.option(sys.argv, "--readme"), f"bench_step-jax{jax_minor}",
+                                 "benchmarks/bench_step.py", sys.argv[1:]):
         main()
