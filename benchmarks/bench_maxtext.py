@@ -415,6 +415,9 @@ def main():
                     help="shardml model.grad_dtype (default: shardml's own); a comma list races each")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="another shardml override for every shardml run (repeatable)")
+    ap.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="race shardml a second time with these overrides too, beside its defaults (repeatable), "
+                         "e.g. --also model.remat=none,model.scan_layers=false")
     ap.add_argument("--maxtext-remat", default="full", help="MaxText remat_policy (its default: full)")
     ap.add_argument("--maxtext-venv", default=os.environ.get("MAXTEXT_VENV", str(REPO.parent / "maxtext-venv")),
                     help="MaxText's virtual environment (env MAXTEXT_VENV; default: ../maxtext-venv)")
@@ -441,6 +444,7 @@ def main():
     variants = [[f"model.remat={r}"] if r else [] for r in (args.remat.split(",") if args.remat else [None])]
     variants = [v + ([f"model.grad_dtype={g}"] if g else []) for v in variants
                 for g in (args.grad_dtype.split(",") if args.grad_dtype else [None])]
+    variants += [extra.split(",") for extra in args.also]
     bare = child_environment({})
     info, settings = {}, []
     for extra in variants:  # each variant's overrides checked by shardml's own config, before anything runs
@@ -454,7 +458,8 @@ def main():
 
     systems = []
     for extra in variants:
-        name = "shardml" + ("" if len(variants) == 1 else "[" + ",".join(o.split(".", 1)[1] for o in extra) + "]")
+        name = "shardml" + ("" if len(variants) == 1 else
+                            "[" + (",".join(o.split(".", 1)[1] for o in extra) or "defaults") + "]")
         systems.append(System(
             name, lambda sizes, steps, out, s=[*args.set, *extra]: shardml_command(
                 args.shardml_python, defaults_yml, sizes, steps, s, out),
