@@ -171,11 +171,13 @@ if sys.argv[1] == "shardml":
     from shardml.run.config import load_config
     cfg = load_config(None, sys.argv[2:])  # the race's overrides: a typo or a bad value fails here, before any run
     check_settings(cfg)
-    model = cfg.model
-    out["settings"] = f"remat={model.remat}, scan_layers={model.scan_layers}, grad_dtype={model.grad_dtype}"
     before = {k: os.environ.get(k) for k in ("XLA_FLAGS", "NPROC")}
     avoid_cpu_collective_deadlock(int(os.environ["JAX_NUM_CPU_DEVICES"]))
     out["xla"] = {k: os.environ[k] for k in before if os.environ.get(k) != before[k]}
+    from shardml.run.recipe import build
+    model = build(cfg).cfg.model  # "auto" settings as the run resolves them on these devices
+    out["settings"] = (f"remat={model.remat}, layer_loop={model.layer_loop} (given: {cfg.model.remat}, "
+                       f"{cfg.model.layer_loop}), grad_dtype={model.grad_dtype}")
     out["package"] = os.path.dirname(shardml.__file__)
 else:
     import importlib.metadata, maxtext.trainers.pre_train.train
@@ -417,7 +419,7 @@ def main():
                     help="another shardml override for every shardml run (repeatable)")
     ap.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="race shardml a second time with these overrides too, beside its defaults (repeatable), "
-                         "e.g. --also model.remat=none,model.scan_layers=false")
+                         "e.g. --also model.remat=dots,model.layer_loop=scan")
     ap.add_argument("--maxtext-remat", default="full", help="MaxText remat_policy (its default: full)")
     ap.add_argument("--maxtext-venv", default=os.environ.get("MAXTEXT_VENV", str(REPO.parent / "maxtext-venv")),
                     help="MaxText's virtual environment (env MAXTEXT_VENV; default: ../maxtext-venv)")

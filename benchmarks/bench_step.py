@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from shardml import ConfigError, TextBatches, load_config, load_tokens
-from shardml.models.transformer import GRAD_DTYPES, REMAT_POLICIES, TransformerConfig
+from shardml.models.transformer import AUTO, GRAD_DTYPES, LAYER_LOOPS, REMAT_POLICIES, TransformerConfig
 from shardml.run.planning import layout_config
 from shardml.run.recipe import build
 
@@ -126,7 +126,7 @@ def shardml_config(args, grad_dtype: str):
     base = load_config(None, [
         f"model.vocab={VOCAB}", f"model.layers={args.layers}", f"model.d_model={args.d_model}",
         f"model.heads={args.heads}", f"model.d_ff={args.d_ff}", f"model.dtype={args.dtype}",
-        f"model.remat={args.remat}", f"model.scan_layers={args.scan_layers}", f"model.grad_dtype={grad_dtype}",
+        f"model.remat={args.remat}", f"model.layer_loop={args.layer_loop}", f"model.grad_dtype={grad_dtype}",
         f"data.seq_len={args.seq_len}",
         f"train.batch_size={args.batch_size}", f"train.steps={args.total_steps}", "train.microbatches=1"])
     return layout_config(base, ",".join(f"mesh.{part.strip()}" for part in args.layout.split(",")))
@@ -145,10 +145,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layout", default="data=8", help="shardml mesh, e.g. data=2,fsdp=2,tensor=2")
-    ap.add_argument("--remat", default=TransformerConfig().remat, choices=tuple(REMAT_POLICIES),
+    ap.add_argument("--remat", default=TransformerConfig().remat, choices=(AUTO, *REMAT_POLICIES),
                     help=f"shardml model.remat (default: shardml's, {TransformerConfig().remat})")
-    ap.add_argument("--scan-layers", default=str(TransformerConfig().scan_layers).lower(), choices=("true", "false"),
-                    help="shardml model.scan_layers (false: the layers unrolled)")
+    ap.add_argument("--layer-loop", default=TransformerConfig().layer_loop, choices=(AUTO, *LAYER_LOOPS),
+                    help=f"shardml model.layer_loop (default: shardml's, {TransformerConfig().layer_loop})")
     default_grad = TransformerConfig().grad_dtype
     ap.add_argument("--grad-dtype", default=[default_grad], type=_readme.comma_list(GRAD_DTYPES),
                     help=f"shardml model.grad_dtype (default: shardml's, {default_grad}: weight-gradient products in "
@@ -214,8 +214,9 @@ def main():
     print(f"model: layers={args.layers} d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} "
           f"seq={args.seq_len} batch={args.batch_size} dtype={args.dtype}; "
           f"{args.rounds} rounds x {args.steps} steps, 8 cpu devices, ln(256)={math.log(VOCAB):.3f}")
-    layouts = {shardml_names[g]: f"{args.layout} remat={args.remat}"
-               + ("" if args.scan_layers == "true" else " unrolled") + f" grad={g}" for g in args.grad_dtype}
+    resolved = {g: built[g].cfg.model for g in args.grad_dtype}  # "auto" as build() chose it here
+    layouts = {shardml_names[g]: f"{args.layout} remat={resolved[g].remat} {resolved[g].layer_loop} grad={g}"
+               for g in args.grad_dtype}
     layouts["baseline"] = "data=8 (params replicated)"
     print(f"{'':16} {'layout':32} {'first loss':>10} {'compile+1 s':>11} {'ms/step':>9} {'tokens/s':>10}")
     for name in runners:

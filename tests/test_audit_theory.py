@@ -20,7 +20,7 @@ def _step(layout: str, devices: int = 8):
 
 
 def test_theory_counts_every_parameter():
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", ["model.remat=dots", "model.layer_loop=scan"])  # the theory reads resolved choices
     replicated = layout_theory(cfg, {"members": 1, "pipeline": 1, "data": 8, "fsdp": 1, "tensor": 1})
     expected = 4 * transformer(cfg.model, cfg.data.seq_len).num_params
     assert replicated.params_bytes == expected, f"theory {replicated.params_bytes} B vs model {expected} B (f32)"
@@ -60,12 +60,12 @@ def test_fsdp_gathers_each_weight_for_forward_and_backward(fsdp_tensor):
 
 
 @pytest.mark.slow
-def test_bf16_step_reduces_gradients_in_f32_and_activations_twice_per_layer_each_way():
+def test_bf16_step_reduces_gradients_in_f32_and_activations_per_product():
     """bf16 compute on fsdp=2 x tensor=2 with model.grad_dtype=float32: weight gradients are f32 products before the FSDP reduction
     (not bf16 partial sums widened by XLA:CPU, which would read f32 in the collective's own dtype:
-    the audit's source dtype says what the program reduced), and the layer loops all-reduce 4
-    activations over `tensor` per layer (Megatron: 2 forward, 2 backward, with q/k/v and gate/up
-    each one product)."""
+    the audit's source dtype says what the program reduced), and the layer loops all-reduce 7
+    activations over `tensor` per layer (Megatron: 2 forward; 5 backward, the input gradients of
+    q, k, v, gate and up, each its own product)."""
     parts, step, _ = _step("mesh.fsdp=2,mesh.tensor=2,model.dtype=bfloat16,model.remat=dots,model.grad_dtype=float32",
                            devices=4)
     assert parts.sizes["data"] == 1 and parts.cfg.model.dtype == "bfloat16", parts.sizes
@@ -76,7 +76,18 @@ def test_bf16_step_reduces_gradients_in_f32_and_activations_twice_per_layer_each
     assert not not_f32, f"fsdp gradient reductions of values the program held in bf16: {not_f32}\n{report.table()}"
     per_layer = sum(len(c.arrays) * c.trips for c in report.select("all-reduce", in_loop=True)
                     if c.axes(step.mesh) == ("tensor",)) / parts.cfg.model.layers
-    assert per_layer == 4, f"{per_layer} activation all-reduces over tensor per layer, Megatron needs 4"
+    assert per_layer == 7, f"{per_layer} activation all-reduces over tensor per layer, expected 2 + 5"
     # The activations themselves stay bf16 in the program (XLA:CPU only widens the wire).
     acts = [c for c in report.select("all-reduce", in_loop=True) if c.axes(step.mesh) == ("tensor",)]
     assert all(set(c.source_dtypes) == {"bf16"} for c in acts), [(c.name, c.source_dtypes) for c in acts]
+
+
+def test_unrolled_without_remat_gathers_no_more_than_the_scanned_theory(fsdp_tensor):
+    """The tiny preset's own choice on 8 devices (remat=none, layers unrolled): XLA may keep the
+    forward's gathered FSDP weights for the backward, so it gathers at most what the scanned theory
+    says, and at least each weight once."""
+    parts, step = compiled_layout(LAYOUTS["fsdp=2,tensor=4"], 8, scanned=False)
+    assert (parts.cfg.model.remat, parts.cfg.model.layer_loop) == ("none", "unroll"), parts.cfg.model
+    sent = sum(r.sent_bytes for r in plan_of(step).comm if r.kind == "all-gather" and r.axes == ("fsdp",))
+    twice = fsdp_tensor[2].comm_bytes("all-gather", ("fsdp",))
+    assert twice / 2 <= sent <= twice * 1.1, f"unrolled sends {sent} B per device; scanned theory {twice:.0f} B"

@@ -49,7 +49,7 @@ def test_yaml_that_does_not_parse_names_the_file_and_line(tmp_path):
     (["mesh.data=0"], r"mesh.data=0 must be a positive size"),
     (["model.layers=0"], r"model.layers=0 must be >= 1"),
     (["model.grad_dtype=bf16"], r"model.grad_dtype='bf16' is not one of compute, float32"),
-    (["model.remat=some"], r"model.remat='some' is not one of none, full, dots"),
+    (["model.remat=some"], r"model.remat='some' is not one of auto, none, full, dots"),
     (["train.batch_size=-4"], r"train.batch_size=-4 must be >= 1"),
     (["optim.lr=-1"], r"optim.lr=-1.0 must be > 0.0; the peak learning rate is a positive number"),
     (["optim.b2=1.5"], r"optim.b2=1.5 must be < 1.0"),

@@ -1,5 +1,7 @@
 """Reference models: causality, remat and GQA equivalence, weight-gradient products, the MLP classifier."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from conftest import lm_batch, max_rel_diff, tiny_transformer, trainer_for
 from shardml.core.losses import token_cross_entropy
+from shardml.run.config import load_config
 
 
 def test_transformer_is_causal(tiny_model):
@@ -21,15 +24,16 @@ def test_transformer_is_causal(tiny_model):
 @pytest.mark.slow
 def test_remat_policies_and_unrolled_layers_give_same_loss_and_grads():
     batch = jax.tree.map(jnp.asarray, lm_batch(4))
-    variants = [("none", True), ("full", True), ("dots", True), ("none", False), ("dots", False)]
+    variants = [("none", "scan"), ("full", "scan"), ("dots", "scan"), ("none", "unroll"), ("dots", "unroll"),
+                ("auto", "auto")]
     results = []
-    for remat, scan in variants:
-        model = tiny_transformer(remat=remat, scan_layers=scan)
+    for remat, loop in variants:
+        model = tiny_transformer(remat=remat, layer_loop=loop)
         params = model.init(jax.random.key(0))
         results.append(jax.value_and_grad(lambda p: token_cross_entropy(model(p, batch["inputs"]), batch)["loss"])(params))
-    for (remat, scan), (loss, grads) in zip(variants[1:], results[1:]):
-        np.testing.assert_allclose(loss, results[0][0], rtol=1e-6, err_msg=f"remat={remat} scan={scan}: loss differs")
-        assert max_rel_diff(grads, results[0][1]) < 1e-5, f"remat={remat} scan={scan}: grads differ"
+    for (remat, loop), (loss, grads) in zip(variants[1:], results[1:]):
+        np.testing.assert_allclose(loss, results[0][0], rtol=1e-6, err_msg=f"remat={remat} {loop}: loss differs")
+        assert max_rel_diff(grads, results[0][1]) < 1e-5, f"remat={remat} {loop}: grads differ"
 
 
 def test_weight_gradient_products_in_f32_or_in_the_compute_dtype():
@@ -109,3 +113,24 @@ def test_parameters_drawn_in_fewer_dimensions_keep_their_numbers_and_their_shard
         assert draw_shape(*wq) == (2, 32, 32) and draw_shape(*wo) == (2, 32, 32)
     with jax.set_mesh(make_mesh({"data": 8})), use_rules(Rules.default()):
         assert draw_shape(*wq) == (2048,)
+
+
+def test_auto_execution_unrolls_without_remat_only_where_it_fits():
+    from shardml.models.transformer import no_remat_bytes, resolve_execution, unrolled_fits
+    from shardml.run.recipe import build
+
+    parts = build(load_config("tiny"))  # a few MB on a host of GBs
+    assert (parts.cfg.model.remat, parts.cfg.model.layer_loop) == ("none", "unroll"), parts.cfg.model
+    m, sizes = parts.cfg.model, parts.sizes
+    need = no_remat_bytes(m, 32, rows=2, tensor=1)
+    assert need > 4 * m.layers * 32 * 2 * m.d_model, need  # at least the block inputs and norms
+    assert unrolled_fits(m, 32, 2, sizes, device_bytes=10 * need)
+    assert not unrolled_fits(m, 32, 2, sizes, device_bytes=need)  # over half of the device
+    assert not unrolled_fits(m, 32, 2, {**sizes, "pipeline": 2}, device_bytes=10 * need)
+    assert not unrolled_fits(dataclasses.replace(m, layers=17), 32, 2, sizes, device_bytes=10 ** 12)
+    auto = load_config("tiny").model
+    assert (resolve_execution(auto, fits=False).remat, resolve_execution(auto, fits=False).layer_loop) == ("dots", "scan")
+    full = resolve_execution(dataclasses.replace(auto, remat="full"), fits=True)
+    assert (full.remat, full.layer_loop) == ("full", "scan"), "an explicit remat keeps the layers scanned"
+    pinned = build(load_config("tiny", ["model.remat=dots", "model.layer_loop=unroll"])).cfg.model
+    assert (pinned.remat, pinned.layer_loop) == ("dots", "unroll"), "explicit choices are kept"

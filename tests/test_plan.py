@@ -50,10 +50,15 @@ THEORY_AXIS = {"layers": "pipeline", "embed": "fsdp", "heads": "tensor", "kv_hea
                "vocab": "tensor"}
 
 
+# The plans and audits read each layer's collectives in the layer loop: the layers scanned, with the
+# remat the tiny preset would take on a device too small for it unrolled.
+SCANNED = ["model.remat=dots", "model.layer_loop=scan"]
+
+
 @functools.cache
-def compiled_layout(layout: str, devices: int = 8):
+def compiled_layout(layout: str, devices: int = 8, scanned: bool = True):
     """(parts, CompiledStep) of the tiny preset with one ``--compare`` layout, compiled once per session."""
-    cfg = layout_config(load_config("tiny"), layout)
+    cfg = layout_config(load_config("tiny", SCANNED if scanned else []), layout)
     parts = build(cfg, jax.devices()[:devices])
     return parts, compile_trainer(parts.trainer, abstract_batch(parts))
 

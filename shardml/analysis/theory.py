@@ -14,10 +14,13 @@ Communication per device and step (bytes a device *sends*, ring algorithms on a 
   (also with ``train.microbatches`` = k: accumulate, then reduce once).
 * FSDP: every weight sharded over ``fsdp`` is all-gathered in the compute dtype for each forward
   and again for its backward ((N-1)/N x the gathered weight; the embedding's backward needs no
-  weight), and its f32 gradient is reduce-scattered once ((N-1)/N x the gradient). Replicated
+  weight; the layers scanned: unrolled without remat, XLA keeps some of the forward's gathered
+  weights for the backward and gathers less), and its f32 gradient is reduce-scattered once ((N-1)/N x the gradient). Replicated
   weights (norm scales) are all-reduced over the batch axes.
 * TP (Megatron): per layer two all-reduces of the activations [B/(N_data N_fsdp), S, D] in the
-  forward (attention and MLP outputs) and two in the backward (their inputs' gradients), one more
+  forward (attention and MLP outputs) and five in the backward (the input gradient of each
+  column-parallel product: q, k, v, gate and up; shardml keeps them separate products, as stacking
+  their weights to reduce once costs more than the three reductions it saves), one more
   when ``model.remat=full`` recomputes the forward (the attention output, which the MLP's backward
   needs; the block's own output is not needed by its backward, so its reduction is not redone;
   ``dots`` saves both matmul outputs); one forward all-reduce for the vocab-parallel
@@ -220,12 +223,12 @@ def _tensor_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
     passes = cfg.train.microbatches * pipeline_microbatches(cfg, sizes["pipeline"])
     rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"])
     act = rows * cfg.data.seq_len * m.d_model  # one activation of every row this device holds
-    per_layer = 4 + (1 if m.remat == "full" else 0)
+    per_layer = 2 + 5 + (1 if m.remat == "full" else 0)
     layers = m.layers // p
     dtype = SHORT[m.dtype]
     recomputed = ", 1 recomputed forward (remat=full)" if m.remat == "full" else ""
     return [
-        Traffic("all-reduce", ("tensor",), f"{dtype} activations per layer: 2 forward, 2 backward{recomputed}",
+        Traffic("all-reduce", ("tensor",), f"{dtype} activations per layer: 2 forward, 5 backward{recomputed}",
                 per_layer * layers * passes, per_layer * layers * act, m.dtype, t),
         # Embedding (first stage) and unembedding (last stage): averaged over the p stages.
         Traffic("all-reduce", ("tensor",), f"{dtype} activations: embedding forward, unembedding backward",
@@ -248,7 +251,10 @@ def _pipeline_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
 
 
 def layout_theory(cfg: Config, sizes: dict[str, int]) -> LayoutTheory:
-    """Closed-form memory and communication of ``cfg`` on the resolved mesh ``sizes``."""
+    """Closed-form memory and communication of ``cfg`` on the resolved mesh ``sizes``; ``cfg`` as
+    built (``Parts.cfg``), its ``auto`` model choices resolved."""
+    if "auto" in (cfg.model.remat, cfg.model.layer_loop):
+        raise ValueError("layout_theory needs model.remat and model.layer_loop resolved: pass build(cfg).cfg")
     params = 4 * param_elements(cfg, sizes)
     traffic = (_gradient_traffic(cfg, sizes) + _fsdp_traffic(cfg, sizes) + _tensor_traffic(cfg, sizes)
                + _pipeline_traffic(cfg, sizes))

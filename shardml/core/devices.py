@@ -152,6 +152,23 @@ def collective_workaround_needed(jaxlib_version: str | None = None) -> bool:
     return numbers < WORKAROUND_BEFORE_JAXLIB
 
 
+def device_memory_bytes(devices) -> int:
+    """Memory one of ``devices`` can use: the runtime's limit on an accelerator; on CPU, where
+    emulated devices share the host, the host's memory / this process's devices.
+
+        device_memory_bytes(jax.devices())
+    """
+    stats = None
+    try:
+        stats = devices[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics raise or return None
+        pass
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    local = sum(1 for d in devices if d.process_index == devices[0].process_index)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local, 1)
+
+
 def avoid_cpu_collective_deadlock(devices: int | None = None) -> None:
     """Adds ``CPU_COLLECTIVE_FLAG`` to ``XLA_FLAGS`` and, for ``devices`` emulated devices, sizes
     XLA:CPU's thread pool to ``THREADS_PER_DEVICE`` threads per device (``NPROC``), leaving any

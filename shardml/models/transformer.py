@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from shardml.core.errors import ConfigError
 from shardml.core.settings import check_settings, setting
-from shardml.core.sharding import constrain, shards_of
+from shardml.core.sharding import constrain
 from shardml.models.base import Model, ParamSpec, Stages, from_specs
 
 # none: keep every activation; full: recompute the whole layer in the backward; dots: keep matmul
@@ -31,6 +31,16 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# scan: one compiled loop body (compile time independent of depth; each FSDP weight is gathered again
+# for its backward); unroll: the layers one after another.
+LAYER_LOOPS = ("scan", "unroll")
+# "auto" (remat and layer_loop) picks remat=none with unrolled layers where that fits, else dots with
+# the layers scanned: see resolve_execution.
+AUTO = "auto"
+# auto unrolls at most this many layers (compile time grows with depth) and only when the estimate of
+# no_remat_bytes plus the training state is at most this share of a device's memory.
+AUTO_UNROLL_MAX_LAYERS = 16
+AUTO_MEMORY_SHARE = 0.5
 # Weight-gradient products of bf16/f16 compute: "compute" (the default) returns them in the compute
 # dtype, as autodiff of a plain cast does (plain Flax, MaxText); "float32" accumulates and returns
 # them in f32. On XLA:CPU the partial sums are reduced across devices in f32 either way (the
@@ -43,7 +53,12 @@ COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """The reference transformer. ``dtype`` is the compute dtype; parameters are always float32."""
+    """The reference transformer. ``dtype`` is the compute dtype; parameters are always float32.
+
+    ``remat`` and ``layer_loop`` at ``"auto"`` are chosen by :func:`resolve_execution` from the
+    memory a run's devices have (``shardml.run.recipe.build`` does it); :func:`transformer` given
+    them unresolved takes the choice that always fits, ``dots`` with the layers scanned.
+    """
 
     vocab: int = setting(256, minimum=2)
     layers: int = setting(2, minimum=1)
@@ -52,9 +67,8 @@ class TransformerConfig:
     kv_heads: int = setting(0, minimum=0, hint="0 means 'same as heads' (no grouped-query attention)")
     d_ff: int = setting(256, minimum=1)
     dtype: str = setting("bfloat16", choices=COMPUTE_DTYPES)
-    remat: str = setting("dots", choices=REMAT_POLICIES)
-    scan_layers: bool = setting(True, choices=(True, False),
-                                hint="false unrolls the layers (faster small models on XLA:CPU; see run_layers)")
+    remat: str = setting(AUTO, choices=(AUTO, *REMAT_POLICIES))
+    layer_loop: str = setting(AUTO, choices=(AUTO, *LAYER_LOOPS))
     grad_dtype: str = setting("compute", choices=GRAD_DTYPES)
     rope_base: float = setting(10000.0, above=0.0)
 
@@ -152,21 +166,13 @@ def attention(h_BSD, layer, cfg: TransformerConfig):
     H = cfg.heads
     K = cfg.kv_heads or H
     g = cfg.grad_dtype
-    # Under tensor parallelism, one product for the projections that share a head axis: the backward
-    # then sums their input gradients locally and all-reduces once, not once per weight (Megatron's
-    # fused QKV). Stacking the per-layer weights keeps each one's sharding and checkpoint name.
-    # Unsplit heads keep separate products: on XLA:CPU the stacking costs ~15 % of a data-parallel step.
-    fuse = shards_of("act_heads") > 1
-    if fuse and K == H:
-        wqkv_CDHE = jnp.stack([layer["wq"], layer["wk"], layer["wv"]])
-        q_BSHE, k_BSKE, v_BSKE = project("bsd,cdhe->cbshe", h_BSD, wqkv_CDHE, grad_dtype=g)
-    else:
-        q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"], grad_dtype=g)
-        if fuse:
-            k_BSKE, v_BSKE = project("bsd,cdke->cbske", h_BSD, jnp.stack([layer["wk"], layer["wv"]]), grad_dtype=g)
-        else:
-            k_BSKE = project("bsd,dke->bske", h_BSD, layer["wk"], grad_dtype=g)
-            v_BSKE = project("bsd,dke->bske", h_BSD, layer["wv"], grad_dtype=g)
+    # One product per weight, also under tensor parallelism. Megatron's fused QKV (and gate/up) would
+    # stack the weights so the backward sums their input gradients before one all-reduce, but the
+    # stacking and the stacked cotangent cost more than the all-reduces they save: on fsdp=2 x
+    # tensor=4 separate products make the step 13 % (JAX 0.10.2) to 19 % (0.12) faster.
+    q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"], grad_dtype=g)
+    k_BSKE = project("bsd,dke->bske", h_BSD, layer["wk"], grad_dtype=g)
+    v_BSKE = project("bsd,dke->bske", h_BSD, layer["wv"], grad_dtype=g)
     q_BSHE = constrain(rotary(q_BSHE, cfg.rope_base), ("batch", "act_seq", "act_heads", None))
     k_BSKE = constrain(rotary(k_BSKE, cfg.rope_base), ("batch", "act_seq", "act_kv_heads", None))
     B, S, _, E = q_BSHE.shape
@@ -181,15 +187,9 @@ def attention(h_BSD, layer, cfg: TransformerConfig):
 
 
 def mlp(h_BSD, layer, cfg: TransformerConfig):
-    # Gate and up in one product under tensor parallelism, as for the attention projections.
     g = cfg.grad_dtype
-    if shards_of("act_mlp") > 1:
-        gate_up_CBSF = project("bsd,cdf->cbsf", h_BSD, jnp.stack([layer["w_gate"], layer["w_up"]]), grad_dtype=g)
-        gate_BSF, up_BSF = constrain(gate_up_CBSF, (None, "batch", "act_seq", "act_mlp"))
-    else:
-        gate_BSF = project("bsd,df->bsf", h_BSD, layer["w_gate"], grad_dtype=g)
-        gate_BSF = constrain(gate_BSF, ("batch", "act_seq", "act_mlp"))
-        up_BSF = project("bsd,df->bsf", h_BSD, layer["w_up"], grad_dtype=g)
+    gate_BSF = constrain(project("bsd,df->bsf", h_BSD, layer["w_gate"], grad_dtype=g), ("batch", "act_seq", "act_mlp"))
+    up_BSF = project("bsd,df->bsf", h_BSD, layer["w_up"], grad_dtype=g)
     return project("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"], grad_dtype=g)
 
 
@@ -218,12 +218,11 @@ def run_layers(layers, x_BSD, cfg: TransformerConfig):
 
     if cfg.remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
-    # scan_layers=False unrolls the loop: XLA:CPU then stacks no per-layer residuals and slices no
-    # stacked weights, and with remat=none a small model's step is 10-28 % faster (benchmarks/README.md,
-    # "Train step vs plain JAX"). Not the default: compile time grows with depth, and XLA then keeps
-    # each FSDP-gathered weight from the forward for the backward instead of gathering it again, so
-    # the whole model's weights can be resident at once, which FSDP is there to avoid.
-    x_BSD, _ = jax.lax.scan(block, x_BSD.astype(dtype), layers, unroll=not cfg.scan_layers)
+    # Unrolled, XLA:CPU stacks no per-layer residuals and slices no stacked weights: with remat=none
+    # a small model's step is 10-28 % faster (benchmarks/README.md). But XLA then keeps each
+    # FSDP-gathered weight from the forward for the backward instead of gathering it again, so the
+    # whole model's weights can be resident at once, which FSDP is there to avoid: resolve_execution.
+    x_BSD, _ = jax.lax.scan(block, x_BSD.astype(dtype), layers, unroll=cfg.layer_loop == "unroll")
     return x_BSD
 
 
@@ -249,6 +248,48 @@ def transformer_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * L * D * seq_len
 
 
+def no_remat_bytes(cfg: TransformerConfig, seq_len: int, rows: int, tensor: int = 1) -> int:
+    """Bytes per device that remat=none with unrolled layers adds over the f32 training state, a
+    generous estimate: every layer's weights gathered in the compute dtype, and for ``rows``
+    sequences every activation the backward reads (per layer and token: the block input, norms,
+    q, k, v, attention output and scores in f32 and compute dtype, gate, up and their product, the
+    two projections' outputs; then f32 logits).
+
+        no_remat_bytes(TransformerConfig(layers=4, d_model=256, d_ff=1024), 128, rows=4)
+    """
+    item = jnp.dtype(cfg.dtype).itemsize
+    D, H, F, S = cfg.d_model, cfg.heads, cfg.d_ff, seq_len
+    K, E = cfg.kv_heads or H, D // H
+    layer_weights = (D * H * E + 2 * D * K * E + H * E * D + 3 * D * F) // tensor
+    per_token = item * (6 * D + (H + 2 * K) * E // tensor + 3 * F // tensor) + (4 + item) * (H // tensor) * S
+    return cfg.layers * (layer_weights * item + rows * S * per_token) + 4 * rows * S * cfg.vocab // tensor
+
+
+def unrolled_fits(cfg: TransformerConfig, seq_len: int, rows: int, sizes: dict[str, int], device_bytes: int) -> bool:
+    """Whether remat=none with unrolled layers fits one device of a run: at most
+    ``AUTO_UNROLL_MAX_LAYERS`` layers, no pipeline (its schedules hold several microbatches), and the
+    f32 parameters, gradients and two AdamW moments (split over fsdp and tensor) plus
+    :func:`no_remat_bytes` for ``rows`` sequences within ``AUTO_MEMORY_SHARE`` of ``device_bytes``.
+    """
+    if cfg.layers > AUTO_UNROLL_MAX_LAYERS or sizes.get("pipeline", 1) > 1:
+        return False
+    params = sum(math.prod(spec.shape) for spec in jax.tree.leaves(transformer_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec)))
+    state = 16 * params // (sizes.get("fsdp", 1) * sizes.get("tensor", 1))
+    return state + no_remat_bytes(cfg, seq_len, rows, sizes.get("tensor", 1)) <= AUTO_MEMORY_SHARE * device_bytes
+
+
+def resolve_execution(cfg: TransformerConfig, fits: bool) -> TransformerConfig:
+    """``cfg`` with ``remat`` and ``layer_loop`` chosen where they are ``"auto"``: no remat with the
+    layers unrolled when ``fits`` (the fastest on XLA:CPU for the models that fit), else ``dots``
+    with the layers scanned (the least memory short of recomputing everything).
+
+        resolve_execution(TransformerConfig(), fits=False).remat    # "dots"
+    """
+    remat = cfg.remat if cfg.remat != AUTO else ("none" if fits else "dots")
+    loop = cfg.layer_loop if cfg.layer_loop != AUTO else ("unroll" if fits and remat == "none" else "scan")
+    return dataclasses.replace(cfg, remat=remat, layer_loop=loop)
+
+
 def transformer(cfg: TransformerConfig, seq_len: int) -> Model:
     """The reference language model for ``cfg``; inputs are int token ids [B, S], outputs f32
     logits [B, S, V].
@@ -258,6 +299,7 @@ def transformer(cfg: TransformerConfig, seq_len: int) -> Model:
     """
     check_settings(cfg, "model")
     check_transformer(cfg)
+    cfg = resolve_execution(cfg, fits=False)  # a no-op where build() has resolved "auto" already
     return from_specs(
         transformer_specs(cfg),
         apply=functools.partial(transformer_apply, cfg=cfg),

@@ -26,20 +26,20 @@ def abstract_batch(parts: Parts) -> dict:
             for k, v in parts.data.batch(0).items()}
 
 
-def compile_step(cfg: Config, devices=None) -> CompiledStep:
+def compile_step(cfg: Config, devices=None, device_memory: int | None = None) -> CompiledStep:
     """Builds the trainer of ``cfg`` (``shardml train``'s, pipeline included) on ``devices``
     (default: all; a subset for a layout smaller than the machine) and compiles its step.
 
     Raises:
       ConfigError: before anything compiles, for a layout that cannot work.
     """
-    parts = build(cfg, devices)
+    parts = build(cfg, devices, device_memory=device_memory)
     return compile_trainer(parts.trainer, abstract_batch(parts))
 
 
 def make_plan(cfg: Config, device_memory: int | None = None, label: str = "") -> Plan:
     """The :class:`Plan` of ``cfg`` on the current devices (nothing trained, nothing allocated)."""
-    return plan_of(compile_step(cfg), device_memory, label)
+    return plan_of(compile_step(cfg, device_memory=device_memory), device_memory, label)
 
 
 def layout_config(base: Config, layout: str) -> Config:
@@ -64,7 +64,7 @@ def compare_layouts(base: Config, layouts: list[str], device_memory: int | None 
     built = []
     for layout in layouts:
         try:
-            built.append(build(layout_config(base, layout)))
+            built.append(build(layout_config(base, layout), device_memory=device_memory))
         except ConfigError as err:
             message = str(err)
             raise ConfigError(message if message.startswith("--compare") else

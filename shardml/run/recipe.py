@@ -17,6 +17,7 @@ import jax
 
 from shardml.core.checks import check_batch
 from shardml.core.data import ArrayBatches, MemberBatches, TextBatches, is_token_file, load_digits, load_tokens
+from shardml.core.devices import device_memory_bytes
 from shardml.core.errors import ConfigError
 from shardml.core.losses import Loss, classification, token_cross_entropy
 from shardml.core.mesh import MeshConfig, make_mesh
@@ -24,6 +25,7 @@ from shardml.core.optim import default_optimizer
 from shardml.core.pipeline import Schedule
 from shardml.core.step import Trainer, build_trainer
 from shardml.models import Model, mlp_classifier, transformer
+from shardml.models.transformer import AUTO, resolve_execution, unrolled_fits
 from shardml.parallel.members import build_population
 from shardml.parallel.population import Member, hyperparam_arrays, plan_members
 from shardml.run.config import Config, pipeline_microbatches, validate
@@ -112,15 +114,31 @@ def schedule_of(cfg: Config, stages: int) -> Schedule | None:
     return Schedule(pc.schedule, stages, pipeline_microbatches(cfg, stages), pc.repeats)
 
 
-def build(cfg: Config, devices=None, members: list[Member] | None = None) -> Parts:
+def resolve_model(cfg: Config, sizes: dict[str, int], devices, device_memory: int | None = None) -> Config:
+    """``cfg`` with the transformer's ``auto`` remat and layer loop chosen for ``device_memory``
+    bytes per device (default: what ``devices`` have; see
+    :func:`shardml.models.transformer.resolve_execution`); ``Parts.cfg`` holds the result."""
+    m = cfg.model
+    if m.kind != "transformer" or AUTO not in (m.remat, m.layer_loop):
+        return cfg
+    members_here = max(1, cfg.population.size // sizes["members"])
+    rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"] * cfg.train.microbatches) * members_here
+    fits = unrolled_fits(m, cfg.data.seq_len, rows, sizes, device_memory or device_memory_bytes(devices))
+    return dataclasses.replace(cfg, model=resolve_execution(m, fits))
+
+
+def build(cfg: Config, devices=None, members: list[Member] | None = None, device_memory: int | None = None) -> Parts:
     """Validates ``cfg`` against ``devices`` (default: all), then builds the model, data and trainer
     (of a population's ``members`` when given, else of those ``cfg.population`` plans).
+    ``device_memory`` (bytes per device; default: what ``devices`` have) decides the model's
+    ``auto`` settings.
 
     Raises:
       ConfigError: before anything compiles, for anything that cannot work.
     """
     devices = list(devices if devices is not None else jax.devices())
     sizes = validate(cfg, len(devices))
+    cfg = resolve_model(cfg, sizes, devices, device_memory)
     schedule = schedule_of(cfg, sizes["pipeline"])
     check_batch(cfg.train.batch_size, sizes, cfg.train.microbatches, schedule.microbatches if schedule else 1)
     if cfg.federated.algorithm != "none":
