@@ -86,8 +86,11 @@ class CompileEvents:
 
 def run_config(args, layers: int, microbatches: int, batch_size: int):
     """The default preset at this size, on ``--layout`` (a fresh mesh: ``data`` fills the devices
-    unless given, the other axes are 1)."""
+    unless given, the other axes are 1), with the layers scanned under ``remat=dots``: what the
+    ``auto`` defaults take for models too big to unroll, and the loop whose compile time this
+    measures (unrolled, it grows with depth)."""
     base = load_config("default", [
+        "model.remat=dots", "model.layer_loop=scan",
         f"model.layers={layers}", f"model.d_model={args.d_model}", f"model.heads={args.heads}",
         f"model.d_ff={args.d_ff}", f"data.seq_len={args.seq}", f"train.batch_size={batch_size}",
         f"train.microbatches={microbatches}"])

@@ -60,7 +60,7 @@ DEVICE_MEMORY = 16 * 2**30  # bytes of one device (a TPU v5e chip), for the "fit
 # | `pipeline` | the stacked layers into stages | each stage holds its layers | activations to the next stage (`ppermute`) |
 # | `data` | the batch | replicated | one gradient all-reduce per step |
 # | `fsdp` | the batch, and parameters + optimizer state on their model dimension (ZeRO-3) | 1/fsdp each | weights all-gathered per use, gradients reduce-scattered |
-# | `tensor` | heads, MLP hidden and vocabulary (Megatron) | 1/tensor each | activations all-reduced twice per layer, forward and backward |
+# | `tensor` | heads, MLP hidden and vocabulary (Megatron) | 1/tensor each | activations all-reduced per layer: twice forward, once per q, k, v, gate and up product backward |
 
 # %%
 import matplotlib.pyplot as plt
