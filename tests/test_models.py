@@ -129,7 +129,8 @@ def test_auto_execution_unrolls_without_remat_only_where_it_fits():
     assert not unrolled_fits(m, 32, 2, {**sizes, "pipeline": 2}, device_bytes=10 * need)
     assert not unrolled_fits(dataclasses.replace(m, layers=17), 32, 2, sizes, device_bytes=10 ** 12)
     auto = load_config("tiny").model
-    assert (resolve_execution(auto, fits=False).remat, resolve_execution(auto, fits=False).layer_loop) == ("dots", "scan")
+    small = resolve_execution(auto, fits=False)
+    assert (small.remat, small.layer_loop) == ("dots", "scan"), "a model that does not fit keeps FSDP's memory"
     full = resolve_execution(dataclasses.replace(auto, remat="full"), fits=True)
     assert (full.remat, full.layer_loop) == ("full", "scan"), "an explicit remat keeps the layers scanned"
     pinned = build(load_config("tiny", ["model.remat=dots", "model.layer_loop=unroll"])).cfg.model

@@ -14,9 +14,10 @@ Communication per device and step (bytes a device *sends*, ring algorithms on a 
   (also with ``train.microbatches`` = k: accumulate, then reduce once).
 * FSDP: every weight sharded over ``fsdp`` is all-gathered in the compute dtype for each forward
   and again for its backward ((N-1)/N x the gathered weight; the embedding's backward needs no
-  weight; the layers scanned: unrolled without remat, XLA keeps some of the forward's gathered
-  weights for the backward and gathers less), and its f32 gradient is reduce-scattered once ((N-1)/N x the gradient). Replicated
-  weights (norm scales) are all-reduced over the batch axes.
+  weight), and its f32 gradient is reduce-scattered once ((N-1)/N x the gradient). Replicated
+  weights (norm scales) are all-reduced over the batch axes. This is the scanned layer loop;
+  unrolled without remat, XLA keeps some of the forward's gathered weights for the backward and
+  gathers less (at most this figure).
 * TP (Megatron): per layer two all-reduces of the activations [B/(N_data N_fsdp), S, D] in the
   forward (attention and MLP outputs) and five in the backward (the input gradient of each
   column-parallel product: q, k, v, gate and up; shardml keeps them separate products, as stacking

@@ -188,7 +188,8 @@ def attention(h_BSD, layer, cfg: TransformerConfig):
 
 def mlp(h_BSD, layer, cfg: TransformerConfig):
     g = cfg.grad_dtype
-    gate_BSF = constrain(project("bsd,df->bsf", h_BSD, layer["w_gate"], grad_dtype=g), ("batch", "act_seq", "act_mlp"))
+    gate_BSF = project("bsd,df->bsf", h_BSD, layer["w_gate"], grad_dtype=g)
+    gate_BSF = constrain(gate_BSF, ("batch", "act_seq", "act_mlp"))
     up_BSF = project("bsd,df->bsf", h_BSD, layer["w_up"], grad_dtype=g)
     return project("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"], grad_dtype=g)
 
@@ -273,8 +274,8 @@ def unrolled_fits(cfg: TransformerConfig, seq_len: int, rows: int, sizes: dict[s
     """
     if cfg.layers > AUTO_UNROLL_MAX_LAYERS or sizes.get("pipeline", 1) > 1:
         return False
-    params = sum(math.prod(spec.shape) for spec in jax.tree.leaves(transformer_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec)))
-    state = 16 * params // (sizes.get("fsdp", 1) * sizes.get("tensor", 1))
+    specs = jax.tree.leaves(transformer_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
+    state = 16 * sum(math.prod(s.shape) for s in specs) // (sizes.get("fsdp", 1) * sizes.get("tensor", 1))
     return state + no_remat_bytes(cfg, seq_len, rows, sizes.get("tensor", 1)) <= AUTO_MEMORY_SHARE * device_bytes
 
 
