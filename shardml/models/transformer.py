@@ -274,8 +274,8 @@ def unrolled_fits(cfg: TransformerConfig, seq_len: int, rows: int, sizes: dict[s
     """
     if cfg.layers > AUTO_UNROLL_MAX_LAYERS or sizes.get("pipeline", 1) > 1:
         return False
-    specs = jax.tree.leaves(transformer_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
-    state = 16 * sum(math.prod(s.shape) for s in specs) // (sizes.get("fsdp", 1) * sizes.get("tensor", 1))
+    params = transformer(cfg, seq_len).num_params  # abstract: nothing is allocated
+    state = 16 * params // (sizes.get("fsdp", 1) * sizes.get("tensor", 1))
     return state + no_remat_bytes(cfg, seq_len, rows, sizes.get("tensor", 1)) <= AUTO_MEMORY_SHARE * device_bytes
 
 
