@@ -99,7 +99,7 @@ def test_mlp_classifier_learns_and_matches_one_device():
 def test_parameters_drawn_in_fewer_dimensions_keep_their_numbers_and_their_sharded_dimensions():
     from shardml import make_mesh
     from shardml.core.sharding import Rules, use_rules
-    from shardml.models.base import draw_shape
+    from shardml.core.model import draw_shape
 
     key = jax.random.key(3)
     for shape, flat in (((2, 32, 4, 8), (2, 32, 32)), ((2, 4, 8, 32), (2048,))):

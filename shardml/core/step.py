@@ -29,7 +29,7 @@ from shardml.core.losses import Loss, means, token_cross_entropy
 from shardml.core.pipeline import PIPE, Pipeline, Schedule
 from shardml.core.sharding import Rules, batch_sharding, constrain, is_axes, replicated, tree_shardings, use_rules
 from shardml.core.strategy import GradientStrategy
-from shardml.models.base import Model, check_logical
+from shardml.core.model import Model, check_logical
 
 
 @jax.tree_util.register_dataclass

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from shardml.core.errors import ConfigError
 from shardml.core.sharding import flax_rules, per_example
 from shardml.core.trees import nest, path_name
-from shardml.models.base import Model
+from shardml.core.model import Model
 
 
 def _refuse_non_trainable(name: str, what: list[str]) -> None:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from shardml.core.sharding import constrain
-from shardml.models.base import Model, ParamSpec, from_specs
+from shardml.core.model import Model, ParamSpec, from_specs
 
 
 def mlp_classifier(features: int, hidden: int, classes: int, dtype: str = "float32") -> Model:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from shardml.core.errors import ConfigError
 from shardml.core.settings import check_settings, setting
 from shardml.core.sharding import constrain
-from shardml.models.base import Model, ParamSpec, Stages, from_specs
+from shardml.core.model import Model, ParamSpec, Stages, from_specs
 
 # none: keep every activation; full: recompute the whole layer in the backward; dots: keep matmul
 # outputs, recompute the rest. On XLA:CPU which is faster depends on the layout (benchmarks/README.md).

@@ -54,7 +54,7 @@ from shardml.core.privacy import clip_tree, gaussian_noise, private_accumulator,
 from shardml.core.sharding import Rules, batch_sharding, replicated, tree_shardings, use_rules
 from shardml.core.step import (Trainer, TrainState, eval_step, gradient_strategy, opt_state_shardings, predict_step,
                                train_step)
-from shardml.models.base import Model, check_logical
+from shardml.core.model import Model, check_logical
 from shardml.parallel.members import MEMBERS, over_members, stacked
 
 ALGORITHMS = ("fedavg", "fedprox", "fedopt", "diloco")

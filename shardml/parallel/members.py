@@ -35,7 +35,7 @@ from shardml.core.pipeline import PIPE
 from shardml.core.sharding import Rules, axes_owned_by_transform, batch_sharding
 from shardml.core.step import (Trainer, eval_step, gradient_strategy, init_state, predict_step, state_shardings,
                                train_step)
-from shardml.models.base import Model, check_logical
+from shardml.core.model import Model, check_logical
 
 MEMBERS = "members"
 GATE = "member_active"  # the injected multiplier of a member's updates: 1 trains it, 0 freezes it

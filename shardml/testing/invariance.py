@@ -26,7 +26,7 @@ from shardml.core.mesh import layout_name
 from shardml.core.sharding import Rules
 from shardml.core.step import build_trainer
 from shardml.core.trees import path_name
-from shardml.models.base import Model
+from shardml.core.model import Model
 from shardml.testing.layouts import Layout, mesh_of, parse_layout
 
 DEFAULT_RTOL = 1e-5
