@@ -31,6 +31,7 @@ from typing import NoReturn, Self
 
 from shardml.core.devices import backend_started, cpu_only
 from shardml.core.errors import ConfigError
+from shardml.run.preemption import StopRequest
 
 HEARTBEAT_TIMEOUT = 60  # seconds: how long the others run on after a process dies (also the shutdown wait)
 INIT_TIMEOUT = 300  # seconds the processes wait for each other at the start
@@ -171,8 +172,6 @@ class LocalStop:
     """One process: :class:`~shardml.run.preemption.StopRequest` with the interface of :class:`AgreedStop`."""
 
     def __init__(self):
-        from shardml.run.preemption import StopRequest
-
         self._request = StopRequest()
 
     @property

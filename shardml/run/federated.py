@@ -20,15 +20,15 @@ import os
 import numpy as np
 import optax
 
-from shardml.core.mesh import MeshConfig, describe, make_mesh
+from shardml.core.mesh import describe
 from shardml.core.optim import default_optimizer
 from shardml.core.privacy import dp_fedavg_epsilon, dp_sgd_epsilon
-from shardml.parallel.federated import Algorithm, Privacy, build_federated, proximal, server_optimizer
+from shardml.parallel.federated import Algorithm, Privacy, proximal, server_optimizer
 from shardml.parallel.partition import (ClientBatches, cohort_size, format_label_report, label_counts, label_report,
                                         partition, text_examples)
 from shardml.run import config as config_lib
 from shardml.run import distributed
-from shardml.run.loop import TrainSummary, run_loop
+from shardml.run.engine import Mode, TrainSummary
 
 SECTIONS = 10  # a text corpus's "labels": which tenth of the text a window comes from
 SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedopt": 1e-2, "diloco": 0.7}
@@ -77,22 +77,6 @@ def client_data(cfg: config_lib.Config, source, slots: int) -> ClientBatches:
     return ClientBatches.from_arrays(x, y, parts, batch_size=t.batch_size, local_steps=f.local_steps,
                                      cohort=cohort_size(f.clients, f.fraction), slots=slots, seed=t.seed,
                                      held_out=source, name=cfg.data.corpus, counts=label_counts(parts, labels, classes))
-
-
-def federated_parts(cfg: config_lib.Config, sizes: dict, devices):
-    """The :class:`~shardml.run.recipe.Parts` of a federated config: ``data`` is the clients'
-    :class:`ClientBatches`, ``trainer`` the compiled round."""
-    from shardml.run.recipe import Parts, data_source, model_of
-
-    f = cfg.federated
-    source = data_source(cfg)
-    model, loss = model_of(cfg, source)
-    mesh = make_mesh(MeshConfig(**sizes), devices=devices)
-    trainer = build_federated(model, mesh, algorithm_of(cfg), clients=f.clients, local_steps=f.local_steps,
-                              cohort=cohort_size(f.clients, f.fraction), loss=loss,
-                              microbatches=cfg.train.microbatches, privacy=privacy_of(cfg))
-    data = client_data(cfg, source, trainer.slots)
-    return Parts(cfg, sizes, model, loss, data, trainer, None)
 
 
 def communication(num_params: int, cohort: int, rounds: int, local_steps: int,
@@ -166,31 +150,28 @@ def describe_run(parts, counts: np.ndarray, comm: dict, privacy: dict | None) ->
     return lines
 
 
-def train_federated(parts, verbose: bool = True, fresh: bool = False) -> TrainSummary:
-    """Trains the federated run ``parts`` describes; writes ``OUT_DIR/federated.json``."""
-    from shardml.run.train import loop_settings
-
+def federated_mode(parts) -> Mode:
+    """What the driver prints and reports for a federated run ``parts`` describes: the clients,
+    communication and privacy before; ``OUT_DIR/federated.json`` (written by process 0) after."""
     cfg, trainer, data = parts.cfg, parts.trainer, parts.data
-    say = print if verbose else (lambda *a, **k: None)
     counts = data.counts
     comm = communication(parts.model.num_params, data.cohort, cfg.train.steps, cfg.federated.local_steps)
     privacy = privacy_report(cfg, data)
-    for line in describe_run(parts, counts, comm, privacy):
-        say(line)
-    summary = run_loop(trainer, data, loop_settings(cfg, fresh, verbose), data.eval_batches(cfg.train.eval_batches),
-                       config=config_lib.to_dict(cfg))
-    if summary.preempted:
-        return summary
-    report = {"algorithm": cfg.federated.algorithm, "clients": len(data.clients), "cohort": data.cohort,
-              "slots": trainer.slots, "local_steps": cfg.federated.local_steps, "rounds": cfg.train.steps,
-              "partition": {"kind": cfg.federated.partition, **label_report(counts)}, "communication": comm,
-              "privacy": privacy, "val": summary.val}
-    path = os.path.join(cfg.out_dir, "federated.json")
-    if distributed.primary():
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
-    if summary.val is not None:
+
+    def report(summary: TrainSummary) -> list[str]:
+        out = {"algorithm": cfg.federated.algorithm, "clients": len(data.clients), "cohort": data.cohort,
+               "slots": trainer.slots, "local_steps": cfg.federated.local_steps, "rounds": cfg.train.steps,
+               "partition": {"kind": cfg.federated.partition, **label_report(counts)}, "communication": comm,
+               "privacy": privacy, "val": summary.val}
+        path = os.path.join(cfg.out_dir, "federated.json")
+        if distributed.primary():
+            with open(path, "w") as f:
+                json.dump(out, f, indent=1)
+        if summary.val is None:
+            return []
         extra = f", accuracy {summary.val['accuracy']:.4f}" if "accuracy" in summary.val else ""
-        say(f"done: {cfg.train.steps} rounds in {summary.seconds:.1f}s (first incl. compile "
-            f"{summary.compile_seconds:.1f}s); global model validation loss {summary.val['loss']:.4f}{extra}; {path}")
-    return summary
+        return [f"done: {cfg.train.steps} rounds in {summary.seconds:.1f}s (first incl. compile "
+                f"{summary.compile_seconds:.1f}s); global model validation loss {summary.val['loss']:.4f}{extra}; "
+                f"{path}"]
+
+    return Mode(describe_run(parts, counts, comm, privacy), report)

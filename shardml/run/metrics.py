@@ -1,13 +1,17 @@
-"""Run metrics: a JSONL writer mirrored to TensorBoard, and the progress bar.
+"""Run metrics: which steps are logged, a JSONL writer mirrored to TensorBoard, and the progress bar.
 
     writer = MetricsWriter("runs/x")
     writer.write(10, {"loss": 2.3, "tokens_per_s": 1.2e5})
+    recorder = Recorder(steps=100, log_every=10, writer=writer, throughput=throughput, bar=None)
+    recorder.record(9, metrics, val=None)
 """
 
 from __future__ import annotations
 
 import json
 import os
+
+import numpy as np
 
 class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl``; mirrors scalars to TensorBoard
@@ -87,3 +91,37 @@ def progress(total: int, enabled: bool = True):
     except ImportError:  # pragma: no cover
         return None
     return tqdm(total=total, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+class Recorder:
+    """Decides which steps are logged and writes their records (JSONL, TensorBoard, progress bar);
+    a population writes one record per member per logged step, with a ``member`` field."""
+
+    SHOWN = ("loss", "grad_norm", "accuracy", "bad_steps")
+
+    def __init__(self, steps: int, log_every: int, writer: MetricsWriter, throughput, bar):
+        self.steps, self.log_every = steps, log_every
+        self.writer, self.throughput, self.bar = writer, throughput, bar
+
+    def due(self, step: int) -> bool:
+        return step in (0, self.steps - 1) or (step + 1) % self.log_every == 0
+
+    def record(self, step: int, metrics: dict, val: dict | None) -> None:
+        """Writes the record(s) of ``step`` (0-based) if it is a logging or evaluation step."""
+        if not (self.due(step) or val is not None):
+            return
+        values = {k: np.asarray(metrics[k], np.float64) for k in self.SHOWN if k in metrics}
+        values.update({f"val_{k}": np.asarray(v, np.float64) for k, v in (val or {}).items()
+                       if np.ndim(v) <= 1 and not isinstance(v, dict)})
+        shared = self.throughput.rates(step + 1)
+        members = values["loss"].shape[0] if values["loss"].ndim else 0
+        if not members:
+            record = self.writer.write(step + 1, {**values, **shared})
+        else:
+            for member in range(members):
+                one = {k: v[member] if v.ndim else v for k, v in values.items()}
+                record = self.writer.write(step + 1, {"member": member, **one, **shared})
+            record = {**record, "loss": float(np.mean(values["loss"]))}
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.3g}",
+                                 mfu=f"{100 * record['mfu']:.1f}%")

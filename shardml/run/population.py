@@ -25,8 +25,10 @@ import numpy as np
 
 from shardml.core.step import TrainState
 from shardml.parallel.members import GATE, hyperparams_of
-from shardml.parallel.population import Member, active, ensemble_metrics, exploit_explore, freeze
-from shardml.run.loop import NonFiniteError, Policy, TrainSummary, notice
+from shardml.parallel.population import (Distribution, Member, active, ensemble_metrics, exploit_explore, freeze,
+                                        parse_space)
+from shardml.run import distributed
+from shardml.run.engine import Mode, NonFiniteError, Policy, TrainSummary, notice
 
 
 class PopulationPolicy(Policy):
@@ -120,6 +122,30 @@ def member_report(members: Sequence[Member], summary: TrainSummary, policy: Popu
     return report
 
 
+def population_mode(parts, lines: Sequence[str], reports: list | None = None) -> Mode:
+    """What the driver plugs in for a population run ``parts`` describes: the policy between steps
+    (:class:`PopulationPolicy`), and after training ``OUT_DIR/population.json`` (written by
+    process 0; the report also appended to ``reports``) and the members' summary lines."""
+    cfg = parts.cfg
+    pop, t = cfg.population, cfg.train
+    policy = PopulationPolicy(parts.trainer, pop.kind, sorted(pop.search), t.seed, t.steps, t.max_bad_steps,
+                              pop.ready_every, pop.exploit_fraction, pop.prune_every, pop.prune_fraction)
+
+    def report(summary: TrainSummary) -> list[str]:
+        if summary.val is None:
+            return []
+        ensemble = final_ensemble(parts.trainer, summary, parts.eval_batches(), pop.kind)
+        out = member_report(parts.members, summary, policy, ensemble)
+        path = write_report(cfg.out_dir, out) if distributed.primary() else os.path.join(cfg.out_dir,
+                                                                                         "population.json")
+        if reports is not None:
+            reports.append(out)
+        return [f"done: {t.steps} steps of {pop.size} members in {summary.seconds:.1f}s (first step incl. compile "
+                f"{summary.compile_seconds:.1f}s); {path}", *summary_lines(out, sorted(pop.search))]
+
+    return Mode(lines, report, policy)
+
+
 def write_report(out_dir: str, report: dict) -> str:
     path = os.path.join(out_dir, "population.json")
     with open(path + ".tmp", "w") as f:
@@ -161,8 +187,6 @@ def optuna_distributions(search: dict) -> dict:
     """Optuna's distribution of each searched hyperparameter: a list is categorical, a
     ``loguniform``/``uniform`` range a float distribution."""
     import optuna
-
-    from shardml.parallel.population import Distribution, parse_space
 
     out = {}
     for name, spec in sorted(search.items()):

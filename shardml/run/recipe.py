@@ -11,6 +11,7 @@ The one place that turns a :class:`~shardml.run.config.Config` into objects; ``s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import jax
@@ -24,11 +25,15 @@ from shardml.core.mesh import MeshConfig, make_mesh
 from shardml.core.optim import default_optimizer
 from shardml.core.pipeline import Schedule
 from shardml.core.step import Trainer, build_trainer
+from shardml.core.tokenizer import train_bpe
 from shardml.models import Model, mlp_classifier, transformer
 from shardml.models.transformer import AUTO, resolve_execution, unrolled_fits
+from shardml.parallel.federated import build_federated
 from shardml.parallel.members import build_population
+from shardml.parallel.partition import cohort_size
 from shardml.parallel.population import Member, hyperparam_arrays, plan_members
 from shardml.run.config import Config, pipeline_microbatches, validate
+from shardml.run.federated import algorithm_of, client_data, privacy_of
 
 ARRAY_DATASETS = {"digits": load_digits}
 
@@ -81,10 +86,6 @@ _BPE_CACHE: dict = {}
 def _bpe(cfg: Config, tokens):
     """``data.tokenizer=bpe``: a BPE tokenizer of ``data.vocab`` (0: ``model.vocab``) tokens trained on
     the training text (once per process for the same text and vocabulary: training is deterministic)."""
-    import hashlib
-
-    from shardml.core.tokenizer import train_bpe
-
     d = cfg.data
     if is_token_file(d.corpus):
         raise ConfigError(f"data.tokenizer=bpe tokenises text; data.corpus={d.corpus!r} already holds token ids "
@@ -142,8 +143,6 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None, device
     schedule = schedule_of(cfg, sizes["pipeline"])
     check_batch(cfg.train.batch_size, sizes, cfg.train.microbatches, schedule.microbatches if schedule else 1)
     if cfg.federated.algorithm != "none":
-        from shardml.run.federated import federated_parts
-
         return federated_parts(cfg, sizes, devices)
     data = data_source(cfg)
     model, loss = model_of(cfg, data)
@@ -161,6 +160,20 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None, device
     trainer = build_population(model, mesh, optimizer, pop.size, loss=loss, microbatches=cfg.train.microbatches,
                                hyperparams=hyperparam_arrays(members), per_member_data=pop.bootstrap)
     return Parts(cfg, sizes, model, loss, data, trainer, None, members)
+
+
+def federated_parts(cfg: Config, sizes: dict, devices) -> Parts:
+    """The parts of a federated config: ``data`` is the clients' :class:`ClientBatches`, ``trainer``
+    the compiled round."""
+    f = cfg.federated
+    source = data_source(cfg)
+    model, loss = model_of(cfg, source)
+    mesh = make_mesh(MeshConfig(**sizes), devices=devices)
+    trainer = build_federated(model, mesh, algorithm_of(cfg), clients=f.clients, local_steps=f.local_steps,
+                              cohort=cohort_size(f.clients, f.fraction), loss=loss,
+                              microbatches=cfg.train.microbatches, privacy=privacy_of(cfg))
+    data = client_data(cfg, source, trainer.slots)
+    return Parts(cfg, sizes, model, loss, data, trainer, None)
 
 
 def trainer_from_config(cfg: Config, devices=None) -> Trainer:
