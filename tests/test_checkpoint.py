@@ -96,7 +96,7 @@ def test_restore_onto_another_mesh_continues_like_the_original(tiny_model, saved
     step_dir, saved, ref_losses, ref_params = saved_run
     trainer = trainer_for(tiny_model, sizes)
     state, meta = ckpt.restore(step_dir, trainer.abstract_state())
-    assert meta["step"] == SAVED_AT and int(state.step) == SAVED_AT, (meta["step"], int(state.step))
+    assert meta.step == SAVED_AT and int(state.step) == SAVED_AT, (meta.step, int(state.step))
     assert_bitwise_equal(state, saved, f"restored on {name} vs saved on data=8")
     assert jax.tree.structure(state) == jax.tree.structure(trainer.state_shardings), "restored state vs shardings"
     for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(trainer.state_shardings)):
@@ -351,7 +351,7 @@ def _contents(root):
 def test_out_dir_of_another_run_is_refused_untouched_then_moved_aside_with_fresh(trainer8, run_dir):
     out, ident, _ = run_dir
     before = _contents(out)
-    other_model = identity(trainer_for(tiny_transformer(d_ff=128), {"data": 8}), ident["data"])
+    other_model = identity(trainer_for(tiny_transformer(d_ff=128), {"data": 8}), ident.data)
     cases = [
         # Parameter shapes: w_down, w_gate and w_up have a d_ff dimension; the first in order is named.
         (other_model, "auto", (r"holds a run of another model \(transformer with 12 parameter arrays, 3 differing "
@@ -386,7 +386,7 @@ def test_resume_point_restores_state_and_counters(trainer8, run_dir):
         resume_point(out, "auto", trainer8, identity(trainer8, {"kind": "test", "seed": 1}))
     other = trainer_for(tiny_transformer(d_ff=128), {"data": 8})
     with pytest.raises(ConfigError, match=r"holds checkpoints of another model .*first: layers/w_down"):
-        resume_point(out, "auto", other, identity(other, ident["data"]))
+        resume_point(out, "auto", other, identity(other, ident.data))
     never = resume_point(out, "never", trainer8, ident)
     assert never.step == 0 and never.state is None, never
     explicit = resume_point(out + "-branch", os.path.join(out, "checkpoints", "1"), trainer8, ident)
@@ -423,7 +423,7 @@ def test_pipelined_run_checkpoints_and_resumes_exactly(tmp_path):
     data = Batches()
     first = run_loop(trainer, data, settings(tmp_path / "resumed", 2, checkpoint_every=0))
     assert first.checkpoint == str(tmp_path / "resumed" / "checkpoints" / "2"), first.checkpoint
-    saved = ckpt.read_meta(first.checkpoint)["arrays"]["params/layers/wq"]
+    saved = ckpt.read_meta(first.checkpoint).arrays["params/layers/wq"]
     assert saved == [[2, 4 // 2, 32, 4, 8], "float32"], f"wq not saved as [repeats, layers / repeats, ...]: {saved}"
     resumed = run_loop(trainer, data, settings(tmp_path / "resumed", 4, checkpoint_every=0))
     whole = run_loop(trainer, data, settings(tmp_path / "whole", 4, checkpoint_every=0))

@@ -15,7 +15,7 @@ from conftest import tiny_transformer, trainer_for
 from shardml.core.data import load_digits, load_tokens
 from shardml.models import TransformerConfig, mlp_classifier, transformer
 from shardml.parallel.inference import generate, predict
-from shardml.run import checkpoint
+from shardml.run import run_dir
 from shardml.run.checkpoint import load_params
 from shardml.run.cli import main
 from shardml.run.config import load_config
@@ -325,7 +325,7 @@ def no_compile(monkeypatch):
         raise AssertionError("read the checkpoint's parameters before rejecting the input")
 
     monkeypatch.setattr(compiler, "compile_or_get_cached", refuse_compile)
-    monkeypatch.setattr(checkpoint, "load_params", refuse_load)
+    monkeypatch.setattr(run_dir, "load_params", refuse_load)
     with pytest.raises(AssertionError, match="compiled before"):  # the hook is on the path jit takes
         jax.jit(lambda x: x * 3.0 + 1.0)(np.float32(np.random.default_rng().random()))
 

@@ -20,13 +20,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from shardml.core.data import is_token_file
 from shardml.core.errors import ConfigError
 from shardml.core.mesh import MeshConfig, layout_name
 from shardml.parallel import inference as inf
-from shardml.run import checkpoint as ckpt
+from shardml.run import run_dir as rd
 from shardml.run import config as config_lib
 from shardml.run.config import Config
 from shardml.run.recipe import Parts, build
@@ -62,30 +63,20 @@ class LoadedRun:
         return self.cfg.train.batch_size
 
 
-def latest_checkpoint(run_dir: str) -> tuple[str, dict]:
+def latest_checkpoint(run_dir: str) -> tuple[str, rd.Meta]:
     """``(step directory, meta)`` of the newest checkpoint of a run directory, its checkpoints
-    directory, or one step directory.
+    directory, or one step directory, opened read-only (:meth:`shardml.run.run_dir.RunDir.latest`).
 
     Raises:
       ConfigError: no such directory, or no checkpoint in it.
     """
-    if not os.path.isdir(run_dir):
-        raise ConfigError(f"run directory {run_dir} does not exist; give the out_dir of a run (e.g. runs/tiny)")
-    directory, step = ckpt.resolve(run_dir)
-    if step is None:
-        found = ckpt.steps(directory)
-        if not found:
-            raise ConfigError(f"{run_dir} holds no checkpoint (looked in {directory}); train it first "
-                              f"(shardml train ... out_dir={run_dir}) or give the directory of a run that saved one")
-        step = found[-1]
-    step_dir = os.path.join(directory, str(step))
-    return step_dir, ckpt.read_meta(step_dir)
+    return rd.RunDir.latest(run_dir)
 
 
-def run_config(meta: dict, overrides: Sequence[str], where: str) -> Config:
+def run_config(meta: rd.Meta, overrides: Sequence[str], where: str) -> Config:
     """The config a checkpoint was trained with, with ``overrides`` (a ``mesh.*`` one starts from a
     fresh mesh)."""
-    saved = (meta.get("run") or {}).get("config")
+    saved = meta.run.config if meta.run else None
     if not saved:
         raise ConfigError(f"{where} records no config (a run of shardml.fit from Python); load it with "
                           "shardml.load_params and use shardml.parallel.inference with your model")
@@ -107,8 +98,6 @@ def prepare(run_dir: str, overrides: Sequence[str] = (), rows: int | None = None
     ``devices`` (default: all) before anything is built. ``rows`` (default: twice the training
     batch per microbatch) is rounded up to a multiple of the batch shards (and of the pipeline's
     microbatches) and stored as ``train.batch_size``."""
-    import jax
-
     step_dir, meta = latest_checkpoint(run_dir)
     cfg = run_config(meta, overrides, step_dir)
     sizes = config_lib.validate(cfg, len(devices if devices is not None else jax.devices()))
@@ -133,27 +122,18 @@ def load_run(run_dir: str, overrides: Sequence[str] = (), rows: int | None = Non
     return restore_run(cfg, step_dir, meta, devices)
 
 
-def restore_run(cfg: Config, step_dir: str, meta: dict, devices=None) -> LoadedRun:
+def restore_run(cfg: Config, step_dir: str, meta: rd.Meta, devices=None) -> LoadedRun:
     """The checkpoint's parameters restored onto the trainer that ``cfg`` builds."""
     return restore_parts(build(cfg, devices), step_dir, meta)
 
 
-def restore_parts(parts: Parts, step_dir: str, meta: dict) -> LoadedRun:
+def restore_parts(parts: Parts, step_dir: str, meta: rd.Meta) -> LoadedRun:
     """The checkpoint's parameters restored into ``parts.trainer``'s shardings, after checking
     their shapes against the model's (before reading any array)."""
-    cfg = parts.cfg
     target = parts.trainer.abstract_state().params
-    saved = {name[len("params/"):]: spec for name, spec in meta.get("arrays", {}).items() if name.startswith("params/")}
-    expected = ckpt.describe(target)
-    differ = sorted(name for name in set(saved) | set(expected) if saved.get(name) != expected.get(name))
-    if differ:
-        name = differ[0]
-        raise ConfigError(f"checkpoint {step_dir} holds parameters of other shapes than this layout's model "
-                          f"({len(differ)} differ; first: {name} saved as {saved.get(name)}, here "
-                          f"{expected.get(name)}); "
-                          "keep the run's model.* settings (a circular pipeline run needs its pipeline.repeats)")
-    params = ckpt.load_params(step_dir, target)
-    return LoadedRun(cfg, parts, params, int(meta["step"]), step_dir)
+    rd.check_params(meta, target, step_dir)
+    params = rd.load_params(step_dir, target)
+    return LoadedRun(parts.cfg, parts, params, meta.step, step_dir)
 
 
 def _classifier(cfg: Config) -> bool:

@@ -400,10 +400,10 @@ def refuse_other_run(saved: Identity | None, ident: Identity, where: str) -> Non
     Raises:
       ConfigError: naming the keys that differ and the flag that starts fresh.
     """
-    other = _other_model(saved, ident)
+    other, changes = _other_model(saved, ident), _other_training(saved, ident)
     if other:
-        raise ConfigError(f"{where} holds a run of another model ({other}); it was not touched: {FRESH_HINT}")
-    changes = _other_training(saved, ident)
+        keys = f" ({'; '.join(changes)})" if changes else ""
+        raise ConfigError(f"{where} holds a run of another model ({other}){keys}; it was not touched: {FRESH_HINT}")
     if changes:
         raise ConfigError(f"{where} holds a run that trains something else ({'; '.join(changes)}); continuing it "
                           f"would train that run's weights under these settings. It was not touched: {FRESH_HINT}")
