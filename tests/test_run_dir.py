@@ -137,3 +137,39 @@ def test_default_out_dirs_keep_experiments_apart():
     assert out_dir(README_POPULATION[2] + ["train.steps=900", "mesh.data=4"]) == dirs[2], \
         "steps or mesh changed the experiment's directory: the run would not resume"
     assert load_config("tiny", ["out_dir=runs/x"]).out_dir == "runs/x"
+
+
+# ----------------------------------------------------------------------------- structure
+
+RUN = pathlib.Path(__file__).resolve().parent.parent / "shardml" / "run"
+OWN = ("checkpoint", "resume", "loop", "engine", "throughput", "metrics", "run_dir", "store", "driver", "train",
+       "federated", "population", "recipe", "inference", "preemption", "distributed")
+
+
+def _run_imports(name, inside_functions):
+    """The ``shardml.run`` modules ``name`` imports (at module level, or inside functions)."""
+    import ast
+
+    tree = ast.parse((RUN / f"{name}.py").read_text())
+    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and (id(node) in nested) == inside_functions:
+            if node.module == "shardml.run":
+                found |= {a.name for a in node.names}
+            elif node.module.startswith("shardml."):
+                found.add(node.module.removeprefix("shardml.run."))
+    return found
+
+
+def test_the_run_lifecycle_modules_import_without_cycles_or_imports_inside_functions():
+    inside = {name: sorted(m for m in _run_imports(name, True)) for name in OWN}
+    assert not any(inside.values()), f"shardml imports inside functions: { {k: v for k, v in inside.items() if v} }"
+    graph = {name: {m for m in _run_imports(name, False) if m in OWN} for name in OWN}
+
+    def reaches(start, target, seen=()):
+        return any(m == target or (m not in seen and reaches(m, target, (*seen, m))) for m in graph[start])
+
+    cycles = [name for name in OWN if reaches(name, name)]
+    assert not cycles, f"import cycles through {cycles}: {graph}"
