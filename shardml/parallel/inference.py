@@ -34,12 +34,8 @@ from jax.sharding import NamedSharding
 
 from shardml.core.errors import ConfigError
 from shardml.core.sharding import Rules, batch_sharding, tree_shardings, use_rules
-from shardml.models.transformer import (
-    KV_CACHE_LOGICAL,
-    TransformerConfig,
-    decode_step,
-    prefill,
-)
+from shardml.models.transformer_decode import KV_CACHE_LOGICAL, decode_step, prefill
+from shardml.models.transformer_layers import TransformerConfig
 from shardml.parallel.population import EnsembleMetrics
 
 MAX_STOP_TOKENS = 8  # stop tokens travel as a fixed-size array, so their number does not recompile
