@@ -7,6 +7,7 @@ A library is hidden as if never installed: ``None`` in ``sys.modules`` makes ``i
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tomllib
@@ -65,3 +66,27 @@ def test_flower_names_the_flower_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "flwr", None)
     with pytest.raises(shardml.ConfigError, match=r"\[flower\]"):
         shardml.flower.client_app(None, None)
+
+
+# What in a README section needs an extra (the code it shows or the keys it names), and which.
+NEEDS = {
+    "examples": ("load_digits", "data.corpus=digits", "configs/digits.yaml"),
+    "text": ("data.tokenizer=bpe",),
+    "search": ("population.sampler=optuna",),
+    "privacy": ("update_noise=", "example_noise="),
+    "flower": ("shardml.flower.",),
+}
+
+
+def test_each_readme_section_names_the_extras_it_needs():
+    """A section whose code needs an optional library says which extra brings it (`[examples]`,
+    `".[examples,flower]"`, ...); the rest run on `pip install .`, the README's first command."""
+    readme = (ROOT / "README.md").read_text()
+    first = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    assert "pip install . " in first and "[dev]" not in first, f"the first command installs more than needed: {first}"
+    for section in re.split(r"^(?=## )", readme, flags=re.MULTILINE)[1:]:
+        title = section.splitlines()[0]
+        named = {e for group in re.findall(r"\[([\w,]+)\]", section) for e in group.split(",")}
+        for extra, signs in NEEDS.items():
+            if any(sign in section for sign in signs):
+                assert extra in named, f"README {title!r} needs [{extra}] (it uses {signs}) but does not say so"

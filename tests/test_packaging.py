@@ -1,7 +1,8 @@
 """shardml as a user installs it: the release check (``python -m build`` makes the sdist and the
 wheel, ``twine check`` accepts both, each holds the presets and the pytest plugin), and the wheel,
-installed by pip without network into a fresh virtual environment, runs ``shardml --help`` and a
-preset from another directory; ``python -m shardml`` is the ``shardml`` command.
+installed by pip without network and without extras into a fresh virtual environment, runs
+``shardml --help`` and a preset from another directory, and names the extra a feature needs;
+``python -m shardml`` is the ``shardml`` command.
 
 The build is shared with tests/test_notebooks.py (tests/freshenv.py: once per session).
 """
@@ -54,7 +55,8 @@ def test_release_builds_an_sdist_and_a_wheel_that_twine_accepts(dist):
 @pytest.mark.slow
 def test_wheel_in_a_fresh_venv_runs_a_preset_from_another_directory(dist, tmp_path, tmp_path_factory):
     venv = tmp_path / "venv"
-    python = freshenv.fresh_venv(venv, tmp_path_factory)
+    # What `pip install .` gives: the feature extras' libraries (scikit-learn, Optuna, ...) hidden.
+    python = freshenv.fresh_venv(venv, tmp_path_factory, hide=freshenv.extra_packages(freshenv.FEATURE_EXTRAS))
     env = freshenv.offline_env(dist)
     # No --no-deps: pip resolves the wheel's requirements against what the environment holds, offline.
     proc = subprocess.run([str(python), "-m", "pip", "install", "-q", str(freshenv.the_wheel(dist))], env=env,
@@ -65,6 +67,8 @@ def test_wheel_in_a_fresh_venv_runs_a_preset_from_another_directory(dist, tmp_pa
     where = subprocess.run([str(python), "-c", "import shardml; print(shardml.__file__)"], cwd=elsewhere, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(venv)), f"the test imported shardml from {where}, not the installed wheel"
+    assert subprocess.run([str(python), "-c", "import sklearn"], env=env, capture_output=True).returncode, \
+        "scikit-learn is importable: the environment is not what `pip install .` gives"
     for command in ([str(venv / "bin" / "shardml")], [str(python), "-m", "shardml"]):
         proc = subprocess.run([*command, "--help"], cwd=elsewhere, env=env, capture_output=True, text=True)
         assert proc.returncode == 0 and "train" in proc.stdout, f"{command} --help: {proc.stdout}{proc.stderr}"
@@ -75,6 +79,9 @@ def test_wheel_in_a_fresh_venv_runs_a_preset_from_another_directory(dist, tmp_pa
         proc = subprocess.run([*command, "train", "tinny"], cwd=elsewhere, env=env, capture_output=True, text=True)
         assert proc.returncode == 2 and "no preset named 'tinny'; did you mean tiny? presets: default, tiny" in \
             proc.stderr, proc.stderr
+    proc = subprocess.run([str(venv / "bin" / "shardml"), "train", "tiny", "model.kind=mlp", "data.corpus=digits",
+                           "out_dir=digits", "--quiet"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "[examples]" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_dev_extra_holds_the_release_tools():
