@@ -23,7 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # Never copied into the build, never borrowed from this environment: what a fresh clone lacks, and
 # shardml itself (else pip and the setup cell would find it installed already).
 _NOT_SOURCE = (".git", ".venv*", "venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs")
-_NOT_BORROWED = ("shardml", "shardml-", "_shardml_pytestplugin", "__editable__")
+_NOT_BORROWED = ("shardml", "_shardml_pytestplugin", "__editable__")  # lower case, as compared
 _CACHE: dict[str, pathlib.Path] = {}  # one build and one borrowed site-packages per session (module global)
 # The extras of single features (not dev, notebooks, bench, tpu, cuda); what they install can be hidden.
 FEATURE_EXTRAS = ("examples", "search", "text", "privacy", "flower", "tensorboard")
