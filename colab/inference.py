@@ -12,21 +12,62 @@
 # decode that reruns the whole sequence for every token, and draws what the cache costs.
 
 # %%
-# Setup: install shardml as Colab would (not where it is installed already, as in CI), then take the
-# TPU or GPU if it has 8 devices, else 8 emulated CPU devices (same layouts, only slower).
+# Setup: install shardml where it is missing (from a wheel uploaded here, else a checkout, else the repository),
+# then take the TPU or GPU if it has 8 devices, else 8 emulated CPU devices (same layouts, only slower).
+import importlib.metadata
 import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
+import tomllib
 
-SHARDML_REPOSITORY = "https://github.com/your-org/shardml"  # placeholder, set in colab/sync.py
+SHARDML_REPOSITORY = "https://github.com/your-org/shardml"  # [project.urls] of pyproject.toml, via colab/sync.py
 ACCELERATOR = ("tpu" if importlib.util.find_spec("libtpu") else
                "gpu" if importlib.util.find_spec("jax_cuda12_plugin") or importlib.util.find_spec("jax_cuda13_plugin")
                else "cpu")
-if importlib.util.find_spec("shardml") is None and not os.environ.get("SHARDML_NO_INSTALL"):
-    extra = {"tpu": "[tpu]", "gpu": "[cuda]", "cpu": ""}[ACCELERATOR]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"shardml{extra} @ git+{SHARDML_REPOSITORY}"],
-                   check=True)
+
+
+def shardml_installed() -> bool:
+    # Installed means pip's record, not find_spec: a clone in ./shardml would pass for an (empty) package.
+    try:
+        return importlib.metadata.distribution("shardml") is not None
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def is_checkout(folder: pathlib.Path) -> bool:
+    try:
+        return tomllib.loads((folder / "pyproject.toml").read_text())["project"]["name"] == "shardml"
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return False
+
+
+def install_shardml(extra: str) -> None:
+    """pip-installs shardml from the first source that works: the newest shardml-*.whl in the working
+    directory, a checkout (the working directory, a parent of it, or ./shardml), the repository."""
+    here = pathlib.Path.cwd()
+    wheels = sorted(here.glob("shardml-*.whl"), key=lambda wheel: wheel.stat().st_mtime, reverse=True)
+    checkouts = [folder for folder in (here, *here.parents, here / "shardml") if is_checkout(folder)]
+    sources = [path.as_uri() for path in (*wheels[:1], *checkouts)] + [f"git+{SHARDML_REPOSITORY}"]
+    failed = []
+    for source in sources:
+        print(f"installing shardml{extra} from {source}")
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"shardml{extra} @ {source}"],
+                             capture_output=True, text=True, check=False)
+        if pip.returncode == 0:
+            importlib.invalidate_caches()  # this Python has looked at site-packages before the install
+            return
+        failed.append(f"  {source}: {(pip.stderr.strip().splitlines() or ['pip failed'])[-1]}")
+    raise SystemExit("\n".join([
+        "could not install shardml:", *failed, "Do one of these, then run this cell again:",
+        "  - upload a wheel: in a shardml checkout run `pip install build && python -m build --wheel` and upload",
+        f"    dist/shardml-*.whl to {here} (Colab: the Files pane on the left);",
+        f"  - clone the repository into the runtime: `!git clone {SHARDML_REPOSITORY} {here / 'shardml'}`."]))
+
+
+if not shardml_installed() and not os.environ.get("SHARDML_NO_INSTALL"):
+    install_shardml({"tpu": "[tpu]", "gpu": "[cuda]", "cpu": ""}[ACCELERATOR])
 if ACCELERATOR != "cpu":  # count the accelerator's devices in a child process: JAX starts only once here
     probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"], capture_output=True,
                            text=True, check=False)

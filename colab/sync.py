@@ -10,9 +10,9 @@ notebook is writing one ``NAME.py`` and running this script::
     python colab/sync.py           # rewrite the standard cells, every NAME.ipynb and the README table
     python colab/sync.py --check   # change nothing; exit 1 naming what is out of date (the tests do this)
 
-``REPOSITORY`` is a placeholder until the project has a public home, and the one place to set it
-(the badge links and the ``pip install ... @ git+https://github.com/...`` line of every
-notebook are made from it).
+The repository the notebooks install from and Colab opens them in is named once, as
+``Repository`` in ``pyproject.toml``'s ``[project.urls]``; this script writes it into every
+setup cell and badge (change it there and run the script).
 """
 
 from __future__ import annotations
@@ -22,39 +22,81 @@ import json
 import pathlib
 import re
 import sys
+import tomllib
 
-# PLACEHOLDER: the GitHub repository the notebooks install from and Colab opens them in.
-REPOSITORY = "your-org/shardml"
 BRANCH = "main"
-
 COLAB = pathlib.Path(__file__).resolve().parent
+PYPROJECT = COLAB.parent / "pyproject.toml"
 README = COLAB / "README.md"
 NOT_NOTEBOOKS = {"sync"}  # .py files of colab/ that are not notebooks
 
 BADGE = ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
          "(https://colab.research.google.com/github/{repository}/blob/{branch}/colab/{name}.ipynb)")
 SETUP_MARK = "# Setup:"
-SETUP = '''\
-# Setup: install shardml as Colab would (not where it is installed already, as in CI), then take the
-# TPU or GPU if it has 8 devices, else 8 emulated CPU devices (same layouts, only slower).
+# The setup cell. "<REPOSITORY>" becomes the repository URL; a plain template (no str.format) so that
+# the cell's own braces stay as they are.
+SETUP = """\
+# Setup: install shardml where it is missing (from a wheel uploaded here, else a checkout, else the repository),
+# then take the TPU or GPU if it has 8 devices, else 8 emulated CPU devices (same layouts, only slower).
+import importlib.metadata
 import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
+import tomllib
 
-SHARDML_REPOSITORY = "https://github.com/{repository}"  # placeholder, set in colab/sync.py
+SHARDML_REPOSITORY = "<REPOSITORY>"  # [project.urls] of pyproject.toml, via colab/sync.py
 ACCELERATOR = ("tpu" if importlib.util.find_spec("libtpu") else
                "gpu" if importlib.util.find_spec("jax_cuda12_plugin") or importlib.util.find_spec("jax_cuda13_plugin")
                else "cpu")
-if importlib.util.find_spec("shardml") is None and not os.environ.get("SHARDML_NO_INSTALL"):
-    extra = {{"tpu": "[tpu]", "gpu": "[cuda]", "cpu": ""}}[ACCELERATOR]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"shardml{{extra}} @ git+{{SHARDML_REPOSITORY}}"],
-                   check=True)
+
+
+def shardml_installed() -> bool:
+    # Installed means pip's record, not find_spec: a clone in ./shardml would pass for an (empty) package.
+    try:
+        return importlib.metadata.distribution("shardml") is not None
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def is_checkout(folder: pathlib.Path) -> bool:
+    try:
+        return tomllib.loads((folder / "pyproject.toml").read_text())["project"]["name"] == "shardml"
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return False
+
+
+def install_shardml(extra: str) -> None:
+    \"\"\"pip-installs shardml from the first source that works: the newest shardml-*.whl in the working
+    directory, a checkout (the working directory, a parent of it, or ./shardml), the repository.\"\"\"
+    here = pathlib.Path.cwd()
+    wheels = sorted(here.glob("shardml-*.whl"), key=lambda wheel: wheel.stat().st_mtime, reverse=True)
+    checkouts = [folder for folder in (here, *here.parents, here / "shardml") if is_checkout(folder)]
+    sources = [path.as_uri() for path in (*wheels[:1], *checkouts)] + [f"git+{SHARDML_REPOSITORY}"]
+    failed = []
+    for source in sources:
+        print(f"installing shardml{extra} from {source}")
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"shardml{extra} @ {source}"],
+                             capture_output=True, text=True, check=False)
+        if pip.returncode == 0:
+            importlib.invalidate_caches()  # this Python has looked at site-packages before the install
+            return
+        failed.append(f"  {source}: {(pip.stderr.strip().splitlines() or ['pip failed'])[-1]}")
+    raise SystemExit("\\n".join([
+        "could not install shardml:", *failed, "Do one of these, then run this cell again:",
+        "  - upload a wheel: in a shardml checkout run `pip install build && python -m build --wheel` and upload",
+        f"    dist/shardml-*.whl to {here} (Colab: the Files pane on the left);",
+        f"  - clone the repository into the runtime: `!git clone {SHARDML_REPOSITORY} {here / 'shardml'}`."]))
+
+
+if not shardml_installed() and not os.environ.get("SHARDML_NO_INSTALL"):
+    install_shardml({"tpu": "[tpu]", "gpu": "[cuda]", "cpu": ""}[ACCELERATOR])
 if ACCELERATOR != "cpu":  # count the accelerator's devices in a child process: JAX starts only once here
     probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"], capture_output=True,
                            text=True, check=False)
     if probe.returncode or int(probe.stdout.split()[-1]) < 8:
-        print(f"fewer than 8 {{ACCELERATOR}} devices: running on 8 emulated CPU devices instead")
+        print(f"fewer than 8 {ACCELERATOR} devices: running on 8 emulated CPU devices instead")
         os.environ["JAX_PLATFORMS"], ACCELERATOR = "cpu", "cpu"
 
 import shardml
@@ -64,7 +106,7 @@ if ACCELERATOR == "cpu":
 import jax
 
 BACKEND = jax.default_backend()
-print(f"shardml {{shardml.__version__}}, jax {{jax.__version__}}: {{jax.device_count()}} {{BACKEND}} devices")'''
+print(f"shardml {shardml.__version__}, jax {jax.__version__}: {jax.device_count()} {BACKEND} devices")"""
 
 TABLE_START = "<!-- notebooks: generated by colab/sync.py -->"
 TABLE_END = "<!-- end of notebooks -->"
@@ -79,12 +121,26 @@ def notebook_names() -> list[str]:
     return sorted(names, key=lambda name: (ORDER.index(name) if name in ORDER else len(ORDER), name))
 
 
+def repository_url() -> str:
+    """``Repository`` of pyproject.toml's ``[project.urls]``: the one place the project's home is named.
+
+    Raises:
+      ValueError: it is missing, or not a GitHub repository (Colab opens notebooks from GitHub).
+    """
+    urls = tomllib.loads(PYPROJECT.read_text()).get("project", {}).get("urls", {})
+    url = urls.get("Repository", "")
+    if not re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", url):
+        raise ValueError(f"{PYPROJECT}: [project.urls] Repository = {url!r}; want 'https://github.com/OWNER/NAME'")
+    return url
+
+
 def badge(name: str) -> str:
-    return BADGE.format(repository=REPOSITORY, branch=BRANCH, name=name)
+    owner_name = repository_url().removeprefix("https://github.com/")
+    return BADGE.format(repository=owner_name, branch=BRANCH, name=name)
 
 
 def setup_source() -> str:
-    return SETUP.format(repository=REPOSITORY)
+    return SETUP.replace("<REPOSITORY>", repository_url())
 
 
 def read(name: str):

@@ -187,3 +187,26 @@ def test_api_reference_documents_every_public_name():
     assert not missing, f"docs/api.md lacks {missing}; run: python docs/make_api.py"
     undocumented = re.findall(r"### `shardml\.(\w+)`\n\n```text\n[^`]*```\n\n\(no docstring\)", text)
     print("public names without a docstring:", undocumented)
+
+
+RULES_TABLE = re.compile(r"<!-- the default rules: .*? -->\n(.*?)<!-- end of the default rules -->", re.DOTALL)
+
+
+def _mesh_axes_cell(axes) -> str:
+    """How the table writes a rule's mesh axes."""
+    if axes is None or axes == ():
+        return "replicated"
+    return " × ".join(f"`{axis}`" for axis in ((axes,) if isinstance(axes, str) else axes))
+
+
+def test_own_model_rules_table_is_the_default_rules():
+    """docs/howto-own-model.md's table of logical names is what shardml.Rules.default() says: every
+    name, in the rules' order, with its mesh axes."""
+    import shardml
+
+    match = RULES_TABLE.search((DOCS / "howto-own-model.md").read_text())
+    assert match, "docs/howto-own-model.md lost its table of the default rules"
+    documented = re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", match.group(1), re.MULTILINE)
+    expected = [(name, _mesh_axes_cell(axes)) for name, axes in shardml.Rules.default().table]
+    rows = "\n".join(f"| `{name}` | {cell} | ... |" for name, cell in expected)
+    assert documented == expected, f"docs/howto-own-model.md's rules table is out of date; its rows should be:\n{rows}"

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from conftest import PARAMS_RTOL, assert_trees_close, host
-from shardml.core.errors import ConfigError
+from shardml.core.errors import ConfigError, ModelError
 from shardml.core.losses import classification
 from shardml.core.mesh import make_mesh
 from shardml.core.step import build_trainer
@@ -233,5 +233,6 @@ def test_batch_statistics_are_refused():
         def __call__(self, x):
             return self.norm(self.layer(x))
 
-    with pytest.raises(ConfigError, match=r"non-trainable variables \(norm/mean \(BatchStat\)"):
+    with pytest.raises(ModelError, match=r"non-trainable variables \(norm/mean \(BatchStat\)") as caught:
         from_nnx(WithBatchNorm)
+    assert (caught.value.subject, caught.value.value) == ("module", "WithBatchNorm")

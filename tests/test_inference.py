@@ -284,6 +284,27 @@ def test_sampling_is_seeded_and_top_k_1_or_a_tiny_top_p_is_greedy(random_lm):
         assert runs["top-k 3 top-p 0.5"][row][0] in allowed, f"row {row}: a token outside the top 3 was drawn"
 
 
+def test_generate_names_its_arguments_in_errors_before_compiling():
+    """A Python caller's bad input to generate is refused by typed errors naming the argument."""
+    from shardml.core.errors import DataError, LayoutError, SettingError
+    from shardml.core.mesh import make_mesh
+    from shardml.parallel.inference import check_decoding_mesh, check_generation, check_sampling
+
+    for call, error, subject, message in (
+            (lambda: check_generation([], 4, None), DataError, "prompts", "prompts is empty"),
+            (lambda: check_generation([3], 0, None), SettingError, "max_new_tokens", "max_new_tokens=0 must be >= 1"),
+            (lambda: check_generation([3, 40], 4, 32), DataError, "prompts", "prompt 1 is 40 tokens long"),
+            (lambda: check_generation([30], 4, 32), SettingError, "max_new_tokens", "ask for at most 2 new tokens"),
+            (lambda: check_sampling(-1.0, 0, 1.0), SettingError, "temperature", "temperature=-1.0 is out of range"),
+            (lambda: check_sampling(1.0, 0, 0.0), SettingError, "top_p", "top_p=0.0 is out of range"),
+            (lambda: check_sampling(0.0, 0, 1.0, list(range(9))), SettingError, "stop_tokens", "at most 8"),
+            (lambda: check_decoding_mesh(make_mesh({"pipeline": 2, "data": 4})), LayoutError, "mesh", "pipeline=2")):
+        with pytest.raises(error, match=message) as caught:
+            call()
+        assert caught.value.subject == subject, (message, caught.value.subject)
+        assert "inference." not in str(caught.value) and "--" not in str(caught.value), caught.value
+
+
 def test_train_writes_samples_and_generate_continues_prompts(lm_run, capsys):
     """samples.txt holds continuations of the fixed prompts at temperature 0.7 (a plain decode of
     the saved parameters with the same keys, here); `shardml generate` with that temperature and

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import lm_batch, max_rel_diff, tiny_transformer, trainer_for
+from shardml.core.errors import ModelError, SettingError, ShardmlError
 from shardml.core.losses import token_cross_entropy
 from shardml.run.config import load_config
 
@@ -135,3 +136,48 @@ def test_auto_execution_unrolls_without_remat_only_where_it_fits():
     assert (full.remat, full.layer_loop) == ("full", "scan"), "an explicit remat keeps the layers scanned"
     pinned = build(load_config("tiny", ["model.remat=dots", "model.layer_loop=unroll"])).cfg.model
     assert (pinned.remat, pinned.layer_loop) == ("dots", "unroll"), "explicit choices are kept"
+
+
+@pytest.mark.parametrize("settings,error,subject,message", [
+    ({"d_model": 66}, ModelError, "d_model", "d_model=66 is not divisible by heads=4"),
+    ({"kv_heads": 3}, ModelError, "kv_heads", "heads=4 is not divisible by kv_heads=3"),
+    ({"d_model": 20}, ModelError, "d_model", "d_model / heads = 20 / 4 = 5 is odd"),
+    ({"d_ff": 0}, ShardmlError, None, "d_ff=0 must be >= 1"),
+    ({"dtype": "int8"}, ShardmlError, None, "dtype='int8' is not one of"),
+])
+def test_the_transformer_names_its_own_arguments_in_errors(settings, error, subject, message):
+    """Below the run layer an error names the argument (``d_ff=0``), never a config key
+    (``model.d_ff``), and carries it as ``subject`` / ``value`` for the run layer to reword."""
+    from shardml.models import TransformerConfig, transformer
+
+    with pytest.raises(error, match=message.replace("(", r"\(")) as caught:
+        transformer(TransformerConfig(**settings), seq_len=16)
+    assert "model." not in str(caught.value), caught.value
+    if subject is not None:
+        assert (caught.value.subject, caught.value.value) == (subject, settings[subject]), caught.value
+    with pytest.raises(SettingError, match="seq_len=0 must be >= 1"):
+        transformer(TransformerConfig(), seq_len=0)
+
+
+def test_the_mlp_and_the_parameter_specs_name_their_arguments_in_errors():
+    from shardml.core.model import ParamSpec
+    from shardml.models import mlp_classifier
+
+    with pytest.raises(SettingError, match="classes=0 must be >= 1") as caught:
+        mlp_classifier(features=4, hidden=8, classes=0)
+    assert (caught.value.subject, caught.value.value) == ("classes", 0)
+    with pytest.raises(ModelError, match=r"shape=\(4, 2\) and logical=\('embed',\) differ in rank") as caught:
+        ParamSpec((4, 2), ("embed",))
+    assert caught.value.subject == "logical"
+
+
+def test_every_name_of_the_transformer_module_before_the_split_is_still_importable_there():
+    import importlib
+
+    module = importlib.import_module("shardml.models.transformer")
+    before = ("REMAT_POLICIES LAYER_LOOPS AUTO AUTO_UNROLL_MAX_LAYERS AUTO_MEMORY_SHARE GRAD_DTYPES COMPUTE_DTYPES "
+              "TransformerConfig check_transformer transformer_specs project rms_norm rotary attention mlp _ACT "
+              "embed_tokens run_layers output_logits transformer_apply transformer_flops_per_token no_remat_bytes "
+              "unrolled_fits resolve_execution transformer KV_CACHE_LOGICAL rotary_at _qkv_at _masked_attention "
+              "_last_logits prefill decode_step").split()
+    assert [name for name in before if not hasattr(module, name)] == []

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from shardml.core.errors import ModelError
 from shardml.core.sharding import is_axes, shards_of
 
 
@@ -42,7 +43,8 @@ class ParamSpec:
 
     def __post_init__(self):
         if len(self.shape) != len(self.logical):
-            raise ValueError(f"shape {self.shape} and logical axes {self.logical} differ in rank")
+            raise ModelError(f"shape={self.shape} and logical={self.logical} differ in rank; give one logical "
+                             "axis name (or None) per dimension", subject="logical", value=self.logical)
 
     def initialize(self, key: jax.Array) -> jax.Array:
         if callable(self.init):
@@ -168,16 +170,17 @@ def check_logical(model: Model) -> None:
     """The logical tree has the parameters' structure and one name per dimension.
 
     Raises:
-      ValueError: naming the first parameter that does not match.
+      ModelError: naming the first parameter that does not match (``subject`` ``"logical"``).
     """
     shapes = model.abstract_params
     flat_axes = jax.tree_util.tree_flatten_with_path(model.logical, is_leaf=is_axes)[0]
     flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
     if [p for p, _ in flat_axes] != [p for p, _ in flat_shapes]:
-        raise ValueError(f"{model.name}: its logical axes tree does not match its parameters "
+        raise ModelError(f"{model.name}: its logical axes tree does not match its parameters "
                          f"({len(flat_axes)} entries against {len(flat_shapes)} arrays); give one tuple per "
-                         "array, (None,) * ndim for a replicated one")
+                         "array, (None,) * ndim for a replicated one", subject="logical", value=len(flat_axes))
     for (path, axes), (_, shape) in zip(flat_axes, flat_shapes):
         if len(axes) != len(shape.shape):
-            raise ValueError(f"{model.name}: parameter {jax.tree_util.keystr(path)} has shape {shape.shape} "
-                             f"but logical axes {axes}")
+            raise ModelError(f"{model.name}: parameter {jax.tree_util.keystr(path)} has shape {shape.shape} "
+                             f"but logical axes {axes}; give one name (or None) per dimension",
+                             subject="logical", value=axes)

@@ -30,31 +30,35 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import ModelError
 from shardml.core.sharding import flax_rules, per_example
 from shardml.core.trees import nest, path_name
 from shardml.core.model import Model
 
 
 def _refuse_non_trainable(name: str, what: list[str]) -> None:
+    """Raises ModelError (subject ``module``) naming the first few non-trainable variables."""
     if what:
-        raise ConfigError(
+        raise ModelError(
             f"{name} has non-trainable variables ({', '.join(what[:4])}{', ...' if len(what) > 4 else ''}); shardml "
             "trains parameters only, so that every layout and microbatch count equals one device. Replace batch "
-            "norm with layer or group norm, or keep these values as constants outside the module")
+            "norm with layer or group norm, or keep these values as constants outside the module",
+            subject="module", value=name)
 
 
 # ----------------------------------------------------------------------------- NNX
 
 
-def _nnx_logical(variable) -> tuple:
+def _nnx_logical(path: str, variable) -> tuple:
+    """The logical axes an ``nnx.Param`` was annotated with (replicated when it has none)."""
     names = variable.get_metadata().get("out_sharding")
-    ndim = len(variable.get_value().shape)
+    shape = variable.get_value().shape
     if not names:
-        return (None,) * ndim
+        return (None,) * len(shape)
     names = tuple(names)
-    if len(names) != ndim:
-        raise ConfigError(f"a parameter of shape {variable.get_value().shape} is annotated with {names}")
+    if len(names) != len(shape):
+        raise ModelError(f"parameter {path} of shape {shape} is annotated with {len(names)} logical axes {names}; "
+                         "give nnx.with_partitioning one name (or None) per dimension", subject="module", value=path)
     return names
 
 
@@ -87,7 +91,7 @@ class _NnxParts:
         return cls(graphdef, tuple(nnx.to_flat_state(params)), tuple(nnx.to_flat_state(rngs)))
 
     def logical(self) -> dict:
-        return nest({path_name(path): _nnx_logical(var) for path, var in self.params})
+        return nest({path_name(path): _nnx_logical(path_name(path), var) for path, var in self.params})
 
     def merge(self, tree: dict, key: jax.Array | None):
         """The module with ``tree``'s parameters and RNG streams seeded from ``key`` (key 0 if None)."""

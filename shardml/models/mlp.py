@@ -9,13 +9,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from shardml.core.sharding import constrain
+from shardml.core.errors import SettingError
 from shardml.core.model import Model, ParamSpec, from_specs
+from shardml.core.sharding import constrain
 
 
 def mlp_classifier(features: int, hidden: int, classes: int, dtype: str = "float32") -> Model:
     """Column-parallel hidden layer (``mlp`` over tensor), row-parallel output; inputs [B, I] floats,
-    outputs f32 logits [B, C]."""
+    outputs f32 logits [B, C].
+
+    Raises:
+      SettingError: ``features``, ``hidden`` or ``classes`` < 1 (``subject`` is its name).
+    """
+    for name, size in (("features", features), ("hidden", hidden), ("classes", classes)):
+        if size < 1:
+            raise SettingError(f"{name}={size} must be >= 1", subject=name, value=size)
     specs = {
         "w_in": ParamSpec((features, hidden), ("embed", "mlp"), fan_in_dims=(0,)),
         "b_in": ParamSpec((hidden,), ("mlp",), "zeros"),

@@ -32,14 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import DataError, LayoutError, SettingError
 from shardml.core.sharding import Rules, batch_sharding, tree_shardings, use_rules
-from shardml.models.transformer import (
-    KV_CACHE_LOGICAL,
-    TransformerConfig,
-    decode_step,
-    prefill,
-)
+from shardml.models.transformer_decode import KV_CACHE_LOGICAL, decode_step, prefill
+from shardml.models.transformer_layers import TransformerConfig
 from shardml.parallel.population import EnsembleMetrics
 
 MAX_STOP_TOKENS = 8  # stop tokens travel as a fixed-size array, so their number does not recompile
@@ -52,9 +48,13 @@ _PROMPT_BUCKET = 8  # prompts are padded to a multiple of this many slots (fewer
 def batch_multiple(trainer) -> int:
     """The row count every evaluation batch of ``trainer`` must be a multiple of: its batch shards
     (data x fsdp), times the accumulation and pipeline microbatches its loss pass splits rows into."""
-    shards = math.prod(trainer.mesh.shape[a] for a in trainer.rules.mesh_axes("batch"))
     pipeline = trainer.schedule.microbatches * trainer.microbatches if trainer.schedule is not None else 1
-    return shards * pipeline
+    return _batch_shards(trainer.mesh, trainer.rules) * pipeline
+
+
+def _batch_shards(mesh, rules: Rules) -> int:
+    """How many ways ``rules`` split a batch's rows over ``mesh`` (its batch axes' sizes multiplied)."""
+    return math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
 
 
 def round_rows(rows: int, multiple: int) -> int:
@@ -69,7 +69,8 @@ def held_out_batches(tokens: np.ndarray, seq_len: int, rows: int) -> Iterator[di
     """
     predicted = len(tokens) - 1
     if predicted < 1:
-        raise ConfigError(f"the held-out stream has {len(tokens)} token(s); evaluation needs at least 2")
+        raise DataError(f"the held-out stream (tokens) has {len(tokens)} token(s); evaluation needs at least 2",
+                        subject="tokens", value=len(tokens))
     windows = -(-predicted // seq_len)
     for first in range(0, windows, rows):
         inputs = np.zeros((rows, seq_len), np.int32)
@@ -117,7 +118,8 @@ def evaluate_batches(trainer, params: Any, batches: Iterable[dict], in_flight: i
     iterator = iter(batches)
     first = next(iterator, None)
     if first is None:
-        raise ConfigError("nothing to evaluate: no batches")
+        raise DataError("batches is empty: nothing to evaluate; give at least one batch", subject="batches",
+                        value=[])
     totals: dict[str, Any] = {}
 
     def add(sums) -> float:
@@ -377,22 +379,120 @@ def check_generation(prompt_lengths: Sequence[int], max_new_tokens: int, context
     sequence length the model was trained on) or one that leaves no room for ``max_new_tokens``.
 
     Raises:
-      ConfigError: naming the prompt, its length and the context.
+      DataError: no prompts, or a prompt that is empty or longer than the context (``subject``
+        ``"prompts"``, naming the prompt and its length).
+      SettingError: ``max_new_tokens`` < 1, or more than the context leaves after a prompt.
     """
     if not prompt_lengths:
-        raise ConfigError("no prompt to generate from; give at least one (--prompt TEXT)")
+        raise DataError("prompts is empty: nothing to generate from; give at least one prompt",
+                        subject="prompts", value=[])
     if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        raise SettingError(f"max_new_tokens={max_new_tokens} must be >= 1", subject="max_new_tokens",
+                           value=max_new_tokens)
     for i, n in enumerate(prompt_lengths):
         if n < 1:
-            raise ConfigError(f"prompt {i} is empty; every prompt needs at least one token")
+            raise DataError(f"prompt {i} is empty; every prompt needs at least one token", subject="prompts", value=n)
         if context is not None and n > context:
-            raise ConfigError(f"prompt {i} is {n} tokens long, longer than the model's context of {context} "
-                              "tokens (the sequence length it was trained on); shorten the prompt")
+            raise DataError(f"prompt {i} is {n} tokens long, longer than the model's context of {context} "
+                            "tokens (the sequence length it was trained on); shorten the prompt",
+                            subject="prompts", value=n)
         if context is not None and n + max_new_tokens > context:
-            raise ConfigError(f"prompt {i} ({n} tokens) + {max_new_tokens} new tokens = {n + max_new_tokens} exceeds "
-                              f"the model's context of {context} tokens; ask for at most {context - n} new tokens "
-                              "or shorten the prompt")
+            raise SettingError(f"prompt {i} ({n} tokens) + {max_new_tokens} new tokens = {n + max_new_tokens} "
+                               f"exceeds the model's context of {context} tokens; ask for at most {context - n} new "
+                               "tokens or shorten the prompt", subject="max_new_tokens", value=max_new_tokens)
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, stop_tokens: Sequence[int] = ()) -> None:
+    """Rejects sampling settings out of range: ``temperature`` >= 0, ``top_k`` >= 0,
+    0 < ``top_p`` <= 1, at most ``MAX_STOP_TOKENS`` stop tokens.
+
+    Raises:
+      SettingError: naming the argument and its value (``subject`` is its name).
+    """
+    for name, value, ok in (("temperature", temperature, temperature >= 0), ("top_k", top_k, top_k >= 0),
+                            ("top_p", top_p, 0 < top_p <= 1)):
+        if not ok:
+            raise SettingError(f"{name}={value} is out of range (temperature >= 0, top_k >= 0, 0 < top_p <= 1)",
+                               subject=name, value=value)
+    if len(stop_tokens) > MAX_STOP_TOKENS:
+        raise SettingError(f"stop_tokens has {len(stop_tokens)} tokens; at most {MAX_STOP_TOKENS}",
+                           subject="stop_tokens", value=list(stop_tokens))
+
+
+def check_decoding_mesh(mesh) -> None:
+    """Generation runs on the data, fsdp and tensor axes only.
+
+    Raises:
+      LayoutError: a mesh with ``pipeline`` or ``members`` > 1 (``subject`` ``"mesh"``).
+    """
+    pipeline, members = mesh.shape.get("pipeline", 1), mesh.shape.get("members", 1)
+    if pipeline > 1 or members > 1:
+        raise LayoutError(f"generation runs on the data, fsdp and tensor axes; this mesh has pipeline={pipeline}, "
+                          f"members={members}: give a mesh with pipeline=1 and members=1 (the parameters "
+                          "reshard onto any layout)", subject="mesh", value=dict(mesh.shape))
+
+
+def _right_aligned(prompts: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens [rows, P], starts [rows])``: each prompt at the end of its row, P a multiple of
+    ``_PROMPT_BUCKET``; rows past the prompts hold one padding token and never run."""
+    P = round_rows(max(len(p) for p in prompts), _PROMPT_BUCKET)
+    tokens = np.zeros((rows, P), np.int32)
+    starts = np.full(rows, P - 1, np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, P - len(prompt):] = np.asarray(prompt, np.int32)
+        starts[row] = P - len(prompt)
+    return tokens, starts
+
+
+def _sampling(seed: int, temperature: float, top_k: int, top_p: float, stop_tokens: Sequence[int]) -> dict:
+    """The sampler's arguments as fixed-shape arrays (new values do not recompile)."""
+    stop = np.full(MAX_STOP_TOKENS, -1, np.int32)
+    stop[:len(stop_tokens)] = np.asarray(stop_tokens, np.int32)
+    return {"seed": np.uint32(seed), "temperature": np.float32(temperature), "top_k": np.int32(top_k),
+            "top_p": np.float32(top_p), "stop": stop}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placed:
+    """A generation's inputs on the devices: rows over the batch axes, the sampling replicated."""
+
+    tokens: jax.Array  # [B, P]
+    starts: jax.Array  # [B]
+    rows: jax.Array  # [B] row ids (the sampler's keys)
+    live: jax.Array  # [B] rows that hold a prompt
+    sampling: dict
+
+    @classmethod
+    def put(cls, tokens, starts, prompts: int, sampling: dict, mesh, rules: Rules) -> _Placed:
+        rows_sharding = batch_sharding(mesh, rules)
+        B = len(starts)
+        return cls(tokens=jax.device_put(tokens, batch_sharding(mesh, rules, 2)),
+                   starts=jax.device_put(starts, rows_sharding),
+                   rows=jax.device_put(np.arange(B, dtype=np.int32), rows_sharding),
+                   live=jax.device_put(np.arange(B) < prompts, rows_sharding),
+                   sampling=jax.device_put(sampling, NamedSharding(mesh, jax.sharding.PartitionSpec())))
+
+    def prefill_args(self) -> tuple:
+        return self.tokens, self.starts, self.rows, self.sampling
+
+    def decode_args(self) -> tuple:
+        return self.starts, self.rows, self.live, self.sampling
+
+
+def _run_timed(prefill_exe, decode_exe, params, placed: _Placed, mesh) -> dict:
+    """Runs the compiled prefill, then the decode loop, each timed to its last result."""
+    with jax.set_mesh(mesh):
+        start = time.perf_counter()
+        first, cache = prefill_exe(params, *placed.prefill_args())
+        jax.block_until_ready(first)
+        prefill_s = time.perf_counter() - start
+        cache_bytes = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(cache))
+        start = time.perf_counter()
+        out, steps = decode_exe(params, cache, first, *placed.decode_args())
+        out, steps = jax.device_get((out, steps))
+        decode_s = time.perf_counter() - start
+    return {"out": out, "decode_steps": int(steps), "prefill_seconds": prefill_s, "decode_seconds": decode_s,
+            "cache_bytes_per_device": cache_bytes}
 
 
 def generate(cfg: TransformerConfig, params: Any, prompts: Sequence[Sequence[int]], *, mesh, rules: Rules | None = None,
@@ -417,52 +517,22 @@ def generate(cfg: TransformerConfig, params: Any, prompts: Sequence[Sequence[int
       context: the longest sequence the model may see (prompt + new tokens); None: no limit.
 
     Raises:
-      ConfigError: before compiling, for a prompt the context cannot hold, a pipeline mesh, or
-        too many stop tokens.
+      DataError, SettingError: before compiling, for a prompt the context cannot hold or sampling
+        settings out of range (:func:`check_generation`, :func:`check_sampling`).
+      LayoutError: a mesh with a pipeline or members axis (:func:`check_decoding_mesh`).
     """
     rules = rules or Rules.default()
     check_generation([len(p) for p in prompts], max_new_tokens, context)
-    if mesh.shape.get("pipeline", 1) > 1 or mesh.shape.get("members", 1) > 1:
-        raise ConfigError(f"generation runs on data, fsdp and tensor axes; this mesh has pipeline="
-                          f"{mesh.shape.get('pipeline', 1)}, members={mesh.shape.get('members', 1)}: set "
-                          "mesh.pipeline=1 and mesh.members=1 (the checkpoint reshards onto any layout)")
-    if len(stop_tokens) > MAX_STOP_TOKENS:
-        raise ConfigError(f"{len(stop_tokens)} stop tokens; at most {MAX_STOP_TOKENS}")
-    shards = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
-    n, B = len(prompts), round_rows(len(prompts), shards)
-    P = round_rows(max(len(p) for p in prompts), _PROMPT_BUCKET)
-    tokens = np.zeros((B, P), np.int32)
-    starts = np.full(B, P - 1, np.int32)  # padding rows: one token, never live
-    for row, prompt in enumerate(prompts):
-        tokens[row, P - len(prompt):] = np.asarray(prompt, np.int32)
-        starts[row] = P - len(prompt)
-    stop = np.full(MAX_STOP_TOKENS, -1, np.int32)
-    stop[:len(stop_tokens)] = np.asarray(stop_tokens, np.int32)
-    sampling = {"seed": np.uint32(seed), "temperature": np.float32(temperature), "top_k": np.int32(top_k),
-                "top_p": np.float32(top_p), "stop": stop}
-    rows_sharding = batch_sharding(mesh, rules)
-    one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    tokens_d = jax.device_put(tokens, batch_sharding(mesh, rules, 2))
-    starts_d, rows_d, live_d = (jax.device_put(x, rows_sharding) for x in (starts, np.arange(B, dtype=np.int32),
-                                                                            np.arange(B) < n))
-    sampling_d = jax.device_put(sampling, one)
+    check_sampling(temperature, top_k, top_p, stop_tokens)
+    check_decoding_mesh(mesh)
+    tokens, starts = _right_aligned(prompts, round_rows(len(prompts), _batch_shards(mesh, rules)))
+    placed = _Placed.put(tokens, starts, len(prompts), _sampling(seed, temperature, top_k, top_p, stop_tokens),
+                         mesh, rules)
     prefill_exe, decode_exe, compile_s = decoder(cfg, mesh, rules).compiled(
-        params, (tokens_d, starts_d, rows_d, sampling_d), (starts_d, rows_d, live_d, sampling_d), P, max_new_tokens,
+        params, placed.prefill_args(), placed.decode_args(), tokens.shape[1], max_new_tokens,
         sampler_of(temperature, top_k, top_p))
-    with jax.set_mesh(mesh):
-        start = time.perf_counter()
-        first, cache = prefill_exe(params, tokens_d, starts_d, rows_d, sampling_d)
-        jax.block_until_ready(first)
-        prefill_s = time.perf_counter() - start
-        cache_bytes = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(cache))
-        start = time.perf_counter()
-        out, steps = decode_exe(params, cache, first, starts_d, rows_d, live_d, sampling_d)
-        out, steps = jax.device_get((out, steps))
-        decode_s = time.perf_counter() - start
-    results = []
-    for row in range(n):
-        got = out[row][out[row] >= 0]
-        results.append(got.astype(np.int32))
+    run = _run_timed(prefill_exe, decode_exe, params, placed, mesh)
+    out = run.pop("out")
+    results = [out[row][out[row] >= 0].astype(np.int32) for row in range(len(prompts))]
     return Generation(tokens=results, prompt_tokens=sum(len(p) for p in prompts),
-                      new_tokens=sum(len(r) for r in results), prefill_seconds=prefill_s, decode_seconds=decode_s,
-                      compile_seconds=compile_s, decode_steps=int(steps), cache_bytes_per_device=cache_bytes)
+                      new_tokens=sum(len(r) for r in results), compile_seconds=compile_s, **run)

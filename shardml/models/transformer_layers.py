@@ -1,0 +1,270 @@
+"""The reference transformer's layers: its config, parameter specs and forward pass.
+
+A decoder-only transformer: RMSNorm, rotary positions, SwiGLU MLP, optional grouped-query attention.
+Layers are stacked on a leading ``layers`` axis and run with ``lax.scan``, so compile time does not
+grow with depth. Every weight and the activations that need it are named by logical axes only.
+:func:`shardml.models.transformer.transformer` assembles these into a ``Model``; its cost lives in
+:mod:`shardml.models.transformer_cost`, decoding with a KV cache in
+:mod:`shardml.models.transformer_decode`.
+
+Shape letters: B batch, S sequence, D model, H query heads, K key/value heads, G = H / K query heads
+per key/value head, E head dim, F MLP hidden, V vocabulary, L layers.
+
+    cfg = TransformerConfig(layers=2, d_model=64, heads=4, d_ff=256)
+    check_transformer(cfg)
+    params = init_params(transformer_specs(cfg), jax.random.key(0))
+    logits_BSV = transformer_apply(params, tokens_BS, cfg)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from shardml.core.errors import ModelError
+from shardml.core.model import ParamSpec
+from shardml.core.settings import check_settings, setting
+from shardml.core.sharding import constrain
+
+# none: keep every activation; full: recompute the whole layer in the backward; dots: keep matmul
+# outputs, recompute the rest. On XLA:CPU which is faster depends on the layout (benchmarks/README.md).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# scan: one compiled loop body (compile time independent of depth; each FSDP weight is gathered again
+# for its backward); unroll: the layers one after another.
+LAYER_LOOPS = ("scan", "unroll")
+# "auto" (remat and layer_loop) picks remat=none with unrolled layers where that fits, else dots with
+# the layers scanned: see transformer_cost.resolve_execution.
+AUTO = "auto"
+# Weight-gradient products of bf16/f16 compute: "compute" (the default) returns them in the compute
+# dtype, as autodiff of a plain cast does (plain Flax, MaxText); "float32" accumulates and returns
+# them in f32. On XLA:CPU the partial sums are reduced across devices in f32 either way (the
+# compiled steps' gradient all-reduces are f32 with "compute" too, JAX 0.10.2 and 0.12), so there
+# "float32" only spares each device's own product one rounding, and an f32-output product of bf16
+# operands costs 5-11 % of the step (benchmarks/README.md, bench_step.py).
+GRAD_DTYPES = ("compute", "float32")
+COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """The reference transformer. ``dtype`` is the compute dtype; parameters are always float32.
+
+    ``remat`` and ``layer_loop`` at ``"auto"`` are chosen by
+    :func:`~shardml.models.transformer_cost.resolve_execution` from the memory a run's devices have
+    (``shardml.run.recipe.build`` does it); :func:`~shardml.models.transformer.transformer` given
+    them unresolved takes the choice that always fits, ``dots`` with the layers scanned.
+    """
+
+    vocab: int = setting(256, minimum=2)
+    layers: int = setting(2, minimum=1)
+    d_model: int = setting(64, minimum=1)
+    heads: int = setting(4, minimum=1)
+    kv_heads: int = setting(0, minimum=0, hint="0 means 'same as heads' (no grouped-query attention)")
+    d_ff: int = setting(256, minimum=1)
+    dtype: str = setting("bfloat16", choices=COMPUTE_DTYPES)
+    remat: str = setting(AUTO, choices=(AUTO, *REMAT_POLICIES))
+    layer_loop: str = setting(AUTO, choices=(AUTO, *LAYER_LOOPS))
+    grad_dtype: str = setting("compute", choices=GRAD_DTYPES)
+    rope_base: float = setting(10000.0, above=0.0)
+
+
+def check_transformer(cfg: TransformerConfig) -> None:
+    """Every setting in its range, and the head arithmetic (what the rules and the mesh cannot check:
+    they see each weight alone).
+
+    Raises:
+      SettingError: a setting out of its range (``d_ff=0 must be >= 1``).
+      ModelError: heads that do not divide ``d_model``, key/value heads that do not divide
+        ``heads``, or an odd head dimension; ``subject`` is the setting to change.
+    """
+    check_settings(cfg)
+    kv = cfg.kv_heads or cfg.heads
+    if cfg.d_model % cfg.heads:
+        raise ModelError(f"d_model={cfg.d_model} is not divisible by heads={cfg.heads}; "
+                         "choose d_model = heads x head_dim", subject="d_model", value=cfg.d_model)
+    if cfg.heads % kv:
+        raise ModelError(f"heads={cfg.heads} is not divisible by kv_heads={kv}; "
+                         "each key/value head must serve a whole group of query heads",
+                         subject="kv_heads", value=cfg.kv_heads)
+    if (cfg.d_model // cfg.heads) % 2:
+        raise ModelError(f"d_model / heads = {cfg.d_model} / {cfg.heads} = {cfg.d_model // cfg.heads} is odd; "
+                         "rotary positions rotate channel pairs, so the head dimension must be even",
+                         subject="d_model", value=cfg.d_model)
+
+
+def transformer_specs(cfg: TransformerConfig) -> dict:
+    L, D, H, F, V = cfg.layers, cfg.d_model, cfg.heads, cfg.d_ff, cfg.vocab
+    K = cfg.kv_heads or H
+    E = D // H
+    out_scale = 1.0 / math.sqrt(2 * L)  # residual branches summed over 2L blocks keep unit scale
+    return {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), fan_in_dims=()),
+        "layers": {
+            "attn_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+            "wq": ParamSpec((L, D, H, E), ("layers", "embed", "heads", "head_dim"), fan_in_dims=(1,)),
+            "wk": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
+            "wv": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
+            "wo": ParamSpec((L, H, E, D), ("layers", "heads", "head_dim", "embed"), fan_in_dims=(1, 2),
+                            scale=out_scale),
+            "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+            "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
+            "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
+            "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), fan_in_dims=(1,), scale=out_scale),
+        },
+        "final_norm": ParamSpec((D,), ("norm",), "ones"),
+        "unembed": ParamSpec((D, V), ("embed", "vocab"), fan_in_dims=(0,)),
+    }
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
+def project(spec: str, x, w, out_dtype=None, x_grad: bool = True, grad_dtype: str = "compute"):
+    """``einsum(spec, x, w)`` in x's (compute) dtype, weights f32 and cast here.
+
+    The gradient is what autodiff of the plain cast gives, except for two choices: ``out_dtype``
+    (e.g. f32 logits) is the product's accumulation and result type, and ``x_grad=False`` skips the
+    input gradient, for inputs that are constants (the embedding's one-hot tokens).
+    ``grad_dtype="float32"`` (``TransformerConfig.grad_dtype``) makes the weight-gradient product
+    accumulate and return f32 instead of x's dtype, so each device's partial sum is not rounded
+    before the partitioner reduces it over the batch-sharded axes.
+
+        y_BSF = project("bsd,df->bsf", x_BSD, w_DF)
+    """
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
+
+
+def _project_fwd(spec, x, w, out_dtype, x_grad, grad_dtype):
+    w_cast = w.astype(x.dtype)
+    return jnp.einsum(spec, x, w_cast, preferred_element_type=out_dtype), (x, w_cast)
+
+
+def _project_bwd(spec, out_dtype, x_grad, grad_dtype, res, g):
+    x, w_cast = res
+    inputs, out = spec.replace(" ", "").split("->")
+    x_idx, w_idx = inputs.split(",")
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{w_idx}->{x_idx}", g, w_cast) if x_grad else None  # None: a zero cotangent
+    product_dtype = jnp.float32 if grad_dtype == "float32" else None
+    dw = jnp.einsum(f"{x_idx},{out}->{w_idx}", x, g, preferred_element_type=product_dtype)
+    return dx, dw.astype(jnp.float32)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
+def rms_norm(x, scale, eps: float = 1e-6):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary_angles(positions_BS, head_dim: int, base: float):
+    """The rotation angle of each channel pair at each position: f32 [B, S, E/2] (B may be 1)."""
+    inv_freq = base ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2 / head_dim)
+    return positions_BS.astype(jnp.float32)[:, :, None] * inv_freq
+
+
+def rotate(x_BSHE, angle_BSE):
+    """Rotates channel pairs (i, i + E/2) of every head by ``angle`` (one per row, position, pair)."""
+    cos, sin = jnp.cos(angle_BSE)[:, :, None, :], jnp.sin(angle_BSE)[:, :, None, :]
+    x1, x2 = jnp.split(x_BSHE.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSHE.dtype)
+
+
+def rotary(x_BSHE, base: float):
+    """Rotary positions 0 .. S-1, the same for every row."""
+    S, E = x_BSHE.shape[1], x_BSHE.shape[-1]
+    return rotate(x_BSHE, rotary_angles(jnp.arange(S)[None, :], E, base))
+
+
+def attend(q_BSHE, k_BTKE, v_BTKE, visible, layer, grad_dtype: str = "compute"):
+    """Softmax attention of S queries over T keys where ``visible`` (broadcast to [B, K, G, S, T]),
+    then the output projection: [B, S, D]. Scores and softmax in f32, the rest in q's dtype."""
+    B, S, H, E = q_BSHE.shape
+    K = k_BTKE.shape[2]
+    q_BSKGE = q_BSHE.reshape(B, S, K, H // K, E)
+    scores = jnp.einsum("bskge,btke->bkgst", q_BSKGE, k_BTKE, preferred_element_type=jnp.float32)
+    scores = jnp.where(visible, scores / math.sqrt(E), -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_BSHE.dtype)
+    o_BSKGE = jnp.einsum("bkgst,btke->bskge", probs, v_BTKE)
+    o_BSHE = constrain(o_BSKGE.reshape(B, S, H, E), ("batch", "act_seq", "act_heads", None))
+    return project("bshe,hed->bsd", o_BSHE, layer["wo"], grad_dtype=grad_dtype)
+
+
+def attention(h_BSD, layer, cfg: TransformerConfig):
+    """Causal self-attention of a whole sequence (the training path)."""
+    g = cfg.grad_dtype
+    # One product per weight, also under tensor parallelism. Megatron's fused QKV (and gate/up) would
+    # stack the weights so the backward sums their input gradients before one all-reduce, but the
+    # stacking and the stacked cotangent cost more than the all-reduces they save: on fsdp=2 x
+    # tensor=4 separate products make the step 13 % (JAX 0.10.2) to 19 % (0.12) faster.
+    q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"], grad_dtype=g)
+    k_BSKE = project("bsd,dke->bske", h_BSD, layer["wk"], grad_dtype=g)
+    v_BSKE = project("bsd,dke->bske", h_BSD, layer["wv"], grad_dtype=g)
+    q_BSHE = constrain(rotary(q_BSHE, cfg.rope_base), ("batch", "act_seq", "act_heads", None))
+    k_BSKE = constrain(rotary(k_BSKE, cfg.rope_base), ("batch", "act_seq", "act_kv_heads", None))
+    S = q_BSHE.shape[1]
+    causal_ST = jnp.tril(jnp.ones((S, S), dtype=bool))
+    return attend(q_BSHE, k_BSKE, v_BSKE, causal_ST, layer, g)
+
+
+def mlp(h_BSD, layer, cfg: TransformerConfig):
+    g = cfg.grad_dtype
+    gate_BSF = project("bsd,df->bsf", h_BSD, layer["w_gate"], grad_dtype=g)
+    gate_BSF = constrain(gate_BSF, ("batch", "act_seq", "act_mlp"))
+    up_BSF = project("bsd,df->bsf", h_BSD, layer["w_up"], grad_dtype=g)
+    return project("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"], grad_dtype=g)
+
+
+# The residual stream [B, S, D] between blocks.
+ACT_LOGICAL = ("batch", "act_seq", "act_embed")
+
+
+def embed_tokens(params, tokens_BS, cfg: TransformerConfig):
+    """Token ids [B, S] -> activations [B, S, D] in the compute dtype."""
+    dtype = jnp.dtype(cfg.dtype)
+    # Vocab-parallel lookup as a one-hot product: each tensor shard contributes its slice of the
+    # vocabulary and one all-reduce combines them (a gather from a sharded table is replicated whole).
+    onehot_BSV = constrain(jax.nn.one_hot(tokens_BS, cfg.vocab, dtype=dtype), ("batch", "act_seq", "act_vocab"))
+    embedded_BSD = project("bsv,vd->bsd", onehot_BSV, params["embed"], x_grad=False, grad_dtype=cfg.grad_dtype)
+    return constrain(embedded_BSD, ACT_LOGICAL)
+
+
+def run_layers(layers, x_BSD, cfg: TransformerConfig):
+    """Applies a stack of layers (every leaf has a leading layer axis, of any length) with ``lax.scan``."""
+    dtype = jnp.dtype(cfg.dtype)
+
+    def block(x_BSD, layer):
+        # Weights stay f32 here: `project` casts them (norm scales are cast by rms_norm).
+        x_BSD = x_BSD + attention(rms_norm(x_BSD, layer["attn_norm"]), layer, cfg)
+        x_BSD = x_BSD + mlp(rms_norm(x_BSD, layer["mlp_norm"]), layer, cfg)
+        return constrain(x_BSD, ACT_LOGICAL), None
+
+    if cfg.remat != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
+    # Unrolled, XLA:CPU stacks no per-layer residuals and slices no stacked weights: with remat=none
+    # a small model's step is 10-28 % faster (benchmarks/README.md). But XLA then keeps each
+    # FSDP-gathered weight from the forward for the backward instead of gathering it again, so the
+    # whole model's weights can be resident at once, which FSDP is there to avoid: resolve_execution.
+    x_BSD, _ = jax.lax.scan(block, x_BSD.astype(dtype), layers, unroll=cfg.layer_loop == "unroll")
+    return x_BSD
+
+
+def output_logits(params, x_BSD, cfg: TransformerConfig):
+    """Final norm and unembedding: [B, S, D] -> f32 logits [B, S, V]."""
+    x_BSD = rms_norm(x_BSD, params["final_norm"])
+    logits_BSV = project("bsd,dv->bsv", x_BSD, params["unembed"], jnp.float32, grad_dtype=cfg.grad_dtype)
+    return constrain(logits_BSV, ("batch", "act_seq", "act_vocab"))
+
+
+def transformer_apply(params, tokens_BS, cfg: TransformerConfig):
+    x_BSD = embed_tokens(params, tokens_BS, cfg)
+    x_BSD = run_layers(params["layers"], x_BSD, cfg)
+    return output_logits(params, x_BSD, cfg)
