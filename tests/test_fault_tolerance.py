@@ -205,9 +205,10 @@ def test_out_dir_of_another_model_is_refused_and_left_untouched(env, reference, 
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     code, stderr = run(env, out, tmp_path, extra=("model.d_model=64",))
     assert code == 2, stderr[-3000:]
-    # Detected from the parameter shapes; all 12 arrays of the transformer have a d_model dimension.
+    # Detected from the parameter shapes (all 12 arrays of the transformer have a d_model dimension),
+    # and the config key that changed them is named.
     assert ("holds a run of another model (transformer with 12 parameter arrays, 12 differing from this "
-            "transformer's (first: embed [[256, 32], 'float32'] -> [[256, 64], 'float32'])); it was not touched"
-            in stderr and "--fresh" in stderr), stderr[-3000:]
+            "transformer's (first: embed [[256, 32], 'float32'] -> [[256, 64], 'float32'])) (model.d_model: 32 -> "
+            "64); it was not touched" in stderr and "--fresh" in stderr), stderr[-3000:]
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before, "out_dir changed although the run was refused"
