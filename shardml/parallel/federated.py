@@ -27,6 +27,8 @@ divides by the cohort); DP-SGD inside clients is :func:`shardml.core.privacy.pri
     state = trainer.init(seed=0)                    # a TrainState: step counts rounds, params = w_t
     state, metrics = trainer.step(state, trainer.put(data.batch(0)))     # one whole round
 
+:func:`federated_rounds` is the transformation ``Program -> Program`` (:mod:`shardml.core.step`)
+that turns the clients' step into a round; :func:`build_federated` builds, wraps and compiles.
 The trainer is a :class:`~shardml.core.step.Trainer` whose step is a round, so the loop,
 checkpoints and resume take a federated run as they take any other; its state's ``params`` are
 the global model (``load_params`` of a federated run gives it). :func:`client_update` is the one
@@ -74,7 +76,8 @@ def proximal(mu: float) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         if params is None:
-            raise ValueError("proximal needs the parameters (optimizer.update(grads, state, params))")
+            raise SettingError("proximal needs the parameters (optimizer.update(grads, state, params))",
+                               subject="params")
         updates = jax.tree.map(lambda g, p, a: g + mu * (p - a), updates, params, state["anchor"])
         return updates, state
 
