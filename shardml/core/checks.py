@@ -1,6 +1,9 @@
 """What can be rejected before anything compiles, derived from the model's parameters, the rules
 and the mesh (so any model is checked, not only the reference transformer).
 
+Messages name every value as ``name=value``: mesh axes (``tensor=4``) and arguments
+(``batch_size=12``, ``microbatches=2``), so the run layer can name the config keys instead.
+
     check_divisible(model.logical, model.abstract_params, rules, mesh.shape)
     check_batch(32, mesh.shape, microbatches=4)
 """
@@ -57,9 +60,8 @@ def check_batch(batch_size: int, sizes: Mapping[str, int], microbatches: int = 1
         factors.append(("pipeline_microbatches", pipeline_microbatches))
     per_step = math.prod(n for _, n in factors)
     if batch_size % per_step:
-        names = " x ".join(name for name, _ in factors)
-        values = " x ".join(str(n) for _, n in factors)
-        raise LayoutError(
-            f"batch_size={batch_size} is not divisible by {names} = {values} = {per_step}; use a batch "
-            f"size that is a multiple of {per_step} (e.g. {max(per_step, batch_size // per_step * per_step)} "
-            f"or {(batch_size // per_step + 1) * per_step})", subject="batch_size", value=batch_size)
+        split = " x ".join(f"{name}={n}" for name, n in factors)
+        lower = batch_size // per_step * per_step
+        nearest = f"{lower} or {lower + per_step}" if lower else f"{per_step}"
+        raise LayoutError(f"batch_size={batch_size} is not divisible by {split} = {per_step}; use a batch size that "
+                          f"is a multiple of {per_step} (e.g. {nearest})", subject="batch_size", value=batch_size)
