@@ -56,7 +56,7 @@ from shardml.core.sharding import Rules, use_rules
 from shardml.core.step import (Program, Shardings, Trainer, compile_trainer, gradient_strategy, opt_state_shardings,
                                step_program)
 from shardml.core.update import TrainState, advance, train_step
-from shardml.parallel.members import MEMBERS, check_vmappable, over_members, stacked
+from shardml.parallel.members import MEMBERS, check_stackable, over_members, stacked
 
 ALGORITHMS = ("fedavg", "fedprox", "fedopt", "diloco")
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
@@ -295,12 +295,12 @@ def round_slots(cohort: int, mesh) -> int:
     return -(-cohort // groups) * groups
 
 
-def check_round(algorithm: Algorithm, clients: int, cohort: int, local_steps: int, mesh) -> None:
+def check_round(algorithm: Algorithm, clients: int, cohort: int, local_steps: int) -> None:
     """What a round of ``cohort`` of ``clients`` clients with ``local_steps`` each needs.
 
     Raises:
-      SettingError: a cohort outside 1..clients, ``local_steps`` < 1, a partial cohort of an
-        algorithm whose clients keep their state, or a pipelined mesh (:func:`check_vmappable`).
+      SettingError: a cohort outside 1..clients, ``local_steps`` < 1, or a partial cohort of an
+        algorithm whose clients keep their state.
     """
     if not 1 <= cohort <= clients:
         raise SettingError(f"cohort={cohort} must be between 1 and clients={clients}", subject="cohort", value=cohort)
@@ -310,7 +310,6 @@ def check_round(algorithm: Algorithm, clients: int, cohort: int, local_steps: in
         raise SettingError(f"{algorithm.name} keeps every client's optimizer state across rounds, so every client "
                            f"takes part in every round: use cohort=clients (got cohort={cohort} of clients={clients})",
                            subject="cohort", value=cohort)
-    check_vmappable(mesh, "clients")
 
 
 def round_shardings(program: Program, algorithm: Algorithm) -> Shardings:
@@ -334,10 +333,11 @@ def federated_rounds(program: Program, algorithm: Algorithm, *, clients: int, lo
     strategy, :func:`client_strategy`) and optimizer. The state's ``params`` are the server's.
 
     Raises:
-      SettingError: before anything compiles (:func:`check_round`).
+      SettingError: before anything compiles (:func:`check_stackable`, :func:`check_round`).
     """
     cohort = cohort or clients
-    check_round(algorithm, clients, cohort, local_steps, program.parts.mesh)
+    check_stackable(program, "clients")
+    check_round(algorithm, clients, cohort, local_steps)
     slots, keep, inner_init = round_slots(cohort, program.parts.mesh), algorithm.keep_client_state, program.init
     shardings = round_shardings(program, algorithm)
 

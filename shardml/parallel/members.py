@@ -44,9 +44,10 @@ MEMBERS = "members"
 GATE = "member_active"  # the injected multiplier of a member's updates: 1 trains it, 0 freezes it
 
 
-def member_seeds(seed: int, members: int) -> np.ndarray:
-    """Member i initialises from (and draws its random numbers from) seed + i."""
-    return np.arange(members, dtype=np.uint32) + np.uint32(seed)
+def member_seeds(seed, members: int) -> jax.Array:
+    """Member i initialises from (and draws its random numbers from) seed + i (uint32; ``seed`` may
+    be traced)."""
+    return jnp.arange(members, dtype=jnp.uint32) + jnp.asarray(seed, jnp.uint32)
 
 
 def _gate(member_active):
@@ -117,14 +118,17 @@ def hyperparams_of(opt_state: Any) -> dict[str, Any]:
     return found
 
 
-
-def check_vmappable(mesh, stacked_: str) -> None:
-    """The one check that ``stacked_`` models ("members", "clients") can be vmapped on ``mesh``.
+def check_stackable(program: Program, stacked_: str) -> None:
+    """The one check that ``program`` can be vmapped over a stack of ``stacked_`` ("members",
+    "clients"): it trains one model, and no pipeline (its shard_map does not run under vmap).
 
     Raises:
-      SettingError: a ``pipeline`` mesh axis > 1 (subject ``pipeline``).
+      SettingError: a program already stacked, or a ``pipeline`` mesh axis > 1 (subject ``pipeline``).
     """
-    stages = mesh.shape.get(PIPE, 1)
+    if program.members > 1:
+        raise SettingError(f"the program already trains {program.members} stacked members; stack {stacked_} over "
+                           f"one model's program", subject="members", value=program.members)
+    stages = program.parts.mesh.shape.get(PIPE, 1)
     if stages > 1:
         raise SettingError(f"pipeline={stages} with stacked {stacked_}: {stacked_} are vmapped, and the pipeline's "
                            f"shard_map does not run under vmap; use pipeline=1 (data, fsdp and tensor work inside "
@@ -132,11 +136,11 @@ def check_vmappable(mesh, stacked_: str) -> None:
 
 
 def check_members(members: int, mesh) -> None:
-    """``members`` models fit the ``members`` mesh axis and can be vmapped.
+    """``members`` models fit the ``members`` mesh axis.
 
     Raises:
-      SettingError: ``members`` < 1, or a pipelined mesh. LayoutError: ``members`` not a multiple
-        of the ``members`` mesh axis.
+      SettingError: ``members`` < 1. LayoutError: ``members`` not a multiple of the ``members``
+        mesh axis.
     """
     groups = mesh.shape.get(MEMBERS, 1)
     if members < 1:
@@ -145,7 +149,6 @@ def check_members(members: int, mesh) -> None:
         raise LayoutError(f"members={members} is not divisible by the {groups} device groups of the mesh's members "
                           f"axis; each group holds the same number of members, so use a multiple of {groups}",
                           subject="members", value=members)
-    check_vmappable(mesh, "members")
 
 
 def member_values(hyperparams: Mapping[str, Sequence[float]] | None, members: int) -> dict[str, np.ndarray]:
@@ -172,14 +175,16 @@ def over_population(program: Program, members: int, *, hyperparams: Mapping[str,
     data); otherwise every member trains on the same global batch. Evaluation batches are shared.
 
     Raises:
-      ShardmlError: before anything compiles (:func:`check_members`, :func:`member_values`).
+      ShardmlError: before anything compiles (:func:`check_stackable`, :func:`check_members`,
+        :func:`member_values`).
     """
+    check_stackable(program, "members")
     check_members(members, program.parts.mesh)
     values = member_values(hyperparams, members)
     one_init = program.init
 
     def init(seed):
-        state = jax.vmap(one_init)(jnp.arange(members, dtype=jnp.uint32) + seed)  # member_seeds, traced
+        state = jax.vmap(one_init)(member_seeds(seed, members))
         return dataclasses.replace(state, opt_state=set_hyperparams(state.opt_state, values))
 
     sh = program.shardings
