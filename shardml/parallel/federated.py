@@ -152,7 +152,8 @@ class Privacy:
     def __post_init__(self):
         for name in ("update_clip", "update_noise", "example_clip", "example_noise"):
             if getattr(self, name) < 0:
-                raise SettingError(f"{name}={getattr(self, name)} must be >= 0", subject=name, value=getattr(self, name))
+                value = getattr(self, name)
+                raise SettingError(f"{name}={value} must be >= 0", subject=name, value=value)
         for noise, clip in (("update_noise", "update_clip"), ("example_noise", "example_clip")):
             if getattr(self, noise) and not getattr(self, clip):
                 raise SettingError(f"{noise}={getattr(self, noise)} needs {clip} > 0 (the noise is scaled by it)",
@@ -285,8 +286,8 @@ def federated_round(state: TrainState, batch: dict, *, update, client_init, algo
         delta, server_metrics = aggregate(w, finals.params, weight, privacy, key, logical)
     updates, server_opt = algorithm.server.update(delta, state.opt_state.server, w)
     metrics = {**_round_metrics(metrics_SH, weight), **server_metrics, "update_norm": tree_norms(updates)}
-    return advance(state, optax.apply_updates(w, updates), FederatedOptState(server_opt, finals.opt_state if keep else ()),
-                   jnp.isfinite(metrics["update_norm"]), metrics)
+    opt_state = FederatedOptState(server_opt, finals.opt_state if keep else ())
+    return advance(state, optax.apply_updates(w, updates), opt_state, jnp.isfinite(metrics["update_norm"]), metrics)
 
 
 def round_slots(cohort: int, mesh) -> int:
