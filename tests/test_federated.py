@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import assert_trees_close, host
+from conftest import assert_bitwise_equal, assert_trees_close, host
 from shardml.core.data import load_digits
 from shardml.core.errors import ConfigError
 from shardml.core.losses import classification
@@ -204,6 +204,26 @@ def test_diloco_with_outer_sgd_lr_1_is_fedavg_and_its_nesterov_step_is_the_formu
         w = sub(w, scale(jax.tree.map(lambda d, a: d + 0.9 * a, delta, m), 0.7))
     _, nesterov, _ = rounds(trainer("diloco_nesterov", local_steps=2), data, 2)
     assert_trees_close(host(nesterov.params), w, 1e-5, "DiLoCo's outer Nesterov step vs the formula")
+
+
+def test_a_non_finite_round_is_skipped_by_the_guard_every_step_shares():
+    """A NaN client weight makes the round's pseudo-gradient NaN: the round ends in the train step's
+    guard (shardml.core.update.advance), so the server weights and the server's and clients' optimizer
+    states stay as they were, the round still counts, and the next finite round trains."""
+    trainer_ = trainer("diloco_nesterov")
+    data = clients_of([16] * 8)
+    state = trainer_.init(0)
+    before = host(state)
+    batch = data.batch(0)
+    batch["weight"] = np.where(np.arange(len(batch["weight"])) == 2, np.nan, batch["weight"]).astype(np.float32)
+    state, m = trainer_.step(state, trainer_.put(batch))
+    assert int(m["skipped"]) == 1 and int(state.step) == 1, m
+    assert (int(state.bad_steps), int(state.bad_streak)) == (1, 1), (state.bad_steps, state.bad_streak)
+    assert_bitwise_equal((host(state.params), host(state.opt_state)), (before.params, before.opt_state),
+                         "a skipped round changed the state")
+    state, m = trainer_.step(state, trainer_.put(data.batch(1)))
+    assert int(m["skipped"]) == 0 and (int(state.bad_steps), int(state.bad_streak)) == (1, 0), m
+    assert norm(sub(host(state.params), before.params)) > 1e-3, "the finite round after it trained nothing"
 
 
 def test_sharded_round_equals_one_device():

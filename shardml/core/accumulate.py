@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from shardml.core.errors import LayoutError
 from shardml.core.losses import Loss
 from shardml.core.sharding import axes_owned_by_transform, constrain, current_rules, is_axes
 from shardml.core.strategy import GradientStrategy, model_sums
@@ -45,7 +46,8 @@ def split_microbatches(batch: Any, microbatches: int) -> Any:
     """[n, ...] -> [k, n/k, ...], microbatch j = rows j, j+k, j+2k, ... (stays where its rows are)."""
     rows = jax.tree.leaves(batch)[0].shape[0]
     if rows % microbatches:
-        raise ValueError(f"{rows} rows do not split into {microbatches} microbatches")
+        raise LayoutError(f"{rows} rows do not split into microbatches={microbatches}", subject="microbatches",
+                          value=microbatches)
     stacked = optax.microbatching.reshape_batch_axis(batch, rows // microbatches)
     return jax.tree.map(lambda x: constrain(x, (None, "batch") + (None,) * (x.ndim - 2)), stacked)
 

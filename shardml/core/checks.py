@@ -1,6 +1,9 @@
 """What can be rejected before anything compiles, derived from the model's parameters, the rules
 and the mesh (so any model is checked, not only the reference transformer).
 
+Messages name every value as ``name=value``: mesh axes (``tensor=4``) and arguments
+(``batch_size=12``, ``microbatches=2``), so the run layer can name the config keys instead.
+
     check_divisible(model.logical, model.abstract_params, rules, mesh.shape)
     check_batch(32, mesh.shape, microbatches=4)
 """
@@ -13,7 +16,7 @@ from typing import Any
 
 import jax
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import LayoutError
 from shardml.core.sharding import Rules, is_axes
 from shardml.core.trees import path_name
 
@@ -22,7 +25,8 @@ def check_divisible(logical: Any, abstract_params: Any, rules: Rules, sizes: Map
     """Every parameter dimension divides evenly over the mesh axes its logical name maps to.
 
     Raises:
-      ConfigError: naming the parameter, the dimension, its logical name and the mesh axes.
+      LayoutError: naming the parameter, the dimension, its logical name and the mesh axes (as
+        ``tensor=4``; ``subject`` is the mesh axis when only one splits the dimension).
     """
     flat_axes = jax.tree.leaves(logical, is_leaf=is_axes)
     flat_shapes = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
@@ -32,11 +36,13 @@ def check_divisible(logical: Any, abstract_params: Any, rules: Rules, sizes: Map
             mesh_axes = [a for a in rules.mesh_axes(name) if sizes.get(a, 1) > 1]
             ways = math.prod(sizes[a] for a in mesh_axes)
             if leaf.shape[dim] % ways:
-                split = " x ".join(f"mesh.{a}={sizes[a]}" for a in mesh_axes)
-                raise ConfigError(
+                split = " x ".join(f"{a}={sizes[a]}" for a in mesh_axes)
+                subject = mesh_axes[0] if len(mesh_axes) == 1 else None
+                raise LayoutError(
                     f"parameter '{path_name(path)}' has size {leaf.shape[dim]} along '{name}' (dimension {dim} of "
                     f"{tuple(leaf.shape)}), which {split} = {ways} does not divide; pick mesh sizes that divide "
-                    f"{leaf.shape[dim]}, change the model's size, or map '{name}' to other mesh axes in the rules")
+                    f"{leaf.shape[dim]}, change the model's size, or map '{name}' to other mesh axes in the rules",
+                    subject=subject, value=sizes[subject] if subject else None)
 
 
 def check_batch(batch_size: int, sizes: Mapping[str, int], microbatches: int = 1, pipeline_microbatches: int = 1,
@@ -44,18 +50,18 @@ def check_batch(batch_size: int, sizes: Mapping[str, int], microbatches: int = 1
     """The global batch splits into data shards, accumulation microbatches and pipeline microbatches.
 
     Raises:
-      ConfigError: naming the factors and the nearest valid batch sizes.
+      LayoutError: naming the factors (mesh axes, ``microbatches``, ``pipeline_microbatches``) and
+        the nearest valid batch sizes; ``subject`` is ``batch_size``.
     """
     rules = rules or Rules.default()
     axes = [a for a in rules.mesh_axes("batch") if sizes.get(a, 1) > 1]
-    factors = [(f"mesh.{a}", sizes[a]) for a in axes] + [("train.microbatches", microbatches)]
+    factors = [(a, sizes[a]) for a in axes] + [("microbatches", microbatches)]
     if pipeline_microbatches > 1:
-        factors.append(("pipeline.microbatches", pipeline_microbatches))
+        factors.append(("pipeline_microbatches", pipeline_microbatches))
     per_step = math.prod(n for _, n in factors)
     if batch_size % per_step:
-        names = " x ".join(name for name, _ in factors)
-        values = " x ".join(str(n) for _, n in factors)
-        raise ConfigError(
-            f"train.batch_size={batch_size} is not divisible by {names} = {values} = {per_step}; use a batch "
-            f"size that is a multiple of {per_step} (e.g. {max(per_step, batch_size // per_step * per_step)} "
-            f"or {(batch_size // per_step + 1) * per_step})")
+        split = " x ".join(f"{name}={n}" for name, n in factors)
+        lower = batch_size // per_step * per_step
+        nearest = f"{lower} or {lower + per_step}" if lower else f"{per_step}"
+        raise LayoutError(f"batch_size={batch_size} is not divisible by {split} = {per_step}; use a batch size that "
+                          f"is a multiple of {per_step} (e.g. {nearest})", subject="batch_size", value=batch_size)

@@ -1,12 +1,16 @@
-"""The train state and the compiled steps: a module-level train step, explicit shardings, donated
-state, abstract init.
+"""The one trainer builder: a pure :class:`Program` (init, step, evaluate, predict and their
+shardings) built once for a model, transformations that wrap it, and the one place it is jitted.
 
-    trainer = build_trainer(model, mesh, optax.adamw(1e-3), microbatches=4)
+    program = step_program(model, mesh, optax.adamw(1e-3), microbatches=4)   # checked, not compiled
+    trainer = compile_trainer(program)           # or build_trainer(model, mesh, ...) for both
     state = trainer.init(seed=0)                 # created already sharded
     state, metrics = trainer.step(state, batch)  # (state, batch) -> (state, metrics)
 
-:func:`train_step` is the whole update and can be called (or jitted) on its own; the
-:class:`Trainer` only holds it compiled with the shardings of one (model, mesh, optimizer).
+A population (:func:`shardml.parallel.members.over_population`) and a federated round
+(:func:`shardml.parallel.federated.federated_rounds`) are functions ``Program -> Program``, the
+way optax wraps a gradient transformation: they map or scan the pure step and say how their state
+and batches are laid out; :func:`compile_trainer` jits whatever they return with explicit
+shardings and a donated state. The update itself lives in :mod:`shardml.core.update`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,92 +29,14 @@ from jax.sharding import NamedSharding
 from shardml.core.accumulate import accumulator
 from shardml.core.checks import check_divisible
 from shardml.core.data import put_batch
-from shardml.core.errors import ConfigError
-from shardml.core.losses import Loss, means, token_cross_entropy
-from shardml.core.pipeline import PIPE, Pipeline, Schedule
-from shardml.core.sharding import Rules, batch_sharding, constrain, is_axes, replicated, tree_shardings, use_rules
-from shardml.core.strategy import GradientStrategy
+from shardml.core.errors import LayoutError, SettingError
+from shardml.core.losses import Loss, token_cross_entropy
 from shardml.core.model import Model, check_logical
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-    """Everything that changes during training; a PyTree (jit, checkpoints and vmap take it as is).
-
-    ``rng`` holds raw key data (uint32) so the state saves and restores without key adapters; the
-    step folds in the step number and each example's row for the model's random numbers.
-    ``bad_steps`` counts the steps skipped for a non-finite loss or gradient, ``bad_streak`` those
-    in a row; they live here (as ``optax.apply_if_finite`` keeps its counters) so they checkpoint
-    with the state.
-    """
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array
-    bad_steps: jax.Array
-    bad_streak: jax.Array
-
-
-def init_state(seed: jax.Array, *, model: Model, optimizer: optax.GradientTransformation,
-               strategy: GradientStrategy, rules: Rules | None = None) -> TrainState:
-    """A fresh state: parameters from ``model.init`` (under ``rules``) in the strategy's layout, the
-    optimizer's state."""
-    key = jax.random.key(seed)
-    with use_rules(rules):
-        params = strategy.layout(model.init(jax.random.fold_in(key, 0)))
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.fold_in(key, 1)), bad_steps=zero, bad_streak=zero)
-
-
-def row_keys(rng: jax.Array, step: jax.Array, rows: int) -> jax.Array:
-    """Key data [rows, ...]: one key per row of the global batch, a function of (rng, step, row), so
-    every layout and microbatch count gives each example the same random numbers."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(rows, dtype=jnp.uint32))
-    data = jax.random.key_data(keys)
-    return constrain(data, ("batch",) + (None,) * (data.ndim - 1))
-
-
-def train_step(state: TrainState, batch: dict, *, strategy: GradientStrategy, optimizer: optax.GradientTransformation,
-               rules: Rules, uses_rng: bool) -> tuple[TrainState, dict]:
-    """One optimizer step on a global batch; call it under ``jax.set_mesh`` (the trainer does).
-
-    A non-finite loss or gradient leaves the parameters and optimizer state as they were; the step
-    counter (the data position) still advances: the batch is consumed, not retried.
-    """
-    with use_rules(rules):
-        rng_rows = row_keys(state.rng, state.step, jax.tree.leaves(batch)[0].shape[0]) if uses_rng else None
-        grad_sums, sums = strategy.gradient_sums(state.params, batch, rng_rows)
-        count = jnp.maximum(sums["count"], 1.0)
-        grads = jax.tree.map(lambda axes, g: constrain(g / count, axes), strategy.param_logical, grad_sums,
-                             is_leaf=is_axes)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = means(sums)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     (params, opt_state), (state.params, state.opt_state))
-    bad = 1 - finite.astype(jnp.int32)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
-                     bad_steps=state.bad_steps + bad, bad_streak=(state.bad_streak + 1) * bad)
-    metrics.update(skipped=bad, bad_steps=new.bad_steps, bad_streak=new.bad_streak)
-    return new, metrics
-
-
-def eval_step(params: Any, batch: dict, *, strategy: GradientStrategy, rules: Rules) -> dict:
-    """Loss sums of a batch (``loss``, ``count``, ...): add them over batches, divide once at the end."""
-    with use_rules(rules):
-        return strategy.loss_sums(params, batch)
-
-
-def predict_step(params: Any, inputs: Any, *, model: Model, strategy: GradientStrategy, rules: Rules) -> Any:
-    """The model's deterministic outputs for ``inputs`` (parameters in the strategy's layout)."""
-    with use_rules(rules):
-        return model(strategy.natural(params), inputs)
+from shardml.core.pipeline import PIPE, Pipeline, Schedule
+from shardml.core.sharding import Rules, batch_sharding, replicated, tree_shardings
+from shardml.core.strategy import GradientStrategy
+# The pure update, re-exported: callers import the state and the step from here.
+from shardml.core.update import TrainState, eval_step, init_state, predict_step, row_keys, train_step  # noqa: F401
 
 
 def gradient_strategy(model: Model, loss: Loss, mesh, microbatches: int = 1,
@@ -155,15 +82,47 @@ def state_shardings(strategy: GradientStrategy, optimizer, model: Model, rules: 
                       rng=one, bad_steps=one, bad_streak=one)
 
 
+# ----------------------------------------------------------------------------- the program
+
+
 @dataclasses.dataclass(frozen=True)
-class Trainer:
-    """The compiled functions of one (model, loss, mesh, optimizer, microbatches) combination.
+class BatchAxes:
+    """The leading axes of a training batch leaf that index the examples one step trains on.
 
     Attributes:
-      strategy: how gradients are computed (the accumulator or a pipeline schedule).
-      state_shardings: TrainState of NamedShardings (parameters and optimizer state by the rules).
-      batch_sharding: sharding of every batch leaf (leading dim over the batch axes).
+      names: ``("rows",)`` for a plain step; a transformation puts its own axes in front
+        (``("members", "rows")``, ``("slots", "local_steps", "rows")``).
+      sharing: how many models train on each example (a population sharing one batch: every member).
     """
+
+    names: tuple[str, ...] = ("rows",)
+    sharing: int = 1
+
+    def examples(self, shape: tuple[int, ...]) -> int:
+        """Examples one step trains on, from a batch leaf's shape."""
+        return math.prod(shape[:len(self.names)]) * self.sharing
+
+    def under(self, *outer: str) -> BatchAxes:
+        """These axes with ``outer`` axes in front (each model of the wrapper has its own batch)."""
+        return BatchAxes((*outer, *self.names), self.sharing)
+
+    def shared_by(self, models: int) -> BatchAxes:
+        """These axes, every example trained on by ``models`` models."""
+        return BatchAxes(self.names, self.sharing * models)
+
+
+class Shardings(NamedTuple):
+    """Where a program's arrays live: ``state`` (a TrainState of NamedShardings), every ``batch``
+    leaf, evaluation (and prediction) batches ``eval``, and ``metrics`` (of steps and evaluations)."""
+
+    state: TrainState
+    batch: NamedSharding
+    eval: NamedSharding
+    metrics: NamedSharding
+
+
+class Parts(NamedTuple):
+    """What one model's step is made of (transformations keep them as they are)."""
 
     model: Model
     loss: Loss
@@ -172,25 +131,131 @@ class Trainer:
     optimizer: optax.GradientTransformation
     microbatches: int
     strategy: GradientStrategy
-    state_shardings: TrainState
-    batch_sharding: NamedSharding
     schedule: Schedule | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """The pure functions of training, before jit, and what compiling them needs.
+
+    Attributes:
+      init: ``seed (uint32) -> state``.
+      step: ``(state, batch) -> (state, metrics)``.
+      evaluate: ``(params, batch) -> loss sums``; predict: ``(params, inputs) -> outputs``.
+      shardings: where the state, batches and metrics live.
+      examples: the leading example axes of a training batch.
+      members: models stacked on the state's leading axis (1: the state is one model's).
+      parts: the model, loss, mesh, rules, optimizer, ... the step was built from.
+    """
+
+    init: Callable
+    step: Callable
+    evaluate: Callable
+    predict: Callable
+    shardings: Shardings
+    parts: Parts
+    examples: BatchAxes = BatchAxes()
+    members: int = 1
+
+
+def check_step(model: Model, mesh, rules: Rules, microbatches: int) -> None:
+    """What a step of ``model`` on ``mesh`` needs before anything is traced.
+
+    Raises:
+      SettingError: ``microbatches`` < 1.
+      ModelError: a parameter without logical axes.
+      LayoutError: a ``pipeline`` mesh axis the rules do not map ``layers`` to.
+    """
+    if microbatches < 1:
+        raise SettingError(f"microbatches={microbatches} must be >= 1", subject="microbatches", value=microbatches)
+    check_logical(model)
+    stages = mesh.shape.get(PIPE, 1)
+    if stages > 1 and rules.mesh_axes("layers") != (PIPE,):
+        raise LayoutError(f"pipeline={stages} needs the rules to map 'layers' to 'pipeline' "
+                          f"(they map it to {rules.mesh_axes('layers') or None})", subject="pipeline", value=stages)
+
+
+def step_program(model: Model, mesh, optimizer: optax.GradientTransformation, *, loss: Loss = token_cross_entropy,
+                 microbatches: int = 1, schedule: Schedule | None = None, rules: Rules | None = None,
+                 strategy: GradientStrategy | None = None, uses_rng: bool | None = None) -> Program:
+    """The checked :class:`Program` of one model (arguments as :func:`build_trainer`); nothing is
+    compiled. ``strategy`` replaces the accumulator or pipeline (e.g. DP-SGD's accumulator);
+    ``uses_rng`` (default ``model.uses_rng``) gives the strategy one key per row."""
+    rules = rules or Rules.default()
+    stages = mesh.shape.get(PIPE, 1)
+    schedule = (schedule or default_schedule(stages)) if stages > 1 else None
+    check_step(model, mesh, rules, microbatches)
+    strategy = strategy or gradient_strategy(model, loss, mesh, microbatches, schedule)
+    check_divisible(strategy.param_logical, jax.eval_shape(strategy.layout, model.abstract_params), rules, mesh.shape)
+    data = batch_sharding(mesh, rules)
+    shardings = Shardings(state=state_shardings(strategy, optimizer, model, rules, mesh), batch=data, eval=data,
+                          metrics=replicated(mesh))
+    uses_rng = model.uses_rng if uses_rng is None else uses_rng
+    return Program(
+        init=functools.partial(init_state, model=model, optimizer=optimizer, strategy=strategy, rules=rules),
+        step=functools.partial(train_step, strategy=strategy, optimizer=optimizer, rules=rules, uses_rng=uses_rng),
+        evaluate=functools.partial(eval_step, strategy=strategy, rules=rules),
+        predict=functools.partial(predict_step, model=model, strategy=strategy, rules=rules),
+        shardings=shardings, parts=Parts(model, loss, mesh, rules, optimizer, microbatches, strategy, schedule))
+
+
+# ----------------------------------------------------------------------------- the compiled trainer
+
+
+def _part(name: str) -> property:
+    """A trainer attribute read from the parts its program's step was built from."""
+    return property(lambda self: getattr(self.program.parts, name), doc=f"The step's {name} (``program.parts``).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """A :class:`Program` jitted with its shardings (the state donated to the step).
+
+    Attributes (from the program): model, loss, mesh, rules, optimizer, microbatches, strategy,
+    schedule; state_shardings, batch_sharding (of every training batch leaf), eval_sharding;
+    members (> 1: every state leaf stacked on axis 0); batch_axes (the number of leading example
+    axes of a training batch, ``program.examples``).
+    """
+
+    program: Program
     _init: Any
     _step: Any
     _eval: Any
-    _predict: Any = None
-    members: int = 1  # > 1: a population (shardml.parallel.members), every leaf stacked on axis 0
-    eval_sharding: NamedSharding | None = None  # of evaluation batches, when not batch_sharding
-    # Leading axes of a training batch leaf that index the examples one step trains on: 1 for
-    # [rows, ...]; 2 for a population's per-member batches [members, rows, ...]; 3 for a federated
-    # round's [slots, local steps, rows, ...].
-    batch_axes: int = 1
+    _predict: Any
+
+    model = _part("model")
+    loss = _part("loss")
+    mesh = _part("mesh")
+    rules = _part("rules")
+    optimizer = _part("optimizer")
+    microbatches = _part("microbatches")
+    strategy = _part("strategy")
+    schedule = _part("schedule")
+
+    @property
+    def state_shardings(self) -> TrainState:
+        return self.program.shardings.state
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return self.program.shardings.batch
+
+    @property
+    def eval_sharding(self) -> NamedSharding:
+        return self.program.shardings.eval
+
+    @property
+    def members(self) -> int:
+        return self.program.members
+
+    @property
+    def batch_axes(self) -> int:
+        return len(self.program.examples.names)
 
     def examples_per_step(self, batch_shape: tuple[int, ...]) -> int:
         """How many examples one step trains on, from a training batch leaf's shape (a population
         sharing one batch trains every member on all of it)."""
-        shared = self.members if self.batch_axes == 1 else 1
-        return math.prod(batch_shape[:self.batch_axes]) * shared
+        return self.program.examples.examples(batch_shape)
 
     def init(self, seed: int = 0) -> TrainState:
         """A fresh state, every array created directly in its shards."""
@@ -245,7 +310,22 @@ class Trainer:
     def put_eval(self, batch: dict) -> dict:
         """A host evaluation (or prediction) batch as global arrays; a population whose members train
         on their own data still evaluates them all on the same batch."""
-        return put_batch(batch, self.eval_sharding or self.batch_sharding)
+        return put_batch(batch, self.eval_sharding)
+
+
+def compile_trainer(program: Program, kind: type[Trainer] = Trainer, **fields: Any) -> Trainer:
+    """``program`` jitted (compiling on first use) with its shardings and a donated state: the one
+    place shardml calls ``jax.jit`` on a training program. ``kind`` and ``fields``: a Trainer
+    subclass and its extra fields (e.g. :class:`shardml.parallel.federated.FederatedTrainer`)."""
+    sh = program.shardings
+    return kind(
+        program=program,
+        _init=jax.jit(program.init, out_shardings=sh.state),
+        _step=jax.jit(program.step, in_shardings=(sh.state, sh.batch), out_shardings=(sh.state, sh.metrics),
+                      donate_argnums=0),
+        _eval=jax.jit(program.evaluate, in_shardings=(sh.state.params, sh.eval), out_shardings=sh.metrics),
+        _predict=jax.jit(program.predict, in_shardings=(sh.state.params, sh.eval)),
+        **fields)
 
 
 def build_trainer(model: Model, mesh, optimizer: optax.GradientTransformation, *, loss: Loss = token_cross_entropy,
@@ -263,36 +343,9 @@ def build_trainer(model: Model, mesh, optimizer: optax.GradientTransformation, *
       rules: logical -> mesh axes; default :meth:`Rules.default`.
 
     Raises:
-      ConfigError: before anything compiles, when a parameter does not divide over its mesh axes,
-        a logical name has no rule, or the model cannot be pipelined.
+      ShardmlError: before anything compiles (:func:`check_step`, :func:`check_divisible`), when a
+        parameter does not divide over its mesh axes, a logical name has no rule, or the model
+        cannot be pipelined.
     """
-    rules = rules or Rules.default()
-    stages = mesh.shape.get(PIPE, 1)
-    schedule = (schedule or default_schedule(stages)) if stages > 1 else None
-    if microbatches < 1:
-        raise ConfigError(f"train.microbatches={microbatches} must be >= 1")
-    check_logical(model)
-    if stages > 1 and rules.mesh_axes("layers") != (PIPE,):
-        raise ConfigError(f"mesh.pipeline={stages} needs the rules to map 'layers' to 'pipeline' "
-                          f"(they map it to {rules.mesh_axes('layers') or None})")
-    strategy = gradient_strategy(model, loss, mesh, microbatches, schedule)
-    abstract = jax.eval_shape(strategy.layout, model.abstract_params)
-    check_divisible(strategy.param_logical, abstract, rules, mesh.shape)
-    shardings = state_shardings(strategy, optimizer, model, rules, mesh)
-    data = batch_sharding(mesh, rules)
-    one = replicated(mesh)
-    step = functools.partial(train_step, strategy=strategy, optimizer=optimizer, rules=rules,
-                             uses_rng=model.uses_rng)
-    return Trainer(
-        model=model, loss=loss, mesh=mesh, rules=rules, optimizer=optimizer, microbatches=microbatches,
-        strategy=strategy, state_shardings=shardings, batch_sharding=data,
-        schedule=schedule,
-        _init=jax.jit(functools.partial(init_state, model=model, optimizer=optimizer, strategy=strategy,
-                                        rules=rules),
-                      out_shardings=shardings),
-        _step=jax.jit(step, in_shardings=(shardings, data), out_shardings=(shardings, one), donate_argnums=0),
-        _eval=jax.jit(functools.partial(eval_step, strategy=strategy, rules=rules),
-                      in_shardings=(shardings.params, data), out_shardings=one),
-        _predict=jax.jit(functools.partial(predict_step, model=model, strategy=strategy, rules=rules),
-                         in_shardings=(shardings.params, data)),
-    )
+    return compile_trainer(step_program(model, mesh, optimizer, loss=loss, microbatches=microbatches,
+                                        schedule=schedule, rules=rules))

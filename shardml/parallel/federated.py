@@ -27,6 +27,8 @@ divides by the cohort); DP-SGD inside clients is :func:`shardml.core.privacy.pri
     state = trainer.init(seed=0)                    # a TrainState: step counts rounds, params = w_t
     state, metrics = trainer.step(state, trainer.put(data.batch(0)))     # one whole round
 
+:func:`federated_rounds` is the transformation ``Program -> Program`` (:mod:`shardml.core.step`)
+that turns the clients' step into a round; :func:`build_federated` builds, wraps and compiles.
 The trainer is a :class:`~shardml.core.step.Trainer` whose step is a round, so the loop,
 checkpoints and resume take a federated run as they take any other; its state's ``params`` are
 the global model (``load_params`` of a federated run gives it). :func:`client_update` is the one
@@ -45,17 +47,16 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from shardml.core.checks import check_divisible
-from shardml.core.errors import ConfigError
+from shardml.core.errors import SettingError
 from shardml.core.losses import Loss, token_cross_entropy
-from shardml.core.pipeline import PIPE
+from shardml.core.model import Model
 from shardml.core.optim import OptimConfig, default_optimizer
 from shardml.core.privacy import clip_tree, gaussian_noise, private_accumulator, tree_norms
-from shardml.core.sharding import Rules, batch_sharding, replicated, tree_shardings, use_rules
-from shardml.core.step import (Trainer, TrainState, eval_step, gradient_strategy, opt_state_shardings, predict_step,
-                               train_step)
-from shardml.core.model import Model, check_logical
-from shardml.parallel.members import MEMBERS, over_members, stacked
+from shardml.core.sharding import Rules, use_rules
+from shardml.core.step import (Program, Shardings, Trainer, compile_trainer, gradient_strategy, opt_state_shardings,
+                               step_program)
+from shardml.core.update import TrainState, advance, train_step
+from shardml.parallel.members import MEMBERS, check_stackable, over_members, stacked
 
 ALGORITHMS = ("fedavg", "fedprox", "fedopt", "diloco")
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
@@ -75,7 +76,8 @@ def proximal(mu: float) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         if params is None:
-            raise ValueError("proximal needs the parameters (optimizer.update(grads, state, params))")
+            raise SettingError("proximal needs the parameters (optimizer.update(grads, state, params))",
+                               subject="params")
         updates = jax.tree.map(lambda g, p, a: g + mu * (p - a), updates, params, state["anchor"])
         return updates, state
 
@@ -94,7 +96,8 @@ def server_optimizer(name: str = "sgd", lr: float = 1.0, momentum: float = 0.0, 
         return optax.yogi(lr, b1=0.9, b2=0.99, eps=eps)
     if name == "adagrad":
         return optax.adagrad(lr, initial_accumulator_value=0.0, eps=eps)
-    raise ConfigError(f"federated.server_optimizer={name!r} is not one of {', '.join(SERVER_OPTIMIZERS)}")
+    raise SettingError(f"server_optimizer={name!r} is not one of {', '.join(SERVER_OPTIMIZERS)}",
+                       subject="server_optimizer", value=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +152,12 @@ class Privacy:
     def __post_init__(self):
         for name in ("update_clip", "update_noise", "example_clip", "example_noise"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"federated.{name}={getattr(self, name)} must be >= 0")
-        if self.update_noise and not self.update_clip:
-            raise ConfigError("federated.update_noise needs federated.update_clip > 0 (the noise is scaled by it)")
-        if self.example_noise and not self.example_clip:
-            raise ConfigError("federated.example_noise needs federated.example_clip > 0 (the noise is scaled by it)")
+                value = getattr(self, name)
+                raise SettingError(f"{name}={value} must be >= 0", subject=name, value=value)
+        for noise, clip in (("update_noise", "update_clip"), ("example_noise", "example_clip")):
+            if getattr(self, noise) and not getattr(self, clip):
+                raise SettingError(f"{noise}={getattr(self, noise)} needs {clip} > 0 (the noise is scaled by it)",
+                                   subject=noise, value=getattr(self, noise))
 
 
 class FederatedOptState(NamedTuple):
@@ -189,10 +193,15 @@ def client_strategy(model: Model, loss: Loss, mesh, microbatches: int, privacy: 
     return gradient_strategy(model, loss, mesh, microbatches)
 
 
+def client_uses_rng(model: Model, privacy: Privacy) -> bool:
+    """Whether a client's step draws row keys: for the model's dropout, or for DP-SGD's noise."""
+    return model.uses_rng or bool(privacy.example_clip)
+
+
 def local_step(strategy, optimizer, rules: Rules, model: Model, privacy: Privacy):
     """The train step every client runs (with row keys under DP-SGD: its noise draws from them)."""
     return functools.partial(train_step, strategy=strategy, optimizer=optimizer, rules=rules,
-                             uses_rng=model.uses_rng or bool(privacy.example_clip))
+                             uses_rng=client_uses_rng(model, privacy))
 
 
 # ----------------------------------------------------------------------------- the round
@@ -257,116 +266,116 @@ class FederatedTrainer(Trainer):
     local_steps: int = 0
 
 
-def federated_round(state: TrainState, batch: dict, *, update, algorithm: Algorithm, privacy: Privacy, rules: Rules,
-                    logical: Any, slots: int, client_params_sh: Any) -> tuple[TrainState, dict]:
+def federated_round(state: TrainState, batch: dict, *, update, client_init, algorithm: Algorithm, privacy: Privacy,
+                    rules: Rules, logical: Any, slots: int, client_params_sh: Any) -> tuple[TrainState, dict]:
     """One round (the federated trainer's step): every slot runs ``update`` (the clients' H local
     steps, vmapped over the members axis) from the server weights, the server aggregates their
-    updates and applies its optimizer; a non-finite round leaves the state as it was."""
+    updates and applies its optimizer; a non-finite round leaves the state as it was (the guard of
+    every step, :func:`shardml.core.update.advance`). ``client_init`` starts a client's optimizer
+    state when clients do not keep theirs."""
     weight, client = batch["weight"], batch["client"]
     data = {k: v for k, v in batch.items() if k not in ("weight", "client")}
     w, keep = state.params, algorithm.keep_client_state
     start = jax.tree.map(lambda p, sh: jax.lax.with_sharding_constraint(jnp.broadcast_to(p, (slots, *p.shape)), sh),
                          w, client_params_sh)
-    opt = state.opt_state.clients if keep else jax.vmap(algorithm.client.init)(start)
+    opt = state.opt_state.clients if keep else jax.vmap(client_init)(start)
     keys = jax.vmap(lambda c: client_key(state.rng, state.step, c))(client)
     finals, metrics_SH = update(start, opt, data, keys)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), _SERVER_TAG), state.step)
     with use_rules(rules):
         delta, server_metrics = aggregate(w, finals.params, weight, privacy, key, logical)
     updates, server_opt = algorithm.server.update(delta, state.opt_state.server, w)
-    params = optax.apply_updates(w, updates)
-    metrics = _round_metrics(metrics_SH, weight)
-    metrics.update(server_metrics, update_norm=tree_norms(updates))
-    finite = jnp.isfinite(metrics["update_norm"])
-    new_opt = FederatedOptState(server_opt, finals.opt_state if keep else ())
-    params, new_opt = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, new_opt),
-                                   (w, state.opt_state))
-    bad = 1 - finite.astype(jnp.int32)
-    new = TrainState(step=state.step + 1, params=params, opt_state=new_opt, rng=state.rng,
-                     bad_steps=state.bad_steps + bad, bad_streak=(state.bad_streak + 1) * bad)
-    metrics.update(skipped=bad, bad_steps=new.bad_steps, bad_streak=new.bad_streak)
-    return new, metrics
+    metrics = {**_round_metrics(metrics_SH, weight), **server_metrics, "update_norm": tree_norms(updates)}
+    opt_state = FederatedOptState(server_opt, finals.opt_state if keep else ())
+    return advance(state, optax.apply_updates(w, updates), opt_state, jnp.isfinite(metrics["update_norm"]), metrics)
 
 
-def init_federated(seed: jax.Array, *, model: Model, strategy, algorithm: Algorithm, slots: int,
-                   rules: Rules) -> TrainState:
-    """The server weights from ``model.init``, the server optimizer's state and, when clients keep
-    theirs (DiLoCo), every slot's client optimizer state."""
-    key = jax.random.key(seed)
-    with use_rules(rules):
-        params = strategy.layout(model.init(jax.random.fold_in(key, 0)))
-    clients_opt = ()
-    if algorithm.keep_client_state:
-        clients_opt = jax.vmap(algorithm.client.init)(jax.tree.map(lambda p: jnp.broadcast_to(p, (slots, *p.shape)),
-                                                                   params))
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=FederatedOptState(algorithm.server.init(params), clients_opt),
-                      rng=jax.random.key_data(jax.random.fold_in(key, 1)), bad_steps=zero, bad_streak=zero)
+def round_slots(cohort: int, mesh) -> int:
+    """The compiled slots of a round: the cohort rounded up to a multiple of the ``members`` mesh axis."""
+    groups = mesh.shape.get(MEMBERS, 1)
+    return -(-cohort // groups) * groups
 
 
-def _check_round(mesh, algorithm: Algorithm, clients: int, cohort: int, local_steps: int) -> None:
+def check_round(algorithm: Algorithm, clients: int, cohort: int, local_steps: int) -> None:
+    """What a round of ``cohort`` of ``clients`` clients with ``local_steps`` each needs.
+
+    Raises:
+      SettingError: a cohort outside 1..clients, ``local_steps`` < 1, or a partial cohort of an
+        algorithm whose clients keep their state.
+    """
     if not 1 <= cohort <= clients:
-        raise ConfigError(f"a cohort of {cohort} clients from federated.clients={clients}")
+        raise SettingError(f"cohort={cohort} must be between 1 and clients={clients}", subject="cohort", value=cohort)
     if local_steps < 1:
-        raise ConfigError(f"federated.local_steps={local_steps} must be >= 1")
-    if mesh.shape.get(PIPE, 1) > 1:
-        raise ConfigError(f"mesh.pipeline={mesh.shape[PIPE]} with federated clients: clients are vmapped and the "
-                          "pipeline's shard_map does not run under vmap; use mesh.pipeline=1 (data, fsdp and tensor "
-                          "work inside each client)")
+        raise SettingError(f"local_steps={local_steps} must be >= 1", subject="local_steps", value=local_steps)
     if algorithm.keep_client_state and cohort < clients:
-        raise ConfigError(f"{algorithm.name} keeps every client's optimizer state across rounds, so every client takes "
-                          f"part in every round: use federated.fraction=1 (got a cohort of {cohort} of {clients})")
+        raise SettingError(f"{algorithm.name} keeps every client's optimizer state across rounds, so every client "
+                           f"takes part in every round: use cohort=clients (got cohort={cohort} of clients={clients})",
+                           subject="cohort", value=cohort)
 
 
-def _state_shardings(model: Model, strategy, algorithm: Algorithm, rules: Rules, mesh) -> TrainState:
-    params = tree_shardings(strategy.param_logical, rules, mesh)
-    one = replicated(mesh)
+def round_shardings(program: Program, algorithm: Algorithm) -> Shardings:
+    """Where a round keeps its arrays: the server weights as the clients' parameters, the server
+    optimizer's state following them, the clients' optimizer states (kept by DiLoCo) stacked on
+    the slot axis, every round batch leaf's slot axis over ``members``."""
+    inner, parts = program.shardings, program.parts
+    abstract = jax.eval_shape(parts.strategy.layout, parts.model.abstract_params)
+    server = opt_state_shardings(algorithm.server, abstract, inner.state.params, parts.mesh)
+    clients = jax.tree.map(stacked, inner.state.opt_state) if algorithm.keep_client_state else ()
+    state = dataclasses.replace(inner.state, opt_state=FederatedOptState(server=server, clients=clients))
+    return inner._replace(state=state, batch=NamedSharding(parts.mesh, P(MEMBERS)))
 
-    def of(optimizer):
-        return opt_state_shardings(optimizer, model.abstract_params, params, mesh)
 
-    clients = jax.tree.map(stacked, of(algorithm.client)) if algorithm.keep_client_state else ()
-    return TrainState(step=one, params=params, opt_state=FederatedOptState(server=of(algorithm.server), clients=clients),
-                      rng=one, bad_steps=one, bad_streak=one)
+def federated_rounds(program: Program, algorithm: Algorithm, *, clients: int, local_steps: int,
+                     cohort: int | None = None, privacy: Privacy = Privacy()) -> Program:
+    """``program`` (the clients' step, built with ``algorithm.client``) as one federated round per
+    step: ``cohort`` (default all) of ``clients`` clients in slots stacked on the ``members`` mesh
+    axis, ``local_steps`` steps of ``program`` each (a ``lax.scan``), then the server's
+    aggregation (DP-FedAvg by ``privacy.update_clip`` / ``update_noise``; DP-SGD is the program's
+    strategy, :func:`client_strategy`) and optimizer. The state's ``params`` are the server's.
+
+    Raises:
+      SettingError: before anything compiles (:func:`check_stackable`, :func:`check_round`).
+    """
+    cohort = cohort or clients
+    check_stackable(program, "clients")
+    check_round(algorithm, clients, cohort, local_steps)
+    slots, keep, inner_init = round_slots(cohort, program.parts.mesh), algorithm.keep_client_state, program.init
+    shardings = round_shardings(program, algorithm)
+
+    def init(seed):
+        # The clients' stacked optimizer states are the one client's, every slot starting alike.
+        state = inner_init(seed)
+        clients_opt = jax.tree.map(lambda x: jnp.broadcast_to(x, (slots, *x.shape)), state.opt_state) if keep else ()
+        return dataclasses.replace(state, opt_state=FederatedOptState(algorithm.server.init(state.params), clients_opt))
+
+    step = functools.partial(
+        federated_round, update=over_members(functools.partial(client_update, step=program.step)),
+        client_init=program.parts.optimizer.init, algorithm=algorithm, privacy=privacy, rules=program.parts.rules,
+        logical=program.parts.strategy.param_logical, slots=slots,
+        client_params_sh=jax.tree.map(stacked, program.shardings.state.params))
+    return dataclasses.replace(program, init=init, step=step, shardings=shardings,
+                               examples=program.examples.under("slots", "local_steps"))
 
 
 def build_federated(model: Model, mesh, algorithm: Algorithm, *, clients: int, local_steps: int,
                     cohort: int | None = None, loss: Loss = token_cross_entropy, microbatches: int = 1,
                     rules: Rules | None = None, privacy: Privacy = Privacy()) -> FederatedTrainer:
     """A :class:`FederatedTrainer`: ``clients`` simulated clients, ``cohort`` (default all) per
-    round, ``local_steps`` local steps each, in one compiled round.
+    round, ``local_steps`` local steps each, in one compiled round (:func:`federated_rounds` of the
+    clients' step).
 
     The round's slots are stacked on the ``members`` mesh axis (slots / mesh.members per device
     group); the ``data``, ``fsdp`` and ``tensor`` axes work inside each client as in a single run.
 
     Raises:
-      ConfigError: before anything compiles.
+      ShardmlError: before anything compiles.
     """
     rules = rules or Rules.default()
+    program = step_program(model, mesh, algorithm.client, loss=loss, microbatches=microbatches, rules=rules,
+                           strategy=client_strategy(model, loss, mesh, microbatches, privacy),
+                           uses_rng=client_uses_rng(model, privacy))
     cohort = cohort or clients
-    _check_round(mesh, algorithm, clients, cohort, local_steps)
-    groups = mesh.shape.get(MEMBERS, 1)
-    slots = -(-cohort // groups) * groups
-    check_logical(model)
-    strategy = client_strategy(model, loss, mesh, microbatches, privacy)
-    check_divisible(strategy.param_logical, model.abstract_params, rules, mesh.shape)
-    shardings = _state_shardings(model, strategy, algorithm, rules, mesh)
-    update = over_members(functools.partial(client_update, step=local_step(strategy, algorithm.client, rules, model,
-                                                                            privacy)))
-    step = functools.partial(federated_round, update=update, algorithm=algorithm, privacy=privacy, rules=rules,
-                             logical=strategy.param_logical, slots=slots,
-                             client_params_sh=jax.tree.map(stacked, shardings.params))
-    shared, one, slot_sharding = batch_sharding(mesh, rules), replicated(mesh), NamedSharding(mesh, P(MEMBERS))
-    return FederatedTrainer(
-        model=model, loss=loss, mesh=mesh, rules=rules, optimizer=algorithm.client, microbatches=microbatches,
-        strategy=strategy, state_shardings=shardings, batch_sharding=slot_sharding, schedule=None,
-        eval_sharding=shared, batch_axes=3,
-        _init=jax.jit(functools.partial(init_federated, model=model, strategy=strategy, algorithm=algorithm,
-                                        slots=slots, rules=rules), out_shardings=shardings),
-        _step=jax.jit(step, in_shardings=(shardings, slot_sharding), out_shardings=(shardings, one), donate_argnums=0),
-        _eval=jax.jit(functools.partial(eval_step, strategy=strategy, rules=rules),
-                      in_shardings=(shardings.params, shared), out_shardings=one),
-        _predict=jax.jit(functools.partial(predict_step, model=model, strategy=strategy, rules=rules),
-                         in_shardings=(shardings.params, shared)),
-        algorithm=algorithm, privacy=privacy, clients=clients, cohort=cohort, slots=slots, local_steps=local_steps,
-    )
+    rounds = federated_rounds(program, algorithm, clients=clients, local_steps=local_steps, cohort=cohort,
+                              privacy=privacy)
+    return compile_trainer(rounds, FederatedTrainer, algorithm=algorithm, privacy=privacy, clients=clients,
+                           cohort=cohort, slots=round_slots(cohort, mesh), local_steps=local_steps)

@@ -1,13 +1,19 @@
 """The one mechanism behind populations: N train states stacked on a leading axis, one vmapped step,
 the stack sharded over the ``members`` mesh axis (N / mesh.members members per device group).
 
-Every member is a model of its own: its own initialisation and RNG stream (member i starts from
-seed + i), its own optimizer state and hyperparameters (values injected into the optimizer state,
-so one compile serves every value), its own metrics. Inside each member the usual layouts apply
-(data, fsdp and tensor over the devices of its group)::
+:func:`over_population` is a transformation ``Program -> Program`` (:mod:`shardml.core.step`):
+it maps a single model's pure init and step over the members and says how the stack is laid
+out; :func:`build_population` builds, wraps and compiles. Every member is a model of its own:
+its own initialisation and RNG stream (member i starts from seed + i), its own optimizer state
+and hyperparameters (values injected into the optimizer state, so one compile serves every
+value), its own metrics. Inside each member the usual layouts apply (data, fsdp and tensor over
+the devices of its group)::
 
     trainer = build_population(model, mesh, default_optimizer(OptimConfig(), 100), members=8,
                                hyperparams={"lr": [1e-3, 3e-3, 1e-2, 3e-2] * 2})
+    # the same, in its two steps:
+    program = over_population(step_program(model, mesh, gated(optimizer)), 8, hyperparams=...)
+    trainer = compile_trainer(program)
     state = trainer.init(seed=0)                      # TrainState, every leaf [8, ...]
     state, metrics = trainer.step(state, trainer.put(batch))   # metrics["loss"]: [8]
 
@@ -18,7 +24,6 @@ the loop, checkpoints and resume take a population as they take one model.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,22 +33,21 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from shardml.core.checks import check_divisible
-from shardml.core.errors import ConfigError
+from shardml.core.errors import LayoutError, SettingError
 from shardml.core.losses import Loss, token_cross_entropy
+from shardml.core.model import Model
 from shardml.core.pipeline import PIPE
-from shardml.core.sharding import Rules, axes_owned_by_transform, batch_sharding
-from shardml.core.step import (Trainer, eval_step, gradient_strategy, init_state, predict_step, state_shardings,
-                               train_step)
-from shardml.core.model import Model, check_logical
+from shardml.core.sharding import Rules, axes_owned_by_transform
+from shardml.core.step import Program, Shardings, Trainer, compile_trainer, step_program
 
 MEMBERS = "members"
 GATE = "member_active"  # the injected multiplier of a member's updates: 1 trains it, 0 freezes it
 
 
-def member_seeds(seed: int, members: int) -> np.ndarray:
-    """Member i initialises from (and draws its random numbers from) seed + i."""
-    return np.arange(members, dtype=np.uint32) + np.uint32(seed)
+def member_seeds(seed, members: int) -> jax.Array:
+    """Member i initialises from (and draws its random numbers from) seed + i (uint32; ``seed`` may
+    be traced)."""
+    return jnp.arange(members, dtype=jnp.uint32) + jnp.asarray(seed, jnp.uint32)
 
 
 def _gate(member_active):
@@ -62,9 +66,6 @@ def stacked(sharding: NamedSharding) -> NamedSharding:
     return NamedSharding(sharding.mesh, P(MEMBERS, *sharding.spec))
 
 
-_stacked = stacked
-
-
 def over_members(fn, in_axes: Any = 0):
     """``fn`` of one member applied to every member of a stack: ``vmap`` over the leading axis, which
     stays sharded over the ``members`` mesh axis (the constraints inside ``fn`` leave that axis to
@@ -81,15 +82,16 @@ def set_hyperparams(opt_state: Any, values: Mapping[str, Any]) -> Any:
     """The optimizer state with injected hyperparameters replaced (arrays with the member axis).
 
     Raises:
-      ConfigError: a name that is not an injected hyperparameter of the optimizer.
+      SettingError: a name that is not an injected hyperparameter of the optimizer.
     """
     if not values:
         return opt_state
     try:
         return optax.tree_utils.tree_set(opt_state, **{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
     except (KeyError, ValueError) as err:
-        raise ConfigError(f"cannot give members their own {sorted(values)}: the optimizer has no injected "
-                          f"hyperparameter of that name ({err}); build it with optax.inject_hyperparams") from None
+        raise SettingError(f"cannot give members their own {sorted(values)}: the optimizer has no injected "
+                           f"hyperparameter of that name ({err}); build it with optax.inject_hyperparams",
+                           subject="hyperparams", value=sorted(values)) from None
 
 
 def with_hyperparams(state, values: Mapping[str, Any]):
@@ -116,73 +118,102 @@ def hyperparams_of(opt_state: Any) -> dict[str, Any]:
     return found
 
 
+def check_stackable(program: Program, stacked_: str) -> None:
+    """The one check that ``program`` can be vmapped over a stack of ``stacked_`` ("members",
+    "clients"): it trains one model, and no pipeline (its shard_map does not run under vmap).
+
+    Raises:
+      SettingError: a program already stacked, or a ``pipeline`` mesh axis > 1 (subject ``pipeline``).
+    """
+    if program.members > 1:
+        raise SettingError(f"the program already trains {program.members} stacked members; stack {stacked_} over "
+                           f"one model's program", subject="members", value=program.members)
+    stages = program.parts.mesh.shape.get(PIPE, 1)
+    if stages > 1:
+        raise SettingError(f"pipeline={stages} with stacked {stacked_}: {stacked_} are vmapped, and the pipeline's "
+                           f"shard_map does not run under vmap; use pipeline=1 (data, fsdp and tensor work inside "
+                           f"each of the {stacked_})", subject="pipeline", value=stages)
+
+
 def check_members(members: int, mesh) -> None:
+    """``members`` models fit the ``members`` mesh axis.
+
+    Raises:
+      SettingError: ``members`` < 1. LayoutError: ``members`` not a multiple of the ``members``
+        mesh axis.
+    """
     groups = mesh.shape.get(MEMBERS, 1)
     if members < 1:
-        raise ConfigError(f"population.size={members} must be >= 1")
+        raise SettingError(f"members={members} must be >= 1", subject="members", value=members)
     if members % groups:
-        raise ConfigError(f"population.size={members} is not divisible by mesh.members={groups}; each device "
-                          f"group holds the same number of members, so use a multiple of {groups}")
-    if mesh.shape.get(PIPE, 1) > 1:
-        raise ConfigError(f"mesh.pipeline={mesh.shape[PIPE]} with a population: members are vmapped, and the "
-                          "pipeline's shard_map does not run under vmap; use mesh.pipeline=1 (data, fsdp and "
-                          "tensor work inside each member)")
+        raise LayoutError(f"members={members} is not divisible by the {groups} device groups of the mesh's members "
+                          f"axis; each group holds the same number of members, so use a multiple of {groups}",
+                          subject="members", value=members)
+
+
+def member_values(hyperparams: Mapping[str, Sequence[float]] | None, members: int) -> dict[str, np.ndarray]:
+    """name -> f32 [members], one value per member.
+
+    Raises:
+      SettingError: a name with another number of values.
+    """
+    values = {k: np.asarray(v, np.float32) for k, v in (hyperparams or {}).items()}
+    for name, value in values.items():
+        if value.shape != (members,):
+            raise SettingError(f"hyperparameter {name} has {value.size} values for members={members}",
+                               subject="hyperparams", value={name: value.tolist()})
+    return values
+
+
+def over_population(program: Program, members: int, *, hyperparams: Mapping[str, Sequence[float]] | None = None,
+                    per_member_data: bool = False) -> Program:
+    """``program`` for ``members`` stacked models: init and step vmapped over a leading axis sharded
+    on the ``members`` mesh axis, member i from seed + i with its own ``hyperparams`` (name -> one
+    value per member, injected into its optimizer state).
+
+    ``per_member_data``: training batches carry a leading member axis (bootstrap resamples, client
+    data); otherwise every member trains on the same global batch. Evaluation batches are shared.
+
+    Raises:
+      ShardmlError: before anything compiles (:func:`check_stackable`, :func:`check_members`,
+        :func:`member_values`).
+    """
+    check_stackable(program, "members")
+    check_members(members, program.parts.mesh)
+    values = member_values(hyperparams, members)
+    one_init = program.init
+
+    def init(seed):
+        state = jax.vmap(one_init)(member_seeds(seed, members))
+        return dataclasses.replace(state, opt_state=set_hyperparams(state.opt_state, values))
+
+    sh = program.shardings
+    data = stacked(sh.batch) if per_member_data else sh.batch
+    examples = program.examples.under(MEMBERS) if per_member_data else program.examples.shared_by(members)
+    return dataclasses.replace(
+        program, init=init, step=over_members(program.step, in_axes=(0, 0 if per_member_data else None)),
+        evaluate=over_members(program.evaluate, in_axes=(0, None)),
+        predict=over_members(program.predict, in_axes=(0, None)),
+        shardings=Shardings(state=jax.tree.map(stacked, sh.state), batch=data, eval=sh.eval,
+                            metrics=stacked(sh.metrics)),
+        examples=examples, members=members)
 
 
 def build_population(model: Model, mesh, optimizer: optax.GradientTransformation, members: int, *,
                      loss: Loss = token_cross_entropy, microbatches: int = 1, rules: Rules | None = None,
                      hyperparams: Mapping[str, Sequence[float]] | None = None,
                      per_member_data: bool = False) -> Trainer:
-    """A :class:`Trainer` of ``members`` stacked copies of ``model`` (see the module docstring).
+    """A :class:`Trainer` of ``members`` stacked copies of ``model``: :func:`over_population` of the
+    step of ``model`` with the :func:`gated` ``optimizer``, compiled (see the module docstring).
 
     Args:
-      optimizer: any optax optimizer; it is :func:`gated`. ``hyperparams`` names must be injected
-        hyperparameters of it (``optax.inject_hyperparams``, as :func:`shardml.default_optimizer`).
-      hyperparams: name -> one value per member.
-      per_member_data: training batches carry a leading member axis (bootstrap resamples, client
-        data); otherwise every member trains on the same global batch. Evaluation batches are
-        always shared.
+      optimizer: any optax optimizer; ``hyperparams`` names must be injected hyperparameters of it
+        (``optax.inject_hyperparams``, as :func:`shardml.default_optimizer`).
+      hyperparams, per_member_data: see :func:`over_population`.
 
     Raises:
-      ConfigError: before anything compiles.
+      ShardmlError: before anything compiles.
     """
-    rules = rules or Rules.default()
-    check_members(members, mesh)
-    check_logical(model)
-    optimizer = gated(optimizer)
-    values = {k: np.asarray(v, np.float32) for k, v in (hyperparams or {}).items()}
-    for name, value in values.items():
-        if value.shape != (members,):
-            raise ConfigError(f"hyperparameter {name} has {value.size} values for {members} members")
-    strategy = gradient_strategy(model, loss, mesh, microbatches)
-    check_divisible(strategy.param_logical, model.abstract_params, rules, mesh.shape)
-    one = state_shardings(strategy, optimizer, model, rules, mesh)
-    shardings = jax.tree.map(_stacked, one)
-    shared = batch_sharding(mesh, rules)
-    data = _stacked(shared) if per_member_data else shared
-    metric = NamedSharding(mesh, P(MEMBERS))
-    set_values = functools.partial(set_hyperparams, values=values)
-
-    def init(seed):
-        seeds = jnp.arange(members, dtype=jnp.uint32) + seed
-        state = jax.vmap(functools.partial(init_state, model=model, optimizer=optimizer, strategy=strategy,
-                                              rules=rules))(seeds)
-        return dataclasses.replace(state, opt_state=set_values(state.opt_state))
-
-    one_step = functools.partial(train_step, strategy=strategy, optimizer=optimizer, rules=rules,
-                                 uses_rng=model.uses_rng)
-
-    step = over_members(one_step, in_axes=(0, 0 if per_member_data else None))
-    evaluate = over_members(functools.partial(eval_step, strategy=strategy, rules=rules), in_axes=(0, None))
-    predict = over_members(functools.partial(predict_step, model=model, strategy=strategy, rules=rules),
-                           in_axes=(0, None))
-
-    return Trainer(
-        model=model, loss=loss, mesh=mesh, rules=rules, optimizer=optimizer, microbatches=microbatches,
-        strategy=strategy, state_shardings=shardings, batch_sharding=data, schedule=None, members=members,
-        batch_axes=2 if per_member_data else 1,
-        _predict=jax.jit(predict, in_shardings=(shardings.params, shared)), eval_sharding=shared,
-        _init=jax.jit(init, out_shardings=shardings),
-        _step=jax.jit(step, in_shardings=(shardings, data), out_shardings=(shardings, metric), donate_argnums=0),
-        _eval=jax.jit(evaluate, in_shardings=(shardings.params, shared), out_shardings=metric),
-    )
+    program = step_program(model, mesh, gated(optimizer), loss=loss, microbatches=microbatches, rules=rules)
+    return compile_trainer(over_population(program, members, hyperparams=hyperparams,
+                                           per_member_data=per_member_data))
