@@ -43,7 +43,7 @@ from shardml import MESH_AXES, ConfigError, collectives, layout_theory, load_con
 from shardml.analysis.audit import DTYPE_BYTES as ITEM, KINDS
 from shardml.analysis.plan import compile_trainer, format_bytes, sent_per_device
 from shardml.analysis.theory import SHORT
-from shardml.run.planning import abstract_batch, layout_config
+from shardml.run.planning import abstract_batch, layout_config, workload
 from shardml.run.recipe import build
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
@@ -246,7 +246,7 @@ def layout_parts(base, layout: str):
 def audit(parts, layout: str) -> dict:
     step = compile_trainer(parts.trainer, abstract_batch(parts))
     cfg, sizes = parts.cfg, parts.sizes
-    theory = layout_theory(cfg, sizes)
+    theory = layout_theory(workload(cfg), sizes)
     report = collectives(step.compiled.as_text(), step.mesh)
     measured = measured_rows(report, sizes)
     rows = compare(theory, measured)

@@ -9,7 +9,7 @@ from test_plan import LAYOUTS, compiled_layout
 
 from shardml.analysis.audit import collectives
 from shardml.analysis.plan import plan_of
-from shardml.analysis.theory import layout_theory
+from shardml.run.planning import config_theory as layout_theory
 from shardml.models import transformer
 from shardml.run.config import load_config
 
