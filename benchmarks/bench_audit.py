@@ -39,7 +39,7 @@ import sys
 
 import jax
 
-from shardml import MESH_AXES, ConfigError, collectives, layout_theory, load_config, memory
+from shardml import MESH_AXES, ShardmlError, collectives, layout_theory, load_config, memory
 from shardml.analysis.audit import DTYPE_BYTES as ITEM, KINDS
 from shardml.analysis.plan import compile_trainer, format_bytes, sent_per_device
 from shardml.analysis.theory import SHORT
@@ -239,7 +239,7 @@ def layout_parts(base, layout: str):
     try:
         cfg = layout_config(base, ",".join(layout_overrides(layout)))
         return build(cfg, layout_devices(cfg))
-    except ConfigError as err:
+    except ShardmlError as err:
         raise SystemExit(f"layout '{layout}': {err}") from None
 
 

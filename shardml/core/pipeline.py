@@ -27,7 +27,7 @@ Ticks whose sends are the same are run as one ``lax.scan``; the few warm-up and 
 m. Gradients are accumulated in f32 per device and reduced once per step, after the loop: over
 ``data`` for every parameter and over ``pipeline`` for the embedding and head.
 
-``train.microbatches = k`` composes: each device's rows are split into k accumulation chunks,
+Accumulation (``passes = k``) composes: each device's rows are split into k accumulation chunks,
 each run as one pipelined pass of m microbatches, inside the same shard_map; the reductions above
 still happen once per step.
 
@@ -414,7 +414,7 @@ class Pipeline:
     Attributes:
       loss: ``loss(outputs, batch) -> sums`` computed on the last stage (default: token
         cross-entropy).
-      passes: accumulation chunks per step (``train.microbatches``), each one pipelined pass.
+      passes: accumulation chunks per step (the accumulator's ``microbatches``), each one pipelined pass.
     """
 
     model: Any

@@ -12,7 +12,7 @@ the stacked-member mechanism (:mod:`shardml.parallel.members`).
   probabilities): loss, accuracy, expected calibration error, predictive entropy, and disagreement.
 
     members = plan_members("sweep", 4, {"lr": [1e-3, 3e-3], "weight_decay": "uniform(0,0.1)"}, seed=0)
-    members[1].overrides()   # ['optim.lr=0.001', 'optim.weight_decay=0.0713...', 'train.init_seed=1']
+    members[1].hyperparams   # {'lr': 0.001, 'weight_decay': 0.0713...}; members[1].init_seed == 1
 """
 
 from __future__ import annotations
@@ -93,14 +93,6 @@ class Member:
     init_seed: int
     hyperparams: Mapping[str, float]
     resample: int = -1
-
-    def overrides(self) -> list[str]:
-        """The ``key=value`` strings that train exactly this member as a plain run."""
-        out = [f"optim.{name}={value!r}" for name, value in sorted(self.hyperparams.items())]
-        out.append(f"train.init_seed={self.init_seed}")
-        if self.resample >= 0:
-            out.append(f"data.resample={self.resample}")
-        return out
 
 
 def plan_members(kind: str, size: int, search: Mapping[str, Any], seed: int, init_seed: int | None = None,

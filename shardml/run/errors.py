@@ -40,6 +40,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
 # Field names held by two sections: the first is meant unless the config's values say otherwise.
 PREFERRED = ("mesh.", "model.", "train.")
 _NAME = re.compile(r"(?<![\w.\-'\"])([a-z][a-z0-9_]*)=")
+_SAME = re.compile(r"(=(\d+)) = \2\b(?! x)")  # "mesh.tensor=4 = 4" says 4 once
 _PRODUCT = re.compile(r"(?<![\w.])([a-z][a-z0-9_]*(?: x [a-z][a-z0-9_]*)+) = ")  # "data x microbatches = 8 x 1"
 
 
@@ -86,8 +87,8 @@ def reword(message: str, cfg: Any = None, keys: Mapping[str, str] | None = None,
     (``replace(heads='tensor')``) stay as they are."""
 
     def one(match: re.Match) -> str:
-        start, name = match.start(), match.group(1)
-        if start > 1 and message[start - 1] == "(" and message[start - 2].isalnum():
+        start, name, text = match.start(), match.group(1), match.string
+        if start > 1 and text[start - 1] == "(" and text[start - 2].isalnum():
             return match.group(0)
         key = key_of(name, value if name == subject else None, cfg, keys)
         return f"{key}=" if key else match.group(0)
@@ -96,7 +97,7 @@ def reword(message: str, cfg: Any = None, keys: Mapping[str, str] | None = None,
         names = match.group(1).split(" x ")
         return " x ".join(key_of(name, None, cfg, keys) or name for name in names) + " = "
 
-    return _NAME.sub(one, _PRODUCT.sub(product, message))
+    return _SAME.sub(r"\1", _NAME.sub(one, _PRODUCT.sub(product, message)))
 
 
 @functools.cache

@@ -27,6 +27,7 @@ from shardml.core.step import TrainState
 from shardml.parallel.members import GATE, hyperparams_of
 from shardml.parallel.population import Member, active, ensemble_metrics, exploit_explore, freeze
 from shardml.run.loop import NonFiniteError, Policy, TrainSummary, notice
+from shardml.run.search import member_overrides
 
 
 class PopulationPolicy(Policy):
@@ -102,7 +103,7 @@ def member_report(members: Sequence[Member], summary: TrainSummary, policy: Popu
     val = summary.val or {}
     entries = []
     for m in members:
-        entry = {"member": m.index, "overrides": m.overrides(), "init_seed": m.init_seed,
+        entry = {"member": m.index, "overrides": member_overrides(m), "init_seed": m.init_seed,
                  "hyperparams": {n: float(v[m.index]) for n, v in hyper.items() if n != GATE},
                  "train_loss": last.get(m.index, {}).get("loss"), "active": bool(hyper[GATE][m.index] > 0)}
         for key in ("loss", "accuracy"):

@@ -3,12 +3,13 @@
 
     move_search({"optim": {"lr": [1e-3, 3e-3]}}, Config())
     # {"optim": {}, "population": {"search": {"lr": [0.001, 0.003]}}}
+    member_overrides(member)   # ['optim.lr=0.001', 'train.init_seed=1']: that member as a plain run
 """
 
 from __future__ import annotations
 
 from shardml.core.optim import INJECTED
-from shardml.parallel.population import is_search_spec, parse_space
+from shardml.parallel.population import Member, is_search_spec, parse_space
 from shardml.run.errors import ConfigError, keyed
 from shardml.run.schema import Config
 
@@ -37,3 +38,12 @@ def move_search(data: dict, base: Config) -> dict:
     population = dict(data.get("population") or {})
     population["search"] = {**search, **(population.get("search") or {})}
     return {**data, "optim": {k: v for k, v in optim.items() if not is_search_spec(v)}, "population": population}
+
+
+def member_overrides(member: Member) -> list[str]:
+    """The ``key=value`` strings that train exactly this member of a population as a plain run."""
+    out = [f"optim.{name}={value!r}" for name, value in sorted(member.hyperparams.items())]
+    out.append(f"train.init_seed={member.init_seed}")
+    if member.resample >= 0:
+        out.append(f"data.resample={member.resample}")
+    return out
