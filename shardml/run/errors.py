@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from shardml.core.errors import ShardmlError
+from shardml.core.errors import DataError, LayoutError, ModelError, SettingError, ShardmlError
 from shardml.run.schema import all_keys
 
 # Library argument names that are not the name of the config field they come from.
@@ -57,8 +57,11 @@ def subject_keys() -> dict[str, tuple[str, ...]]:
         table.setdefault(key.rsplit(".", 1)[-1], []).append(key)
     for name, keys in ALIASES.items():
         table.setdefault(name, []).extend(k for k in keys if k not in table[name])
-    rank = lambda key: next((i for i, p in enumerate(PREFERRED) if key.startswith(p)), len(PREFERRED))
-    return {name: tuple(sorted(keys, key=rank)) for name, keys in table.items()}
+    return {name: tuple(sorted(keys, key=_rank)) for name, keys in table.items()}
+
+
+def _rank(key: str) -> int:
+    return next((i for i, prefix in enumerate(PREFERRED) if key.startswith(prefix)), len(PREFERRED))
 
 
 def _value_of(cfg: Any, key: str) -> Any:
@@ -100,12 +103,29 @@ def reword(message: str, cfg: Any = None, keys: Mapping[str, str] | None = None,
     return _SAME.sub(r"\1", _NAME.sub(one, _PRODUCT.sub(product, message)))
 
 
-@functools.cache
+class ConfigLayoutError(ConfigError, LayoutError):
+    """A :class:`LayoutError` reworded in config keys."""
+
+
+class ConfigSettingError(ConfigError, SettingError):
+    """A :class:`SettingError` reworded in config keys."""
+
+
+class ConfigModelError(ConfigError, ModelError):
+    """A :class:`ModelError` reworded in config keys."""
+
+
+class ConfigDataError(ConfigError, DataError):
+    """A :class:`DataError` reworded in config keys."""
+
+
+KEYED = {LayoutError: ConfigLayoutError, SettingError: ConfigSettingError, ModelError: ConfigModelError,
+         DataError: ConfigDataError}
+
+
 def _keyed_class(kind: type) -> type:
-    """``ConfigError`` that is also ``kind`` (a ``LayoutError`` stays catchable as one)."""
-    if issubclass(kind, ConfigError) or kind is ShardmlError:
-        return ConfigError
-    return type(f"Config{kind.__name__}", (ConfigError, kind), {"__module__": __name__})
+    """The :class:`ConfigError` that is also ``kind``'s kind (a ``LayoutError`` stays catchable as one)."""
+    return next((KEYED[k] for k in kind.__mro__ if k in KEYED), ConfigError)
 
 
 def keyed_error(err: ShardmlError, cfg: Any = None, keys: Mapping[str, str] | None = None) -> ConfigError:
