@@ -401,7 +401,7 @@ def test_bad_pipeline_arguments_are_refused():
     with pytest.raises(ConfigError, match="is not a schedule"):
         Schedule("zigzag", 2, 4)
     six_layers = transformer(dataclasses.replace(CFG, layers=6), SEQ)
-    with pytest.raises(ConfigError, match="layers=6 is not divisible by stages x repeats"):
+    with pytest.raises(ConfigError, match="layers=6 is not divisible by pipeline x repeats"):
         Pipeline(six_layers, make_mesh({"pipeline": 4}, jax.devices()[:4]), Schedule("gpipe", 4, 4))
 
 

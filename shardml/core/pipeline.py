@@ -427,19 +427,19 @@ class Pipeline:
         stages = self.mesh.shape[PIPE]
         name = self.model.name
         if self.model.stages is None:
-            raise ModelError(f"stages={stages}: {name} has no Stages (embed / layers / head), so it "
-                             "cannot be cut into pipeline stages; use stages=1", subject="stages", value=stages)
+            raise ModelError(f"pipeline={stages}: {name} has no Stages (embed / layers / head), so it "
+                             "cannot be cut into pipeline stages; use pipeline=1", subject="pipeline", value=stages)
         if self.model.uses_rng:
-            raise ModelError(f"stages={stages}: {name} draws random numbers, which the pipeline does "
-                             "not pass to stages yet; use stages=1", subject="stages", value=stages)
+            raise ModelError(f"pipeline={stages}: {name} draws random numbers, which the pipeline does "
+                             "not pass to stages yet; use pipeline=1", subject="pipeline", value=stages)
         if self.schedule.stages != stages:
-            raise LayoutError(f"the schedule has {self.schedule.stages} stages but the mesh's pipeline axis "
-                              f"stages={stages}", subject="stages", value=stages)
+            raise LayoutError(f"the schedule has {self.schedule.stages} stages but the mesh has pipeline={stages}",
+                              subject="pipeline", value=stages)
         n_layers = jax.tree.leaves(self.model.abstract_params[self.key])[0].shape[0]
         chunks = stages * self.schedule.repeats
         if n_layers % chunks:
             raise LayoutError(
-                f"layers={n_layers} is not divisible by stages x repeats = {stages} x "
+                f"layers={n_layers} is not divisible by pipeline x repeats = {stages} x "
                 f"{self.schedule.repeats} = {chunks}; every stage needs the same number of layers, so use a "
                 f"multiple of {chunks}", subject="layers", value=n_layers)
 

@@ -77,7 +77,8 @@ def dirichlet(labels: np.ndarray, clients: int, alpha: float, seed: int = 0, min
             return out
     raise DataError(f"a Dirichlet split of {len(labels)} examples over clients={clients} with alpha={alpha} gave "
                     f"some client fewer than min_size={min_size} examples in {max_tries} draws; "
-                    "lower min_size, raise alpha or use fewer clients", subject="min_size", value=min_size)
+                    f"lower min_size={min_size}, raise alpha={alpha} or use fewer clients", subject="min_size",
+                    value=min_size)
 
 
 def natural(values: np.ndarray, clients: int | None = None) -> list[np.ndarray]:
@@ -116,8 +117,8 @@ def _check_clients(examples: int, clients: int, min_size: int) -> None:
     if clients < 1:
         raise SettingError(f"clients={clients} must be >= 1", subject="clients", value=clients)
     if examples < clients * min_size:
-        raise DataError(f"{examples} examples cannot give clients={clients} min_size={min_size} example(s) each; use "
-                        "fewer clients or a smaller min_size", subject="clients", value=clients)
+        raise DataError(f"{examples} examples cannot give each of {clients} clients {min_size} example(s); lower "
+                        f"clients={clients} or min_size={min_size}", subject="clients", value=clients)
 
 
 # ----------------------------------------------------------------------------- reports
