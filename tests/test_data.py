@@ -8,9 +8,9 @@ import pytest
 
 from shardml.core.data import ArrayBatches, TextBatches, as_source, load_tokens, split_examples
 from shardml.core.errors import DataError
+from shardml.run.cli import main
 from shardml.run.config import load_config
 from shardml.run.errors import ConfigError, keyed
-from shardml.run.cli import main
 
 
 def test_text_file_and_directory_are_byte_level(tmp_path):

@@ -14,6 +14,7 @@ import jax
 from shardml.core.mesh import describe
 from shardml.run import config as config_lib
 from shardml.run.loop import LoopSettings, TrainSummary, run_loop
+from shardml.run.errors import config_errors
 from shardml.run.recipe import Parts, build
 
 
@@ -48,6 +49,7 @@ def describe_parts(parts: Parts) -> list[str]:
     return lines
 
 
+@config_errors
 def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False) -> TrainSummary:
     """Trains the reference model ``cfg`` describes; returns the run's :class:`TrainSummary`.
 
