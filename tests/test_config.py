@@ -162,6 +162,9 @@ def test_keyed_tells_apart_fields_of_one_name_by_the_configs_values():
         with pytest.raises(ConfigError, match=rf"^{key}={value} is odd$"):
             with keyed(cfg):
                 raise SettingError(f"microbatches={value} is odd", subject="microbatches", value=value)
+    with pytest.raises(ConfigError, match=r"^x: pipeline.microbatches=3 and train.microbatches=2$"):
+        with keyed(cfg):
+            raise LayoutError("x: microbatches=3 and microbatches=2")
     with pytest.raises(ConfigError, match=r"^data.vocab=200: .*\(e.g. data.vocab=1024\)"):
         with keyed(cfg, {"vocab": "data.vocab"}):
             raise SettingError("vocab=200: give more than 256 (e.g. vocab=1024)", subject="vocab", value=200)

@@ -40,6 +40,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
 # Field names held by two sections: the first is meant unless the config's values say otherwise.
 PREFERRED = ("mesh.", "model.", "train.")
 _NAME = re.compile(r"(?<![\w.\-'\"])([a-z][a-z0-9_]*)=")
+_LITERAL = re.compile(r"[^\s;,)]*")
 _SAME = re.compile(r"(=(\d+)) = \2\b(?! x)")  # "mesh.tensor=4 = 4" says 4 once
 _PRODUCT = re.compile(r"(?<![\w.])([a-z][a-z0-9_]*(?: x [a-z][a-z0-9_]*)+) = ")  # "data x microbatches = 8 x 1"
 
@@ -70,14 +71,19 @@ def _value_of(cfg: Any, key: str) -> Any:
     return cfg
 
 
+def _same(held: Any, value: Any) -> bool:
+    """``value`` (or its text in a message) is what the config holds."""
+    return held == value or isinstance(value, str) and value in (str(held), repr(held))
+
+
 def key_of(name: str, value: Any = None, cfg: Any = None, keys: Mapping[str, str] | None = None) -> str | None:
     """The config key an argument ``name`` came from: ``keys`` first, then the schema; of two keys
     the one whose value in ``cfg`` is ``value``, else the preferred one. None for no key."""
     if keys and name in keys:
         return keys[name]
     found = subject_keys().get(name, ())
-    if cfg is not None and value is not None:
-        match = [k for k in found if _value_of(cfg, k) == value]
+    if cfg is not None and value is not None and len(found) > 1:
+        match = [k for k in found if _same(_value_of(cfg, k), value)]
         if len(match) == 1:
             return match[0]
     return found[0] if found else None
@@ -93,7 +99,8 @@ def reword(message: str, cfg: Any = None, keys: Mapping[str, str] | None = None,
         start, name, text = match.start(), match.group(1), match.string
         if start > 1 and text[start - 1] == "(" and text[start - 2].isalnum():
             return match.group(0)
-        key = key_of(name, value if name == subject else None, cfg, keys)
+        written = _LITERAL.match(text, match.end()).group(0)  # the value as the message writes it
+        key = key_of(name, value if name == subject else written, cfg, keys)
         return f"{key}=" if key else match.group(0)
 
     def product(match: re.Match) -> str:
