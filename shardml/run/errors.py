@@ -36,6 +36,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "min_size": ("federated.min_partition",),
     "passes": ("train.microbatches",),
     "pipeline_microbatches": ("pipeline.microbatches",),
+    "members": ("population.size",),  # the library's count of members; mesh.members is the axis
 }
 # Field names held by two sections: the first is meant unless the config's values say otherwise.
 PREFERRED = ("mesh.", "model.", "train.")
