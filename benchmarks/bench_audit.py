@@ -39,11 +39,11 @@ import sys
 
 import jax
 
-from shardml import MESH_AXES, ConfigError, collectives, layout_theory, load_config, memory
+from shardml import MESH_AXES, ShardmlError, collectives, layout_theory, load_config, memory
 from shardml.analysis.audit import DTYPE_BYTES as ITEM, KINDS
 from shardml.analysis.plan import compile_trainer, format_bytes, sent_per_device
 from shardml.analysis.theory import SHORT
-from shardml.run.planning import abstract_batch, layout_config
+from shardml.run.planning import abstract_batch, layout_config, workload
 from shardml.run.recipe import build
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
@@ -239,14 +239,14 @@ def layout_parts(base, layout: str):
     try:
         cfg = layout_config(base, ",".join(layout_overrides(layout)))
         return build(cfg, layout_devices(cfg))
-    except ConfigError as err:
+    except ShardmlError as err:
         raise SystemExit(f"layout '{layout}': {err}") from None
 
 
 def audit(parts, layout: str) -> dict:
     step = compile_trainer(parts.trainer, abstract_batch(parts))
     cfg, sizes = parts.cfg, parts.sizes
-    theory = layout_theory(cfg, sizes)
+    theory = layout_theory(workload(cfg), sizes)
     report = collectives(step.compiled.as_text(), step.mesh)
     measured = measured_rows(report, sizes)
     rows = compare(theory, measured)

@@ -229,7 +229,7 @@ def main(args):
             continue
         try:
             setups.append(Setup(shardml, cfg, sizes, args.seq))
-        except shardml.ConfigError as err:
+        except shardml.ShardmlError as err:
             print(f"skipped {layout}: {err}")
     if not setups:
         sys.exit("no layout fits; give --layouts")

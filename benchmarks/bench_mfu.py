@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardml import ConfigError, MeshConfig, layout_name, load_config
+from shardml import MeshConfig, ShardmlError, layout_name, load_config
 from shardml.analysis import audit
 from shardml.analysis.flops import dot_flops, dot_inventory, inventory_flops
 from shardml.analysis.peak import peak_flops
@@ -222,7 +222,7 @@ def resolve_config(name: str, overrides: list[str]):
     n = jax.device_count()
     try:
         validate(cfg, n)
-    except ConfigError:
+    except ShardmlError:
         cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=n))  # all axes 1 on one device
     if overrides:  # like `shardml plan --compare`: a mesh.* key starts from a fresh mesh
         cfg = layout_config(cfg, ",".join(overrides))

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from shardml import ConfigError, TextBatches, load_config, load_tokens
+from shardml import ShardmlError, TextBatches, load_config, load_tokens
 from shardml.models.transformer import AUTO, GRAD_DTYPES, LAYER_LOOPS, REMAT_POLICIES, TransformerConfig
 from shardml.run.planning import layout_config
 from shardml.run.recipe import build
@@ -163,7 +163,7 @@ def main():
     host = [source.batch(s) for s in range(args.steps)]
     try:  # `shardml train`'s trainer per --grad-dtype, every one checked before anything compiles
         built = {g: build(shardml_config(args, g)) for g in args.grad_dtype}
-    except ConfigError as err:
+    except ShardmlError as err:
         raise SystemExit(f"--layout {args.layout}: {err}") from None
     ocfg = built[args.grad_dtype[0]].cfg.optim  # the baseline's optimizer settings: shardml's
 

@@ -21,7 +21,8 @@ from shardml.core.accumulate import accumulator
 from shardml.core.data import (ArrayBatches, Examples, TextBatches, Tokens, load_digits, load_tokens, put_batch,
                                split_examples)
 from shardml.core.devices import emulate_cpu_devices
-from shardml.core.errors import ConfigError
+from shardml.core.errors import DataError, LayoutError, ModelError, SettingError, ShardmlError
+from shardml.run.errors import ConfigError
 from shardml.core.losses import classification, token_cross_entropy
 from shardml.core.mesh import MESH_AXES, MeshConfig, describe, layout_name, make_mesh
 from shardml.core.optim import OptimConfig, default_optimizer
@@ -65,6 +66,7 @@ __all__ = [
     "train_step", "trainer_from_config", "transformer", "use_rules",
 ]
 __all__ += ["BPE", "Feeder", "PlacementError", "start_distributed", "train_bpe"]
+__all__ += ["DataError", "LayoutError", "ModelError", "SettingError", "ShardmlError"]
 __all__ += ["Generation", "evaluate_batches", "evaluate_run", "generate", "generate_run", "held_out_batches",
             "load_run", "predict", "predict_run"]
 __all__ += ["Algorithm", "ClientBatches", "FederatedTrainer", "Privacy", "build_federated", "diloco", "dirichlet",

@@ -9,14 +9,25 @@ from test_plan import LAYOUTS, compiled_layout
 
 from shardml.analysis.audit import collectives
 from shardml.analysis.plan import plan_of
-from shardml.analysis.theory import layout_theory
+from shardml.analysis.theory import Workload
+from shardml.core.errors import SettingError
 from shardml.models import transformer
 from shardml.run.config import load_config
+from shardml.run.errors import ConfigError
+from shardml.run.planning import config_theory as layout_theory
 
 
 def _step(layout: str, devices: int = 8):
     parts, step = compiled_layout(layout, devices)
     return parts, step, layout_theory(parts.cfg, parts.sizes)
+
+
+def test_the_theory_takes_resolved_choices_only():
+    with pytest.raises(ConfigError, match=r"model.remat and model.layer_loop resolved: pass build\(cfg\).cfg"):
+        layout_theory(load_config("tiny", ["model.remat=auto"]), {"pipeline": 1, "data": 8, "fsdp": 1, "tensor": 1})
+    with pytest.raises(SettingError, match=r"remat='auto': the theory needs none, full or dots"):
+        Workload(d_model=8, heads=2, kv_heads=2, d_ff=16, vocab=32, layers=2, dtype="float32", remat="auto",
+                 seq_len=4, batch_size=8)
 
 
 def test_theory_counts_every_parameter():

@@ -94,11 +94,18 @@ def test_bad_override_exits_2_with_suggestion(capsys):
     (["mesh.data=2", "mesh.tensor=4", "model.d_ff=66"], "has size 66 along 'mlp'"),
     (["optim.lr=-1"], "optim.lr=-1.0 must be > 0.0"),
     (["model.kv_heads=3"], "model.heads=4 is not divisible by model.kv_heads=3"),
+    # Library errors (argument names) reworded in config keys by the run layer.
+    (["data.seq_len=600000"], "data.seq_len=600000 is longer than the training text"),
+    (["mesh.pipeline=4", "mesh.data=2", "model.layers=6"],
+     "model.layers=6 is not divisible by mesh.pipeline x pipeline.repeats = 4 x 1 = 4"),
+    (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=circular", "pipeline.repeats=2", "pipeline.microbatches=3"],
+     "pipeline.microbatches=3 is not a multiple of mesh.pipeline=2"),
 ])
 def test_bad_input_exits_2_before_compiling(capsys, no_compile, args, message):
     code, _, err = shardml(capsys, "train", "tiny", *args)
     assert code == 2, err
     assert message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, f"not one line: {err}"
 
 
 def test_out_dir_naming_a_file_exits_2_and_leaves_it(capsys, tmp_path):

@@ -5,8 +5,10 @@ import dataclasses
 
 import pytest
 
-from shardml.core.errors import ConfigError
+import shardml
+from shardml.core.errors import LayoutError, SettingError, ShardmlError
 from shardml.run.config import Config, all_keys, load_config, validate
+from shardml.run.errors import ConfigError, keyed, subject_keys
 from shardml.run.recipe import build
 
 
@@ -74,9 +76,9 @@ def test_bad_config_fails_with_named_values(overrides, message):
 # Layouts that depend on the model's shapes: checked when the trainer is built, before compiling.
 @pytest.mark.parametrize("overrides,message", [
     (["mesh.data=2", "mesh.tensor=4", "model.heads=2", "model.d_model=32"],
-     r"parameter 'layers/wk' has size 2 along 'kv_heads' .* mesh.tensor=4 = 4 does not divide"),
+     r"parameter 'layers/wk' has size 2 along 'kv_heads' .* mesh.tensor=4 does not divide"),
     (["mesh.data=2", "mesh.tensor=4", "model.d_ff=66"],
-     r"parameter 'layers/w_down' has size 66 along 'mlp' .* mesh.tensor=4 = 4 does not divide"),
+     r"parameter 'layers/w_down' has size 66 along 'mlp' .* mesh.tensor=4 does not divide"),
     (["mesh.data=1", "mesh.tensor=8", "model.heads=8", "model.vocab=260"],
      r"parameter 'embed' has size 260 along 'vocab'"),
     (["mesh.data=1", "mesh.fsdp=8", "model.d_model=36", "model.heads=3"], r"size 36 along 'embed'"),
@@ -139,3 +141,36 @@ def test_config_sections_are_the_parts_own_settings():
     assert isinstance(cfg.mesh, MeshConfig) and isinstance(cfg.optim, OptimConfig)
     assert isinstance(cfg.model, TransformerConfig)
     assert {f.name for f in dataclasses.fields(TransformerConfig)} < {f.name for f in dataclasses.fields(cfg.model)}
+
+
+def test_library_errors_are_reworded_in_config_keys_by_the_run_layer():
+    """Below run/, errors name arguments; keyed() names the keys and keeps the error's kind."""
+    with pytest.raises(LayoutError, match=r"^d_ff=65 is not divisible by tensor=2") as plain:
+        raise LayoutError("d_ff=65 is not divisible by tensor=2", subject="d_ff", value=65)
+    assert not isinstance(plain.value, ConfigError)
+    with pytest.raises(ConfigError, match=r"^model.d_ff=65 is not divisible by mesh.tensor=2$") as keyed_err:
+        with keyed():
+            raise plain.value
+    assert isinstance(keyed_err.value, LayoutError) and isinstance(keyed_err.value, ShardmlError)
+    assert (keyed_err.value.subject, keyed_err.value.value) == ("model.d_ff", 65)
+    assert shardml.ConfigError is ConfigError and issubclass(ConfigError, shardml.ShardmlError)
+
+
+def test_keyed_tells_apart_fields_of_one_name_by_the_configs_values():
+    cfg = load_config("tiny", ["pipeline.microbatches=3", "train.microbatches=2"])
+    for value, key in ((3, "pipeline.microbatches"), (2, "train.microbatches")):
+        with pytest.raises(ConfigError, match=rf"^{key}={value} is odd$"):
+            with keyed(cfg):
+                raise SettingError(f"microbatches={value} is odd", subject="microbatches", value=value)
+    with pytest.raises(ConfigError, match=r"^x: pipeline.microbatches=3 and train.microbatches=2$"):
+        with keyed(cfg):
+            raise LayoutError("x: microbatches=3 and microbatches=2")
+    with pytest.raises(ConfigError, match=r"^data.vocab=200: .*\(e.g. data.vocab=1024\)"):
+        with keyed(cfg, {"vocab": "data.vocab"}):
+            raise SettingError("vocab=200: give more than 256 (e.g. vocab=1024)", subject="vocab", value=200)
+    # Products of names and code in a message: names become keys, keyword arguments stay.
+    with pytest.raises(ConfigError, match=r"mesh.data x train.microbatches = 8 x 2 = 16; .*replace\(heads='tensor'\)"):
+        with keyed(cfg):
+            raise LayoutError("batch_size=12 is not divisible by data x microbatches = 8 x 2 = 16; "
+                              "or rules.replace(heads='tensor')", subject="batch_size", value=12)
+    assert subject_keys()["stages"] == ("mesh.pipeline",) and subject_keys()["kind"][0] == "model.kind"

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from shardml.core.data import ArrayBatches, TextBatches, as_source, load_tokens, split_examples
-from shardml.core.errors import ConfigError
+from shardml.core.errors import DataError
 from shardml.run.cli import main
+from shardml.run.config import load_config
+from shardml.run.errors import ConfigError, keyed
 
 
 def test_text_file_and_directory_are_byte_level(tmp_path):
@@ -24,7 +26,7 @@ def test_text_file_and_directory_are_byte_level(tmp_path):
     joined = bytes(np.concatenate([folder.train, folder.val]))
     assert joined == text + b"\n\n" + (tmp_path / "sub" / "b.md").read_bytes(), "files not read in sorted order"
     (tmp_path / "sub" / "c.bin.txt").write_bytes(b"\xff\xfe bad")
-    with pytest.raises(ConfigError, match=r"c.bin.txt is not UTF-8 text"):
+    with pytest.raises(DataError, match=r"c.bin.txt is not UTF-8 text"):
         load_tokens(str(tmp_path))
 
 
@@ -35,12 +37,17 @@ def test_token_files_are_memory_mapped_with_their_vocabulary(tmp_path):
     assert tokens.vocab == ids.max() + 1 and isinstance(tokens.train, np.memmap)
     np.testing.assert_array_equal(np.concatenate([tokens.train, tokens.val]), ids)
     assert load_tokens(str(tmp_path / "ids.npy"), vocab=2048).vocab == 2048
-    with pytest.raises(ConfigError, match=r"holds token id 999, outside model.vocab=512; set model.vocab to at least 1000"):
+    with pytest.raises(DataError, match=r"holds token id 999, outside vocab=512; use vocab=1000 or more"):
         load_tokens(str(tmp_path / "ids.npy"), vocab=512)
+    # From a config, the run layer names the keys: the model's vocabulary is too small.
+    cfg = load_config("tiny", [f"data.corpus={tmp_path / 'ids.npy'}", "model.vocab=512"])
+    with pytest.raises(ConfigError, match=r"data.corpus=.* outside model.vocab=512; use model.vocab=1000 or more"):
+        with keyed(cfg):
+            load_tokens(cfg.data.corpus, vocab=cfg.model.vocab)
     ids.astype(np.uint16).tofile(tmp_path / "ids.bin")
     raw = load_tokens(str(tmp_path / "ids.bin"), token_dtype="uint16")
     np.testing.assert_array_equal(np.concatenate([raw.train, raw.val]), ids)
-    with pytest.raises(ConfigError, match=r"neither an embedded corpus"):
+    with pytest.raises(DataError, match=r"neither an embedded corpus"):
         load_tokens(str(tmp_path / "missing.npy"))
 
 
@@ -52,8 +59,11 @@ def test_text_batches_are_a_pure_function_of_seed_and_step():
     assert not np.array_equal(a.batch(5)["inputs"], TextBatches(tokens, 8, 32, seed=1).batch(5)["inputs"])
     batch = a.batch(0)
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
-    with pytest.raises(ConfigError, match=r"data.seq_len=600000 is longer than the training text"):
+    with pytest.raises(DataError, match=r"^seq_len=600000 is longer than the training text"):
         TextBatches(tokens, 8, 600000)
+    with pytest.raises(ConfigError, match=r"^data.seq_len=600000 is longer than the training text"):
+        with keyed(load_config("tiny", ["data.seq_len=600000"])):
+            TextBatches(tokens, 8, 600000)
 
 
 def test_array_batches_deal_every_example_once_per_epoch_and_pad_the_last_eval_batch():

@@ -11,7 +11,7 @@ from conftest import trainer_for
 from shardml.core import devices
 from shardml.core.devices import CPU_COLLECTIVE_FLAG, avoid_cpu_collective_deadlock, collective_workaround_needed, \
     emulate_cpu_devices, requested_cpu_devices
-from shardml.core.errors import ConfigError
+from shardml.core.errors import LayoutError, ModelError, SettingError
 from shardml.core.mesh import layout_name, make_mesh
 from shardml.core.sharding import Rules
 
@@ -25,7 +25,7 @@ def test_mesh_axes_in_canonical_order_and_fill():
 
 def test_emulation_after_backend_start_is_a_clear_error():
     emulate_cpu_devices(8)  # what the backend has: accepted
-    with pytest.raises(ConfigError, match="before any JAX operation.*JAX_NUM_CPU_DEVICES=4"):
+    with pytest.raises(SettingError, match="before any JAX operation.*JAX_NUM_CPU_DEVICES=4"):
         emulate_cpu_devices(4)
 
 
@@ -37,7 +37,7 @@ def test_every_way_of_asking_for_devices_is_read_and_conflicts_named(monkeypatch
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
     assert requested_cpu_devices() == (4, "XLA_FLAGS --xla_force_host_platform_device_count")
     assert requested_cpu_devices(4)[0] == 4
-    with pytest.raises(ConfigError, match=r"--cpu-devices asks for 2 .* XLA_FLAGS .* asks for 4"):
+    with pytest.raises(SettingError, match=r"--cpu-devices asks for 2 .* XLA_FLAGS .* asks for 4"):
         requested_cpu_devices(2)
     monkeypatch.setenv("XLA_FLAGS", "")
     assert requested_cpu_devices() == (None, "")
@@ -74,9 +74,9 @@ def test_rules_map_logical_names_and_reject_reuse():
     rules = Rules.default()
     assert rules.spec(("embed", "mlp")) == P("fsdp", "tensor")
     assert rules.spec(("batch", None)) == P(("data", "fsdp"), None)
-    with pytest.raises(ConfigError, match="mesh axis 'tensor' is mapped from both 'heads' and 'mlp'"):
+    with pytest.raises(LayoutError, match="mesh axis 'tensor' is mapped from both 'heads' and 'mlp'"):
         rules.spec(("heads", "mlp"))
-    with pytest.raises(ConfigError, match=r"logical axis 'embd' has no sharding rule.*replace\(embd='tensor'\)"):
+    with pytest.raises(ModelError, match=r"logical axis 'embd' has no sharding rule.*replace\(embd='tensor'\)"):
         rules.spec(("embd",))
 
 
@@ -102,10 +102,10 @@ def test_a_config_update_that_replaced_the_environment_is_a_conflict_named(monke
     # JAX read JAX_NUM_CPU_DEVICES at import; this suite's jax.config.update(..., 8) replaced it silently.
     monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
     monkeypatch.setenv("XLA_FLAGS", "")
-    with pytest.raises(ConfigError, match=r'jax.config.update\("jax_num_cpu_devices", ...\) asks for 8 CPU devices '
+    with pytest.raises(SettingError, match=r'jax.config.update\("jax_num_cpu_devices", ...\) asks for 8 CPU devices '
                                           r"but JAX_NUM_CPU_DEVICES asks for 4"):
         requested_cpu_devices()
-    with pytest.raises(ConfigError, match=r"shardml_cpu_devices asks for 2 CPU devices but jax.config.update"):
+    with pytest.raises(SettingError, match=r"shardml_cpu_devices asks for 2 CPU devices but jax.config.update"):
         requested_cpu_devices(2, "shardml_cpu_devices")
 
 

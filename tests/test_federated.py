@@ -373,7 +373,7 @@ def test_partitions_dirichlet_skew_minimum_size_iid_and_natural():
     assert [p.tolist() for p in natural(field, 2)] == [[0, 2, 4, 6], [1, 3, 5, 7, 8]]
     with pytest.raises(ConfigError, match="at most 4 clients"):
         natural(field, 5)
-    with pytest.raises(ConfigError, match="min_partition"):
+    with pytest.raises(ConfigError, match="min_size=30"):
         dirichlet(y, 50, 0.05, min_size=30, max_tries=5)
 
 

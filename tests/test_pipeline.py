@@ -394,14 +394,14 @@ def test_periodic_window_finds_the_steady_state():
 
 
 def test_bad_pipeline_arguments_are_refused():
-    with pytest.raises(ConfigError, match="not a multiple of mesh.pipeline=4"):
+    with pytest.raises(ConfigError, match="not a multiple of stages=4"):
         Schedule("circular", 4, 6, 2)
-    with pytest.raises(ConfigError, match="needs pipeline.schedule=circular"):
+    with pytest.raises(ConfigError, match="needs schedule=circular"):
         Schedule("1f1b", 2, 4, 2)
     with pytest.raises(ConfigError, match="is not a schedule"):
         Schedule("zigzag", 2, 4)
     six_layers = transformer(dataclasses.replace(CFG, layers=6), SEQ)
-    with pytest.raises(ConfigError, match="model.layers=6 is not divisible by mesh.pipeline x pipeline.repeats"):
+    with pytest.raises(ConfigError, match="layers=6 is not divisible by pipeline x repeats"):
         Pipeline(six_layers, make_mesh({"pipeline": 4}, jax.devices()[:4]), Schedule("gpipe", 4, 4))
 
 

@@ -20,7 +20,8 @@ from shardml.analysis.plan import (
     parse_bytes,
     plan_of,
 )
-from shardml.core.errors import ConfigError
+from shardml.core.errors import SettingError
+from shardml.run.errors import ConfigError
 from shardml.core.mesh import make_mesh
 from shardml.models.transformer import transformer_specs
 from shardml.run import cli
@@ -261,7 +262,7 @@ def test_parse_bytes(text, expected):
 
 @pytest.mark.parametrize("text", ["16 potatoes", "-1GiB", "", "GiB", "0"])
 def test_parse_bytes_rejects(text):
-    with pytest.raises(ConfigError, match="is not a size"):
+    with pytest.raises(SettingError, match="is not a size"):
         parse_bytes(text)
 
 

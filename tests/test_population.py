@@ -134,7 +134,7 @@ def test_search_spaces_form_grids_and_samples():
     again = plan_members("sweep", 8, {"lr": [1e-3, 1e-2], "b1": [0.8, 0.9], "weight_decay": "uniform(0,0.1)"}, 0)
     assert [m.hyperparams for m in again] == [m.hyperparams for m in members], "sampling is not seeded"
     assert [m.init_seed for m in members] == list(range(8))
-    with pytest.raises(ConfigError, match=r"population.size=6 is not a multiple of the grid's 4 points"):
+    with pytest.raises(ConfigError, match=r"size=6 is not a multiple of the grid's 4 points"):
         plan_members("sweep", 6, {"lr": [1e-3, 1e-2], "b1": [0.8, 0.9]}, 0)
 
 

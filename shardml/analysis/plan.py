@@ -25,7 +25,7 @@ import re
 import time
 from typing import Any
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import SettingError
 from shardml.core.mesh import layout_name
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
@@ -37,12 +37,13 @@ def parse_bytes(text: str) -> int:
     """``"16GiB"`` -> 17179869184. Units: B, KiB/MiB/GiB/TiB (and K/M/G/T, binary), KB/MB/GB/TB (decimal).
 
     Raises:
-      ConfigError: when ``text`` is not a positive size.
+      SettingError: when ``text`` is not a positive size.
     """
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"device memory '{text}' is not a size; write e.g. 16GiB, 80GB, 512MiB or a byte count")
+        raise SettingError(f"device memory '{text}' is not a size; write e.g. 16GiB, 80GB, 512MiB or a byte count",
+                           subject="device_memory", value=text)
     return int(float(match.group(1)) * _UNITS[unit])
 
 

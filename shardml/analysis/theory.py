@@ -1,4 +1,4 @@
-"""What a layout should cost, in closed form from the config alone: per-device memory and per-step
+"""What a layout should cost, in closed form from the model's shape and the batch alone: per-device memory and per-step
 communication by the scaling-book formulas, to hold the compiled program against.
 
 Nothing here reads shardml's sharding rules, the model code or a compiled program; the weights
@@ -11,7 +11,7 @@ V vocabulary, L layers; N_x is the size of mesh axis x.
 Communication per device and step (bytes a device *sends*, ring algorithms on a group of N):
 
 * DP: the f32 gradients are all-reduced once per step over the batch axes, 2(N-1)/N x gradient
-  (also with ``train.microbatches`` = k: accumulate, then reduce once).
+  (also with k accumulation ``microbatches``: accumulate, then reduce once).
 * FSDP: every weight sharded over ``fsdp`` is all-gathered in the compute dtype for each forward
   and again for its backward ((N-1)/N x the gathered weight; the embedding's backward needs no
   weight), and its f32 gradient is reduce-scattered once ((N-1)/N x the gradient). Replicated
@@ -22,7 +22,7 @@ Communication per device and step (bytes a device *sends*, ring algorithms on a 
   forward (attention and MLP outputs) and five in the backward (the input gradient of each
   column-parallel product: q, k, v, gate and up; shardml keeps them separate products, as stacking
   their weights to reduce once costs more than the three reductions it saves), one more
-  when ``model.remat=full`` recomputes the forward (the attention output, which the MLP's backward
+  when ``remat="full"`` recomputes the forward (the attention output, which the MLP's backward
   needs; the block's own output is not needed by its backward, so its reduction is not redone;
   ``dots`` saves both matmul outputs); one forward all-reduce for the vocab-parallel
   embedding, one backward for the unembedding's input gradient, and three f32 [rows, S]
@@ -34,8 +34,12 @@ Communication per device and step (bytes a device *sends*, ring algorithms on a 
 Memory per device: every weight's f32 bytes / the product of the mesh sizes dividing it; AdamW
 keeps two f32 moments like the parameters (its two step counters are left out).
 
-    theory = layout_theory(cfg, {"data": 2, "fsdp": 1, "tensor": 4, "pipeline": 1})
+    work = Workload(d_model=512, heads=8, kv_heads=8, d_ff=2048, vocab=256, layers=4, dtype="bfloat16",
+                    remat="full", seq_len=256, batch_size=32)
+    theory = layout_theory(work, {"data": 2, "fsdp": 1, "tensor": 4, "pipeline": 1})
     theory.params_bytes, theory.comm_bytes("all-reduce", ("tensor",))
+
+A run config's :class:`Workload` is built by :func:`shardml.run.planning.workload`.
 """
 
 from __future__ import annotations
@@ -43,13 +47,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from typing import Any
-
 import jax.numpy as jnp
 
+from shardml.core.errors import SettingError
 from shardml.core.mesh import MESH_AXES
 
-Config = Any  # a run config (shardml.run.config.Config); read, never imported: the oracle shares no code
 SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 BATCH_AXES = ("data", "fsdp")
 
@@ -65,16 +67,43 @@ class Weight:
     backward_needs_it: bool = True  # its input's gradient is computed with it (not the embedding's one-hot)
 
 
-def pipeline_microbatches(cfg: Config, stages: int) -> int:
-    """m: ``pipeline.microbatches``, one per stage when 0 (restated from the config's definition)."""
-    return 1 if stages <= 1 else cfg.pipeline.microbatches or stages
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What the theory needs of a run: the decoder's shape, the compute dtype and remat policy, and
+    how the global batch of ``batch_size`` sequences of ``seq_len`` is split (``microbatches`` k
+    accumulation steps; under a pipeline, ``schedule``, ``pipeline_microbatches`` m per pass (0:
+    one per stage) and ``repeats`` v). Plain values: the oracle shares no code with the run."""
+
+    d_model: int
+    heads: int
+    kv_heads: int  # 0: as many as heads
+    d_ff: int
+    vocab: int
+    layers: int
+    dtype: str  # numpy-style: float32, bfloat16
+    remat: str  # none | full | dots
+    seq_len: int
+    batch_size: int
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    pipeline_microbatches: int = 0
+    repeats: int = 1
+
+    def __post_init__(self):
+        if self.remat not in ("none", "full", "dots"):
+            raise SettingError(f"remat={self.remat!r}: the theory needs none, full or dots (an 'auto' choice "
+                               "resolved first)", subject="remat", value=self.remat)
 
 
-def weights(cfg: Config) -> list[Weight]:
+def pipeline_microbatches(w: Workload, stages: int) -> int:
+    """m: ``pipeline_microbatches``, one per stage when 0."""
+    return 1 if stages <= 1 else w.pipeline_microbatches or stages
+
+
+def weights(w: Workload) -> list[Weight]:
     """The decoder's weights, one layer's worth for ``per_layer`` ones."""
-    m = cfg.model
-    D, H, F, V = m.d_model, m.heads, m.d_ff, m.vocab
-    K, E = m.kv_heads or H, m.d_model // m.heads
+    D, H, F, V = w.d_model, w.heads, w.d_ff, w.vocab
+    K, E = w.kv_heads or H, w.d_model // w.heads
     col, row, norm = ("fsdp", "tensor"), ("tensor", "fsdp"), (None,)
     return [
         Weight("embed", (V, D), ("tensor", "fsdp"), False, backward_needs_it=False),
@@ -140,17 +169,17 @@ def _divisor(w: Weight, sizes: dict[str, int], skip: tuple[str, ...] = ()) -> in
     return math.prod(sizes[a] for a in w.axes if a is not None and a not in skip)
 
 
-def _copies(w: Weight, cfg: Config, sizes: dict[str, int]) -> int:
+def _copies(w: Weight, work: Workload, sizes: dict[str, int]) -> int:
     """Layers of ``w`` a device holds: the pipeline divides the stack; shared weights: one."""
-    return cfg.model.layers // sizes["pipeline"] if w.per_layer else 1
+    return work.layers // sizes["pipeline"] if w.per_layer else 1
 
 
-def param_elements(cfg: Config, sizes: dict[str, int]) -> int:
+def param_elements(work: Workload, sizes: dict[str, int]) -> int:
     """Parameter elements one device holds."""
-    return sum(_copies(w, cfg, sizes) * math.prod(w.shape) // _divisor(w, sizes) for w in weights(cfg))
+    return sum(_copies(w, work, sizes) * math.prod(w.shape) // _divisor(w, sizes) for w in weights(work))
 
 
-def activation_estimate(cfg: Config, sizes: dict[str, int]) -> int:
+def activation_estimate(work: Workload, sizes: dict[str, int]) -> int:
     """Bytes of activations kept for the backward at the peak, per device (a rough guide).
 
     Per layer and token, in the compute dtype: ``full`` keeps the block input (D); ``dots`` also
@@ -160,30 +189,30 @@ def activation_estimate(cfg: Config, sizes: dict[str, int]) -> int:
     Under a pipeline: the stage inputs a schedule keeps (GPipe and circular v m + p - 1, 1F1B
     2p - 1 pipeline microbatches) plus one pipeline microbatch's residuals of this stage's layers.
     """
-    m, t = cfg.model, sizes["tensor"]
+    m, t = work, sizes["tensor"]
     item = jnp.dtype(m.dtype).itemsize
     H, K, E = m.heads, m.kv_heads or m.heads, m.d_model // m.heads
-    S = cfg.data.seq_len
+    S = work.seq_len
     per_token = {"full": m.d_model,
                  "dots": 3 * m.d_model + (H + 2 * K) * E // t + 2 * m.d_ff // t}
     per_token["none"] = per_token["dots"] + 2 * m.d_model + (H // t) * S * (item + 4) // item + m.d_ff // t
-    rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"] * cfg.train.microbatches)
+    rows = work.batch_size // (sizes["data"] * sizes["fsdp"] * work.microbatches)
     p = sizes["pipeline"]
     layers = m.layers // p
     logits = 4 * rows * S * m.vocab // t
     if p == 1:
         return layers * rows * S * per_token[m.remat] * item + logits
-    micro = pipeline_microbatches(cfg, sizes["pipeline"])
+    micro = pipeline_microbatches(work, sizes["pipeline"])
     rows //= micro
-    held = 2 * p - 1 if cfg.pipeline.schedule == "1f1b" else cfg.pipeline.repeats * micro + p - 1
+    held = 2 * p - 1 if work.schedule == "1f1b" else work.repeats * micro + p - 1
     return (held * rows * S * m.d_model + layers * rows * S * per_token[m.remat]) * item + logits // micro
 
 
-def _gradient_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
+def _gradient_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
     out = []
     fsdp, data = sizes["fsdp"], sizes["data"]
-    for w in weights(cfg):
-        copies = _copies(w, cfg, sizes)
+    for w in weights(work):
+        copies = _copies(w, work, sizes)
         grad = copies * math.prod(w.shape) // _divisor(w, sizes, skip=("fsdp",))  # before any fsdp scatter
         if "fsdp" in w.axes and fsdp > 1:
             out.append(Traffic("reduce-scatter", ("fsdp",), "f32 gradients", copies, grad, "float32", fsdp))
@@ -199,31 +228,31 @@ def _gradient_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
     return out
 
 
-def _fsdp_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
+def _fsdp_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
     fsdp = sizes["fsdp"]
     if fsdp == 1:
         return []
-    passes = cfg.train.microbatches * pipeline_microbatches(cfg, sizes["pipeline"])
+    passes = work.microbatches * pipeline_microbatches(work, sizes["pipeline"])
     out = []
-    for w in weights(cfg):
+    for w in weights(work):
         if "fsdp" not in w.axes:
             continue
-        copies = _copies(w, cfg, sizes)
+        copies = _copies(w, work, sizes)
         gathered = copies * math.prod(w.shape) // _divisor(w, sizes, skip=("fsdp",))
         times = passes * (2 if w.backward_needs_it else 1)
-        out.append(Traffic("all-gather", ("fsdp",), f"{SHORT[cfg.model.dtype]} weights", times * copies,
-                           times * gathered, cfg.model.dtype, fsdp))
+        out.append(Traffic("all-gather", ("fsdp",), f"{SHORT[work.dtype]} weights", times * copies,
+                           times * gathered, work.dtype, fsdp))
     return out
 
 
-def _tensor_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
+def _tensor_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
     t = sizes["tensor"]
     if t == 1:
         return []
-    m, p = cfg.model, sizes["pipeline"]
-    passes = cfg.train.microbatches * pipeline_microbatches(cfg, sizes["pipeline"])
-    rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"])
-    act = rows * cfg.data.seq_len * m.d_model  # one activation of every row this device holds
+    m, p = work, sizes["pipeline"]
+    passes = work.microbatches * pipeline_microbatches(work, sizes["pipeline"])
+    rows = work.batch_size // (sizes["data"] * sizes["fsdp"])
+    act = rows * work.seq_len * m.d_model  # one activation of every row this device holds
     per_layer = 2 + 5 + (1 if m.remat == "full" else 0)
     layers = m.layers // p
     dtype = SHORT[m.dtype]
@@ -235,29 +264,26 @@ def _tensor_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
         Traffic("all-reduce", ("tensor",), f"{dtype} activations: embedding forward, unembedding backward",
                 2 * passes / p, 2 * act / p, m.dtype, t),
         Traffic("all-reduce", ("tensor",), "f32 cross-entropy [rows, S]: max, sum, target",
-                3 * passes / p, 3 * rows * cfg.data.seq_len / p, "float32", t),
+                3 * passes / p, 3 * rows * work.seq_len / p, "float32", t),
     ]
 
 
-def _pipeline_traffic(cfg: Config, sizes: dict[str, int]) -> list[Traffic]:
+def _pipeline_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
     p = sizes["pipeline"]
     if p == 1:
         return []
-    micro, k = pipeline_microbatches(cfg, sizes["pipeline"]), cfg.train.microbatches
-    rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"] * k * micro)
-    sends = 2 * micro * (cfg.pipeline.repeats * p - 1) * k  # per pipeline (one set of p stages)
-    act = rows * cfg.data.seq_len * cfg.model.d_model  # replicated over tensor: every device sends it
-    return [Traffic("collective-permute", ("pipeline",), f"{SHORT[cfg.model.dtype]} activations and cotangents",
-                    sends / p, sends * act / p, cfg.model.dtype, p)]
+    micro, k = pipeline_microbatches(work, sizes["pipeline"]), work.microbatches
+    rows = work.batch_size // (sizes["data"] * sizes["fsdp"] * k * micro)
+    sends = 2 * micro * (work.repeats * p - 1) * k  # per pipeline (one set of p stages)
+    act = rows * work.seq_len * work.d_model  # replicated over tensor: every device sends it
+    return [Traffic("collective-permute", ("pipeline",), f"{SHORT[work.dtype]} activations and cotangents",
+                    sends / p, sends * act / p, work.dtype, p)]
 
 
-def layout_theory(cfg: Config, sizes: dict[str, int]) -> LayoutTheory:
-    """Closed-form memory and communication of ``cfg`` on the resolved mesh ``sizes``; ``cfg`` as
-    built (``Parts.cfg``), its ``auto`` model choices resolved."""
-    if "auto" in (cfg.model.remat, cfg.model.layer_loop):
-        raise ValueError("layout_theory needs model.remat and model.layer_loop resolved: pass build(cfg).cfg")
-    params = 4 * param_elements(cfg, sizes)
-    traffic = (_gradient_traffic(cfg, sizes) + _fsdp_traffic(cfg, sizes) + _tensor_traffic(cfg, sizes)
-               + _pipeline_traffic(cfg, sizes))
+def layout_theory(work: Workload, sizes: dict[str, int]) -> LayoutTheory:
+    """Closed-form memory and communication of the workload ``work`` on the resolved mesh ``sizes``."""
+    params = 4 * param_elements(work, sizes)
+    traffic = (_gradient_traffic(work, sizes) + _fsdp_traffic(work, sizes) + _tensor_traffic(work, sizes)
+               + _pipeline_traffic(work, sizes))
     return LayoutTheory(sizes=dict(sizes), params_bytes=params, opt_state_bytes=2 * params,
-                        activation_bytes=activation_estimate(cfg, sizes), traffic=tuple(traffic))
+                        activation_bytes=activation_estimate(work, sizes), traffic=tuple(traffic))

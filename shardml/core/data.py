@@ -32,7 +32,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import DataError, SettingError
 from shardml.core.tokenizer import window_bytes
 
 EMBEDDED = {"pydoc": "the English documentation of the Python language that CPython ships (pydoc_data.topics)",
@@ -75,15 +75,17 @@ def _pydoc_bytes() -> bytes:
 def _text_bytes(path: pathlib.Path) -> bytes:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     if not files:
-        raise ConfigError(f"data.corpus={str(path)!r} is a directory with no files; give UTF-8 text files")
+        raise DataError(f"corpus={str(path)!r} is a directory with no files; give UTF-8 text files",
+                        subject="corpus", value=str(path))
     parts = []
     for file in files:
         data = file.read_bytes()
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise ConfigError(f"data.corpus: {file} is not UTF-8 text ({err.reason} at byte {err.start}); byte-level "
-                              "text must be UTF-8, and token ids go in a .npy or .bin file") from None
+            raise DataError(f"corpus: {file} is not UTF-8 text ({err.reason} at byte {err.start}); byte-level "
+                            "text must be UTF-8, and token ids go in a .npy or .bin file",
+                            subject="corpus", value=str(path)) from None
         parts.append(data)
     return b"\n\n".join(parts)
 
@@ -95,10 +97,11 @@ def _token_file(path: pathlib.Path, token_dtype: str) -> np.ndarray:
         try:
             tokens = np.memmap(path, dtype=np.dtype(token_dtype), mode="r")
         except TypeError:
-            raise ConfigError(f"data.token_dtype={token_dtype!r} is not a NumPy integer type (e.g. uint16)") from None
+            raise SettingError(f"token_dtype={token_dtype!r} is not a NumPy integer type (e.g. uint16)",
+                               subject="token_dtype", value=token_dtype) from None
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ConfigError(f"data.corpus={str(path)!r} holds {tokens.dtype} of shape {tokens.shape}; a token file is "
-                          "a flat array of integer token ids")
+        raise DataError(f"corpus={str(path)!r} holds {tokens.dtype} of shape {tokens.shape}; a token file is "
+                        "a flat array of integer token ids", subject="corpus", value=str(path))
     return tokens
 
 
@@ -109,10 +112,12 @@ def load_tokens(corpus: str = "pydoc", val_fraction: float = 0.05, vocab: int = 
     given, or read as the largest id + 1).
 
     Raises:
-      ConfigError: an unknown name, a missing or unreadable file, ids outside ``vocab``.
+      SettingError: ``val_fraction`` outside (0, 0.5).
+      DataError: an unknown name, a missing or unreadable file, ids outside ``vocab``.
     """
     if not 0.0 < val_fraction < 0.5:
-        raise ConfigError(f"data.val_fraction={val_fraction} must lie in (0, 0.5)")
+        raise SettingError(f"val_fraction={val_fraction} must lie in (0, 0.5)", subject="val_fraction",
+                           value=val_fraction)
     path = pathlib.Path(corpus).expanduser()
     if corpus == "pydoc":
         tokens, known_vocab = np.frombuffer(_pydoc_bytes(), dtype=np.uint8), 256
@@ -120,14 +125,14 @@ def load_tokens(corpus: str = "pydoc", val_fraction: float = 0.05, vocab: int = 
         tokens = _token_file(path, token_dtype)
         known_vocab = int(tokens.max()) + 1 if len(tokens) else 0
         if vocab and known_vocab > vocab:
-            raise ConfigError(f"data.corpus={corpus!r} holds token id {known_vocab - 1}, outside model.vocab={vocab}; "
-                              f"set model.vocab to at least {known_vocab}")
+            raise DataError(f"corpus={corpus!r} holds token id {known_vocab - 1}, outside vocab={vocab}; "
+                            f"use vocab={known_vocab} or more", subject="vocab", value=vocab)
     elif path.exists():
         tokens, known_vocab = np.frombuffer(_text_bytes(path), dtype=np.uint8), 256
     else:
-        raise ConfigError(f"data.corpus={corpus!r} is neither an embedded corpus ({', '.join(EMBEDDED)}) nor an "
-                          "existing file or directory; give a UTF-8 text file, a directory of them, or a .npy / "
-                          ".bin file of token ids")
+        raise DataError(f"corpus={corpus!r} is neither an embedded corpus ({', '.join(EMBEDDED)}) nor an "
+                        "existing file or directory; give a UTF-8 text file, a directory of them, or a .npy / "
+                        ".bin file of token ids", subject="corpus", value=corpus)
     cut = int(len(tokens) * (1.0 - val_fraction))
     loaded_by = (corpus, val_fraction, vocab, token_dtype) if isinstance(tokens, np.memmap) else None
     return Tokens(corpus, tokens[:cut], tokens[cut:], max(vocab, known_vocab), loaded_by)
@@ -221,9 +226,10 @@ class TextBatches(_Order):
         for part, stream in (("training", self.tokens.train), ("validation", self.tokens.val)):
             if len(stream) <= self._span():
                 need = f"{self._span()} bytes of text" if self.tokenizer is not None else f"{self.seq_len + 1} tokens"
-                raise ConfigError(f"data.seq_len={self.seq_len} is longer than the {part} text of "
-                                  f"{self.tokens.name!r} ({len(stream)} {'bytes' if self.tokenizer else 'tokens'}; "
-                                  f"a window needs {need}); use a shorter sequence")
+                raise DataError(f"seq_len={self.seq_len} is longer than the {part} text of "
+                                f"{self.tokens.name!r} ({len(stream)} {'bytes' if self.tokenizer else 'tokens'}; "
+                                f"a window needs {need}); use a shorter sequence", subject="seq_len",
+                                value=self.seq_len)
 
     def _span(self) -> int:
         return self.seq_len + 1 if self.tokenizer is None else window_bytes(self.tokenizer, self.seq_len)[1]
@@ -297,7 +303,8 @@ def load_digits(val_fraction: float = 0.2) -> Examples:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
-        raise ConfigError("data.corpus=digits needs scikit-learn: pip install 'shardml[examples]'") from None
+        raise DataError("corpus='digits' needs scikit-learn: pip install 'shardml[examples]'", subject="corpus",
+                        value="digits") from None
     digits = sklearn_digits()
     return split_examples("digits", digits.data / 16.0, digits.target, val_fraction)
 
@@ -331,8 +338,8 @@ class ArrayBatches(_Order):
 
     def __post_init__(self):
         if self.batch_size > len(self.examples.x_train):
-            raise ConfigError(f"train.batch_size={self.batch_size} exceeds the {len(self.examples.x_train)} training "
-                              f"examples of {self.examples.name!r}")
+            raise DataError(f"batch_size={self.batch_size} exceeds the {len(self.examples.x_train)} training "
+                            f"examples of {self.examples.name!r}", subject="batch_size", value=self.batch_size)
 
     @property
     def fingerprint(self) -> dict:
@@ -395,7 +402,7 @@ class IteratorSource:
         if state.get("iterator") is not None and callable(set_state):
             set_state(state["iterator"])
         elif position:
-            raise ConfigError(
+            raise DataError(
                 f"cannot resume at batch {position}: the data is a plain iterator, whose position cannot be restored "
                 "without repeating or skipping batches. Pass an indexable source (step -> batch), an iterator with "
                 "get_state/set_state (e.g. a grain DatasetIterator), or start over (resume='never' / --fresh)")

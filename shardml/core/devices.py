@@ -19,7 +19,7 @@ import os
 import re
 import sys
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import SettingError
 
 XLA_DEVICE_FLAG = "xla_force_host_platform_device_count"
 
@@ -82,7 +82,8 @@ def _jax_config_devices() -> tuple[int | None, str]:
     raw = os.environ.get("JAX_NUM_CPU_DEVICES", "")
     if raw:
         if not raw.isdigit() or int(raw) <= 0:
-            raise ConfigError(f"JAX_NUM_CPU_DEVICES={raw!r} must be a positive number of devices")
+            raise SettingError(f"JAX_NUM_CPU_DEVICES={raw!r} must be a positive number of devices",
+                               subject="JAX_NUM_CPU_DEVICES", value=raw)
         return int(raw), "JAX_NUM_CPU_DEVICES"
     return None, ""
 
@@ -103,7 +104,7 @@ def requested_cpu_devices(cli: int | None = None, cli_source: str = "--cpu-devic
     ``cli_source``, such as the pytest plugin's option).
 
     Raises:
-      ConfigError: two settings ask for different counts (JAX would silently use one of them).
+      SettingError: two settings ask for different counts (JAX would silently use one of them).
     """
     asked = []
     if cli is not None:
@@ -119,8 +120,8 @@ def requested_cpu_devices(cli: int | None = None, cli_source: str = "--cpu-devic
         asked.append((flag, f"XLA_FLAGS --{XLA_DEVICE_FLAG}"))
     for count, source in asked[1:]:
         if count != asked[0][0]:
-            raise ConfigError(f"{asked[0][1]} asks for {asked[0][0]} CPU devices but {source} asks for {count}; "
-                              "keep one of the two settings (or make them agree)")
+            raise SettingError(f"{asked[0][1]} asks for {asked[0][0]} CPU devices but {source} asks for {count}; "
+                               "keep one of the two settings (or make them agree)", subject=source, value=count)
     return asked[0] if asked else (None, "")
 
 
@@ -191,27 +192,27 @@ def emulate_cpu_devices(n: int) -> None:
     It also applies :func:`avoid_cpu_collective_deadlock`.
 
     Raises:
-      ConfigError: ``n`` is not positive, another setting asks for a different count, or JAX's
+      SettingError: ``n`` is not positive, another setting asks for a different count, or JAX's
         backend already started with another count.
     """
     if n <= 0:
-        raise ConfigError(f"cpu devices={n} must be positive")
+        raise SettingError(f"cpu devices={n} must be positive", subject="n", value=n)
     import jax
 
     if backend_started():
         have = len(jax.devices("cpu"))
         if have == n:
             return
-        raise ConfigError(
+        raise SettingError(
             f"cannot emulate {n} CPU devices: JAX's backend already started with {have}. Call "
             f"shardml.emulate_cpu_devices({n}) before any JAX operation (first thing in the notebook "
-            f"or script), or set JAX_NUM_CPU_DEVICES={n} in the environment before Python starts")
+            f"or script), or set JAX_NUM_CPU_DEVICES={n} in the environment before Python starts", subject="n", value=n)
     config_value, config_source = _jax_config_devices()
     flag = _xla_flag_devices()
     for count, source in ((config_value, config_source), (flag, f"XLA_FLAGS --{XLA_DEVICE_FLAG}")):
         if count is not None and count != n:
-            raise ConfigError(f"cannot emulate {n} CPU devices: {source} asks for {count}; "
-                              "keep one of the two settings (or make them agree)")
+            raise SettingError(f"cannot emulate {n} CPU devices: {source} asks for {count}; "
+                               "keep one of the two settings (or make them agree)", subject="n", value=n)
     avoid_cpu_collective_deadlock(n)
     jax.config.update("jax_num_cpu_devices", n)
 

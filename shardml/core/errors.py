@@ -3,7 +3,9 @@
 Each layer below the run harness raises these with its own words: the argument it was given
 (``subject``, e.g. ``"microbatches"`` or ``"d_ff"``) and the value, never a config key. The run
 layer (:mod:`shardml.run.errors`) knows which key each subject came from and rewords the message
-(``microbatches=0`` -> ``train.microbatches=0``); a Python caller sees the argument it passed.
+(``microbatches=0`` -> ``train.microbatches=0``) and raises it as ``shardml.ConfigError``; a
+Python caller of the library sees the argument it passed. Catch :class:`ShardmlError` for any
+input that cannot work, one of its subclasses for one kind of problem.
 
     raise LayoutError("d_ff=65 is not divisible by tensor=2 (parameter layers/w_up, dimension 1)",
                       subject="d_ff", value=65)
@@ -47,5 +49,6 @@ class DataError(ShardmlError):
     """Data that cannot feed the run (missing file, too few rows, wrong shapes or dtypes)."""
 
 
-# Until every layer raises its own error type, the old name stays the common base of all of them.
+# The old name of the common base, kept only until no module imports it from here: the run
+# layer's ``shardml.ConfigError`` (:mod:`shardml.run.errors`) is a subclass, raised with config keys.
 ConfigError = ShardmlError

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from shardml.core.data import put_batch
-from shardml.core.errors import ConfigError
+from shardml.core.errors import LayoutError, SettingError
 
 WORKER_BUFFER = 2  # preprocessed batches each worker keeps ready
 DEVICE_BUFFER = 2  # global batches placed on the devices ahead of the step
@@ -53,13 +53,13 @@ def contiguous_rows(spans: list[tuple[int, int]]) -> slice:
     """The one range ``[lo, hi)`` covered by row spans (overlaps allowed: replicas).
 
     Raises:
-      ConfigError: the spans leave a gap (this process's rows are not one block).
+      LayoutError: the spans leave a gap (this process's rows are not one block).
     """
     spans = sorted(spans)
     lo, hi = spans[0]
     for start, stop in spans[1:]:
         if start > hi:
-            raise ConfigError(f"this process's devices hold rows {spans} of the batch, which are not one contiguous "
+            raise LayoutError(f"this process's devices hold rows {spans} of the batch, which are not one contiguous "
                               "block; a mesh whose batch axes keep each process's devices together (the default "
                               "device order of shardml.make_mesh) is needed")
         hi = max(hi, stop)
@@ -158,16 +158,17 @@ class Feeder:
         asked). With workers, batches come from a grain iterator whose state is checkpointed.
 
     Raises:
-      ConfigError: ``workers`` > 0 for a source that is not a grain pipeline, or this process's
-        rows are not one block.
+      SettingError: ``workers`` > 0 for a source that is not a grain pipeline.
+      LayoutError: this process's rows are not one block.
     """
 
     def __init__(self, source: Any, sharding, workers: int = 0):
         self.source, self.sharding, self.workers = source, sharding, workers
         multi = jax.process_count() > 1
         if workers and not pipelined(source):
-            raise ConfigError(f"data.workers={workers}: {type(source).__name__} is not a grain pipeline (it has no "
-                              "steps()/load()); use data.workers=0, or a source such as shardml.TextBatches")
+            raise SettingError(f"workers={workers}: {type(source).__name__} is not a grain pipeline (it has no "
+                               "steps()/load()); use workers=0, or a source such as shardml.TextBatches",
+                               subject="workers", value=workers)
         self.rowwise = pipelined(source) and (workers > 0 or multi)
         self.rows = source.batch_size if self.rowwise else None
         self.mine = process_rows(sharding, self.rows) if self.rowwise else None

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import LayoutError, SettingError
 
 # The canonical axes, outermost first. Every mesh has all five (size 1 where unused), so shardings
 # and rules never depend on which axes a layout happens to use.
@@ -37,7 +37,7 @@ def layout_name(sizes: Mapping[str, int], sep: str = " x ") -> str:
 
 
 def resolve_mesh_sizes(mesh: MeshConfig | Mapping[str, int], n_devices: int) -> dict[str, int]:
-    """Axis sizes with ``-1`` filled in; raises ConfigError if they cannot cover ``n_devices``.
+    """Axis sizes with ``-1`` filled in; raises LayoutError if they cannot cover ``n_devices``.
 
     Example:
       >>> resolve_mesh_sizes({"data": -1, "tensor": 2}, 8)["data"]
@@ -48,25 +48,29 @@ def resolve_mesh_sizes(mesh: MeshConfig | Mapping[str, int], n_devices: int) -> 
     else:
         unknown = sorted(set(mesh) - set(MESH_AXES))
         if unknown:
-            raise ConfigError(f"unknown mesh axes {unknown}; the axes are {', '.join(MESH_AXES)}")
+            raise SettingError(f"unknown mesh axes {unknown}; the axes are {', '.join(MESH_AXES)}", subject="sizes",
+                               value=unknown)
         sizes = {name: int(mesh.get(name, 1)) for name in MESH_AXES}
     for name, size in sizes.items():
         if size == 0 or size < -1:
-            raise ConfigError(f"mesh.{name}={size} must be a positive size, or -1 to fill the remaining devices")
+            raise SettingError(f"{name}={size} must be a positive size, or -1 to fill the remaining devices",
+                               subject=name, value=size)
     fill = [name for name, size in sizes.items() if size == -1]
     if len(fill) > 1:
-        raise ConfigError(f"only one mesh axis may be -1, got {', '.join('mesh.' + n for n in fill)}")
+        raise SettingError(f"only one mesh axis may be -1, got {', '.join(n + '=-1' for n in fill)}",
+                           subject=fill[0], value=-1)
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if fill:
         if n_devices % fixed:
-            raise ConfigError(
-                f"mesh.{fill[0]}=-1 cannot fill {n_devices} devices: the other axes multiply to {fixed}, "
-                f"which does not divide {n_devices}; choose sizes whose product divides {n_devices}")
+            raise LayoutError(
+                f"{fill[0]}=-1 cannot fill {n_devices} devices: the other axes multiply to {fixed}, "
+                f"which does not divide {n_devices}; choose sizes whose product divides {n_devices}",
+                subject=fill[0], value=-1)
         sizes[fill[0]] = n_devices // fixed
     elif fixed != n_devices:
-        raise ConfigError(
+        raise LayoutError(
             f"mesh sizes ({layout_name(sizes) if fixed > 1 else 'all 1'}) multiply to {fixed} but {n_devices} "
-            f"devices are available; make the product {n_devices}, or set one axis to -1 (e.g. mesh.data=-1)")
+            f"devices are available; make the product {n_devices}, or set one axis to -1 (e.g. data=-1)")
     return sizes
 
 

@@ -27,7 +27,7 @@ Ticks whose sends are the same are run as one ``lax.scan``; the few warm-up and 
 m. Gradients are accumulated in f32 per device and reduced once per step, after the loop: over
 ``data`` for every parameter and over ``pipeline`` for the embedding and head.
 
-``train.microbatches = k`` composes: each device's rows are split into k accumulation chunks,
+Accumulation (``passes = k``) composes: each device's rows are split into k accumulation chunks,
 each run as one pipelined pass of m microbatches, inside the same shard_map; the reductions above
 still happen once per step.
 
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import LayoutError, ModelError, SettingError
 from shardml.core.losses import Loss, check_sums, token_cross_entropy
 from shardml.core.sharding import constrain, is_axes
 from shardml.core.strategy import GradientStrategy
@@ -71,15 +71,17 @@ class Schedule:
     def __post_init__(self):
         p, m, v = self.stages, self.microbatches, self.repeats
         if self.name not in SCHEDULES:
-            raise ConfigError(f"pipeline.schedule='{self.name}' is not a schedule; use {', '.join(SCHEDULES)}")
+            raise SettingError(f"schedule='{self.name}' is not a schedule; use {', '.join(SCHEDULES)}",
+                               subject="schedule", value=self.name)
         if min(p, m, v) < 1:
-            raise ConfigError(f"pipeline stages={p}, microbatches={m}, repeats={v} must all be positive")
+            raise SettingError(f"pipeline stages={p}, microbatches={m}, repeats={v} must all be positive")
         if v > 1 and self.name != "circular":
-            raise ConfigError(f"pipeline.repeats={v} needs pipeline.schedule=circular (got '{self.name}'); "
-                              "set pipeline.repeats=1 or choose the circular schedule")
+            raise SettingError(f"repeats={v} needs schedule=circular (got '{self.name}'); "
+                               "set repeats=1 or choose the circular schedule", subject="repeats", value=v)
         if v > 1 and m % p:
-            raise ConfigError(f"pipeline.microbatches={m} is not a multiple of mesh.pipeline={p}; the circular "
-                              "schedule sends microbatches round the ring in groups of one per stage")
+            raise LayoutError(f"microbatches={m} is not a multiple of stages={p}; the circular "
+                              "schedule sends microbatches round the ring in groups of one per stage",
+                              subject="microbatches", value=m)
 
     @property
     def ticks(self) -> int:
@@ -412,7 +414,7 @@ class Pipeline:
     Attributes:
       loss: ``loss(outputs, batch) -> sums`` computed on the last stage (default: token
         cross-entropy).
-      passes: accumulation chunks per step (``train.microbatches``), each one pipelined pass.
+      passes: accumulation chunks per step (the accumulator's ``microbatches``), each one pipelined pass.
     """
 
     model: Any
@@ -425,20 +427,21 @@ class Pipeline:
         stages = self.mesh.shape[PIPE]
         name = self.model.name
         if self.model.stages is None:
-            raise ConfigError(f"mesh.pipeline={stages}: {name} has no Stages (embed / layers / head), so it "
-                              "cannot be cut into pipeline stages; use mesh.pipeline=1")
+            raise ModelError(f"pipeline={stages}: {name} has no Stages (embed / layers / head), so it "
+                             "cannot be cut into pipeline stages; use pipeline=1", subject="pipeline", value=stages)
         if self.model.uses_rng:
-            raise ConfigError(f"mesh.pipeline={stages}: {name} draws random numbers, which the pipeline does "
-                              "not pass to stages yet; use mesh.pipeline=1")
+            raise ModelError(f"pipeline={stages}: {name} draws random numbers, which the pipeline does "
+                             "not pass to stages yet; use pipeline=1", subject="pipeline", value=stages)
         if self.schedule.stages != stages:
-            raise ConfigError(f"the schedule has {self.schedule.stages} stages but mesh.pipeline={stages}")
+            raise LayoutError(f"the schedule has {self.schedule.stages} stages but the mesh has pipeline={stages}",
+                              subject="pipeline", value=stages)
         n_layers = jax.tree.leaves(self.model.abstract_params[self.key])[0].shape[0]
         chunks = stages * self.schedule.repeats
         if n_layers % chunks:
-            raise ConfigError(
-                f"model.layers={n_layers} is not divisible by mesh.pipeline x pipeline.repeats = {stages} x "
+            raise LayoutError(
+                f"layers={n_layers} is not divisible by pipeline x repeats = {stages} x "
                 f"{self.schedule.repeats} = {chunks}; every stage needs the same number of layers, so use a "
-                f"multiple of {chunks}")
+                f"multiple of {chunks}", subject="layers", value=n_layers)
 
     @property
     def key(self) -> str:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from shardml.core.accumulate import reduced_once, summed_over_microbatches
-from shardml.core.errors import ConfigError
+from shardml.core.errors import SettingError
 from shardml.core.losses import Loss
 from shardml.core.sharding import constrain, is_axes, per_example
 from shardml.core.strategy import GradientStrategy, model_sums
@@ -70,9 +70,11 @@ def private_accumulator(model, loss: Loss, mesh, microbatches: int = 1, *, clip_
     A padded row (``mask`` 0) has a zero loss, so a zero gradient: it adds nothing.
     """
     if clip_norm <= 0:
-        raise ConfigError(f"DP-SGD needs a positive per-example clip norm, got {clip_norm}")
+        raise SettingError(f"DP-SGD needs a positive per-example clip norm, got clip_norm={clip_norm}",
+                           subject="clip_norm", value=clip_norm)
     if noise_multiplier < 0:
-        raise ConfigError(f"DP-SGD noise multiplier {noise_multiplier} must be >= 0")
+        raise SettingError(f"DP-SGD noise_multiplier={noise_multiplier} must be >= 0", subject="noise_multiplier",
+                           value=noise_multiplier)
     sums_fn = model_sums(model, loss)
 
     def example_grad(params, example_1, key):
@@ -118,8 +120,8 @@ def _accounting():
     try:
         import dp_accounting
     except ImportError:
-        raise ConfigError("privacy accounting needs Google's dp-accounting library: "
-                          "pip install 'shardml[privacy]'") from None
+        raise SettingError("privacy accounting needs Google's dp-accounting library: "
+                           "pip install 'shardml[privacy]'") from None
     return dp_accounting
 
 

@@ -4,7 +4,7 @@
     class OptimConfig:
         lr: float = setting(3e-3, above=0.0)
 
-    check_settings(OptimConfig(lr=-1.0), "optim")   # ConfigError: optim.lr=-1.0 must be > 0
+    check_settings(OptimConfig(lr=-1.0))   # SettingError: lr=-1.0 must be > 0.0
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import SettingError
 
 
 def setting(default: Any, *, minimum: float | None = None, above: float | None = None,
@@ -39,8 +39,12 @@ def _violation(value: Any, bounds: dict) -> str | None:
 def check_settings(obj: Any, prefix: str = "") -> None:
     """Checks every field of a settings dataclass (and nested ones) against its declared range.
 
+    Fields of nested dataclasses are named by their path (``prefix.field``), so a caller that
+    passes a whole tree of settings reads which one was bad.
+
     Raises:
-      ConfigError: naming the first bad key, its value, the range and the hint.
+      SettingError: naming the first bad field, its value, the range and the hint (``subject``
+        is that field's path).
     """
     for field in dataclasses.fields(obj):
         value = getattr(obj, field.name)
@@ -54,4 +58,4 @@ def check_settings(obj: Any, prefix: str = "") -> None:
         problem = _violation(value, bounds)
         if problem:
             hint = f"; {bounds['hint']}" if bounds["hint"] else ""
-            raise ConfigError(f"{key}={value!r} {problem}{hint}")
+            raise SettingError(f"{key}={value!r} {problem}{hint}", subject=key, value=value)

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import LayoutError, ModelError
 
 # Parameters: "embed" is the model dimension of weights (ZeRO-3 shards it over fsdp); heads, mlp and
 # vocab are the Megatron dimensions; the stacked "layers" axis is cut into pipeline stages (a no-op
@@ -80,15 +80,16 @@ class Rules:
         """The mesh axes of one logical name (``()`` for None or an unsharded name).
 
         Raises:
-          ConfigError: the name has no rule; the message shows how to add one.
+          ModelError: the name has no rule; the message shows how to add one.
         """
         if name is None:
             return ()
         table = dict(self.table)
         if name not in table:
-            raise ConfigError(
+            raise ModelError(
                 f"logical axis '{name}' has no sharding rule (known: {', '.join(table)}); map it, e.g. "
-                f"rules=shardml.Rules.default().replace({name}='tensor'), or replace({name}=None) to replicate it")
+                f"rules=shardml.Rules.default().replace({name}='tensor'), or replace({name}=None) to replicate it",
+                subject="rules", value=name)
         axes = table[name]
         if axes is None:
             return ()
@@ -102,9 +103,10 @@ class Rules:
             axes = tuple(a for a in self.mesh_axes(name) if a not in skip)
             for axis in axes:
                 if axis in used:
-                    raise ConfigError(
+                    raise LayoutError(
                         f"mesh axis '{axis}' is mapped from both '{used[axis]}' and '{name}' in {tuple(logical)}; "
-                        "one array dimension per mesh axis: remap one of them in the rules")
+                        "one array dimension per mesh axis: remap one of them in the rules",
+                        subject="rules", value=axis)
                 used[axis] = name
             parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return P(*parts)

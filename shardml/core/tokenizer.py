@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import SettingError
 
 _SAMPLE_BYTES = 1 << 16  # text tokenised to measure the bytes per token
 
@@ -31,7 +31,8 @@ def _require():
     try:
         import tokenizers
     except ImportError:
-        raise ConfigError("data.tokenizer=bpe needs the tokenizers library: pip install tokenizers") from None
+        raise SettingError("a BPE tokenizer needs the tokenizers library: pip install tokenizers",
+                           subject="tokenizer", value="bpe") from None
     return tokenizers
 
 
@@ -83,12 +84,12 @@ def train_bpe(text: bytes | np.ndarray, vocab: int) -> BPE:
     """Learns a byte-level BPE vocabulary of ``vocab`` tokens (at least 257: the 256 bytes first).
 
     Raises:
-      ConfigError: ``vocab`` too small, or ``tokenizers`` is not installed.
+      SettingError: ``vocab`` too small, or ``tokenizers`` is not installed.
     """
     tokenizers = _require()
     if vocab <= 256:
-        raise ConfigError(f"data.vocab={vocab}: a BPE vocabulary starts from the 256 bytes; give more than 256 "
-                          "(e.g. data.vocab=1024), or data.tokenizer=byte")
+        raise SettingError(f"vocab={vocab}: a BPE vocabulary starts from the 256 bytes; give more than 256 "
+                           "(e.g. vocab=1024), or use the byte-level tokenizer", subject="vocab", value=vocab)
     data = bytes(np.asarray(text, np.uint8)) if not isinstance(text, bytes) else text
     string = data.decode("utf-8", errors="ignore")
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import SettingError
 from shardml.core.sharding import tree_shardings
 from shardml.core.step import eval_step
 from shardml.parallel.federated import FederatedTrainer, client_key, client_strategy, client_update, local_step
@@ -38,7 +38,7 @@ def _flwr():
     try:
         import flwr
     except ImportError:
-        raise ConfigError("the Flower export needs flwr: pip install 'shardml[flower]'") from None
+        raise SettingError("the Flower export needs flwr: pip install 'shardml[flower]'") from None
     return flwr
 
 

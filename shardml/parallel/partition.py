@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import DataError, SettingError
 
 PARTITIONS = ("iid", "dirichlet", "natural")
 _SAMPLE = 0xC0 << 8  # mixed into the seed of each round's cohort draw
@@ -41,7 +41,7 @@ def iid(examples: int, clients: int, seed: int = 0, min_size: int = 1) -> list[n
     """A seeded shuffle cut into ``clients`` parts of (nearly) equal size.
 
     Raises:
-      ConfigError: too few examples for ``min_size`` per client.
+      DataError: too few examples for ``min_size`` per client.
     """
     _check_clients(examples, clients, min_size)
     order = np.random.default_rng([seed, _ORDER]).permutation(examples)
@@ -56,12 +56,12 @@ def dirichlet(labels: np.ndarray, clients: int, alpha: float, seed: int = 0, min
     IID. The draw is repeated (seeded) until every client holds at least ``min_size`` examples.
 
     Raises:
-      ConfigError: no draw in ``max_tries`` gave every client ``min_size`` examples.
+      DataError: no draw in ``max_tries`` gave every client ``min_size`` examples.
     """
     labels = np.asarray(labels)
     _check_clients(len(labels), clients, min_size)
     if alpha <= 0:
-        raise ConfigError(f"federated.alpha={alpha} must be > 0")
+        raise SettingError(f"alpha={alpha} must be > 0", subject="alpha", value=alpha)
     rng = np.random.default_rng([seed, _ORDER, 1])
     classes = np.unique(labels)
     for _ in range(max_tries):
@@ -75,9 +75,10 @@ def dirichlet(labels: np.ndarray, clients: int, alpha: float, seed: int = 0, min
         out = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(p) for p in out) >= min_size:
             return out
-    raise ConfigError(f"a Dirichlet split of {len(labels)} examples over {clients} clients with alpha={alpha} gave "
-                      f"some client fewer than federated.min_partition={min_size} examples in {max_tries} draws; "
-                      "lower federated.min_partition, raise federated.alpha or use fewer clients")
+    raise DataError(f"a Dirichlet split of {len(labels)} examples over clients={clients} with alpha={alpha} gave "
+                    f"some client fewer than min_size={min_size} examples in {max_tries} draws; "
+                    f"lower min_size={min_size}, raise alpha={alpha} or use fewer clients", subject="min_size",
+                    value=min_size)
 
 
 def natural(values: np.ndarray, clients: int | None = None) -> list[np.ndarray]:
@@ -86,15 +87,15 @@ def natural(values: np.ndarray, clients: int | None = None) -> list[np.ndarray]:
     values, consecutive values are grouped (the same number of values per client, ±1).
 
     Raises:
-      ConfigError: more clients than distinct values.
+      DataError: more clients than distinct values.
     """
     values = np.asarray(values)
     distinct = np.unique(values)
     clients = len(distinct) if clients is None else clients
     if clients > len(distinct):
-        raise ConfigError(f"a natural split has one client per distinct value of its field, and this data has "
-                          f"{len(distinct)} values for federated.clients={clients}; use at most {len(distinct)} "
-                          "clients")
+        raise DataError(f"a natural split has one client per distinct value of its field, and this data has "
+                        f"{len(distinct)} values for clients={clients}; use at most {len(distinct)} "
+                        "clients", subject="clients", value=clients)
     groups = np.array_split(distinct, clients)
     return [np.flatnonzero(np.isin(values, group)) for group in groups]
 
@@ -109,15 +110,15 @@ def partition(kind: str, labels: np.ndarray, clients: int, *, alpha: float = 0.5
         return dirichlet(labels, clients, alpha, seed, min_size)
     if kind == "natural":
         return natural(labels if field is None else field, clients)
-    raise ConfigError(f"federated.partition={kind!r} is not one of {', '.join(PARTITIONS)}")
+    raise SettingError(f"partition={kind!r} is not one of {', '.join(PARTITIONS)}", subject="partition", value=kind)
 
 
 def _check_clients(examples: int, clients: int, min_size: int) -> None:
     if clients < 1:
-        raise ConfigError(f"federated.clients={clients} must be >= 1")
+        raise SettingError(f"clients={clients} must be >= 1", subject="clients", value=clients)
     if examples < clients * min_size:
-        raise ConfigError(f"{examples} examples cannot give {clients} clients {min_size} example(s) each; use fewer "
-                          "clients or a smaller federated.min_partition")
+        raise DataError(f"{examples} examples cannot give each of {clients} clients {min_size} example(s); lower "
+                        f"clients={clients} or min_size={min_size}", subject="clients", value=clients)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -168,7 +169,7 @@ def format_label_report(counts: np.ndarray, show: int = 8) -> str:
 def cohort_size(clients: int, fraction: float) -> int:
     """Clients per round: ``round(fraction · clients)``, at least 1."""
     if not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"federated.fraction={fraction} must lie in (0, 1]")
+        raise SettingError(f"fraction={fraction} must lie in (0, 1]", subject="fraction", value=fraction)
     return max(1, min(clients, int(round(fraction * clients))))
 
 
@@ -213,16 +214,17 @@ class ClientBatches:
 
     def __post_init__(self):
         if not self.clients:
-            raise ConfigError("federated data needs at least one client")
+            raise DataError("federated data needs at least one client", subject="clients")
         object.__setattr__(self, "cohort", self.cohort or len(self.clients))
         object.__setattr__(self, "slots", max(self.slots, self.cohort))
         if self.cohort > len(self.clients):
-            raise ConfigError(f"a cohort of {self.cohort} clients from {len(self.clients)}")
+            raise SettingError(f"a cohort of {self.cohort} clients from {len(self.clients)}: the cohort is at most "
+                               "the number of clients", subject="cohort", value=self.cohort)
         for k, data in enumerate(self.clients):
             if "inputs" not in data or "targets" not in data:
-                raise ConfigError(f"client {k}'s dataset needs 'inputs' and 'targets' arrays (examples on axis 0)")
+                raise DataError(f"client {k}'s dataset needs 'inputs' and 'targets' arrays (examples on axis 0)")
             if len(data["inputs"]) != len(data["targets"]) or len(data["targets"]) == 0:
-                raise ConfigError(f"client {k} has {len(data['inputs'])} inputs and {len(data['targets'])} targets; "
+                raise DataError(f"client {k} has {len(data['inputs'])} inputs and {len(data['targets'])} targets; "
                                   "give each client at least one example, as many inputs as targets")
 
     @classmethod
@@ -292,7 +294,8 @@ def text_examples(tokens: np.ndarray, seq_len: int) -> dict:
     one), ``inputs`` [n, seq_len] and next-token ``targets``."""
     n = (len(tokens) - 1) // seq_len
     if n < 1:
-        raise ConfigError(f"data.seq_len={seq_len} is longer than the text ({len(tokens)} tokens)")
+        raise DataError(f"seq_len={seq_len} is longer than the text ({len(tokens)} tokens)", subject="seq_len",
+                        value=seq_len)
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     windows = np.asarray(tokens[idx]).astype(np.int32)
     return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}

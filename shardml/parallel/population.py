@@ -12,7 +12,7 @@ the stacked-member mechanism (:mod:`shardml.parallel.members`).
   probabilities): loss, accuracy, expected calibration error, predictive entropy, and disagreement.
 
     members = plan_members("sweep", 4, {"lr": [1e-3, 3e-3], "weight_decay": "uniform(0,0.1)"}, seed=0)
-    members[1].overrides()   # ['optim.lr=0.001', 'optim.weight_decay=0.0713...', 'train.init_seed=1']
+    members[1].hyperparams   # {'lr': 0.001, 'weight_decay': 0.0713...}; members[1].init_seed == 1
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import SettingError
 from shardml.parallel.members import GATE, hyperparams_of, set_hyperparams, with_hyperparams
 
 KINDS = ("ensemble", "sweep", "pbt")
@@ -60,26 +60,27 @@ def parse_space(key: str, spec: Any) -> list[float] | Distribution:
     """A list of values (a grid axis) or a :class:`Distribution`.
 
     Raises:
-      ConfigError: naming the key when the spec is neither, or a range is empty.
+      SettingError: naming ``key`` (the hyperparameter) when the spec is neither, or a range is empty.
     """
     if isinstance(spec, (list, tuple)):
         try:
             values = [float(v) for v in spec]
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}={spec!r}: a search list holds numbers, e.g. [1e-3,3e-3]") from None
+            raise SettingError(f"{key}={spec!r}: a search list holds numbers, e.g. [1e-3,3e-3]", subject=key,
+                               value=spec) from None
         if not values:
-            raise ConfigError(f"{key}=[]: a search list needs at least one value")
+            raise SettingError(f"{key}=[]: a search list needs at least one value", subject=key, value=spec)
         return values
     match = _DISTRIBUTION.match(str(spec))
     if not match:
-        raise ConfigError(f"{key}={spec!r} is not a search space; write a list ([1e-3,3e-3]) or a distribution "
-                          "(loguniform(1e-4,1e-2), uniform(0,0.1))")
+        raise SettingError(f"{key}={spec!r} is not a search space; write a list ([1e-3,3e-3]) or a distribution "
+                           "(loguniform(1e-4,1e-2), uniform(0,0.1))", subject=key, value=spec)
     try:
         low, high = float(match.group(2)), float(match.group(3))
     except ValueError:
-        raise ConfigError(f"{key}={spec!r}: the bounds must be numbers") from None
+        raise SettingError(f"{key}={spec!r}: the bounds must be numbers", subject=key, value=spec) from None
     if not low < high or (match.group(1) == "loguniform" and low <= 0):
-        raise ConfigError(f"{key}={spec!r}: need low < high (and low > 0 for loguniform)")
+        raise SettingError(f"{key}={spec!r}: need low < high (and low > 0 for loguniform)", subject=key, value=spec)
     return Distribution(match.group(1), low, high)
 
 
@@ -92,14 +93,6 @@ class Member:
     init_seed: int
     hyperparams: Mapping[str, float]
     resample: int = -1
-
-    def overrides(self) -> list[str]:
-        """The ``key=value`` strings that train exactly this member as a plain run."""
-        out = [f"optim.{name}={value!r}" for name, value in sorted(self.hyperparams.items())]
-        out.append(f"train.init_seed={self.init_seed}")
-        if self.resample >= 0:
-            out.append(f"data.resample={self.resample}")
-        return out
 
 
 def plan_members(kind: str, size: int, search: Mapping[str, Any], seed: int, init_seed: int | None = None,
@@ -115,24 +108,25 @@ def plan_members(kind: str, size: int, search: Mapping[str, Any], seed: int, ini
         0's initialisation seed, member i's is ``init_seed + i``.
 
     Raises:
-      ConfigError: an impossible combination, naming the keys.
+      SettingError: an impossible combination, naming the arguments.
     """
     if kind not in KINDS:
-        raise ConfigError(f"population.kind={kind!r} is not one of {', '.join(KINDS)}")
+        raise SettingError(f"kind={kind!r} is not one of {', '.join(KINDS)}", subject="kind", value=kind)
     spaces = {key: parse_space(key, spec) for key, spec in sorted(search.items())}
     if kind == "ensemble" and spaces:
-        raise ConfigError(f"population.kind=ensemble: members differ by initialisation only, but {sorted(spaces)} "
-                          "are searched; use population.kind=sweep (or pbt)")
+        raise SettingError(f"kind=ensemble: members differ by initialisation only, but {sorted(spaces)} "
+                           "are searched; use kind=sweep (or pbt)", subject="kind", value=kind)
     if kind != "ensemble" and not spaces:
-        raise ConfigError(f"population.kind={kind} needs a search space: give an optim.* key a list or a "
-                          "distribution, e.g. 'optim.lr=[1e-3,3e-3]' or 'optim.lr=loguniform(1e-4,1e-2)'")
+        raise SettingError(f"kind={kind} needs a search space: give a hyperparameter a list or a "
+                           "distribution, e.g. lr=[1e-3,3e-3] or lr=loguniform(1e-4,1e-2)", subject="kind", value=kind)
     if bootstrap and kind != "ensemble":
-        raise ConfigError(f"population.bootstrap=true resamples the data of ensemble members; population.kind={kind}")
+        raise SettingError(f"bootstrap=true resamples the data of ensemble members; kind={kind} (use kind=ensemble "
+                           "or bootstrap=false)", subject="bootstrap", value=True)
     grid_keys = [k for k, s in spaces.items() if isinstance(s, list)]
     grid = list(itertools.product(*(spaces[k] for k in grid_keys))) or [()]
     if size % len(grid):
-        raise ConfigError(f"population.size={size} is not a multiple of the grid's {len(grid)} points "
-                          f"({' x '.join(f'{k}: {len(spaces[k])}' for k in grid_keys)})")
+        raise SettingError(f"size={size} is not a multiple of the grid's {len(grid)} points "
+                           f"({' x '.join(f'{k}: {len(spaces[k])}' for k in grid_keys)})", subject="size", value=size)
     repeats = size // len(grid)
     rng = np.random.default_rng([seed, 0x5EED])
     base = seed if init_seed is None or init_seed < 0 else init_seed

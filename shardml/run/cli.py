@@ -21,7 +21,8 @@ import argparse
 import os
 import sys
 
-from shardml.core.errors import ConfigError
+from shardml.core.errors import ShardmlError
+from shardml.run.errors import ConfigError, keyed_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -171,6 +172,9 @@ def _device_memory(args) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``shardml`` command; input that cannot work (any :class:`ShardmlError`) ends it with
+    status 2 and one line naming the config key, without a traceback."""
+    cfg = None
     try:
         args, preset, overrides = _arguments(argv)
         if args.command in INFERENCE:
@@ -204,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             if process_count() > 1:
                 abandon(err)
             raise
-    except ConfigError as err:
-        print(f"shardml: error: {err}", file=sys.stderr)
+    except ShardmlError as err:
+        print(f"shardml: error: {keyed_error(err, cfg)}", file=sys.stderr)
         return 2
     return 0
 

@@ -21,6 +21,7 @@ from shardml.core.mesh import describe
 from shardml.parallel.population import Member
 from shardml.run import config as config_lib
 from shardml.run import distributed
+from shardml.run.errors import config_errors
 from shardml.run.engine import LoopSettings, Mode, TrainSummary, notice, run_loop
 from shardml.run.federated import federated_mode
 from shardml.run.inference import write_samples
@@ -116,6 +117,7 @@ def with_default_out_dir(cfg: config_lib.Config) -> config_lib.Config:
     return cfg if out_dir == cfg.out_dir else dataclasses.replace(cfg, out_dir=out_dir)
 
 
+@config_errors
 def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False) -> TrainSummary:
     """Trains the reference model ``cfg`` describes; returns the run's :class:`TrainSummary`.
 

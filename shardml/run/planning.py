@@ -13,10 +13,11 @@ import dataclasses
 import jax
 
 from shardml.analysis.plan import CompiledStep, Plan, compile_trainer, plan_of
-from shardml.core.errors import ConfigError
+from shardml.analysis.theory import LayoutTheory, Workload, layout_theory
 from shardml.core.mesh import MeshConfig
 from shardml.run import config as config_lib
 from shardml.run.config import Config
+from shardml.run.errors import ConfigError, config_errors
 from shardml.run.recipe import Parts, build
 
 
@@ -26,6 +27,29 @@ def abstract_batch(parts: Parts) -> dict:
             for k, v in parts.data.batch(0).items()}
 
 
+def workload(cfg: Config) -> Workload:
+    """What :mod:`shardml.analysis.theory` needs of a built config (``build(cfg).cfg``, its
+    ``auto`` model choices resolved).
+
+    Raises:
+      ConfigError: ``model.remat`` or ``model.layer_loop`` is still ``auto``.
+    """
+    m, t, p = cfg.model, cfg.train, cfg.pipeline
+    if "auto" in (m.remat, m.layer_loop):
+        raise ConfigError("the theory needs model.remat and model.layer_loop resolved: pass build(cfg).cfg",
+                          subject="model.remat", value=m.remat)
+    return Workload(d_model=m.d_model, heads=m.heads, kv_heads=m.kv_heads, d_ff=m.d_ff, vocab=m.vocab,
+                    layers=m.layers, dtype=m.dtype, remat=m.remat, seq_len=cfg.data.seq_len,
+                    batch_size=t.batch_size, microbatches=t.microbatches, schedule=p.schedule,
+                    pipeline_microbatches=p.microbatches, repeats=p.repeats)
+
+
+def config_theory(cfg: Config, sizes: dict[str, int]) -> LayoutTheory:
+    """The closed-form theory of a built config on the resolved mesh ``sizes``."""
+    return layout_theory(workload(cfg), sizes)
+
+
+@config_errors
 def compile_step(cfg: Config, devices=None, device_memory: int | None = None) -> CompiledStep:
     """Builds the trainer of ``cfg`` (``shardml train``'s, pipeline included) on ``devices``
     (default: all; a subset for a layout smaller than the machine) and compiles its step.
@@ -37,11 +61,13 @@ def compile_step(cfg: Config, devices=None, device_memory: int | None = None) ->
     return compile_trainer(parts.trainer, abstract_batch(parts))
 
 
+@config_errors
 def make_plan(cfg: Config, device_memory: int | None = None, label: str = "") -> Plan:
     """The :class:`Plan` of ``cfg`` on the current devices (nothing trained, nothing allocated)."""
     return plan_of(compile_step(cfg, device_memory=device_memory), device_memory, label)
 
 
+@config_errors
 def layout_config(base: Config, layout: str) -> Config:
     """Applies one ``--compare`` column: comma-separated ``key=value`` overrides.
 
@@ -59,6 +85,7 @@ def layout_config(base: Config, layout: str) -> Config:
     return config_lib.apply_overrides(base, items)
 
 
+@config_errors
 def compare_layouts(base: Config, layouts: list[str], device_memory: int | None = None) -> list[Plan]:
     """Plans several layouts of ``base``; every one is built and checked before the first compile."""
     built = []

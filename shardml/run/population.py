@@ -29,6 +29,7 @@ from shardml.parallel.population import (Distribution, Member, active, ensemble_
                                         parse_space)
 from shardml.run import distributed
 from shardml.run.engine import Mode, NonFiniteError, Policy, TrainSummary, notice
+from shardml.run.search import member_overrides
 
 
 class PopulationPolicy(Policy):
@@ -104,7 +105,7 @@ def member_report(members: Sequence[Member], summary: TrainSummary, policy: Popu
     val = summary.val or {}
     entries = []
     for m in members:
-        entry = {"member": m.index, "overrides": m.overrides(), "init_seed": m.init_seed,
+        entry = {"member": m.index, "overrides": member_overrides(m), "init_seed": m.init_seed,
                  "hyperparams": {n: float(v[m.index]) for n, v in hyper.items() if n != GATE},
                  "train_loss": last.get(m.index, {}).get("loss"), "active": bool(hyper[GATE][m.index] > 0)}
         for key in ("loss", "accuracy"):

@@ -33,6 +33,7 @@ from shardml.parallel.members import build_population
 from shardml.parallel.partition import cohort_size
 from shardml.parallel.population import Member, hyperparam_arrays, plan_members
 from shardml.run.config import Config, pipeline_microbatches, validate
+from shardml.run.errors import config_errors
 from shardml.run.federated import algorithm_of, client_data, privacy_of
 
 ARRAY_DATASETS = {"digits": load_digits}
@@ -128,6 +129,7 @@ def resolve_model(cfg: Config, sizes: dict[str, int], devices, device_memory: in
     return dataclasses.replace(cfg, model=resolve_execution(m, fits))
 
 
+@config_errors
 def build(cfg: Config, devices=None, members: list[Member] | None = None, device_memory: int | None = None) -> Parts:
     """Validates ``cfg`` against ``devices`` (default: all), then builds the model, data and trainer
     (of a population's ``members`` when given, else of those ``cfg.population`` plans).

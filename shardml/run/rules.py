@@ -1,0 +1,108 @@
+"""The config's cross-field rules, each held once, and :func:`validate`, which checks a config once
+before anything is built: every key's range, the mesh against the devices, then these rules.
+
+    sizes = validate(load_config("tiny", ["mesh.tensor=2"]), n_devices=8)   # {"data": 4, ...}
+
+The model's shapes against the layout are checked when the trainer is built (still before
+anything compiles), by the library, and reworded in config keys by :func:`shardml.run.errors.keyed`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from shardml.core.mesh import resolve_mesh_sizes
+from shardml.core.pipeline import Schedule
+from shardml.core.settings import check_settings
+from shardml.run.errors import ConfigError, keyed
+from shardml.run.schema import RESUME_MODES, Config
+
+# The keys of the pipeline schedule's arguments (``microbatches`` alone would mean train.microbatches).
+SCHEDULE_KEYS = {"microbatches": "pipeline.microbatches", "stages": "mesh.pipeline", "repeats": "pipeline.repeats",
+                 "schedule": "pipeline.schedule"}
+
+
+def pipeline_microbatches(cfg: Config, stages: int) -> int:
+    """Pipeline microbatches per pass: ``pipeline.microbatches``, or one per stage when it is 0."""
+    return 1 if stages <= 1 else cfg.pipeline.microbatches or stages
+
+
+def _paths(cfg: Config, sizes: dict[str, int]) -> None:
+    if cfg.train.resume not in RESUME_MODES and not cfg.train.resume.strip():
+        raise ConfigError("train.resume is empty; use auto, never, or the path of a checkpoint", subject="train.resume")
+    if not cfg.out_dir.strip():
+        raise ConfigError("out_dir is empty; give the directory the run writes to (e.g. out_dir=runs/x)",
+                          subject="out_dir")
+
+
+def _pipeline(cfg: Config, sizes: dict[str, int]) -> None:
+    stages = sizes["pipeline"]
+    if cfg.model.kind == "mlp" and stages > 1:
+        raise ConfigError(f"mesh.pipeline={stages}: model.kind=mlp has no layers to cut into stages; "
+                          "use model.kind=transformer or mesh.pipeline=1", subject="mesh.pipeline", value=stages)
+    with keyed(cfg, SCHEDULE_KEYS):  # the schedule's own rules (repeats need circular, groups of p)
+        Schedule(cfg.pipeline.schedule, stages, pipeline_microbatches(cfg, stages), cfg.pipeline.repeats)
+
+
+def _vmapped_pipeline(cfg: Config, sizes: dict[str, int]) -> None:
+    """Members and federated clients are vmapped; the pipeline's shard_map does not run under vmap."""
+    fed = cfg.federated.algorithm
+    if sizes["pipeline"] > 1 and (cfg.population.size > 1 or fed != "none"):
+        who = f"federated.algorithm={fed}" if fed != "none" else f"population.size={cfg.population.size}"
+        raise ConfigError(f"{who} with mesh.pipeline={sizes['pipeline']}: {'clients' if fed != 'none' else 'members'}"
+                          " are vmapped and the pipeline's shard_map does not run under vmap; use mesh.pipeline=1",
+                          subject="mesh.pipeline", value=sizes["pipeline"])
+
+
+def _population(cfg: Config, sizes: dict[str, int]) -> None:
+    pop, members = cfg.population, sizes["members"]
+    if cfg.federated.algorithm != "none":
+        if pop.size > 1 or pop.search:
+            raise ConfigError(f"federated.algorithm={cfg.federated.algorithm} with a population: federated clients "
+                              "use the members axis themselves; leave population.size at 1", subject="population.size",
+                              value=pop.size)
+        return
+    if members > 1 and pop.size % members:
+        raise ConfigError(f"population.size={pop.size} is not divisible by mesh.members={members}; each device group "
+                          f"holds the same number of members, so use a multiple of {members}",
+                          subject="population.size", value=pop.size)
+    if pop.size == 1 and (pop.search or members > 1):
+        what = "a search space" if pop.search else f"mesh.members={members}"
+        raise ConfigError(f"{what} needs a population: set population.size (and population.kind)",
+                          subject="population.size", value=pop.size)
+    if pop.kind == "pbt" and pop.size > 1 and not pop.ready_every:
+        raise ConfigError("population.kind=pbt needs population.ready_every=S (exploit/explore every S steps)",
+                          subject="population.ready_every", value=pop.ready_every)
+
+
+def _federated(cfg: Config, sizes: dict[str, int]) -> None:
+    f = cfg.federated
+    if f.algorithm == "diloco" and f.fraction < 1.0:
+        raise ConfigError(f"federated.algorithm=diloco keeps every client's inner optimizer state across rounds, so "
+                          f"every client takes part in every round: use federated.fraction=1 (got {f.fraction})",
+                          subject="federated.fraction", value=f.fraction)
+    for noise, clip in (("update_noise", "update_clip"), ("example_noise", "example_clip")):
+        if getattr(f, noise) and not getattr(f, clip):
+            raise ConfigError(f"federated.{noise}={getattr(f, noise)} needs federated.{clip} > 0 (the noise is "
+                              "scaled by the clip norm)", subject=f"federated.{noise}", value=getattr(f, noise))
+    if (f.update_noise or f.example_noise) and importlib.util.find_spec("dp_accounting") is None:
+        raise ConfigError("differential privacy reports epsilon with Google's dp-accounting library: "
+                          "pip install 'shardml[privacy]'")
+
+
+RULES = (_paths, _pipeline, _vmapped_pipeline, _population, _federated)
+
+
+def validate(cfg: Config, n_devices: int) -> dict[str, int]:
+    """Checks what the config alone decides (every key's range, the mesh against the devices, the
+    cross-field :data:`RULES`); returns the resolved mesh sizes.
+
+    Raises:
+      ConfigError: naming the key, its value and the fix.
+    """
+    with keyed(cfg):
+        check_settings(cfg)
+        sizes = resolve_mesh_sizes(cfg.mesh, n_devices)
+    for rule in RULES:
+        rule(cfg, sizes)
+    return sizes
