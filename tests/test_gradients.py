@@ -63,25 +63,28 @@ def class_batch(seed=0):
 
 
 def sgd_step_gradients(trainer, batch, seed=0):
-    """(initial natural parameters, the gradient the trainer applied, its grad_norm metric) of one
-    SGD step with learning rate 1."""
+    """(initial natural parameters, the gradient the trainer applied, its metrics) of one SGD step
+    with learning rate 1."""
     state = trainer.init(seed)
     start = host(trainer.natural(state.params))
     state, metrics = trainer.step(state, trainer.put(batch))
     after = host(trainer.natural(state.params))
-    return start, jax.tree.map(lambda a, b: a - b, start, after), np.asarray(metrics["grad_norm"])
+    return start, jax.tree.map(lambda a, b: a - b, start, after), host(metrics)
 
 
 def check(trainer, loss_fn, batch, label):
-    start, applied, grad_norm = sgd_step_gradients(trainer, batch)
+    start, applied, metrics = sgd_step_gradients(trainer, batch)
     want = host(jax.jit(jax.grad(loss_fn))(start, batch))
     assert_trees_close(applied, want, GRAD_RTOL, f"{label}: the applied gradient vs jax.grad written here")
     norm = float(optax.tree.norm(want))
-    assert abs(float(grad_norm) - norm) <= NORM_RTOL * norm, f"{label}: grad_norm {grad_norm} vs {norm}"
+    assert abs(float(metrics["grad_norm"]) - norm) <= NORM_RTOL * norm, f"{label}: grad_norm {metrics['grad_norm']} vs {norm}"
+    assert float(metrics["count"]) == batch["mask"].sum(), f"{label}: counted {metrics['count']} real examples"
+    assert abs(float(metrics["loss"]) - float(loss_fn(start, batch))) <= 1e-5 * float(loss_fn(start, batch))
+    return start
 
 
 @pytest.mark.parametrize("sizes,microbatches", [({"data": 2, "fsdp": 2, "tensor": 2}, 2), ({"fsdp": 4}, 4)],
-                         ids=["data=2 x fsdp=2 x tensor=2, 2 microbatches", "fsdp=4, 4 microbatches"])
+                         ids=["dp2-fsdp2-tp2-mb2", "fsdp4-mb4"])
 def test_transformer_gradient_on_padded_tokens_equals_jax_grad(sizes, microbatches):
     model = tiny_transformer()
     trainer = build_trainer(model, make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))]),
@@ -94,6 +97,22 @@ def test_pipelined_transformer_gradient_equals_jax_grad():
     trainer = build_trainer(model, make_mesh({"pipeline": 2, "data": 2}, jax.devices()[:4]), optax.sgd(1.0),
                             schedule=Schedule("1f1b", 2, 4))
     check(trainer, token_mean_loss(model), lm_batch(8, seed=4, ragged=True), "pipeline=2 x data=2, 1F1B")
+
+
+@pytest.mark.parametrize("sizes,microbatches", [({"data": 2, "tensor": 2}, 2), ({"fsdp": 2}, 1)],
+                         ids=["dp2-tp2-mb2", "fsdp2"])
+def test_mlp_gradient_on_padded_rows_equals_jax_grad(sizes, microbatches):
+    """Also the accuracy over the real rows only, against NumPy."""
+    model = _mlp()
+    trainer = build_trainer(model, make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))]),
+                            optax.sgd(1.0), loss=classification, microbatches=microbatches)
+    batch = class_batch(2)
+    state = trainer.init(0)
+    logits = np.asarray(model(host(trainer.natural(state.params)), batch["inputs"]))
+    _, metrics = trainer.step(state, trainer.put(batch))
+    want = np.sum((logits.argmax(-1) == batch["targets"]) * batch["mask"]) / batch["mask"].sum()
+    assert abs(float(metrics["accuracy"]) - want) < 1e-6, f"accuracy {metrics['accuracy']} vs {want} on real rows"
+    check(trainer, class_mean_loss(model), batch, f"mlp classifier on {sizes}")
 
 
 class _NnxMLP(nnx.Module):

@@ -218,3 +218,24 @@ def test_per_example_ensemble_and_classifier_metrics_equal_numpy_written_here():
     np.testing.assert_allclose(one["entropy"], entropy(probs[0]).mean(), rtol=1e-9)
     both = classifier_metrics(logits, targets, members=True)
     np.testing.assert_allclose(both["mutual_information"], np.mean(got["mutual_information"]), rtol=1e-9)
+
+
+def test_a_member_with_a_nan_loss_is_pruned_first():
+    state = population_state(4)
+    state = policy(prune_fraction=0.25).at(1, state, {"loss": np.asarray([0.2, np.nan, 0.9, 0.1])})
+    assert active(state).tolist() == [True, False, True, True], "a diverged member must be the first stopped"
+
+
+def test_pbt_policy_records_who_copied_whom():
+    from shardml.core.mesh import make_mesh
+
+    pbt = policy(kind="pbt")
+    pbt.trainer.mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    pbt.exploit_fraction = 0.25
+    losses = np.asarray([0.9, 0.1, 0.5, 0.7, 0.3, 0.8, 0.2, 0.4])
+    state = pbt.at(1, population_state(), {"loss": losses})
+    assert sorted(e["member"] for e in pbt.lineage) == [0, 5], f"the worst two copied: {pbt.lineage}"
+    for entry in pbt.lineage:
+        assert entry["step"] == 2 and entry["copied_from"] in (1, 6), entry
+        lr = float(np.asarray(hyperparams_of(state.opt_state)["learning_rate"])[entry["member"]])
+        assert entry["hyperparams"]["learning_rate"] == pytest.approx(lr)
