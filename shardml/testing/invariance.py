@@ -54,9 +54,9 @@ class LayoutMismatch(AssertionError):
       microbatches: its microbatch count.
       step: the first step that differs (0: the initial parameters).
       parameter: the first parameter (in tree order) that differs after that step, or None when only
-        the loss of the step differs.
+        the loss or the gradient norm of the step differs.
       difference: that parameter's largest difference relative to its largest value on one
-        device (or the loss's relative difference).
+        device (or the loss's, else the gradient norm's, relative difference).
     """
 
     def __init__(self, message: str, *, layout: str, microbatches: int, step: int, parameter: str | None,
@@ -70,6 +70,7 @@ class LayoutMismatch(AssertionError):
 class _Trajectory:
     losses: list[float]  # loss of step s (1-based) at index s - 1
     params: list[dict[str, np.ndarray]]  # flat parameters after step s at index s (0: initial)
+    grad_norms: Sequence[float] = ()  # global gradient norm of step s at index s - 1 (empty: not recorded)
 
 
 def as_model(model: Any, example_inputs: Any) -> Model:
@@ -113,12 +114,13 @@ def _train(model: Model, loss, batches: list[dict], mesh, microbatches: int, opt
     trainer = build_trainer(model, mesh, optimizer, loss=loss, microbatches=microbatches, rules=rules)
     state = trainer.init(seed)
     params = [_flat(trainer.natural(state.params))]
-    losses = []
+    losses, grad_norms = [], []
     for batch in batches:
         state, metrics = trainer.step(state, trainer.put(batch))
         losses.append(float(metrics["loss"]))
+        grad_norms.append(float(metrics["grad_norm"]))
         params.append(_flat(trainer.natural(state.params)))
-    return _Trajectory(losses, params)
+    return _Trajectory(losses, params, grad_norms)
 
 
 def _relative(x: np.ndarray, y: np.ndarray) -> tuple[float, tuple[int, ...]]:
@@ -140,24 +142,29 @@ def _case(layout: str, microbatches: int) -> str:
     return f"{layout} with {microbatches} microbatch{'es' if microbatches > 1 else ''}"
 
 
+def _scalar_difference(what: str, step: int, a: float, b: float) -> tuple[float, str]:
+    diff = abs(a - b) / (abs(b) + 1e-30) if math.isfinite(a) and math.isfinite(b) else math.nan
+    return diff, f"{what} of step {step}: {a:.6g} here, {b:.6g} on one device (relative difference {diff:.2e})"
+
+
 def _first_difference(layout: str, microbatches: int, got: _Trajectory, want: _Trajectory,
-                      rtol: float) -> LayoutMismatch | None:
+                      rtol: float, gradients: bool = True) -> LayoutMismatch | None:
     """The first step (0: the initial parameters) at which ``got`` leaves ``want``, as an error."""
     steps = len(want.losses)
     for step in range(steps + 1):
-        loss_line, loss_diff = "", 0.0
+        loss_line, loss_diff, grad_line, grad_diff = "", 0.0, "", 0.0
         if step:
-            a, b = got.losses[step - 1], want.losses[step - 1]
-            loss_diff = abs(a - b) / (abs(b) + 1e-30) if math.isfinite(a) and math.isfinite(b) else math.nan
-            loss_line = (f"loss of step {step}: {a:.6g} here, {b:.6g} on one device (relative difference "
-                         f"{loss_diff:.2e})")
+            loss_diff, loss_line = _scalar_difference("loss", step, got.losses[step - 1], want.losses[step - 1])
+            if gradients and got.grad_norms and want.grad_norms:
+                grad_diff, grad_line = _scalar_difference("gradient norm", step, got.grad_norms[step - 1],
+                                                          want.grad_norms[step - 1])
         differing = []
         for name, reference in want.params[step].items():
             value = got.params[step].get(name)
             diff, where = _relative(value, reference) if value is not None else (math.inf, ())
             if not diff <= rtol:
                 differing.append((name, diff, where, value, reference))
-        if not differing and loss_diff <= rtol:
+        if not differing and loss_diff <= rtol and grad_diff <= rtol:
             continue
         when = "in its initial parameters" if step == 0 else f"at step {step} of {steps}"
         lines = [f"layout {_case(layout, microbatches)} differs from one device {when}:"]
@@ -173,11 +180,13 @@ def _first_difference(layout: str, microbatches: int, got: _Trajectory, want: _T
             if len(differing) > 1:
                 others = ", ".join(f"'{n}' ({d:.1e})" for n, d, *_ in differing[1:6])
                 lines.append(f"  also differ: {others}{', ...' if len(differing) > 6 else ''}")
-        else:
+        elif not loss_diff <= rtol:
             lines.append(f"  the loss differs (rtol {rtol:g}); every parameter after the step agrees")
-        if loss_line:
-            lines.append(f"  {loss_line}")
-        first = differing[0] if differing else (None, loss_diff)
+        else:
+            lines.append(f"  the gradient's scale differs (rtol {rtol:g}); the loss and every parameter agree "
+                         "(an adaptive optimizer such as Adam hides a gradient scaled by a constant)")
+        lines.extend(f"  {line}" for line in (loss_line, grad_line) if line)
+        first = differing[0] if differing else (None, loss_diff if not loss_diff <= rtol else grad_diff)
         return LayoutMismatch("\n".join(lines), layout=layout, microbatches=microbatches, step=step,
                               parameter=first[0], difference=first[1])
     return None
@@ -186,9 +195,11 @@ def _first_difference(layout: str, microbatches: int, got: _Trajectory, want: _T
 def assert_layouts_match(model: Any, loss, data: Any, layouts: Sequence[Layout] | None = None, *, steps: int = 3,
                          microbatches: int | Sequence[int] = (1, 2), rtol: float = DEFAULT_RTOL,
                          optimizer: optax.GradientTransformation | None = None, rules: Rules | None = None,
-                         seed: int = 0, devices: Sequence[Any] | None = None) -> dict[str, float]:
+                         seed: int = 0, devices: Sequence[Any] | None = None,
+                         gradients: bool = True) -> dict[str, float]:
     """Trains ``model`` for ``steps`` steps on one device and on every layout x microbatch count, and
-    asserts that every step's loss and every parameter after every step agree within ``rtol``.
+    asserts that every step's loss, every step's gradient norm and every parameter after every step
+    agree within ``rtol``.
 
     The reference is the same model, loss, optimizer, seed and batches on one device without
     accumulation. Parameters are compared by max |difference| / max |value on one device| per
@@ -210,6 +221,9 @@ def assert_layouts_match(model: Any, loss, data: Any, layouts: Sequence[Layout] 
       seed: the initialisation seed (the same for every run).
       devices: the devices to build meshes on (default: all; the pytest plugin's fixture
         ``shardml_devices`` gives its N).
+      gradients: also compare each step's global gradient norm (the step's ``grad_norm``), so a
+        gradient scaled by a constant (a wrong divisor, padding counted) fails also under an
+        optimizer such as Adam that normalises the scale away from the parameters.
 
     Returns:
       The largest relative parameter difference of each case, e.g. ``{"fsdp=4 with 2 microbatches": 3e-8}``.
@@ -242,7 +256,7 @@ def assert_layouts_match(model: Any, loss, data: Any, layouts: Sequence[Layout] 
                 got = _train(model, loss, batches, mesh, k, optimizer, rules, seed)
             except ConfigError as err:
                 raise ConfigError(f"layout {case}: {err}") from err
-            mismatch = _first_difference(name, k, got, reference, rtol)
+            mismatch = _first_difference(name, k, got, reference, rtol, gradients)
             if mismatch is not None:
                 raise mismatch
             report[case] = max(_relative(got.params[s][n], ref)[0] for s, step in enumerate(reference.params)

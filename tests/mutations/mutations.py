@@ -1,0 +1,235 @@
+"""Plausible bugs the tests must catch, one per entry, planted by tests/mutations/run.py.
+
+Each bug is keyed by a code snippet (``original``) that must occur exactly once across
+``shardml/**/*.py``, wherever a refactor has moved it; ``mutated`` replaces it. ``tests`` are
+pytest selections (node ids, or ``path -k expr``), run in turn with ``-x``: the first failure
+catches the bug. Choose the cheapest tests that catch it. When a refactor rewords a snippet,
+re-anchor it here (the runner says which); when a bug survives, write the test that catches it:
+never delete the bug. Add the bugs of every new feature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+AREAS = ("core", "models", "parallel", "run")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    id: str
+    area: str
+    bug: str
+    original: str
+    mutated: str
+    tests: tuple[str, ...]
+
+    def __post_init__(self):
+        assert self.area in AREAS, self.area
+        assert self.original != self.mutated and self.tests, self.id
+
+
+G = "tests/test_gradients.py"
+POP = "tests/test_population_behaviour.py"
+SO = "tests/test_sampling_and_optimizers.py"
+REF = "tests/test_transformer_reference.py"
+UNITS = "tests/test_references.py"
+MLP_GRAD = f"{G}::test_mlp_gradient_on_padded_rows_equals_jax_grad"
+TRANSFORMER_GRAD = f"{G}::test_transformer_gradient_on_padded_tokens_equals_jax_grad"
+DP_STEP = f"{SO}::test_dp_sgd_step_is_the_mean_of_per_example_clipped_gradients"
+DP_NOISE = f"{SO}::test_dp_sgd_noise_is_added_once_to_the_sum_of_clipped_gradients"
+SAMPLING = f"{SO}::test_filtered_sampling_draws_from_the_tempered_then_filtered_softmax"
+PBT = f"{POP}::test_pbt_exploit_copies_the_best_members_parameters_and_optimizer_state_into_the_worst"
+PRUNE = f"{POP}::test_sweep_pruning_stops_the_worst_members_and_freezes_their_parameters"
+ENSEMBLE = f"{POP}::test_ensemble_metrics_equal_numpy_written_here"
+PER_EXAMPLE = f"{POP}::test_per_example_ensemble_and_classifier_metrics_equal_numpy_written_here"
+FEDOPT = f"{SO}::test_fedopt_server_optimizers_follow_their_update_rules"
+FED = "tests/test_federated.py"
+
+M = Mutation
+MUTATIONS: list[Mutation] = [
+    # ------------------------------------------------------------------ core: the step and its gradient
+    M("step-gradient-halved", "core", "every gradient halved by the step's one division",
+      "constrain(g / count, axes)", "constrain(g / (2 * count), axes)", (MLP_GRAD,)),
+    M("step-divides-by-rows", "core", "the step divides by the batch's rows, not the real count",
+      'count = jnp.maximum(sums["count"], 1.0)\n        grads',
+      'count = jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)\n        grads', (MLP_GRAD,)),
+    M("step-grad-norm-of-sums", "core", "grad_norm measured on the gradient sums",
+      'metrics["grad_norm"] = optax.tree.norm(grads)', 'metrics["grad_norm"] = optax.tree.norm(grad_sums)',
+      (MLP_GRAD,)),
+    M("step-nonfinite-keeps-new", "core", "a non-finite step applies its update anyway (arguments swapped)",
+      "lambda new, old: jnp.where(finite, new, old),\n                                     (params, opt_state)",
+      "lambda new, old: jnp.where(finite, old, new),\n                                     (params, opt_state)",
+      (MLP_GRAD,)),
+    M("loss-token-count-with-padding", "core", "the padding count: masked tokens counted in the divisor",
+      '"count": jnp.sum(weights)}', '"count": jnp.asarray(weights.size, jnp.float32)}',
+      (f"{TRANSFORMER_GRAD}[fsdp4-mb4]",)),
+    M("loss-class-count-with-padding", "core", "padded rows counted in a classifier's divisor",
+      '"count": jnp.sum(weights), "correct"', '"count": jnp.asarray(weights.size, jnp.float32), "correct"',
+      (MLP_GRAD,)),
+    M("loss-accuracy-counts-padding", "core", "padded rows counted as correct or wrong",
+      '"correct": jnp.sum(correct * weights)', '"correct": jnp.sum(correct)', (MLP_GRAD,)),
+    M("loss-target-logit-by-max", "core", "the target logit picked with a max instead of a sum",
+      "- jnp.sum(logits * onehot, axis=-1)", "- jnp.max(logits * onehot, axis=-1)", (MLP_GRAD,)),
+    M("loss-weights-ignored", "core", "padded tokens add their loss",
+      'weights = _weights(batch, nll)\n    return {"loss": jnp.sum(nll * weights)',
+      'weights = _weights(batch, nll)\n    return {"loss": jnp.sum(nll)',
+      (f"{TRANSFORMER_GRAD}[fsdp4-mb4]",)),
+    M("accumulate-mean-over-shards", "core", "a mean of means over the data shards",
+      "return jax.tree.map(lambda x: jnp.sum(x, axis=0), (grads, sums))",
+      "return jax.tree.map(lambda x: jnp.mean(x, axis=0), (grads, sums))", (MLP_GRAD,)),
+    M("accumulate-last-microbatch-only", "core", "the accumulator keeps only the last microbatch",
+      "return jax.tree.map(jnp.add, carry, one(params, microbatch)), None",
+      "return jax.tree.map(lambda a, b: b, carry, one(params, microbatch)), None", (MLP_GRAD,)),
+    M("accumulate-gradient-halved", "core", "every microbatch gradient halved (the loss intact)",
+      "grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)",
+      "grads = jax.tree.map(lambda g: (0.5 * g).astype(jnp.float32), grads)", (MLP_GRAD,)),
+    M("loss-sum-halved", "core", "a classifier's loss sum halved",
+      '"loss": jnp.sum(nll * weights), "count": jnp.sum(weights), "correct"',
+      '"loss": 0.5 * jnp.sum(nll * weights), "count": jnp.sum(weights), "correct"', (MLP_GRAD,)),
+    M("pipeline-cotangent-sent-forward", "core", "GPipe's backward permute not reversed (swapped arguments)",
+      "tuple((dst, src) for src, dst in pairs)", "tuple((src, dst) for src, dst in pairs)",
+      ("tests/test_pipeline.py::test_schedule_matches_unpipelined_model[gpipe-2-4-fsdp=2]",)),
+    M("pipeline-1f1b-loss-seed-halved", "core", "1F1B seeds the last stage's backward with 0.5: every gradient halved",
+      "ct_loss = _vary(jnp.where(last, 1.0, 0.0).astype(jnp.float32))",
+      "ct_loss = _vary(jnp.where(last, 0.5, 0.0).astype(jnp.float32))",
+      (f"{G}::test_pipelined_transformer_gradient_equals_jax_grad",)),
+    M("privacy-clip-up", "core", "DP-SGD's clip factor also scales small gradients up",
+      "factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))",
+      "factor = jnp.maximum(1.0, max_norm / jnp.maximum(norm, 1e-30))", (DP_STEP,)),
+    M("privacy-mean-not-sum", "core", "DP-SGD averages a microbatch's clipped gradients instead of summing",
+      "constrain(jnp.sum(g, axis=0), axes), model.logical, grads", "constrain(jnp.mean(g, axis=0), axes), model.logical, grads",
+      (DP_STEP,)),
+    M("privacy-noise-per-microbatch", "core", "DP-SGD noise added once per microbatch (std x sqrt(k))",
+      "noise_multiplier * clip_norm, model.logical)", "noise_multiplier * clip_norm * microbatches ** 0.5, model.logical)",
+      (DP_NOISE,)),
+    M("privacy-noise-skipped", "core", "DP-SGD's noise dropped",
+      "grads = jax.tree.map(jnp.add, grads, noise)", "grads = jax.tree.map(lambda g, n: g, grads, noise)", (DP_NOISE,)),
+    M("optim-warmup-off-by-one", "core", "the warmup starts at 1/warmup instead of 1/(warmup+1)",
+      "start = 1.0 / (warmup + 1)", "start = 1.0 / jnp.maximum(warmup, 1)", (f"{UNITS}::test_learning_rate_shape",)),
+    M("optim-clip-after-adam", "core", "gradient clipping after Adam's scaling (operations in the wrong order)",
+      "optax.clip_by_global_norm(clip_norm),\n        optax.scale_by_adam(b1=b1, b2=b2),",
+      "optax.scale_by_adam(b1=b1, b2=b2),\n        optax.clip_by_global_norm(clip_norm),",
+      (f"{UNITS}::test_default_optimizer_is_clipped_adamw_written_here",)),
+    M("optim-b1-b2-swapped", "core", "AdamW's b1 and b2 swapped", "optax.scale_by_adam(b1=b1, b2=b2)",
+      "optax.scale_by_adam(b1=b2, b2=b1)", (f"{UNITS}::test_default_optimizer_is_clipped_adamw_written_here",)),
+    # ------------------------------------------------------------------ models
+    M("attention-scale", "models", "attention scores divided by E instead of sqrt(E)",
+      "jnp.where(causal_ST, scores / math.sqrt(E), -1e30)", "jnp.where(causal_ST, scores / E, -1e30)", (REF,)),
+    M("rotary-sign", "models", "rotary positions rotated the other way (the sine's sign)",
+      "cos, sin = jnp.cos(angle_SE)[None, :, None, :], jnp.sin(angle_SE)[None, :, None, :]",
+      "cos, sin = jnp.cos(angle_SE)[None, :, None, :], -jnp.sin(angle_SE)[None, :, None, :]", (REF,)),
+    M("rotary-frequencies", "models", "rotary angles doubled",
+      "angle_SE = jnp.arange(S, dtype=jnp.float32)[:, None] * inv_freq[None, :]",
+      "angle_SE = jnp.arange(S, dtype=jnp.float32)[:, None] * inv_freq[None, :] * 2", (REF,)),
+    M("rms-norm-axis", "models", "RMS norm over the wrong axis",
+      "jnp.mean(x32 * x32, axis=-1, keepdims=True)", "jnp.mean(x32 * x32, axis=-2, keepdims=True)", (REF,)),
+    M("rms-norm-scale-ignored", "models", "RMS norm ignores its scale",
+      "return (y * scale.astype(jnp.float32)).astype(x.dtype)", "return y.astype(x.dtype)", (REF,)),
+    M("causal-mask-flipped", "models", "attention sees the future (the mask transposed)",
+      "causal_ST = jnp.tril(jnp.ones((S, S), dtype=bool))", "causal_ST = jnp.triu(jnp.ones((S, S), dtype=bool))",
+      (REF,)),
+    M("gqa-grouping", "models", "query heads grouped onto key/value heads in the wrong order",
+      'q_BSKGE = q_BSHE.reshape(B, S, K, H // K, E)\n    scores = jnp.einsum("bskge,btke->bkgst", q_BSKGE, k_BSKE',
+      'q_BSKGE = q_BSHE.reshape(B, S, H // K, K, E).swapaxes(2, 3)\n    scores = jnp.einsum("bskge,btke->bkgst", '
+      'q_BSKGE, k_BSKE', (f"{REF} -k grouped",)),
+    M("mlp-activation", "models", "the SwiGLU gate through gelu", "jax.nn.silu(gate_BSF) * up_BSF",
+      "jax.nn.gelu(gate_BSF) * up_BSF", (REF,)),
+    M("mlp-residual-skipped", "models", "the MLP's residual connection skipped (a copy skipped)",
+      'x_BSD = x_BSD + mlp(rms_norm(x_BSD, layer["mlp_norm"]), layer, cfg)',
+      'x_BSD = mlp(rms_norm(x_BSD, layer["mlp_norm"]), layer, cfg)', (REF,)),
+    M("final-norm-skipped", "models", "the final norm skipped",
+      'x_BSD = rms_norm(x_BSD, params["final_norm"])', "x_BSD = x_BSD", (REF,)),
+    M("mlp-classifier-bias", "models", "the classifier's hidden bias dropped",
+      'x_BI.astype(compute) @ p["w_in"] + p["b_in"]', 'x_BI.astype(compute) @ p["w_in"]',
+      (f"{UNITS}::test_mlp_classifier_equals_numpy_written_here",)),
+    # ------------------------------------------------------------------ parallel: populations
+    M("pbt-exploit-reversed", "parallel", "PBT's exploit reversed: the best copy the worst",
+      "best, worst = order[:q], order[n - q:]", "best, worst = order[n - q:], order[:q]", (PBT,)),
+    M("pbt-params-not-copied", "parallel", "PBT copies the optimizer state but not the parameters",
+      "params, opt_state = jax.tree.map(lambda x: x[sources], (state.params, state.opt_state))",
+      "params, opt_state = state.params, jax.tree.map(lambda x: x[sources], state.opt_state)", (PBT,)),
+    M("pbt-opt-state-not-copied", "parallel", "PBT copies the parameters but not the optimizer state",
+      "params, opt_state = jax.tree.map(lambda x: x[sources], (state.params, state.opt_state))",
+      "params, opt_state = jax.tree.map(lambda x: x[sources], state.params), state.opt_state", (PBT,)),
+    M("pbt-fraction-off-by-one", "parallel", "PBT replaces one member fewer than its fraction",
+      "q = max(1, int(fraction * n))", "q = max(1, int(fraction * n) - 1)", (PBT,)),
+    M("pbt-perturbs-everyone", "parallel", "PBT perturbs the hyperparameters of members that kept their place",
+      "jnp.where(replaced, hyper[name] * factors[i], hyper[name])",
+      "jnp.where(replaced | True, hyper[name] * factors[i], hyper[name])", (PBT,)),
+    M("population-seeds", "parallel", "member i initialised from seed + i + 1",
+      "seeds = jnp.arange(members, dtype=jnp.uint32) + seed", "seeds = jnp.arange(members, dtype=jnp.uint32) + seed + 1",
+      (f"{G}::test_every_population_member_takes_its_own_sgd_step",)),
+    M("ensemble-member-entropy", "parallel", "the members' entropy taken from the most uncertain member",
+      "(-(probs * logp).sum(-1).mean(0) * weight).sum()", "(-(probs * logp).sum(-1).max(0) * weight).sum()",
+      (ENSEMBLE,)),
+    M("ensemble-member-entropy-unweighted", "parallel", "padded rows add to the members' entropy",
+      "(-(probs * logp).sum(-1).mean(0) * weight).sum()", "(-(probs * logp).sum(-1).mean(0)).sum()", (ENSEMBLE,)),
+    M("ensemble-mean-of-logits", "parallel", "the ensemble averages log-probabilities, not probabilities",
+      "mean = probs.mean(0)  # the ensemble", "mean = np.exp(logp.mean(0))  # the ensemble",
+      (ENSEMBLE,)),
+    M("ece-bins-off-by-one", "parallel", "ECE confidence bins of width 1/14",
+      "np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)",
+      "np.minimum((confidence * (ECE_BINS - 1)).astype(int), ECE_BINS - 1)",
+      (f"{POP}::test_ece_bins_confidence_exactly_as_equal_width_bins",)),
+    M("ece-without-bins", "parallel", "ECE as |mean confidence - accuracy| (bins summed before the difference)",
+      "ece = np.abs(self.bins[:, 1] - self.bins[:, 2]).sum(-1) / n",
+      "ece = np.abs(self.bins[:, 1].sum(-1) - self.bins[:, 2].sum(-1)) / n", (ENSEMBLE,)),
+    M("ensemble-disagreement-inverted", "parallel", "disagreement counts the members that agree",
+      '"disagreement", ((member_pred != pred[None])', '"disagreement", ((member_pred == pred[None])', (ENSEMBLE,)),
+    M("predict-member-entropy", "parallel", "per-example members' entropy taken of their mean (mutual information 0)",
+      "member_entropy = -(probs * np.log(probs + 1e-30)).sum(-1).mean(0)",
+      "member_entropy = -(mean * np.log(mean + 1e-30)).sum(-1)", (PER_EXAMPLE,)),
+    # ------------------------------------------------------------------ parallel: sampling
+    M("sampling-cut-before-temperature", "parallel", "the top-p cut taken on the untempered distribution",
+      "jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)",
+      'jax.nn.softmax(jnp.where(in_k, desc * sampling["temperature"], -jnp.inf), axis=-1)', (SAMPLING,)),
+    M("sampling-temperature-multiplies", "parallel", "logits multiplied by the temperature",
+      'scaled = logits_BV / sampling["temperature"]', 'scaled = logits_BV * sampling["temperature"]',
+      (f"{SO}::test_temperature_sampling_draws_from_the_tempered_softmax",)),
+    M("sampling-top-k-off-by-one", "parallel", "top-k keeps k + 1 tokens",
+      "in_k = jnp.arange(V)[None, :] < k", "in_k = jnp.arange(V)[None, :] <= k", (SAMPLING,)),
+    M("sampling-top-p-drops-crossing-token", "parallel", "top-p drops the token that crosses p",
+      'keep = in_k & (jnp.cumsum(probs, axis=-1) - probs < sampling["top_p"])',
+      'keep = in_k & (jnp.cumsum(probs, axis=-1) < sampling["top_p"])', (SAMPLING,)),
+    # ------------------------------------------------------------------ parallel: federated
+    M("fedadam-b1-b2-swapped", "parallel", "FedAdam's b1 and b2 swapped", "optax.adam(lr, b1=0.9, b2=0.99, eps=eps)",
+      "optax.adam(lr, b1=0.99, b2=0.9, eps=eps)", (FEDOPT,)),
+    M("fedyogi-b2", "parallel", "FedYogi's b2 at optax's default", "optax.yogi(lr, b1=0.9, b2=0.99, eps=eps)",
+      "optax.yogi(lr, b1=0.9, b2=0.999, eps=eps)", (FEDOPT,)),
+    M("fedadagrad-initial-accumulator", "parallel", "FedAdagrad's accumulator starting at optax's 0.1",
+      "optax.adagrad(lr, initial_accumulator_value=0.0, eps=eps)",
+      "optax.adagrad(lr, initial_accumulator_value=0.1, eps=eps)", (FEDOPT,)),
+    M("fedavg-delta-sign", "parallel", "the pseudo-gradient with the wrong sign",
+      "lambda w, wk: w[None] - wk, server_params", "lambda w, wk: wk - w[None], server_params",
+      (f"{FED}::test_fedavg_round_with_one_sgd_step_equals_one_large_batch_sgd_step",)),
+    M("fedavg-unweighted-divisor", "parallel", "client updates summed by examples but divided by clients",
+      "total = jnp.maximum(jnp.sum(weight), 1e-30)", "total = jnp.maximum(jnp.sum(real), 1e-30)",
+      (f"{FED}::test_unequal_clients_weigh_by_examples_and_empty_slots_count_nothing",)),
+    M("dirichlet-concentration", "parallel", "the Dirichlet split drawn with 1/alpha",
+      "rng.dirichlet(np.full(clients, alpha))", "rng.dirichlet(np.full(clients, 1.0 / alpha))",
+      (f"{FED}::test_partitions_dirichlet_skew_minimum_size_iid_and_natural",)),
+    M("lm-bits-per-token", "parallel", "bits per token multiplied by ln 2",
+      '"bits_per_token": loss / math.log(2)', '"bits_per_token": loss * math.log(2)',
+      (f"{UNITS}::test_lm_metrics_equal_numpy_written_here",)),
+    # ------------------------------------------------------------------ run: the population policy, metrics
+    M("prune-stops-the-best", "run", "sweep pruning stops the best members",
+      "worst = alive[np.argsort(scores[alive])[::-1][:stop]]", "worst = alive[np.argsort(scores[alive])[:stop]]",
+      (PRUNE,)),
+    M("prune-may-stop-everyone", "run", "pruning may stop the last member",
+      "min(int(self.prune_fraction * len(alive)), len(alive) - 1)", "min(int(self.prune_fraction * len(alive)), len(alive))",
+      (f"{POP}::test_pruning_never_stops_the_last_member_and_ensembles_never_prune",)),
+    M("prune-due-off-by-one", "run", "pruning one step early", "(step + 1) % self.every == 0",
+      "step % self.every == 0", (PRUNE,)),
+    M("ensemble-prunes", "run", "ensembles pruned like sweeps",
+      'prune_every if kind == "sweep" else 0', "prune_every",
+      (f"{POP}::test_pruning_never_stops_the_last_member_and_ensembles_never_prune",)),
+    M("diverged-member-scored-best", "run", "a member with a NaN validation loss scored as the best",
+      "np.nan_to_num(self._scores(val), nan=np.inf)", "np.nan_to_num(self._scores(val), nan=-np.inf)",
+      (f"{POP}::test_a_member_with_a_nan_loss_is_pruned_first",)),
+    M("metrics-resume-drops-last-step", "run", "resuming drops the records of the step it resumes from",
+      'keep = record["step"] <= last_step', 'keep = record["step"] < last_step',
+      (f"{UNITS}::test_metrics_writer_keeps_the_records_up_to_the_resumed_step",)),
+    M("pbt-lineage-inverted", "run", "PBT's lineage records the members that kept their place",
+      "if source != member:", "if source == member:", (f"{POP}::test_pbt_policy_records_who_copied_whom",)),
+]

@@ -1,0 +1,167 @@
+"""The mutation check: `python tests/mutations/run.py` plants each bug of mutations.py, one at a time, in a
+temporary copy of the checkout, runs only the tests that bug names (stopping at the first failure:
+a failure means the bug was caught) and reports caught / survived / not applicable by area; it
+exits 1 when any bug survived, could not be planted, or its tests could not run.
+
+A bug is planted by text: its ``original`` snippet must occur exactly once across every ``.py``
+file under ``shardml/`` (wherever a refactor moved it); a snippet that is missing or occurs more
+than once is reported as not applicable, to be re-anchored in mutations.py, never deleted.
+
+    python tests/mutations/run.py                 # every mutation
+    python tests/mutations/run.py -k pbt -k fedopt   # those whose id contains one of the words
+    python tests/mutations/run.py --list          # the ids, areas and where each snippet is now
+    python tests/mutations/run.py --baseline      # also run each selection unmutated first
+
+The JAX compilation cache (``JAX_COMPILATION_CACHE_DIR``, one temporary directory when unset) is
+shared by every pytest process, so a program that a mutation does not touch compiles once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mutations import AREAS, MUTATIONS, Mutation  # noqa: E402
+
+SKIP = {".git", ".venv", ".venv-newest", "__pycache__", ".pytest_cache", ".ipynb_checkpoints", "build", "dist"}
+PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rN"]
+
+
+@dataclasses.dataclass
+class Outcome:
+    mutation: Mutation
+    status: str  # caught | survived | not found | not unique | error
+    detail: str = ""
+    seconds: float = 0.0
+
+
+def source_files(root: Path) -> dict[Path, str]:
+    return {path.relative_to(root): path.read_text() for path in sorted((root / "shardml").rglob("*.py"))}
+
+
+def locate(mutation: Mutation, sources: dict[Path, str]) -> tuple[Path | None, str]:
+    """The one file that holds the snippet, or None and why not."""
+    hits = {path: text.count(mutation.original) for path, text in sources.items() if mutation.original in text}
+    total = sum(hits.values())
+    if total == 1:
+        return next(iter(hits)), ""
+    if total == 0:
+        return None, "not found"
+    where = ", ".join(f"{path} ({n}x)" for path, n in hits.items())
+    return None, f"not unique: {total} occurrences in {where}"
+
+
+def copy_checkout(dest: Path) -> None:
+    def ignore(folder, names):
+        return [n for n in names if n in SKIP or n.endswith(".egg-info")]
+
+    shutil.copytree(ROOT, dest, ignore=ignore, symlinks=True)
+
+
+def run_tests(copy: Path, selections: tuple[str, ...], timeout: float) -> tuple[str, str]:
+    """('caught' | 'survived' | 'error', detail) of running each selection in turn in ``copy``."""
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    for selection in selections:
+        try:
+            done = subprocess.run([*PYTEST, *shlex.split(selection)], cwd=copy, env=env, capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "error", f"{selection}: still running after {timeout:.0f} s"
+        tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
+        if done.returncode == 1:
+            return "caught", f"{selection}: {tail[0]}"
+        if done.returncode == 5:
+            return "error", f"{selection}: selects no test (renamed or moved?)"
+        if done.returncode != 0:
+            return "error", f"{selection}: pytest exit {done.returncode}: {tail[0]}"
+    return "survived", "every named test passed"
+
+
+def check(mutation: Mutation, copy: Path, sources: dict[Path, str], timeout: float, baseline: bool) -> Outcome:
+    start = time.perf_counter()
+    path, why = locate(mutation, sources)
+    if path is None:
+        return Outcome(mutation, why.split(":")[0], why)
+    if baseline:
+        status, detail = run_tests(copy, mutation.tests, timeout)
+        if status != "survived":
+            return Outcome(mutation, "error", f"fails unmutated: {detail}", time.perf_counter() - start)
+    text = sources[path]
+    target = copy / path
+    target.write_text(text.replace(mutation.original, mutation.mutated))
+    try:
+        status, detail = run_tests(copy, mutation.tests, timeout)
+    finally:
+        target.write_text(text)
+    return Outcome(mutation, status, f"{path}: {detail}", time.perf_counter() - start)
+
+
+def report(outcomes: list[Outcome], seconds: float) -> bool:
+    table: dict[str, Counter] = defaultdict(Counter)
+    for o in outcomes:
+        table[o.mutation.area][o.status] += 1
+    print(f"\nmutation check: {len(outcomes)} mutations in {seconds:.0f} s")
+    print(f"{'area':<10} {'caught':>7} {'survived':>9} {'not applicable':>15} {'error':>6}")
+    for area in AREAS:
+        c = table.get(area, Counter())
+        n = sum(c.values())
+        if n:
+            na = c["not found"] + c["not unique"]
+            print(f"{area:<10} {c['caught']:>3}/{n:<3} {c['survived']:>9} {na:>15} {c['error']:>6}")
+    bad = [o for o in outcomes if o.status != "caught"]
+    for o in bad:
+        print(f"{o.status.upper()}: {o.mutation.id} ({o.mutation.area}) {o.mutation.bug}\n    {o.detail}")
+        if o.status in ("not found", "not unique"):
+            print(f"    re-anchor in tests/mutations/mutations.py: {o.mutation.original!r}")
+        if o.status == "survived":
+            print(f"    write the test that catches it (tests tried: {', '.join(o.mutation.tests)})")
+    caught = sum(o.status == "caught" for o in outcomes)
+    print(f"caught {caught} of {len(outcomes)}" + ("" if not bad else f"; {len(bad)} not caught (see above)"))
+    return not bad
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", action="append", default=[], help="only mutations whose id contains this (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and where they apply, run nothing")
+    parser.add_argument("--baseline", action="store_true", help="first check each selection passes unmutated")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest process")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.k or any(k in m.id for k in args.k)]
+    duplicates = [i for i, n in Counter(m.id for m in MUTATIONS).items() if n > 1]
+    if duplicates:
+        print(f"duplicate mutation ids: {duplicates}")
+        return 2
+    sources = source_files(ROOT)
+    if args.list:
+        for m in chosen:
+            path, why = locate(m, sources)
+            print(f"{m.id:<40} {m.area:<9} {path or why}")
+        return 0
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="shardml-mutations-jax-cache-"))
+    start = time.perf_counter()
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="shardml-mutations-") as tmp:
+        copy = Path(tmp) / "checkout"
+        copy_checkout(copy)
+        for i, mutation in enumerate(chosen, 1):
+            outcome = check(mutation, copy, sources, args.timeout, args.baseline)
+            outcomes.append(outcome)
+            print(f"[{i}/{len(chosen)}] {outcome.status:<10} {mutation.id} ({outcome.seconds:.0f} s)", flush=True)
+    return 0 if report(outcomes, time.perf_counter() - start) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
