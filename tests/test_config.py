@@ -82,9 +82,10 @@ def test_bad_config_fails_with_named_values(overrides, message):
     (["mesh.data=1", "mesh.tensor=8", "model.heads=8", "model.vocab=260"],
      r"parameter 'embed' has size 260 along 'vocab'"),
     (["mesh.data=1", "mesh.fsdp=8", "model.d_model=36", "model.heads=3"], r"size 36 along 'embed'"),
-    (["mesh.data=8", "train.batch_size=12"], r"train.batch_size=12 is not divisible by mesh.data x "
-                                             r"train.microbatches = 8 x 1 = 8"),
-    (["mesh.data=4", "mesh.fsdp=2", "train.batch_size=16", "train.microbatches=4"], r"4 x 2 x 4 = 32"),
+    (["mesh.data=8", "train.batch_size=12"], r"train.batch_size=12 is not divisible by mesh.data=8 x "
+                                             r"train.microbatches=1 = 8; use a batch size that is a multiple of 8"),
+    (["mesh.data=4", "mesh.fsdp=2", "train.batch_size=16", "train.microbatches=4"],
+     r"mesh.data=4 x mesh.fsdp=2 x train.microbatches=4 = 32"),
     (["mesh.pipeline=4", "mesh.data=2", "model.layers=6"],
      r"model.layers=6 is not divisible by mesh.pipeline x pipeline.repeats = 4 x 1 = 4"),
     (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=circular", "pipeline.repeats=4"],
@@ -92,7 +93,8 @@ def test_bad_config_fails_with_named_values(overrides, message):
     (["mesh.pipeline=2", "mesh.data=4", "pipeline.schedule=circular", "pipeline.repeats=2",
       "pipeline.microbatches=3"], r"pipeline.microbatches=3 is not a multiple of mesh.pipeline=2"),
     (["mesh.pipeline=2", "mesh.data=4", "pipeline.microbatches=8"],
-     r"train.batch_size=16 is not divisible by .* x pipeline.microbatches = 4 x 1 x 8 = 32"),
+     r"train.batch_size=16 is not divisible by mesh.data=4 x train.microbatches=1 x pipeline.microbatches=8 "
+     r"= 32"),
     (["model.heads=3"], r"model.d_model=32 is not divisible by model.heads=3"),
     (["data.corpus=digits"], r"data.corpus=digits holds labelled examples, not text; use model.kind=mlp"),
     (["model.kind=mlp"], r"model.kind=mlp trains on array data; data.corpus='pydoc' is not one of digits"),

@@ -57,7 +57,7 @@ def test_load_digits_names_the_examples_extra(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
-    with pytest.raises(shardml.ConfigError, match=r"\[examples\]"):
+    with pytest.raises(shardml.ShardmlError, match=r"\[examples\]"):
         shardml.load_digits()
 
 
@@ -65,7 +65,7 @@ def test_flower_names_the_flower_extra(monkeypatch):
     import shardml
 
     monkeypatch.setitem(sys.modules, "flwr", None)
-    with pytest.raises(shardml.ConfigError, match=r"\[flower\]"):
+    with pytest.raises(shardml.ShardmlError, match=r"\[flower\]"):
         shardml.flower.client_app(None, None)
 
 

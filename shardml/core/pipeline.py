@@ -283,6 +283,36 @@ def forward_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, 
     return sums
 
 
+def _one_f_one_b_stage(stages, loss: Loss, names, p: int, slots: int, layers, shared, micro):
+    """This device's 1F1B stage: ``forward(h_in, index)`` and ``backward(stash, recv_b, index)``
+    (layer grads, shared grads, input cotangent, loss sums)."""
+    stage = jax.lax.axis_index(PIPE)
+
+    def forward(layers, shared, h_in, index):
+        h_in = jax.lax.cond(stage == 0, lambda: stages.embed(shared, micro["inputs"][index]).astype(h_in.dtype),
+                            lambda: h_in)
+        return stages.layers(layers, h_in)
+
+    def forward_and_loss(layers, shared, h_in, index):
+        h_out = forward(layers, shared, h_in, index)
+        sums = jax.lax.cond(stage == p - 1, lambda: _head_sums(stages, loss, shared, h_out, micro, index),
+                            lambda: _zero_sums(names))
+        return (h_out, sums["loss"]), sums
+
+    def backward(stash, recv_b, index):
+        fn = functools.partial(forward_and_loss, index=index)
+        _, vjp_fn, sums = jax.vjp(fn, layers, shared, stash[index % slots], has_aux=True)
+        last = stage == p - 1
+        # The last stage seeds the loss; the others receive the cotangent of their output. Selecting
+        # (not multiplying) keeps whatever an idle receive holds out of the gradients.
+        ct_h = jnp.where(last, jnp.zeros_like(recv_b), recv_b)
+        ct_loss = _vary(jnp.where(last, 1.0, 0.0).astype(jnp.float32))
+        g_layers, g_shared, d_h = vjp_fn((ct_h, ct_loss))
+        return g_layers, g_shared, d_h, sums
+
+    return functools.partial(forward, layers, shared), backward
+
+
 def one_f_one_b_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, micro):
     """Per-device 1F1B loop: returns (loss sums, (layer grads, shared grads)), f32 sums.
 
@@ -295,28 +325,7 @@ def one_f_one_b_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shar
     stage = jax.lax.axis_index(PIPE)
     layers = jax.tree.map(lambda w: w[0], chunks)
     h_shape = jax.eval_shape(stages.embed, shared, micro["inputs"][0])
-
-    def stage_forward(layers, shared, h_in, index):
-        h_in = jax.lax.cond(stage == 0, lambda: stages.embed(shared, micro["inputs"][index]).astype(h_in.dtype),
-                            lambda: h_in)
-        return stages.layers(layers, h_in)
-
-    def stage_and_loss(layers, shared, h_in, index):
-        h_out = stage_forward(layers, shared, h_in, index)
-        sums = jax.lax.cond(stage == p - 1, lambda: _head_sums(stages, loss, shared, h_out, micro, index),
-                            lambda: _zero_sums(names))
-        return (h_out, sums["loss"]), sums
-
-    def backward(stash, recv_b, index):
-        fn = functools.partial(stage_and_loss, index=index)
-        _, vjp_fn, sums = jax.vjp(fn, layers, shared, stash[index % slots], has_aux=True)
-        last = stage == p - 1
-        # The last stage seeds the loss; the others receive the cotangent of their output. Selecting
-        # (not multiplying) keeps whatever an idle receive holds out of the gradients.
-        ct_h = jnp.where(last, jnp.zeros_like(recv_b), recv_b)
-        ct_loss = _vary(jnp.where(last, 1.0, 0.0).astype(jnp.float32))
-        g_layers, g_shared, d_h = vjp_fn((ct_h, ct_loss))
-        return g_layers, g_shared, d_h, sums
+    stage_forward, backward = _one_f_one_b_stage(stages, loss, names, p, slots, layers, shared, micro)
 
     def tick(carry, t, sends):
         recv_f, recv_b, stash, acc, sums = carry
@@ -327,7 +336,7 @@ def one_f_one_b_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shar
         if any_forward:
             slot = f % slots
             stash = stash.at[slot].set(jnp.where(f_valid, recv_f, stash[slot]))  # before the backward reads it
-            h_out = jax.lax.cond(f_valid & (stage < p - 1), lambda: stage_forward(layers, shared, recv_f, f),
+            h_out = jax.lax.cond(f_valid & (stage < p - 1), lambda: stage_forward(recv_f, f),
                                  lambda: _zeros(recv_f))
         if any_backward:
             zero_grads = (*_zeros((layers, shared, recv_b)), _zero_sums(names))

@@ -60,6 +60,25 @@ def gaussian_noise(key: jax.Array, like: Any, std: float | jax.Array, logical: A
     return jax.tree.unflatten(treedef, out)
 
 
+def _clipped_example_grad(sums_fn, clip_norm: float):
+    """``(params, example_1, key) -> (grads, sums)`` of one example, its gradient clipped to
+    ``clip_norm`` (f32), ``sums["clipped"]`` 1 when it was larger; both with a leading axis of 1."""
+
+    def example_grad(params, example_1, key):
+        keys = None if key is None else key[None]
+
+        def loss_and_sums(p):
+            sums = sums_fn(p, example_1, keys)
+            return sums["loss"], sums
+
+        grads, sums = jax.grad(loss_and_sums, has_aux=True)(params)
+        grads, norm = clip_tree(jax.tree.map(lambda g: g.astype(jnp.float32), grads), clip_norm)
+        sums = {**sums, "clipped": (norm > clip_norm).astype(jnp.float32)}
+        return jax.tree.map(lambda x: x[None], (grads, sums))
+
+    return example_grad
+
+
 def private_accumulator(model, loss: Loss, mesh, microbatches: int = 1, *, clip_norm: float,
                         noise_multiplier: float) -> GradientStrategy:
     """The accumulator with DP-SGD inside: per-example gradients clipped to ``clip_norm`` inside
@@ -76,18 +95,7 @@ def private_accumulator(model, loss: Loss, mesh, microbatches: int = 1, *, clip_
         raise SettingError(f"DP-SGD noise_multiplier={noise_multiplier} must be >= 0", subject="noise_multiplier",
                            value=noise_multiplier)
     sums_fn = model_sums(model, loss)
-
-    def example_grad(params, example_1, key):
-        keys = None if key is None else key[None]
-
-        def loss_and_sums(p):
-            sums = sums_fn(p, example_1, keys)
-            return sums["loss"], sums
-
-        grads, sums = jax.grad(loss_and_sums, has_aux=True)(params)
-        grads, norm = clip_tree(jax.tree.map(lambda g: g.astype(jnp.float32), grads), clip_norm)
-        sums = {**sums, "clipped": (norm > clip_norm).astype(jnp.float32)}
-        return jax.tree.map(lambda x: x[None], (grads, sums))
+    example_grad = _clipped_example_grad(sums_fn, clip_norm)
 
     def microbatch(params, rows):
         batch, rng = rows

@@ -63,6 +63,46 @@ def _replicated_on(trainer, axis: str, min_ndim: int) -> list[str]:
     return found
 
 
+def _check_sharded_on_fsdp(trainer, name: str, min_ndim: int) -> None:
+    replicated = _replicated_on(trainer, "fsdp", min_ndim)
+    if replicated:
+        raise CommunicationError(
+            f"{name}: {len(replicated)} parameter(s) replicated on fsdp (every fsdp device holds all of it and "
+            f"its optimizer state): {'; '.join(replicated)}. Name a logical axis of each that the rules map to "
+            "fsdp (by default 'embed'), or pass sharded_on_fsdp=False / min_ndim to allow it")
+
+
+def _check_reduced_once(report: CollectiveReport, single: CollectiveReport | None, mesh, name: str,
+                        table: str) -> None:
+    """No reduction over ``data`` inside a loop, and (``single``: the same step with 1 microbatch)
+    the same bytes reduced over ``data`` per step whatever the microbatch count."""
+    looped = [op for kind in REDUCTIONS for op in report.select(kind, in_loop=True, axis="data")]
+    ops = "".join(f"\n  {_describe(op, mesh)}" for op in looped[:8])
+    if single is not None:
+        got = sum(report.bytes(kind, axis="data") for kind in REDUCTIONS)
+        want = sum(single.bytes(kind, axis="data") for kind in REDUCTIONS)
+        if got != want:
+            raise CommunicationError(
+                f"{name}: gradients are not reduced once per step: the reductions over data move {got:,} bytes "
+                f"per step, {want:,} with 1 microbatch ({len(looped)} inside a loop){ops}{table}\n"
+                f"collectives with 1 microbatch:\n{single.table()}", report)
+    if looped:
+        raise CommunicationError(f"{name}: gradients are not reduced once per step: {len(looped)} reduction(s) "
+                                 f"over data inside a loop:{ops}{table}", report)
+
+
+def _check_loop_free(report: CollectiveReport, mesh, loop_free: Sequence[str], name: str, table: str) -> None:
+    for axis in loop_free:
+        if mesh.shape.get(axis, 1) == 1:
+            continue
+        in_loop = report.select(in_loop=True, axis=axis)
+        if in_loop:
+            ops = "".join(f"\n  {_describe(op, mesh)}" for op in in_loop[:8])
+            raise CommunicationError(
+                f"{name}: {len(in_loop)} collective(s) over {axis} inside a loop (the microbatch loop should "
+                f"communicate nothing over {axis}):{ops}{table}", report)
+
+
 def assert_communication(model: Any, loss, batch: dict, layout: Layout, *, microbatches: int = 2,
                          reduced_once: bool = True, loop_free: Sequence[str] = ("data",),
                          sharded_on_fsdp: bool = True, min_ndim: int = 2,
@@ -101,36 +141,11 @@ def assert_communication(model: Any, loss, batch: dict, layout: Layout, *, micro
 
     trainer = trainer_of(microbatches)
     if sharded_on_fsdp and mesh.shape["fsdp"] > 1:
-        replicated = _replicated_on(trainer, "fsdp", min_ndim)
-        if replicated:
-            raise CommunicationError(
-                f"{name}: {len(replicated)} parameter(s) replicated on fsdp (every fsdp device holds all of it and "
-                f"its optimizer state): {'; '.join(replicated)}. Name a logical axis of each that the rules map to "
-                "fsdp (by default 'embed'), or pass sharded_on_fsdp=False / min_ndim to allow it")
+        _check_sharded_on_fsdp(trainer, name, min_ndim)
     report = compiled_collectives(trainer, batch)
     table = f"\ncollectives of the step ({name}):\n{report.table()}"
     if reduced_once and mesh.shape["data"] > 1:
-        looped = [op for kind in REDUCTIONS for op in report.select(kind, in_loop=True, axis="data")]
-        ops = "".join(f"\n  {_describe(op, mesh)}" for op in looped[:8])
-        if microbatches > 1:
-            single = compiled_collectives(trainer_of(1), batch)
-            got = sum(report.bytes(kind, axis="data") for kind in REDUCTIONS)
-            want = sum(single.bytes(kind, axis="data") for kind in REDUCTIONS)
-            if got != want:
-                raise CommunicationError(
-                    f"{name}: gradients are not reduced once per step: the reductions over data move {got:,} bytes "
-                    f"per step, {want:,} with 1 microbatch ({len(looped)} inside a loop){ops}{table}\n"
-                    f"collectives with 1 microbatch:\n{single.table()}", report)
-        if looped:
-            raise CommunicationError(f"{name}: gradients are not reduced once per step: {len(looped)} reduction(s) "
-                                     f"over data inside a loop:{ops}{table}", report)
-    for axis in loop_free:
-        if mesh.shape.get(axis, 1) == 1:
-            continue
-        in_loop = report.select(in_loop=True, axis=axis)
-        if in_loop:
-            ops = "".join(f"\n  {_describe(op, mesh)}" for op in in_loop[:8])
-            raise CommunicationError(
-                f"{name}: {len(in_loop)} collective(s) over {axis} inside a loop (the microbatch loop should "
-                f"communicate nothing over {axis}):{ops}{table}", report)
+        single = compiled_collectives(trainer_of(1), batch) if microbatches > 1 else None
+        _check_reduced_once(report, single, mesh, name, table)
+    _check_loop_free(report, mesh, loop_free, name, table)
     return report
