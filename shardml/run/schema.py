@@ -167,7 +167,7 @@ class Config:
     pipeline: PipelineConfig = PipelineConfig()
     population: PopulationConfig = PopulationConfig()
     federated: FederatedConfig = FederatedConfig()
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default{experiment}"
 
 
 
