@@ -1,10 +1,10 @@
 """Communication and memory audit: the compiled train step of each layout against closed-form theory.
 
-For every layout the run's trainer is built from the config (:func:`shardml.run.recipe.build`, every
+For every layout the run's trainer is built from the config (:func:`shardml.run_parts`, every
 layout checked before the first compile) and its train step compiled from abstract shapes on 8
 emulated CPU devices, as ``shardml plan`` does (nothing trained); its collectives are read from the HLO
-(:mod:`shardml.analysis.audit`) and its per-device arguments from the shardings the compiled program
-takes, and both are set against :mod:`shardml.analysis.theory` (scaling-book formulas from the config
+(:func:`shardml.analysis.collectives`) and its per-device arguments from the shardings the compiled program
+takes, and both are set against :func:`shardml.analysis.layout_theory` (scaling-book formulas from the config
 alone).
 
 Bytes are what one device sends per step on ring algorithms (all-reduce 2(N-1)/N x array,
@@ -39,12 +39,9 @@ import sys
 
 import jax
 
-from shardml import MESH_AXES, ShardmlError, collectives, layout_theory, load_config, memory
-from shardml.analysis.audit import DTYPE_BYTES as ITEM, KINDS
-from shardml.analysis.plan import compile_trainer, format_bytes, sent_per_device
-from shardml.analysis.theory import SHORT
-from shardml.run.planning import abstract_batch, layout_config, workload
-from shardml.run.recipe import build
+from shardml import (MESH_AXES, ShardmlError, abstract_batch, collectives, layout_config, layout_theory, load_config,
+                     memory, run_parts, workload)
+from shardml.analysis import DTYPE_BYTES as ITEM, KINDS, SHORT, compile_trainer, format_bytes, sent_per_device
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
 
@@ -234,11 +231,11 @@ def explain(row: dict, notes: list[str]) -> str:
 
 
 def layout_parts(base, layout: str):
-    """The built trainer of one layout (:func:`shardml.run.recipe.build`: model, data, trainer, mesh
+    """The built trainer of one layout (:func:`shardml.run_parts`: model, data, trainer, mesh
     sizes); rejects a layout that cannot work before anything compiles."""
     try:
         cfg = layout_config(base, ",".join(layout_overrides(layout)))
-        return build(cfg, layout_devices(cfg))
+        return run_parts(cfg, layout_devices(cfg))
     except ShardmlError as err:
         raise SystemExit(f"layout '{layout}': {err}") from None
 

@@ -1,7 +1,7 @@
 """Training-time overhead of checkpointing every N steps: none vs. async vs. blocking Orbax saves.
 
 Each preset's model, data, mesh and trainer are built as ``shardml train`` builds them
-(:func:`shardml.run.recipe.build`); the loop is :func:`shardml.run.loop.run_loop`'s: dispatch step
+(:func:`shardml.run_parts`); the loop is ``shardml.fit``'s: dispatch step
 s, then read step s-1's metrics; on a checkpoint step, read this step's metrics and save
 (``shardml.Checkpointer``, keeping the last 2, as in training, with the metadata the loop writes).
 A timed round is ``--steps`` steps with a save every ``--every`` steps, the first one ``every // 2`` steps
@@ -21,6 +21,7 @@ import shardml
 shardml.emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -30,10 +31,7 @@ import time
 import jax
 import numpy as np
 
-from shardml import Checkpointer, describe, load_config
-from shardml.run.config import to_dict
-from shardml.run.recipe import build
-from shardml.run.resume import checkpoint_meta, identity
+from shardml import Checkpointer, RunDir, describe, load_config, run_parts
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
 
@@ -42,12 +40,12 @@ MODES = ("none", "async", "blocking")
 
 def bench_preset(preset, args, root):
     cfg = load_config(preset)
-    parts = build(cfg)  # the model, data, mesh and trainer `shardml train` builds
+    parts = run_parts(cfg)  # the model, data, mesh and trainer `shardml train` builds
     trainer, t = parts.trainer, cfg.train
     mesh = trainer.mesh
     batches = [trainer.put(parts.data.batch(s)) for s in range(args.steps)]
-    # What the loop records beside the arrays (shardml.run.loop): the run's identity and config.
-    ident = identity(trainer, parts.data.fingerprint, to_dict(cfg))
+    # What the loop records beside the arrays: the run's identity and config.
+    ident = RunDir.identity(trainer, parts.data.fingerprint, dataclasses.asdict(cfg))
     checkpointers = {mode: Checkpointer(os.path.join(root, preset, mode), keep=2, async_save=mode == "async")
                      for mode in MODES if mode != "none"}
     state = {"state": trainer.init(t.seed), "step": 0}
@@ -66,8 +64,7 @@ def bench_preset(preset, args, root):
                 float(np.asarray(metrics["loss"]))
                 previous = None
                 t0 = time.perf_counter()
-                checkpointer.save(state["step"], state["state"],
-                                  checkpoint_meta(ident, state["step"], None, mesh.shape))
+                checkpointer.save(state["step"], state["state"], run=ident, mesh=mesh.shape)
                 save_s[mode].append(time.perf_counter() - t0)
         jax.block_until_ready(state["state"])
         if checkpointer is not None:

@@ -3,7 +3,7 @@
 The layers run under one ``lax.scan`` and the accumulator's microbatches under another, so neither
 the depth nor ``train.microbatches`` should grow the program XLA compiles. This measures it: for
 each configuration a fresh trainer is built from the config as ``shardml train`` builds it
-(:func:`shardml.run.recipe.build`) and its step is lowered and compiled from abstract shapes, as
+(:func:`shardml.run_parts`) and its step is lowered and compiled from abstract shapes, as
 ``shardml plan`` does (nothing is allocated or trained), timing ``lower`` (tracing + StableHLO) and
 ``compile`` (XLA) separately with ``time.perf_counter``. The compiled HLO
 instruction count (``compiled.as_text()``) shows the same property without machine noise.
@@ -37,9 +37,7 @@ import jax
 
 import _readme
 
-from shardml import load_config, make_mesh
-from shardml.run.planning import abstract_batch, layout_config
-from shardml.run.recipe import build
+from shardml import abstract_batch, layout_config, load_config, make_mesh, run_parts
 
 # One HLO instruction per line: `[ROOT] %name = type op(...)`.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s", re.MULTILINE)
@@ -99,7 +97,7 @@ def run_config(args, layers: int, microbatches: int, batch_size: int):
 
 def measure(cfg, events: CompileEvents) -> dict:
     """lower and compile seconds of a fresh trainer's step (a new jit: nothing cached in memory)."""
-    parts = build(cfg)  # `shardml train`'s trainer; rejects a layout that cannot work before compiling
+    parts = run_parts(cfg)  # `shardml train`'s trainer; rejects a layout that cannot work before compiling
     trainer = parts.trainer
     state = trainer.abstract_state()
     batch = abstract_batch(parts)

@@ -141,7 +141,7 @@ def _mb(n) -> str:
 
 
 def speed(model, examples, args):
-    from shardml.parallel.flower import ClientUpdate, run_in_process
+    from shardml.flower import ClientUpdate, run_in_process
 
     k = args.speed_clients
     mesh = shardml.make_mesh({"members": 8})

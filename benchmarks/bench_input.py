@@ -2,7 +2,7 @@
 batches already on the devices, and 2 processes x 4 devices against 1 x 8.
 
 Part 1, one process: each config is built as ``shardml train`` builds it
-(:func:`shardml.run.recipe.build`); its train step runs ``--steps`` timed steps (after ``--warmup``
+(:func:`shardml.run_parts`); its train step runs ``--steps`` timed steps (after ``--warmup``
 untimed ones: compile, worker start) fed
 
 - ``synthetic``: one global batch placed on the devices once and reused (no input work at all);
@@ -40,8 +40,7 @@ import time
 import _readme  # benchmarks/ (this script's folder) is on sys.path
 import jax
 
-from shardml import Feeder, load_config
-from shardml.run.recipe import build
+from shardml import Feeder, load_config, run_parts
 
 CONFIGS = ("plain", "bpe")
 
@@ -63,7 +62,7 @@ def time_steps(trainer, state, batch_of, args):
 
 
 def bench_config(name, args):
-    parts = build(load_config(args.preset, overrides(name, args)))
+    parts = run_parts(load_config(args.preset, overrides(name, args)))
     trainer = parts.trainer
     state = trainer.init(0)
     fixed = trainer.put(parts.data.batch(0))

@@ -16,7 +16,7 @@ The two must run on the same JAX: both interpreters are asked for their JAX vers
 race is refused when they differ (``--allow-jax-mismatch`` runs it anyway, marked not comparable,
 and never writes the README). Both children get the same environment: 8 CPU devices through
 ``JAX_NUM_CPU_DEVICES``, and the XLA:CPU settings shardml's workaround against a collective
-deadlock would add (``shardml.core.devices.avoid_cpu_collective_deadlock``; none on a JAX that does
+deadlock would add (what ``shardml.emulate_cpu_devices`` sets; none on a JAX that does
 not need it), so the thread pool and scheduler are the same for both (``--xla-env own`` gives
 MaxText JAX's defaults instead).
 
@@ -166,16 +166,13 @@ import jax
 out = {"jax": jax.__version__, "python": sys.version.split()[0], "executable": sys.executable}
 if sys.argv[1] == "shardml":
     import shardml
-    from shardml.core.devices import avoid_cpu_collective_deadlock
-    from shardml.core.settings import check_settings
-    from shardml.run.config import load_config
-    cfg = load_config(None, sys.argv[2:])  # the race's overrides: a typo or a bad value fails here, before any run
-    check_settings(cfg)
+    devices = int(os.environ["JAX_NUM_CPU_DEVICES"])
+    cfg = shardml.load_config(None, sys.argv[2:])  # the race's overrides: a typo or a bad value fails here, before any run
+    shardml.validate(cfg, devices)
     before = {k: os.environ.get(k) for k in ("XLA_FLAGS", "NPROC")}
-    avoid_cpu_collective_deadlock(int(os.environ["JAX_NUM_CPU_DEVICES"]))
+    shardml.emulate_cpu_devices(devices)  # the same count: only its XLA:CPU deadlock workaround changes anything
     out["xla"] = {k: os.environ[k] for k in before if os.environ.get(k) != before[k]}
-    from shardml.run.recipe import build
-    model = build(cfg).cfg.model  # "auto" settings as the run resolves them on these devices
+    model = shardml.run_parts(cfg).cfg.model  # "auto" settings as the run resolves them on these devices
     out["settings"] = (f"remat={model.remat}, layer_loop={model.layer_loop} (given: {cfg.model.remat}, "
                        f"{cfg.model.layer_loop}), grad_dtype={model.grad_dtype}")
     out["package"] = os.path.dirname(shardml.__file__)

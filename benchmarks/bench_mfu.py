@@ -6,7 +6,7 @@ multiplies its block at once, as the sharded step uses the machine). A dtype's p
 figure of any size, way and measurement; it is measured before every round and once at the end, so
 load from other processes hits it as it hits the steps. On CPU the emulated devices share the
 host's cores, so this is the host's peak, not a per-device one. On GPU/TPU the reference is
-``shardml.analysis.peak.peak_flops`` (datasheet dense bf16 per chip x chips), the measured one beside it.
+``shardml.analysis.peak_flops`` (datasheet dense bf16 per chip x chips), the measured one beside it.
 
 The step: shardml trains each config (``--configs``) on real text batches; compile and
 ``--warmup`` steps are not timed, then each round times ``--steps`` steps one by one
@@ -44,14 +44,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardml import MeshConfig, ShardmlError, layout_name, load_config
-from shardml.analysis import audit
-from shardml.analysis.flops import dot_flops, dot_inventory, inventory_flops
-from shardml.analysis.peak import peak_flops
-from shardml.core.devices import setup_cpu_devices
-from shardml.run.config import validate
-from shardml.run.planning import abstract_batch, layout_config
-from shardml.run.recipe import build
+from shardml import (MeshConfig, ShardmlError, abstract_batch, emulate_cpu_devices, layout_config, layout_name,
+                     load_config, run_parts, validate)
+from shardml.analysis import dot_flops, dot_inventory, dots, inventory_flops, peak_flops
 
 # name -> (preset, overrides). 100m and 1b are the default preset's model at a larger size.
 CONFIGS = {
@@ -65,9 +60,9 @@ CONFIGS = {
 
 
 def setup_devices() -> None:
-    """On a CPU-only machine, 8 emulated devices as the CLI makes them (or the count the user set);
-    call before any JAX use."""
-    setup_cpu_devices()  # also 2 XLA:CPU pool threads per device (see shardml.core.devices)
+    """8 emulated CPU devices, as the CLI makes them on a CPU-only machine (or the count the user set
+    in JAX_NUM_CPU_DEVICES); call before any JAX use. On an accelerator the CPU devices go unused."""
+    emulate_cpu_devices(int(os.environ.get("JAX_NUM_CPU_DEVICES") or 8))  # also the XLA:CPU deadlock workaround
 
 
 def parse_args(accelerator: bool):
@@ -130,7 +125,7 @@ def measure_peak(sizes: list[int], repeats: int) -> dict:
 
 
 def reference_peak() -> tuple[float, str]:
-    """On accelerators: ``shardml.analysis.peak.peak_flops`` (datasheet dense bf16 per chip x chips)."""
+    """On accelerators: ``shardml.analysis.peak_flops`` (datasheet dense bf16 per chip x chips)."""
     return peak_flops("bfloat16")
 
 
@@ -138,7 +133,7 @@ def reference_peak() -> tuple[float, str]:
 
 
 def step_dots(parts) -> collections.Counter:
-    """The dot inventory of one train step of a built run (:func:`shardml.run.recipe.build`),
+    """The dot inventory of one train step of a built run (:func:`shardml.run_parts`),
     traced from abstract shapes, not compiled."""
     trainer = parts.trainer
     return dot_inventory(trainer.trace_step(trainer.abstract_state(), abstract_batch(parts)).jaxpr.jaxpr)
@@ -151,7 +146,7 @@ def compiled_dots(parts) -> collections.Counter:
     text = trainer.lower_step(trainer.abstract_state(), abstract_batch(parts)).compile().as_text()
     names = {"f64": "float64", "f32": "float32", "bf16": "bfloat16", "f16": "float16", "s32": "int32", "s8": "int8"}
     found = collections.Counter()
-    for dot in audit.dots(text):
+    for dot in dots(text):
         found[(jax.ShapeDtypeStruct(dot.lhs[1], names[dot.lhs[0]]), jax.ShapeDtypeStruct(dot.rhs[1], names[dot.rhs[0]]),
                ((dot.lhs_contracting, dot.rhs_contracting), (dot.lhs_batch, dot.rhs_batch)),
                jnp.dtype(names[dot.result[0]]))] += dot.trips
@@ -239,7 +234,7 @@ class Runner:
 
     def __init__(self, name: str, cfg, warmup: int, breakdown: bool):
         self.name, self.cfg = name, cfg
-        self.parts = build(cfg)  # `shardml train`'s model, data and trainer
+        self.parts = run_parts(cfg)  # `shardml train`'s model, data and trainer
         self.trainer = self.parts.trainer
         self.batches = [self.trainer.put(self.parts.data.batch(s)) for s in range(4)]
         self.state, self.i = self.trainer.init(cfg.train.seed), 0
@@ -292,7 +287,7 @@ class Runner:
             "compile_s": self.compile_s, "loss": self.loss, "wall": self.wall,
             "step_s": statistics.median(self.wall), "cpu_s": statistics.median(self.cpu),
             "model_flops": model.flops_per_example * cfg.train.batch_size,
-            "counted_flops": inventory_flops(step_dots(build(remat_none))),
+            "counted_flops": inventory_flops(step_dots(run_parts(remat_none))),
             "executed_flops": inventory_flops(self.dots),
             "compiled_flops": inventory_flops(self.compiled) * jax.device_count() if self.compiled else None,
             # The embedding is a one-hot product here: forward and weight gradient, 2 x V x D each per token.
@@ -364,7 +359,7 @@ def breakdown(results, peaks, args) -> list[str]:
                    "token: forward and weight gradient), which the formula leaves out as a lookup; 1.000 means "
                    "the formula counts every other matmul exactly.")]
     if timed:
-        lines[-1] += (" Compiled: every dot of the partitioned program (`shardml.analysis.audit.dots`, "
+        lines[-1] += (" Compiled: every dot of the partitioned program (`shardml.analysis.dots`, "
                       "per-device shapes x loop trips x devices); more than the jaxpr's would mean work repeated on "
                       "several devices. Matmuls alone: each kind of dot of the compiled step, as often as the step runs it, "
                       "with the same per-device shapes and types (XLA:CPU multiplies most bf16 products in f32) "
@@ -390,7 +385,7 @@ def report(results, peaks, accelerator, args, load_start) -> str:
     lines += peak_table(peaks, args, accelerator)
     sheet = reference_peak() if accelerator else None
     if accelerator:
-        lines.append(f"Reference peak (shardml.analysis.peak.peak_flops): {sheet[1]} = {sheet[0] / 1e12:,.0f} TFLOP/s.")
+        lines.append(f"Reference peak (shardml.analysis.peak_flops): {sheet[1]} = {sheet[0] / 1e12:,.0f} TFLOP/s.")
     f32, bf16 = _best(peaks, "float32", 0), _best(peaks, "bfloat16", 0)
     f32_cpu, bf16_cpu = _best(peaks, "float32", 1), _best(peaks, "bfloat16", 1)
 

@@ -27,10 +27,7 @@ import time
 import jax
 import numpy as np
 
-from shardml import Schedule, collectives, load_config, memory
-from shardml.core.pipeline import SCHEDULES
-from shardml.run.planning import abstract_batch
-from shardml.run.recipe import build
+from shardml import SCHEDULES, Schedule, abstract_batch, collectives, load_config, memory, run_parts
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
 
@@ -68,7 +65,7 @@ def run_config(args, stages: int, rows: int, schedule: str = "1f1b", microbatche
 
 def build_on_first(cfg):
     """``shardml train``'s parts of ``cfg`` on the first ``mesh.pipeline`` devices."""
-    return build(cfg, jax.devices()[:cfg.mesh.pipeline])
+    return run_parts(cfg, jax.devices()[:cfg.mesh.pipeline])
 
 
 def permute_sends(schedule: Schedule) -> int:

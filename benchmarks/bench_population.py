@@ -35,9 +35,7 @@ import time
 import jax
 import numpy as np
 
-from shardml import load_config
-from shardml.parallel.members import with_hyperparams
-from shardml.run.recipe import build
+from shardml import evaluate, load_config, run_parts, train, with_hyperparams
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
 
@@ -68,11 +66,11 @@ def lrs(n: int) -> list[float]:
 def population_parts(workload: str, n: int, steps: int):
     overrides = [*WORKLOADS[workload], f"train.steps={steps + 1}", "population.kind=sweep", f"population.size={n}",
                  f"optim.lr={lrs(n)}", f"mesh.members={min(n, 8)}", "mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"]
-    return build(load_config("tiny", overrides))
+    return run_parts(load_config("tiny", overrides))
 
 
 def single_parts(workload: str, steps: int):
-    return build(load_config("tiny", [*WORKLOADS[workload], f"train.steps={steps + 1}", "mesh.data=8"]))
+    return run_parts(load_config("tiny", [*WORKLOADS[workload], f"train.steps={steps + 1}", "mesh.data=8"]))
 
 
 def timed(trainer, state, batches):
@@ -114,16 +112,13 @@ def speed(workload: str, n: int, steps: int) -> dict:
 def optuna_race(trials: int, steps: int) -> dict:
     import optuna
 
-    from shardml.run.loop import evaluate
-    from shardml.run.population import optuna_distributions, tell
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = [*WORKLOADS["digits-mlp"], f"train.steps={steps}", "mesh.data=8"]
-    distributions = optuna_distributions({"lr": "loguniform(1e-4,1e-1)"})
+    distributions = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}  # loguniform(1e-4,1e-1)
 
     start = time.perf_counter()
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
-    one = build(load_config("tiny", base))
+    one = run_parts(load_config("tiny", base))
     evals = one.data.eval_batches(0)
     batches = [one.trainer.put(one.data.batch(s)) for s in range(steps)]
     for _ in range(trials):
@@ -137,22 +132,24 @@ def optuna_race(trials: int, steps: int) -> dict:
     start = time.perf_counter()
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     asked = [study.ask(distributions) for _ in range(trials)]
-    pop = build(load_config("tiny", [*base[:-1], "population.kind=sweep", f"population.size={trials}",
+    pop = run_parts(load_config("tiny", [*base[:-1], "population.kind=sweep", f"population.size={trials}",
                                      "optim.lr=loguniform(1e-4,1e-1)", f"mesh.members={min(trials, 8)}",
                                      "mesh.data=-1"]))
     state = with_hyperparams(pop.trainer.init(0), {"lr": np.array([t.params["lr"] for t in asked], np.float32)})
     for step in range(steps):
         state, _ = pop.trainer.step(state, pop.trainer.put(pop.data.batch(step)))
     val = evaluate(pop.trainer, state.params, evals)
-    tell(study, asked, {"members": [{"val_loss": v, "active": True} for v in val["loss"]]})
+    for trial, loss in zip(asked, val["loss"]):  # a diverged member is a failed trial, as `shardml train` tells it
+        if np.isfinite(loss):
+            study.tell(trial.number, loss)
+        else:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     population_s = time.perf_counter() - start
     return {"trials": trials, "steps": steps, "sequential_s": sequential_s, "population_s": population_s,
             "ratio": sequential_s / population_s, "sequential_best": sequential_best, "population_best": study.best_value}
 
 
 def quality(which: str, steps: int) -> list[str]:
-    from shardml.run.train import train
-
     lines = []
     base = WORKLOADS["digits-mlp"] if which == "digits" else ["train.batch_size=16", "train.eval_batches=8"]
     common = [*base, f"train.steps={steps}", "train.log_every=1000", "mesh.members=2", "mesh.data=-1", "mesh.fsdp=1",

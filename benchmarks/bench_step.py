@@ -15,6 +15,7 @@ import shardml
 shardml.emulate_cpu_devices(8)  # before any other JAX use; also avoids an XLA:CPU collective deadlock
 
 import argparse
+import dataclasses
 import importlib.metadata
 import math
 import statistics
@@ -29,10 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from shardml import ShardmlError, TextBatches, load_config, load_tokens
-from shardml.models.transformer import AUTO, GRAD_DTYPES, LAYER_LOOPS, REMAT_POLICIES, TransformerConfig
-from shardml.run.planning import layout_config
-from shardml.run.recipe import build
+from shardml import ShardmlError, TextBatches, TransformerConfig, layout_config, load_config, load_tokens, run_parts
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
 
@@ -119,6 +117,11 @@ def build_baseline(args, ocfg, devices):
 
 
 # ----------------------------------------------------------------------------- harness
+def choices(field: str) -> tuple[str, ...]:
+    """The values ``TransformerConfig.<field>`` accepts, as its field metadata declares them."""
+    return next(f for f in dataclasses.fields(TransformerConfig) if f.name == field).metadata["shardml"]["choices"]
+
+
 def shardml_config(args, grad_dtype: str):
     """The benchmark's transformer as a run config on ``--layout`` (a fresh mesh: ``data`` fills the
     devices unless given, the other axes are 1), with the default optimizer (``shardml.OptimConfig``)
@@ -145,12 +148,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--layout", default="data=8", help="shardml mesh, e.g. data=2,fsdp=2,tensor=2")
-    ap.add_argument("--remat", default=TransformerConfig().remat, choices=(AUTO, *REMAT_POLICIES),
+    ap.add_argument("--remat", default=TransformerConfig().remat, choices=choices("remat"),
                     help=f"shardml model.remat (default: shardml's, {TransformerConfig().remat})")
-    ap.add_argument("--layer-loop", default=TransformerConfig().layer_loop, choices=(AUTO, *LAYER_LOOPS),
+    ap.add_argument("--layer-loop", default=TransformerConfig().layer_loop, choices=choices("layer_loop"),
                     help=f"shardml model.layer_loop (default: shardml's, {TransformerConfig().layer_loop})")
     default_grad = TransformerConfig().grad_dtype
-    ap.add_argument("--grad-dtype", default=[default_grad], type=_readme.comma_list(GRAD_DTYPES),
+    ap.add_argument("--grad-dtype", default=[default_grad], type=_readme.comma_list(choices("grad_dtype")),
                     help=f"shardml model.grad_dtype (default: shardml's, {default_grad}: weight-gradient products in "
                          "bf16, as the baseline); a comma list (compute,float32) times each in the same rounds")
     ap.add_argument("--readme", default=None, help="also write the printed report as this file's bench_step section")
@@ -162,7 +165,7 @@ def main():
     source = TextBatches(load_tokens("pydoc"), args.batch_size, args.seq_len)  # the same batches for both
     host = [source.batch(s) for s in range(args.steps)]
     try:  # `shardml train`'s trainer per --grad-dtype, every one checked before anything compiles
-        built = {g: build(shardml_config(args, g)) for g in args.grad_dtype}
+        built = {g: run_parts(shardml_config(args, g)) for g in args.grad_dtype}
     except ShardmlError as err:
         raise SystemExit(f"--layout {args.layout}: {err}") from None
     ocfg = built[args.grad_dtype[0]].cfg.optim  # the baseline's optimizer settings: shardml's
@@ -214,7 +217,7 @@ def main():
     print(f"model: layers={args.layers} d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} "
           f"seq={args.seq_len} batch={args.batch_size} dtype={args.dtype}; "
           f"{args.rounds} rounds x {args.steps} steps, 8 cpu devices, ln(256)={math.log(VOCAB):.3f}")
-    resolved = {g: built[g].cfg.model for g in args.grad_dtype}  # "auto" as build() chose it here
+    resolved = {g: built[g].cfg.model for g in args.grad_dtype}  # "auto" as run_parts() chose it here
     layouts = {shardml_names[g]: f"{args.layout} remat={resolved[g].remat} {resolved[g].layer_loop} grad={g}"
                for g in args.grad_dtype}
     layouts["baseline"] = "data=8 (params replicated)"

@@ -187,7 +187,7 @@ for name, (_, _, _, accuracy) in runs.items():
 
 # %%
 import optax
-from shardml.analysis.plan import compile_trainer
+from shardml.analysis import compile_trainer
 
 P = model.num_params
 per_client_round = 2 * P * 4  # f32 weights down and up

@@ -122,8 +122,9 @@ print(f"{model.num_params:,} parameters; training loss {summary.records[0]['loss
 #
 # `shardml.held_out_batches` cuts the validation stream into windows so that every next-token
 # prediction is made exactly once; the last window and the last batch are padded, and the padding
-# is masked. `shardml.evaluate_batches` runs a trainer's compiled evaluation over them, keeping a
-# few batches in flight, and adds the loss sums in float64 on the host.
+# is masked. `shardml.evaluate` runs a trainer's compiled evaluation over them and gives the means
+# (`loss`: nats per byte here): the sums are added in float64 on the host and divided once at the
+# end, so the padding counts nothing.
 #
 # The second layout is another trainer of the same model on `fsdp=2 x tensor=4`: the parameters
 # only move to its shardings (`jax.device_put`), as a checkpoint restored onto another mesh would.
@@ -143,13 +144,14 @@ other = shardml.build_trainer(model, shardml.make_mesh({"fsdp": 2, "tensor": 4})
 layouts = {"data=2 x fsdp=2 x tensor=2": (trainer, params),
            "fsdp=2 x tensor=4": (other, jax.device_put(params, other.state_shardings.params))}
 results = {}
+predictions = sum(int(batch["mask"].sum()) for batch in held_out())
+assert predictions == len(tokens.val) - 1, "every next-token prediction of the stream is made once"
 for name, (t, p) in layouts.items():
-    sums = shardml.evaluate_batches(t, p, held_out())
-    results[name] = float(sums["loss"] / sums["count"])
-    print(f"{name:<28} {int(sums['count']):,} predictions: loss {results[name]:.6f} nats/byte, perplexity "
-          f"{np.exp(results[name]):.4f}; {sums['tokens_per_s']:,.0f} tokens/s after a "
-          f"{sums['compile_seconds']:.1f}s first batch")
-assert sums["count"] == len(tokens.val) - 1, "every next-token prediction of the stream is counted once"
+    start = time.perf_counter()
+    results[name] = shardml.evaluate(t, p, held_out())["loss"]
+    seconds = time.perf_counter() - start
+    print(f"{name:<28} {predictions:,} predictions: loss {results[name]:.6f} nats/byte, perplexity "
+          f"{np.exp(results[name]):.4f}; {predictions / seconds:,.0f} tokens/s, compiling included")
 
 # The same figure on one device, written here: log-softmax of the logits, the target's entry, masked.
 device = jax.devices()[0]

@@ -164,7 +164,7 @@ rules = shardml.Rules.default()
 for logical, mesh_axes in rules.table:
     print(f"{logical:>13} -> {mesh_axes}")
 
-trainer = shardml.trainer_from_config(config(LAYOUTS["data=2 x fsdp=2 x tensor=2"]))
+trainer = shardml.run_parts(config(LAYOUTS["data=2 x fsdp=2 x tensor=2"])).trainer
 model = trainer.model
 print(f"\n{model.name}: {model.num_params:,} parameters")
 for name in ("embed", "layers/wq", "layers/w_up", "layers/w_down", "unembed"):
@@ -205,7 +205,7 @@ ALL = 2 ** jax.device_count() - 1  # the bitmask of every device
 
 
 def draw_layout(name, sizes):
-    trainer = shardml.trainer_from_config(config(sizes))
+    trainer = shardml.run_parts(config(sizes)).trainer
     fig, axes = plt.subplots(1, len(PANELS), figsize=(3.3 * len(PANELS), 3))
     seen = {}
     for ax, (path, (index, label)) in zip(axes, PANELS.items()):

@@ -114,7 +114,7 @@ data = shardml.TextBatches(shardml.load_tokens(cfg.data.corpus), batch_size=BATC
                            seed=cfg.train.seed)
 runs = {}
 for k in (1, KS[-1]):
-    trainer = shardml.trainer_from_config(config(k))
+    trainer = shardml.run_parts(config(k)).trainer
     state = trainer.init(seed=0)
     losses = []
     for step in range(3):
@@ -141,7 +141,7 @@ if SMALL:  # float32
 
 # %%
 # Compiles a trainer's step from shapes (what plans do), here to read its HLO.
-from shardml.analysis.plan import compile_trainer
+from shardml.analysis import compile_trainer
 
 reports = {}
 for k, (trainer, _, _) in runs.items():

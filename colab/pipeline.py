@@ -232,7 +232,7 @@ plt.show()
 # also holds a copy of each microbatch's inputs, which grows with m under every schedule.
 
 # %%
-from shardml.analysis.plan import compile_trainer, plan_of  # a Plan of any trainer
+from shardml.analysis import compile_trainer, plan_of  # a Plan of any trainer
 
 mesh = shardml.make_mesh({"pipeline": STAGES, "data": 2})
 optimizer = optax.adam(1e-3)

@@ -124,19 +124,19 @@ print("validation:", summary.val)
 # ## Change the layout
 #
 # The same run on two other meshes: all 8 devices on FSDP (ZeRO-3), and data parallel x Megatron
-# tensor parallel. This time with the pieces `shardml.train` is made of: `build` gives the trainer
-# (the compiled init and step of this model on this mesh) and the data the config describes, and
-# a plain loop steps it. The global batch, the data order, the initialisation and the random
-# numbers of every example are the same on every layout, so the losses agree step by step (to
+# tensor parallel. This time with the pieces `shardml.train` is made of: `shardml.run_parts` gives
+# the trainer (the compiled init and step of this model on this mesh) and the data the config
+# describes, and a plain loop steps it. The global batch, the data order, the initialisation and the
+# random numbers of every example are the same on every layout, so the losses agree step by step (to
 # float rounding: about 1e-6 in float32; bfloat16 compute, the `default` preset's, is looser).
 
 # %%
-# config -> model, data and trainer, as shardml.train builds them
-from shardml.run.recipe import build
+first = np.array([r["loss"] for r in summary.records])  # the run above, on data=2 x fsdp=2 x tensor=2
 
 
 def losses_on(overrides):
-    parts = build(shardml.load_config(PRESET, base + overrides))
+    # config -> model, data and trainer, as shardml.train builds them
+    parts = shardml.run_parts(shardml.load_config(PRESET, base + overrides))
     state = parts.trainer.init(seed=parts.cfg.train.seed)  # created already sharded
     losses = []
     for step in range(STEPS):
@@ -145,7 +145,7 @@ def losses_on(overrides):
     return np.array(losses)
 
 
-losses = {"data=2 x fsdp=2 x tensor=2": np.array([r["loss"] for r in summary.records]),
+losses = {"data=2 x fsdp=2 x tensor=2": first,
           "fsdp=8": losses_on(layout(fsdp=8)),
           "data=2 x tensor=4": losses_on(layout(data=2, tensor=4))}
 reference = losses["data=2 x fsdp=2 x tensor=2"]

@@ -9,66 +9,120 @@
     cfg = shardml.load_config("tiny", ["mesh.data=2", "mesh.tensor=4"])
     summary = shardml.train(cfg)                         # what `shardml train` runs
 
-Layers: :mod:`shardml.core` (mesh, rules, gradient strategies, the train step, data),
-:mod:`shardml.models` (reference models, Flax adapters), :mod:`shardml.run` (configs, the loop,
-checkpoints, the CLI), :mod:`shardml.analysis` (HLO audit, theory, plans).
+Each job has one entry point:
+
+- train any model from Python: :func:`fit`; from a config: :func:`train` (a thin wrapper that
+  builds :func:`run_parts` and calls the same loop); the parts a config run builds (model, data,
+  trainer, mesh): :func:`run_parts`;
+- build a trainer: :func:`build_trainer`; a population of trainers on the ``members`` axis:
+  :func:`build_population`; federated rounds: :func:`build_federated`. All three compose the same
+  pieces: :func:`step_program` (the pure ``(init, step)`` pair), :func:`over_population` and
+  :func:`federated_rounds` (transformations of it) and :func:`compile_trainer`;
+- evaluate: :func:`evaluate`; predict: :func:`predict`; generate text: :func:`generate`; the same
+  on a run directory: :func:`evaluate_run`, :func:`predict_run`, :func:`generate_run`;
+- plan a layout before running it: :func:`make_plan`, :func:`compare_layouts`;
+- checkpoints: :class:`RunDir` (one run's directory), :class:`Checkpointer`, :func:`load_params`;
+- test a model's sharding in your own CI: :mod:`shardml.testing`; audit compiled programs:
+  :mod:`shardml.analysis`; federated clients with Flower: :mod:`shardml.flower`.
+
+Public: the names of ``shardml.__all__`` and of the ``__all__`` of :mod:`shardml.analysis`,
+:mod:`shardml.testing` and :mod:`shardml.flower`. Everything else (``shardml.core``,
+``shardml.models``, ``shardml.parallel``, ``shardml.run`` and the modules under
+``shardml.analysis`` and ``shardml.testing``) is internal and may change without notice.
 """
 
+# Devices and processes
+from shardml.core.devices import emulate_cpu_devices
+from shardml.run.distributed import start as start_distributed
+
+# Errors
+from shardml.core.errors import DataError, LayoutError, ModelError, SettingError, ShardmlError
+from shardml.run.errors import ConfigError
+
+# Configs and config-driven runs (`shardml train`, `shardml plan`, `shardml eval` / `generate`)
+from shardml.run.config import Config, ModelConfig, load_config, validate
+from shardml.run.recipe import build as run_parts
+from shardml.run.train import train
+from shardml.run.planning import abstract_batch, compare_layouts, layout_config, make_plan, workload
+from shardml.run.inference import evaluate_run, generate_run, load_run, predict_run
+
+# Models and losses
+from shardml.models import (Model, ParamSpec, Stages, TransformerConfig, from_linen, from_nnx, from_specs,
+                            mlp_classifier, transformer)
+from shardml.core.losses import classification, token_cross_entropy
+
+# Data
+from shardml.core.data import (ArrayBatches, Examples, TextBatches, Tokens, load_digits, load_tokens, put_batch,
+                               split_examples)
+from shardml.core.input import Feeder, PlacementError
+from shardml.core.tokenizer import BPE, train_bpe
+
+# Meshes, sharding rules, gradient strategies, optimizers
+from shardml.core.mesh import MESH_AXES, MeshConfig, describe, layout_name, make_mesh
+from shardml.core.sharding import Rules, constrain, per_example, use_rules
+from shardml.core.strategy import GradientStrategy
+from shardml.core.accumulate import accumulator
+from shardml.core.pipeline import SCHEDULES, Pipeline, Schedule
+from shardml.core.privacy import dp_fedavg_epsilon, dp_sgd_epsilon, private_accumulator
+from shardml.core.optim import OptimConfig, default_optimizer
+
+# Trainers: one builder, populations and federated rounds as transformations of its program
+from shardml.core.step import Program, Trainer, TrainState, build_trainer, compile_trainer, step_program, train_step
+from shardml.parallel.members import build_population, over_population, with_hyperparams
+from shardml.parallel.population import ensemble_metrics
+from shardml.parallel.federated import (Algorithm, FederatedTrainer, Privacy, build_federated, diloco, fedavg, fedopt,
+                                        federated_rounds, fedprox, server_optimizer)
+from shardml.parallel.partition import (ClientBatches, dirichlet, format_label_report, iid, label_counts, label_report,
+                                        natural, partition)
+
+# The training loop, run directories and checkpoints
+from shardml.run.loop import LoopSettings, NonFiniteError, TrainSummary, evaluate, fit
+from shardml.run.run_dir import RunDir
+from shardml.run.checkpoint import CheckpointError, Checkpointer, load_params
+
+# Inference
+from shardml.parallel.inference import Generation, generate, held_out_batches, predict
+
+# Plans and the audit (more in shardml.analysis)
 from shardml.analysis.audit import collectives, memory
 from shardml.analysis.plan import Plan, format_comparison, format_plan
 from shardml.analysis.theory import layout_theory
-from shardml.core.accumulate import accumulator
-from shardml.core.data import (ArrayBatches, Examples, TextBatches, Tokens, load_digits, load_tokens, put_batch,
-                               split_examples)
-from shardml.core.devices import emulate_cpu_devices
-from shardml.core.errors import DataError, LayoutError, ModelError, SettingError, ShardmlError
-from shardml.run.errors import ConfigError
-from shardml.core.losses import classification, token_cross_entropy
-from shardml.core.mesh import MESH_AXES, MeshConfig, describe, layout_name, make_mesh
-from shardml.core.optim import OptimConfig, default_optimizer
-from shardml.core.pipeline import Pipeline, Schedule
-from shardml.core.sharding import Rules, constrain, per_example, use_rules
-from shardml.core.step import Trainer, TrainState, build_trainer, train_step
-from shardml.core.strategy import GradientStrategy
-from shardml.parallel.members import build_population
-from shardml.parallel.population import ensemble_metrics
-from shardml.models import (Model, ParamSpec, Stages, TransformerConfig, from_linen, from_nnx, from_specs,
-                            mlp_classifier, transformer)
-from shardml.run.checkpoint import CheckpointError, Checkpointer, load_params
-from shardml.run.config import Config, ModelConfig, load_config
-from shardml.run.loop import LoopSettings, NonFiniteError, TrainSummary, evaluate, fit
-from shardml.run.planning import compare_layouts, make_plan
-from shardml.run.recipe import trainer_from_config
-from shardml.run.train import train
-from shardml.core.input import Feeder, PlacementError
-from shardml.core.tokenizer import BPE, train_bpe
-from shardml.run.distributed import start as start_distributed
-from shardml.parallel.inference import Generation, evaluate_batches, generate, held_out_batches, predict
-from shardml.run.inference import evaluate_run, generate_run, load_run, predict_run
-from shardml.core.privacy import dp_fedavg_epsilon, dp_sgd_epsilon, private_accumulator
-from shardml.parallel import flower
-from shardml.parallel.federated import (Algorithm, FederatedTrainer, Privacy, build_federated, diloco, fedavg, fedopt,
-                                        fedprox, server_optimizer)
-from shardml.parallel.partition import (ClientBatches, dirichlet, format_label_report, iid, label_counts, label_report,
-                                        natural, partition)
+
+# Public submodules (shardml.testing is imported on use: it is for test suites)
+from shardml import analysis, flower  # noqa: E402
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "MESH_AXES", "ArrayBatches", "CheckpointError", "Checkpointer", "Config", "ConfigError", "Examples",
-    "GradientStrategy", "LoopSettings", "MeshConfig", "Model", "ModelConfig", "NonFiniteError", "OptimConfig",
-    "ParamSpec", "Pipeline", "Plan", "Rules", "Schedule", "Stages", "TextBatches", "Tokens", "TrainState",
-    "TrainSummary", "Trainer", "TransformerConfig", "accumulator", "build_population", "build_trainer", "classification", "collectives",
-    "compare_layouts", "constrain", "default_optimizer", "describe", "emulate_cpu_devices", "ensemble_metrics", "evaluate", "fit",
-    "format_comparison", "format_plan", "from_linen", "from_nnx", "from_specs", "layout_name", "layout_theory",
-    "load_config", "load_digits", "load_params", "load_tokens", "make_mesh", "make_plan", "memory",
-    "mlp_classifier", "per_example", "put_batch", "split_examples", "token_cross_entropy", "train",
-    "train_step", "trainer_from_config", "transformer", "use_rules",
+    # devices and processes
+    "emulate_cpu_devices", "start_distributed",
+    # errors
+    "ConfigError", "DataError", "LayoutError", "ModelError", "SettingError", "ShardmlError",
+    # configs and config-driven runs
+    "Config", "ModelConfig", "abstract_batch", "compare_layouts", "evaluate_run", "generate_run", "layout_config",
+    "load_config", "load_run", "make_plan", "predict_run", "run_parts", "train", "validate", "workload",
+    # models and losses
+    "Model", "ParamSpec", "Stages", "TransformerConfig", "classification", "from_linen", "from_nnx", "from_specs",
+    "mlp_classifier", "token_cross_entropy", "transformer",
+    # data
+    "ArrayBatches", "BPE", "Examples", "Feeder", "PlacementError", "TextBatches", "Tokens", "load_digits",
+    "load_tokens", "put_batch", "split_examples", "train_bpe",
+    # meshes, rules, gradient strategies, optimizers
+    "MESH_AXES", "SCHEDULES", "GradientStrategy", "MeshConfig", "OptimConfig", "Pipeline", "Rules", "Schedule",
+    "accumulator", "constrain", "default_optimizer", "describe", "dp_fedavg_epsilon", "dp_sgd_epsilon",
+    "layout_name", "make_mesh", "per_example", "private_accumulator", "use_rules",
+    # trainers
+    "Program", "TrainState", "Trainer", "build_population", "build_trainer", "compile_trainer", "over_population",
+    "step_program", "train_step", "with_hyperparams", "ensemble_metrics",
+    # federated learning
+    "Algorithm", "ClientBatches", "FederatedTrainer", "Privacy", "build_federated", "diloco", "dirichlet", "fedavg",
+    "federated_rounds", "fedopt", "fedprox", "format_label_report", "iid", "label_counts", "label_report", "natural",
+    "partition", "server_optimizer",
+    # the loop, run directories, checkpoints
+    "CheckpointError", "Checkpointer", "LoopSettings", "NonFiniteError", "RunDir", "TrainSummary", "evaluate", "fit",
+    "load_params",
+    # inference
+    "Generation", "generate", "held_out_batches", "predict",
+    # plans and the audit
+    "Plan", "collectives", "format_comparison", "format_plan", "layout_theory", "memory",
 ]
-__all__ += ["BPE", "Feeder", "PlacementError", "start_distributed", "train_bpe"]
-__all__ += ["DataError", "LayoutError", "ModelError", "SettingError", "ShardmlError"]
-__all__ += ["Generation", "evaluate_batches", "evaluate_run", "generate", "generate_run", "held_out_batches",
-            "load_run", "predict", "predict_run"]
-__all__ += ["Algorithm", "ClientBatches", "FederatedTrainer", "Privacy", "build_federated", "diloco", "dirichlet",
-            "dp_fedavg_epsilon", "dp_sgd_epsilon", "fedavg", "fedopt", "fedprox", "flower", "format_label_report",
-            "iid", "label_counts", "label_report", "natural", "partition", "private_accumulator", "server_optimizer"]

@@ -400,6 +400,7 @@ class MemoryReport:
 
 
 def memory(compiled) -> MemoryReport:
+    """Per-device bytes of ``compiled`` (a ``jax.stages.Compiled``), from XLA's memory analysis."""
     stats = compiled.memory_analysis()
     return MemoryReport(
         arguments=int(stats.argument_size_in_bytes), outputs=int(stats.output_size_in_bytes),

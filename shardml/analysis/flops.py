@@ -44,6 +44,7 @@ def dot_flops(key) -> int:
 
 
 def inventory_flops(found: collections.Counter) -> int:
+    """Matmul FLOPs of a :func:`dot_inventory`: each ``dot_general``'s FLOPs times its count."""
     return sum(dot_flops(key) * count for key, count in found.items())
 
 

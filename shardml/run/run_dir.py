@@ -640,3 +640,4 @@ class RunDir:
             self._writer.close()
 
     latest = staticmethod(latest)
+    identity = staticmethod(identity)  # what claim() takes: RunDir.identity(trainer, fingerprint, config)
