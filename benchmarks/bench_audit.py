@@ -41,7 +41,7 @@ import jax
 
 from shardml import (MESH_AXES, ShardmlError, abstract_batch, collectives, layout_config, layout_theory, load_config,
                      memory, run_parts, workload)
-from shardml.analysis import DTYPE_BYTES as ITEM, KINDS, SHORT, compile_trainer, format_bytes, sent_per_device
+from shardml.analysis import DTYPE_BYTES as ITEM, KINDS, SHORT, compiled_step, format_bytes, sent_per_device
 
 import _readme  # benchmarks/ (this script's folder) is on sys.path
 
@@ -241,7 +241,7 @@ def layout_parts(base, layout: str):
 
 
 def audit(parts, layout: str) -> dict:
-    step = compile_trainer(parts.trainer, abstract_batch(parts))
+    step = compiled_step(parts.trainer, abstract_batch(parts))
     cfg, sizes = parts.cfg, parts.sizes
     theory = layout_theory(workload(cfg), sizes)
     report = collectives(step.compiled.as_text(), step.mesh)

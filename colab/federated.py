@@ -187,13 +187,13 @@ for name, (_, _, _, accuracy) in runs.items():
 
 # %%
 import optax
-from shardml.analysis import compile_trainer
+from shardml.analysis import compiled_step
 
 P = model.num_params
 per_client_round = 2 * P * 4  # f32 weights down and up
 dp = shardml.build_trainer(model, shardml.make_mesh({"data": 8}), optax.sgd(CLIENT_LR), loss=shardml.classification)
 pooled = shardml.ArrayBatches(digits, batch_size=COHORT * BATCH)
-report = shardml.collectives(compile_trainer(dp, pooled.batch(0)).compiled.as_text(), dp.mesh)
+report = shardml.collectives(compiled_step(dp, pooled.batch(0)).compiled.as_text(), dp.mesh)
 reduced = report.bytes("all-reduce", axis="data")
 print(report.table())
 print(f"P = {P:,} parameters: {P * 4:,} bytes of f32 gradient; the step all-reduces {reduced:,} bytes over data")

@@ -141,11 +141,11 @@ if SMALL:  # float32
 
 # %%
 # Compiles a trainer's step from shapes (what plans do), here to read its HLO.
-from shardml.analysis import compile_trainer
+from shardml.analysis import compiled_step
 
 reports = {}
 for k, (trainer, _, _) in runs.items():
-    compiled = compile_trainer(trainer, data.batch(0)).compiled
+    compiled = compiled_step(trainer, data.batch(0)).compiled
     reports[k] = shardml.collectives(compiled.as_text(), trainer.mesh)
     print(f"k = {k}\n{reports[k].table()}\n")
 

@@ -232,7 +232,7 @@ plt.show()
 # also holds a copy of each microbatch's inputs, which grows with m under every schedule.
 
 # %%
-from shardml.analysis import compile_trainer, plan_of  # a Plan of any trainer
+from shardml.analysis import compiled_step, plan_of  # a Plan of any trainer
 
 mesh = shardml.make_mesh({"pipeline": STAGES, "data": 2})
 optimizer = optax.adam(1e-3)
@@ -245,7 +245,7 @@ for name, v in SCHEDULES.items():
         rows = 2 * m * ROWS
         batch = {"inputs": jax.ShapeDtypeStruct((rows, 64), jnp.float32),
                  "targets": jax.ShapeDtypeStruct((rows,), jnp.int32), "mask": jax.ShapeDtypeStruct((rows,), jnp.float32)}
-        temporaries[name].append(plan_of(compile_trainer(trainer, batch)).temporaries_bytes)
+        temporaries[name].append(plan_of(compiled_step(trainer, batch)).temporaries_bytes)
     print(f"{name:<9} " + "  ".join(f"m={m}: {t / 2**20:.2f} MiB" for m, t in zip(MEASURED_M, temporaries[name])))
 stage_input = ROWS * WIDTH * 4
 for name in SCHEDULES:

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from shardml.analysis.audit import collectives
 from shardml.analysis.plan import (
     comm_rows,
-    compile_trainer,
+    compiled_step,
     format_bytes,
     format_comparison,
     format_plan,
@@ -61,7 +61,7 @@ def compiled_layout(layout: str, devices: int = 8, scanned: bool = True):
     """(parts, CompiledStep) of the tiny preset with one ``--compare`` layout, compiled once per session."""
     cfg = layout_config(load_config("tiny", SCANNED if scanned else []), layout)
     parts = build(cfg, jax.devices()[:devices])
-    return parts, compile_trainer(parts.trainer, abstract_batch(parts))
+    return parts, compiled_step(parts.trainer, abstract_batch(parts))
 
 
 class _Plans(dict):

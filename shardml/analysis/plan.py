@@ -7,13 +7,13 @@ device holds, ``compiled.memory_analysis()`` gives arguments, outputs and tempor
 gradients, buffers), and the HLO audit (:mod:`shardml.audit`) gives every collective with its bytes
 and mesh axes, loops multiplied by their trip counts::
 
-    step = compile_trainer(trainer, abstract_batch)          # nothing allocated
+    step = compiled_step(trainer, abstract_batch)          # nothing allocated
     result = plan_of(step, device_memory=16 * 2**30)
     print(format_plan(result))
     result.params_bytes, result.peak_bytes, result.fits
 
 From a run config, :func:`shardml.run.planning.make_plan` builds the trainer and does the same
-(what ``shardml plan`` prints). :func:`compile_trainer` is the compile on its own (the compiled
+(what ``shardml plan`` prints). :func:`compiled_step` is the compile on its own (the compiled
 program and the abstract state), for audits that read more of the program than a :class:`Plan` keeps.
 """
 
@@ -187,7 +187,7 @@ class CompiledStep:
         return parts
 
 
-def compile_trainer(trainer, batch: dict) -> CompiledStep:
+def compiled_step(trainer, batch: dict) -> CompiledStep:
     """Lowers and compiles ``trainer``'s step for ``batch`` (ShapeDtypeStructs, or arrays)."""
     import jax
 
@@ -202,7 +202,7 @@ def plan_of(step: CompiledStep, device_memory: int | None = None, label: str = "
     """Measures a compiled step: memory per device and communication per step.
 
     Args:
-      step: from :func:`compile_trainer`.
+      step: from :func:`compiled_step`.
       device_memory: bytes one device has; sets :attr:`Plan.fits`.
       label: a name for tables (default: the mesh layout).
     """

@@ -12,7 +12,7 @@ import dataclasses
 
 import jax
 
-from shardml.analysis.plan import CompiledStep, Plan, compile_trainer, plan_of
+from shardml.analysis.plan import CompiledStep, Plan, compiled_step, plan_of
 from shardml.analysis.theory import LayoutTheory, Workload, layout_theory
 from shardml.core.mesh import MeshConfig
 from shardml.run import config as config_lib
@@ -58,7 +58,7 @@ def compile_step(cfg: Config, devices=None, device_memory: int | None = None) ->
       ConfigError: before anything compiles, for a layout that cannot work.
     """
     parts = build(cfg, devices, device_memory=device_memory)
-    return compile_trainer(parts.trainer, abstract_batch(parts))
+    return compiled_step(parts.trainer, abstract_batch(parts))
 
 
 @config_errors
@@ -96,5 +96,5 @@ def compare_layouts(base: Config, layouts: list[str], device_memory: int | None 
             message = str(err)
             raise ConfigError(message if message.startswith("--compare") else
                               f"--compare layout '{layout}': {message}") from None
-    return [plan_of(compile_trainer(parts.trainer, abstract_batch(parts)), device_memory, label=layout)
+    return [plan_of(compiled_step(parts.trainer, abstract_batch(parts)), device_memory, label=layout)
             for layout, parts in zip(layouts, built)]
