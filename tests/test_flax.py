@@ -83,12 +83,13 @@ def shardml_run(model, sizes, microbatches=1):
     devices = jax.devices()[:1] if sizes == {"data": 1} else None
     trainer = build_trainer(model, make_mesh(sizes, devices), optax.adam(LR), loss=classification,
                             microbatches=microbatches)
-    state, losses = trainer.init(0), []
+    state, losses, grad_norms = trainer.init(0), [], []
     start = host(state.params)
     for step in range(STEPS):
         state, metrics = trainer.step(state, trainer.put(data(step)))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), start, host(state.params)
+        grad_norms.append(float(metrics["grad_norm"]))
+    return np.array(losses), np.array(grad_norms), start, host(state.params)
 
 
 def plain_nnx_run(factory, start):
@@ -104,28 +105,29 @@ def plain_nnx_run(factory, start):
     def step(module, optimizer, x, y):
         loss, grads = nnx.value_and_grad(lambda m: mean_xent(m(x), y))(module)
         optimizer.update(module, grads)
-        return loss
+        return loss, optax.tree.norm(grads)
 
-    losses = [float(step(module, optimizer, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"])))
-              for b in map(data, range(STEPS))]
-    return np.array(losses), host(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+    losses, grad_norms = zip(*[map(float, step(module, optimizer, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"])))
+                              for b in map(data, range(STEPS))])
+    return np.array(losses), np.array(grad_norms), host(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
 
 
 def plain_linen_run(module, start):
     optimizer = optax.adam(LR)
-    params, opt_state, losses = jax.tree.map(jnp.asarray, start), None, []
+    params, losses, grad_norms = jax.tree.map(jnp.asarray, start), [], []
     opt_state = optimizer.init(params)
 
     @jax.jit
     def step(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(lambda p: mean_xent(module.apply({"params": p}, x), y))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
     for b in map(data, range(STEPS)):
-        params, opt_state, loss = step(params, opt_state, b["inputs"], b["targets"])
+        params, opt_state, loss, grad_norm = step(params, opt_state, b["inputs"], b["targets"])
         losses.append(float(loss))
-    return np.array(losses), host(params)
+        grad_norms.append(float(grad_norm))
+    return np.array(losses), np.array(grad_norms), host(params)
 
 
 def as_str_keys(tree):
@@ -144,18 +146,21 @@ MODELS = {
 def case(request):
     make_model, plain = MODELS[request.param]
     model = make_model()
-    _, start, _ = shardml_run(model, {"data": 1})
-    losses, params = plain(start)
+    _, _, start, _ = shardml_run(model, {"data": 1})
+    losses, grad_norms, params = plain(start)
     assert losses[-1] < losses[0], f"{request.param}: the plain loop did not learn: {losses}"
-    return request.param, model, losses, as_str_keys(params)
+    return request.param, model, losses, grad_norms, as_str_keys(params)
 
 
 @pytest.mark.parametrize("name,sizes,microbatches", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
 def test_flax_model_on_every_layout_equals_the_plain_flax_loop(case, name, sizes, microbatches):
-    model_name, model, ref_losses, ref_params = case
-    losses, _, params = shardml_run(model, sizes, microbatches)
+    model_name, model, ref_losses, ref_grad_norms, ref_params = case
+    losses, grad_norms, _, params = shardml_run(model, sizes, microbatches)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5,
                                err_msg=f"{model_name} on {name}: losses differ from the plain Flax + optax loop")
+    # Adam normalises a gradient's scale away from the losses and parameters: compare it directly.
+    np.testing.assert_allclose(grad_norms, ref_grad_norms, rtol=1e-5,
+                               err_msg=f"{model_name} on {name}: gradient norms differ from the plain loop's")
     assert_trees_close(params, ref_params, PARAMS_RTOL, f"{model_name} on {name}: parameters vs the plain loop")
 
 
@@ -202,12 +207,13 @@ def test_flax_activation_constraints_take_effect_under_shardml_rules():
 def test_dropout_gives_the_same_random_numbers_on_every_layout_and_microbatch_count():
     model = from_nnx(lambda rngs: MLP(rngs, dropout=0.5))
     assert model.uses_rng
-    ref_losses, _, ref_params = shardml_run(model, {"data": 1})
-    no_dropout, _, _ = shardml_run(from_nnx(MLP), {"data": 1})
+    ref_losses, ref_grad_norms, _, ref_params = shardml_run(model, {"data": 1})
+    no_dropout, _, _, _ = shardml_run(from_nnx(MLP), {"data": 1})
     assert abs(ref_losses[0] - no_dropout[0]) > 1e-3, "dropout=0.5 did not change the loss: masks not applied"
     for sizes, k in (({"data": 8}, 4), ({"data": 2, "fsdp": 2, "tensor": 2}, 2)):
-        losses, _, params = shardml_run(model, sizes, k)
+        losses, grad_norms, _, params = shardml_run(model, sizes, k)
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f"dropout on {sizes}, k={k}")
+        np.testing.assert_allclose(grad_norms, ref_grad_norms, rtol=1e-5, err_msg=f"dropout grad norms on {sizes}")
         assert_trees_close(params, ref_params, PARAMS_RTOL, f"dropout model on {sizes}, k={k}")
 
 

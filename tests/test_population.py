@@ -27,9 +27,9 @@ def run(tmp_path, name, overrides):
     return out, summary
 
 
-def member_losses(out, member=None):
+def member_losses(out, member=None, key="loss"):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r.get("member") == member]
+    return [r[key] for r in records if r.get("member") == member]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,10 @@ def test_every_member_equals_the_model_trained_alone(populations, tmp_path, kind
         want = member_losses(out, member)[:steps]  # PBT: until its first exploit
         np.testing.assert_allclose(member_losses(alone)[:steps], want, rtol=1e-5,
                                    err_msg=f"{kind} member {member} ({overrides}) alone vs in the population")
+        # Adam normalises a gradient's scale away from the losses: compare the gradients' too.
+        np.testing.assert_allclose(member_losses(alone, key="grad_norm")[:steps],
+                                   member_losses(out, member, key="grad_norm")[:steps], rtol=1e-5,
+                                   err_msg=f"{kind} member {member}: gradient norms alone vs in the population")
     assert len({tuple(m["overrides"]) for m in report["members"]}) == 4, "two members have the same overrides"
 
 
