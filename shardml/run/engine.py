@@ -332,6 +332,7 @@ def run_loop(trainer: Trainer, data: Any, settings: LoopSettings, eval_data: Ite
 
 
 def _run(run: _Run, settings: LoopSettings) -> TrainSummary:
+    """The steps of an opened run, each checkpoint due, a stop asked for; the summary."""
     stop_signal, step = None, run.begin.step
     with distributed.stop_request() as stop:  # also covers the final wait for the last save
         try:
