@@ -94,8 +94,10 @@ STEPS = 12 if SMALL else 200
 #
 # A run is one config: a preset (`tiny`, `default`, or a YAML file of your own) and `key=value`
 # overrides, exactly as on the command line (`shardml train tiny train.steps=12`). `shardml.train`
-# prints the resolved config and the mesh, trains, evaluates and writes metrics and checkpoints in
-# `out_dir`.
+# prints a short header (the mesh, the model; the full resolved config is in `out_dir/config.yaml`,
+# and `full_config=True` prints it), trains, evaluates and writes metrics and checkpoints in
+# `out_dir`. The progress bar's `mfu_vs_matmul` (on CPU) is the model's FLOP/s over this host's
+# measured matmul throughput, not a hardware peak; on a TPU or GPU it is `mfu`, against the datasheet.
 
 # %%
 import matplotlib.pyplot as plt

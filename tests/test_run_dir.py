@@ -143,7 +143,7 @@ def test_default_out_dirs_keep_experiments_apart():
 
 RUN = pathlib.Path(__file__).resolve().parent.parent / "shardml" / "run"
 OWN = ("checkpoint", "resume", "loop", "engine", "throughput", "metrics", "run_dir", "store", "driver", "train",
-       "federated", "population", "recipe", "inference", "preemption", "distributed")
+       "federated", "population", "recipe", "inference", "preemption", "distributed", "library_log")
 
 
 def _run_imports(name, inside_functions):

@@ -41,11 +41,11 @@ def measured_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int
     return 2.0 * size**3 / best
 
 
-def peak_flops(compute_dtype: str = "bfloat16") -> tuple[float, str]:
-    """Peak FLOP/s of the whole machine running the step, and where the figure comes from.
+def datasheet_flops() -> tuple[float, str] | None:
+    """The datasheet peak FLOP/s of all devices and its source, or None for a chip the table does not
+    know (CPU included).
 
-    Accelerators: datasheet peak per chip x chips. CPU: emulated devices share the host's cores, so
-    the peak is the host's measured matmul throughput (one jitted dot) in the compute dtype.
+        datasheet_flops()       # (1.978e15, "datasheet NVIDIA H100 x 2"), or None on CPU
     """
     import jax
 
@@ -54,4 +54,16 @@ def peak_flops(compute_dtype: str = "bfloat16") -> tuple[float, str]:
     for name, flops in PEAK_FLOPS.items():
         if kind.startswith(name):
             return flops * len(devices), f"datasheet {name} x {len(devices)}"
+    return None
+
+
+def peak_flops(compute_dtype: str = "bfloat16") -> tuple[float, str]:
+    """Peak FLOP/s of the whole machine running the step, and where the figure comes from.
+
+    Accelerators: datasheet peak per chip x chips. CPU: emulated devices share the host's cores, so
+    the peak is the host's measured matmul throughput (one jitted dot) in the compute dtype.
+    """
+    datasheet = datasheet_flops()
+    if datasheet is not None:
+        return datasheet
     return measured_matmul_flops(compute_dtype), f"measured {compute_dtype} matmul on this host"

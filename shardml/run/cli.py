@@ -1,6 +1,6 @@
 """The ``shardml`` command: parses arguments, sets up devices, calls the library.
 
-    shardml train [CONFIG] [key=value ...] [--cpu-devices N] [--quiet] [--fresh]
+    shardml train [CONFIG] [key=value ...] [--cpu-devices N] [--quiet | --verbose] [--fresh]
                   [--coordinator HOST:PORT --num-processes N --process-id I] [--heartbeat-timeout S]
     shardml plan  [CONFIG] [key=value ...] [--cpu-devices N] [--device-memory 16GiB]
                   [--compare LAYOUT [LAYOUT ...]]
@@ -42,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--cpu-devices", type=int, default=None,
                              help="emulate N CPU devices (default on a CPU-only machine: 8, unless "
                                   "JAX_NUM_CPU_DEVICES or XLA_FLAGS' device count says otherwise)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar or config print")
+    loudness = train.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true", help="no header or progress bar (run events still on stderr)")
+    loudness.add_argument("--verbose", action="store_true",
+                          help="also print the full resolved config (always written to OUT_DIR/config.yaml)")
     train.add_argument("--fresh", action="store_true",
                        help="start over: move a run found in out_dir to out_dir/previous/ instead of resuming it")
     hosts = train.add_argument_group(
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before JAX's backend starts: explicit processes, or a cluster JAX detects, or one process.
         start(args.coordinator, args.num_processes, args.process_id, heartbeat_timeout=args.heartbeat_timeout)
         try:
-            train(cfg, verbose=not args.quiet, fresh=args.fresh)
+            train(cfg, verbose=not args.quiet, fresh=args.fresh, full_config=args.verbose)
         except (CheckpointError, NonFiniteError) as err:
             print(f"shardml: error: {err}", file=sys.stderr)
             return 1

@@ -43,10 +43,24 @@ def loop_settings(cfg: config_lib.Config, fresh: bool = False, verbose: bool = T
                         verbose=verbose, workers=cfg.data.workers)
 
 
+def config_lines(cfg: config_lib.Config, full: bool = False) -> list[str]:
+    """The run header's first lines: what is trained and where, and where the full resolved config
+    is (``OUT_DIR/config.yaml``); ``full`` (``shardml train --verbose``) prints the config itself.
+
+        config_lines(load_config("tiny"))   # ["train: 10 steps of batch 16, optim.lr=0.003; ...", "config: ..."]
+    """
+    t, path = cfg.train, os.path.join(cfg.out_dir, "config.yaml")
+    lines = [config_lib.dump_yaml(cfg).rstrip()] if full else []
+    lines.append(f"train: {t.steps} steps of batch {t.batch_size}, optim.lr={cfg.optim.lr:g}; out_dir {cfg.out_dir}")
+    lines.append(f"config: {path} holds the full resolved config" + ("" if full else " (--verbose prints it)"))
+    return lines
+
+
 def describe_parts(parts: Parts) -> list[str]:
-    """The lines ``shardml train`` prints before training: config, mesh, pipeline, model, data."""
+    """The lines ``shardml train`` prints before training after :func:`config_lines`: mesh,
+    pipeline, model, data, population."""
     cfg = parts.cfg
-    lines = [config_lib.dump_yaml(cfg).rstrip(), f"mesh: {describe(parts.trainer.mesh)}"]
+    lines = [f"mesh: {describe(parts.trainer.mesh)}"]
     s = parts.schedule
     if s is not None:
         lines.append(f"pipeline: {s.name}, {s.stages} stages x {s.repeats} repeats, {s.microbatches} microbatches "
@@ -118,8 +132,12 @@ def with_default_out_dir(cfg: config_lib.Config) -> config_lib.Config:
 
 
 @config_errors
-def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False) -> TrainSummary:
+def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False,
+          full_config: bool = False) -> TrainSummary:
     """Trains the reference model ``cfg`` describes; returns the run's :class:`TrainSummary`.
+
+    Prints (``verbose``) a short header - what is trained and where, the mesh, the model and data -
+    then a progress bar; ``full_config`` prints the whole resolved config too (``--verbose``).
 
     Writes ``out_dir/config.yaml``, ``out_dir/run.json``, ``out_dir/metrics.jsonl`` (plus
     TensorBoard events when tensorboardX is installed) and checkpoints in ``out_dir/checkpoints``;
@@ -139,6 +157,8 @@ def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False) -> 
     cfg = with_default_out_dir(cfg)
     parts = build(cfg)
     say = _say(verbose)
+    for line in config_lines(cfg, full_config):
+        say(line)
     if parts.members and cfg.population.sampler == "optuna":
         return train_optuna(cfg, parts, say, fresh, verbose)
     return drive(cfg, parts, mode_of(parts, say), loop_settings(cfg, fresh, verbose), say)

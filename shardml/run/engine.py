@@ -31,6 +31,7 @@ from shardml.core.input import Feeder
 from shardml.core.losses import mean_name
 from shardml.core.step import Trainer, TrainState
 from shardml.run import distributed
+from shardml.run.library_log import LibraryLog
 from shardml.run.metrics import MetricsWriter, Recorder, progress
 from shardml.run.run_dir import RunDir, Start, identity
 from shardml.run.store import read_iterator_state
@@ -263,6 +264,9 @@ class _Run:
         due = step + 1 == s.steps or (s.eval_every and (step + 1) % s.eval_every == 0) or self.policy.due(step)
         if not self.eval_batches or not due:
             return None
+        # The previous step's record first, timed when its metrics are ready: after the wait below its
+        # interval would hold this step too, and this step's own record almost nothing.
+        self.flush()
         jax.block_until_ready(self.state)  # training time ends here; evaluation time is not counted
         eval_start = time.perf_counter()
         val = evaluate(self.trainer, self.state.params, self.eval_batches)
@@ -322,7 +326,13 @@ def run_loop(trainer: Trainer, data: Any, settings: LoopSettings, eval_data: Ite
     if policy is None:
         policy = Policy()
         policy.max_bad_steps = settings.max_bad_steps
-    run = _Run(trainer, data, settings, eval_data, config, policy)
+    name = "library.log" if distributed.primary() else f"library-{distributed.process_index()}.log"
+    with LibraryLog(settings.out_dir, name):  # what the libraries say about failures shardml handles
+        return _run(_Run(trainer, data, settings, eval_data, config, policy), settings)
+
+
+def _run(run: _Run, settings: LoopSettings) -> TrainSummary:
+    """The steps of an opened run, each checkpoint due, a stop asked for; the summary."""
     stop_signal, step = None, run.begin.step
     with distributed.stop_request() as stop:  # also covers the final wait for the last save
         try:

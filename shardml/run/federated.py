@@ -132,7 +132,7 @@ def _bytes(n: float) -> str:
 def describe_run(parts, counts: np.ndarray, comm: dict, privacy: dict | None) -> list[str]:
     cfg, trainer, data = parts.cfg, parts.trainer, parts.data
     f = cfg.federated
-    lines = [config_lib.dump_yaml(cfg).rstrip(), f"mesh: {describe(trainer.mesh)}",
+    lines = [f"mesh: {describe(trainer.mesh)}",
              f"model: {parts.model.name}, {parts.model.num_params:,} parameters; data '{data.name}' split "
              f"{f.partition}" + (f" (alpha {f.alpha})" if f.partition == "dirichlet" else ""),
              f"federated: {f.algorithm}, {f.clients} clients, {data.cohort} per round in {trainer.slots} slots "

@@ -1,7 +1,7 @@
 """Run metrics: which steps are logged, a JSONL writer mirrored to TensorBoard, and the progress bar.
 
     writer = MetricsWriter("runs/x")
-    writer.write(10, {"loss": 2.3, "tokens_per_s": 1.2e5})
+    writer.write(10, {"loss": 2.3, "tokens_per_s": 1.2e5, "mfu_vs_matmul": 0.21})
     recorder = Recorder(steps=100, log_every=10, writer=writer, throughput=throughput, bar=None)
     recorder.record(9, metrics, val=None)
 """
@@ -93,6 +93,10 @@ def progress(total: int, enabled: bool = True):
     return tqdm(total=total, disable=not enabled, dynamic_ncols=True, leave=True)
 
 
+# The progress bar's short names of the throughput figures (:mod:`shardml.run.throughput`).
+BAR_NAMES = {"tokens_per_s": "tok_s", "examples_per_s": "ex_s"}
+
+
 class Recorder:
     """Decides which steps are logged and writes their records (JSONL, TensorBoard, progress bar);
     a population writes one record per member per logged step, with a ``member`` field."""
@@ -123,5 +127,6 @@ class Recorder:
                 record = self.writer.write(step + 1, {"member": member, **one, **shared})
             record = {**record, "loss": float(np.mean(values["loss"]))}
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.3g}",
-                                 mfu=f"{100 * record['mfu']:.1f}%")
+            t = self.throughput
+            self.bar.set_postfix({"loss": f"{record['loss']:.3f}", BAR_NAMES[t.rate_key]: f"{record[t.rate_key]:.3g}",
+                                  t.mfu_key: f"{100 * record[t.mfu_key]:.1f}%"})

@@ -47,12 +47,13 @@ from shardml.core.step import TrainState
 from shardml.core.trees import nest
 from shardml.run import distributed, store
 from shardml.run.config import flat_dict
+from shardml.run.library_log import handled
 from shardml.run.store import CheckpointError
 
 VERSION = 2  # of Meta's JSON (the key "format"); another one is refused, never taken for damage
 # What a run writes into out_dir (moved aside together by a fresh start); shell patterns.
 RUN_FILES = ("checkpoints", "checkpoints-damaged", "metrics.jsonl", "config.yaml", "run.json", "tb", "samples.txt",
-             "tokenizer.json", "population.json", "federated.json", "predictions.npz", "optuna.db", "gen-*")
+             "library*.log", "tokenizer.json", "population.json", "federated.json", "predictions.npz", "optuna.db", "gen-*")
 # Config keys that decide what is trained; the rest (steps, logging, evaluation, mesh, optimizer
 # schedule, checkpointing) may change when a run continues.
 TRAINED = ("model.", "data.", "population.", "federated.", "train.batch_size", "train.seed", "train.init_seed")
@@ -270,7 +271,7 @@ def restore_latest(directory: str, target: TrainState, check: Callable[[Meta], N
         except CheckpointError as err:
             damaged.append(step)
             where = f"; moved to {store.set_aside_damaged(step_dir)}" if set_aside else ""
-            report(f"skipping damaged checkpoint step {step}: {err}{where}")
+            report(f"skipping damaged checkpoint step {step}: {err}{where}{handled(f'checkpoint step {step}', err)}")
             continue
         return state, meta, step
     if candidates:

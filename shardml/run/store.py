@@ -170,8 +170,16 @@ def set_aside_damaged(step_dir: str) -> str:
 
 
 
+# Where TensorStore's messages stop saying what failed and start dumping their spec (kept, whole, in
+# OUT_DIR/library.log: shardml.run.library_log).
+_SPEC_DUMPS = (" See full TensorStore details", " [tensorstore_spec")
+
+
 def _orbax_failure(err: Exception) -> str:
-    return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    first = str(err).splitlines()[0] if str(err) else ""
+    for marker in _SPEC_DUMPS:
+        first = first.split(marker)[0]
+    return f"{type(err).__name__}: {first[:200]}"
 
 
 def read_state(step_dir: str, target: TrainState) -> TrainState:

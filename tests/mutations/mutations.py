@@ -45,6 +45,7 @@ ENSEMBLE = f"{POP}::test_ensemble_metrics_equal_numpy_written_here"
 PER_EXAMPLE = f"{POP}::test_per_example_ensemble_and_classifier_metrics_equal_numpy_written_here"
 FEDOPT = f"{SO}::test_fedopt_server_optimizers_follow_their_update_rules"
 FED = "tests/test_federated.py"
+OUT = "tests/test_run_output.py"
 
 M = Mutation
 MUTATIONS: list[Mutation] = [
@@ -239,4 +240,24 @@ MUTATIONS: list[Mutation] = [
       (f"{UNITS}::test_metrics_writer_keeps_the_records_up_to_the_resumed_step",)),
     M("pbt-lineage-inverted", "run", "PBT's lineage records the members that kept their place",
       "if source != member:", "if source == member:", (f"{POP}::test_pbt_policy_records_who_copied_whom",)),
+    # ------------------------------------------------------------------ run: what a run shows (issue 31)
+    M("last-step-timed-after-eval", "run", "the last step's record timed after the evaluation's wait (rate 20-30x)",
+      "self.flush()\n        jax.block_until_ready(self.state)", "jax.block_until_ready(self.state)",
+      (f"{OUT}::test_last_logged_step_is_timed_over_its_own_step",)),
+    M("classifier-reports-tokens", "run", "a classifier's throughput logged as tokens/s",
+      '"tokens_per_s" if self.tokens_per_example > 1 else "examples_per_s"', '"tokens_per_s"',
+      (f"{OUT}::test_rates_count_tokens_for_language_models_and_examples_for_classifiers",)),
+    M("matmul-ratio-called-mfu", "run", "the ratio to the measured matmul called MFU",
+      'self.mfu_key = "mfu_vs_matmul"', 'self.mfu_key = "mfu"',
+      (f"{OUT}::test_rates_count_tokens_for_language_models_and_examples_for_classifiers",)),
+    M("header-dumps-config", "run", "every run prints its whole resolved config again",
+      "lines = [config_lib.dump_yaml(cfg).rstrip()] if full else []", "lines = [config_lib.dump_yaml(cfg).rstrip()]",
+      (f"{OUT}::test_language_model_run_shows_a_short_header_and_logs_tokens_per_s",)),
+    M("unraisable-to-terminal", "run", "library tracebacks from TensorStore's threads reach the terminal",
+      "sys.unraisablehook, warnings.showwarning = self._unraisable, self._warning",
+      "warnings.showwarning = self._warning",
+      (f"{OUT}::test_library_log_takes_unraisable_exceptions_library_warnings_and_absl_lines",)),
+    M("handled-error-not-logged", "run", "the damaged checkpoint's Orbax traceback is lost (not in library.log)",
+      "{where}{handled(f'checkpoint step {step}', err)}", "{where}",
+      (f"{OUT}::test_damaged_checkpoint_prints_one_line_and_keeps_orbaxs_traceback_in_library_log",)),
 ]
