@@ -62,6 +62,12 @@ class GroupSpec:
         parameter count, times ``members``).
       name: how logs and errors name the group (default the model's name and the group's index).
       seed: the group's initialisation seed (default the run's).
+
+    Example:
+      >>> spec = GroupSpec(mlp_classifier(64, 128, 10), optax.sgd(0.1), loss=classification,
+      ...                  layout={"data": 2, "tensor": 2})   # doctest: +SKIP
+      >>> spec.quantum(), spec.fixed()                          # doctest: +SKIP
+      (4, True)
     """
 
     model: Model
@@ -221,7 +227,14 @@ def group_program(spec: GroupSpec, devices: Sequence) -> Program:
 
 @dataclasses.dataclass(frozen=True)
 class Groups:
-    """Compiled groups, in the order of their specs."""
+    """Compiled groups, in the order of their specs; iterate for each :class:`Group` (``name``,
+    ``devices``, ``spec``, ``trainer``: a :class:`shardml.Trainer` on the group's own mesh).
+
+    Example:
+      >>> groups = build_groups(specs)                       # doctest: +SKIP
+      >>> [(g.name, len(g.devices)) for g in groups]         # doctest: +SKIP
+      [('mlp_classifier-0', 4), ('mlp_classifier-1', 4)]
+    """
 
     groups: tuple[Group, ...]
 
@@ -247,6 +260,11 @@ def build_groups(specs: Sequence[GroupSpec], devices: Sequence | None = None) ->
       ShardmlError: before anything compiles: groups that do not partition the devices, a layout
         whose sizes do not multiply to its group's size, a model (or members) that its group's
         layout does not divide; the message names the group.
+
+    Example:
+      >>> groups = build_groups([GroupSpec(small, optax.sgd(0.1), devices=2),
+      ...                        GroupSpec(large, optax.sgd(0.1), layout={"fsdp": 2, "data": -1})])  # doctest: +SKIP
+      >>> states = groups.init(seed=0)                       # doctest: +SKIP
     """
     devices = list(jax.devices() if devices is None else devices)
     parts = split_devices(devices, group_sizes(specs, len(devices)))
@@ -272,7 +290,12 @@ def dispatch(groups: Groups, states: Sequence[TrainState], batches: Sequence[dic
 @dataclasses.dataclass
 class GroupsRun:
     """What :func:`train_groups` returns: every group's final state and its metrics per step (host
-    values; a group of members has one value per member)."""
+    values; a group of members has one value per member).
+
+    Example:
+      >>> run = train_groups(groups, batches, steps=10)      # doctest: +SKIP
+      >>> run.loss(0)[-1], run.states[1].params              # doctest: +SKIP
+    """
 
     groups: Groups
     states: list[TrainState]
@@ -349,6 +372,9 @@ def group_ensemble_metrics(groups: Groups, params: Sequence[Any], batches: Itera
 
     Raises:
       SettingError: ``params`` not one per group.
+
+    Example:
+      >>> group_ensemble_metrics(groups, [s.params for s in run.states], eval_batches)["ece"]  # doctest: +SKIP
     """
     if len(params) != len(groups):
         raise SettingError(f"{len(params)} parameter trees for {len(groups)} groups; give each group's params",
