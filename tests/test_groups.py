@@ -152,8 +152,11 @@ def test_a_slow_group_does_not_delay_the_dispatch_of_a_fast_one():
 
 
 def test_sizes_are_given_fixed_by_the_layout_or_balanced_by_cost():
-    assert balanced_sizes([1, 1], [3.0, 1.0], 8) == [6, 2]
-    assert balanced_sizes([2, 1], [1.0, 1.0], 8) == [4, 4]
+    assert balanced_sizes([range(1, 9)] * 2, [3.0, 1.0], 8) == [6, 2]
+    assert balanced_sizes([range(2, 9, 2), range(1, 9)], [1.0, 1.0], 8) == [4, 4]
+    assert balanced_sizes([[1, 2, 4, 8]] * 2, [1.0, 2.0], 8) == [4, 4]  # 3 + 5 would not divide a batch of 32
+    spec = GroupSpec(MLP32, optax.sgd(LR), layout={"tensor": 2, "data": -1}, batch_size=12)
+    assert spec.allowed(8) == [2, 4, 6, 8] and dataclasses.replace(spec, batch_size=8).allowed(8) == [2, 4, 8]
     specs = [GroupSpec(MLP32, optax.sgd(LR), layout={"tensor": 2, "data": 2}),  # fixed: 4
              GroupSpec(MLP64, optax.sgd(LR), devices=1),
              GroupSpec(MLP32, optax.sgd(LR), cost=1.0), GroupSpec(MLP32, optax.sgd(LR), cost=2.0)]
@@ -178,7 +181,7 @@ def never_compile(program, *args, **kwargs):
      r"group 'three' \(4 devices\): members=3 is not divisible by the 2"),
     ([GroupSpec(MLP32, optax.sgd(LR), layout={"tensor": 4, "data": -1}),
       GroupSpec(MLP32, optax.sgd(LR), layout={"fsdp": 8, "data": -1})],
-     r"the groups need at least 12 devices"),
+     r"the groups need at least \[4, 8\] devices"),
 ], ids=["not-a-partition", "layout-vs-group", "model-vs-group", "members-vs-group", "too-big"])
 def test_bad_groups_fail_before_anything_compiles(no_compile, monkeypatch, specs, match):
     monkeypatch.setattr(groups_module, "compile_trainer", never_compile)

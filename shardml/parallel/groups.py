@@ -19,7 +19,7 @@ their own devices while the host moves on. Metrics are read only after every gro
 
 Group sizes are given (``devices=``), follow a fully fixed layout (its product), or are balanced by
 each model's cost (FLOPs per example times members): every flexible group gets the devices its
-layout's fixed axes need, then the rest go, a group's quantum at a time, to the group with the
+layout's fixed axes (and its batch) need, then the rest go, a step at a time, to the group with the
 most cost per device.
 """
 
@@ -62,6 +62,7 @@ class GroupSpec:
         parameter count, times ``members``).
       name: how logs and errors name the group (default the model's name and the group's index).
       seed: the group's initialisation seed (default the run's).
+      batch_size: the global batch the group trains on, so balancing picks sizes it divides over.
 
     Example:
       >>> spec = GroupSpec(mlp_classifier(64, 128, 10), optax.sgd(0.1), loss=classification,
@@ -82,6 +83,7 @@ class GroupSpec:
     cost: float | None = None
     name: str | None = None
     seed: int | None = None
+    batch_size: int | None = None
 
     def sizes(self) -> dict[str, int]:
         """The layout's axis sizes by canonical name (1 where not given; -1 fills)."""
@@ -91,6 +93,17 @@ class GroupSpec:
     def quantum(self) -> int:
         """The devices the fixed axes of the layout need; the group's size is a multiple of it."""
         return math.prod(size for size in self.sizes().values() if size != -1)
+
+    def allowed(self, n_devices: int) -> list[int]:
+        """The group sizes up to ``n_devices`` this layout fills and, with ``batch_size``, whose
+        data x fsdp x microbatches divides the batch."""
+        sizes = []
+        for size in range(self.quantum(), n_devices + 1, self.quantum()):
+            mesh = {k: (size // self.quantum() if v == -1 else v) for k, v in self.sizes().items()}
+            split = mesh.get("data", 1) * mesh.get("fsdp", 1) * self.microbatches
+            if self.batch_size is None or self.batch_size % split == 0:
+                sizes.append(size)
+        return sizes
 
     def fixed(self) -> bool:
         """Whether the layout alone fixes the group's size (no axis is -1)."""
@@ -107,32 +120,39 @@ class GroupSpec:
 # ----------------------------------------------------------------------------- splitting the devices
 
 
-def balanced_sizes(quanta: Sequence[int], costs: Sequence[float], n_devices: int) -> list[int]:
-    """Devices per group: each its quantum first, then the rest a quantum at a time to the group with
-    the most cost per device (quanta that cannot use the last devices leave the loop).
+def balanced_sizes(options: Sequence[Sequence[int]], costs: Sequence[float], n_devices: int) -> list[int]:
+    """Devices per group: each its smallest allowed size first, then the rest one step at a time (to
+    the group's next allowed size) to the group with the most cost per device.
+
+    Args:
+      options: each group's allowed sizes, ascending (multiples of its layout's fixed axes that its
+        batch divides over; see :meth:`GroupSpec.allowed`).
 
     Example:
-      >>> balanced_sizes([1, 1], [3.0, 1.0], 8)
+      >>> balanced_sizes([range(1, 9), range(1, 9)], [3.0, 1.0], 8)
       [6, 2]
 
     Raises:
-      LayoutError: the quanta need more than ``n_devices``, or no split uses every device.
+      LayoutError: the smallest sizes need more than ``n_devices``, or no split uses every device.
     """
-    sizes = list(quanta)
-    if sum(sizes) > n_devices:
-        raise LayoutError(f"the groups need at least {sum(sizes)} devices (their layouts' fixed axes: {list(quanta)}) "
-                          f"but {n_devices} are available; use smaller layouts or fewer groups",
-                          subject="groups", value=list(quanta))
+    options = [list(o) for o in options]
+    if any(not o for o in options) or sum(o[0] for o in options) > n_devices:
+        smallest = [o[0] if o else None for o in options]
+        raise LayoutError(f"the groups need at least {smallest} devices (their layouts' fixed axes and batches) but "
+                          f"{n_devices} are available; use smaller layouts or fewer groups",
+                          subject="groups", value=smallest)
+    sizes = [o[0] for o in options]
     left = n_devices - sum(sizes)
     while left:
-        fits = [i for i, q in enumerate(quanta) if q <= left]
+        grow = {i: next((s for s in o if s > sizes[i]), None) for i, o in enumerate(options)}
+        fits = [i for i, s in grow.items() if s is not None and s - sizes[i] <= left]
         if not fits:
-            raise LayoutError(f"cannot give the last {left} of {n_devices} devices to a group: the groups grow by "
-                              f"{list(quanta)} devices at a time; give the groups' sizes (devices=) or layouts "
-                              f"whose fixed axes divide the rest", subject="groups", value=sizes)
+            raise LayoutError(f"cannot give the last {left} of {n_devices} devices to a group of sizes {sizes}: no "
+                              f"group's next allowed size fits; give the groups' sizes (devices=) or other layouts",
+                              subject="groups", value=sizes)
         best = max(fits, key=lambda i: (costs[i] / sizes[i], -i))
-        sizes[best] += quanta[best]
-        left -= quanta[best]
+        left -= grow[best] - sizes[best]
+        sizes[best] = grow[best]
     return sizes
 
 
@@ -152,7 +172,8 @@ def group_sizes(specs: Sequence[GroupSpec], n_devices: int) -> list[int]:
     flexible = [i for i, size in enumerate(sizes) if size is None]
     if flexible:
         left = n_devices - sum(size for size in sizes if size is not None)
-        shares = balanced_sizes([specs[i].quantum() for i in flexible], [specs[i].weight() for i in flexible], left)
+        shares = balanced_sizes([specs[i].allowed(left) for i in flexible], [specs[i].weight() for i in flexible],
+                                left)
         for i, share in zip(flexible, shares):
             sizes[i] = share
     check_partition(sizes, n_devices)
