@@ -260,4 +260,9 @@ MUTATIONS: list[Mutation] = [
     M("groups-ensemble-first-member", "parallel", "a group of members enters the ensemble as its first member only",
       "np.asarray(x, np.float32) if g.trainer.members > 1", "np.asarray(x, np.float32)[:1] if g.trainer.members > 1",
       (f"{GROUPS}::test_a_heterogeneous_ensemble_is_the_mean_of_its_members_probabilities",)),
+    M("groups-balance-ignores-batch", "parallel", "balancing picks group sizes whose data axis the batch does not divide",
+      "if self.batch_size is None or self.batch_size % split == 0:", "if True:", (GROUP_SIZES,)),
+    M("groups-member-seed-dropped", "run", "population.json gives every member of a group the group's first seed",
+      '"overrides": [*arch, f"train.init_seed={base + m}"]', '"overrides": [*arch, f"train.init_seed={base}"]',
+      ("tests/test_groups_config.py::test_a_sweep_of_architectures_trains_each_on_its_own_group",)),
 ]
