@@ -141,7 +141,7 @@ def member_entries(parts: GroupParts, run: GroupsRun, val: list[dict]) -> list[d
 def write_metrics(parts: GroupParts, run: GroupsRun) -> None:
     """``metrics.jsonl``: one record per member per logged step (the steps a plain run logs)."""
     t = parts.cfg.train
-    writer = MetricsWriter(parts.cfg.out_dir, start_step=0)
+    writer = MetricsWriter(parts.cfg.out_dir, start_step=-1)  # a rerun starts over: no records kept
     for step in range(t.steps):
         if not (step in (0, t.steps - 1) or (step + 1) % t.log_every == 0):
             continue
