@@ -60,8 +60,9 @@ def speed(steps: int, root: str) -> None:
     print(f"| one run, {len(WIDTHS)} groups of devices, steps dispatched without waiting | {grouped:.1f} |")
     print(f"| {len(WIDTHS)} runs one after another, 8 devices each | {sum(one_by_one):.1f} "
           f"({' + '.join(f'{t:.1f}' for t in one_by_one)}) |")
-    print("\nXLA:CPU runs the groups' queued programs one after another: the figure shows scheduling and "
-          "compile sharing, not the overlap an accelerator gives.\n")
+    cache = "on" if os.environ.get("JAX_COMPILATION_CACHE_DIR") else "off"
+    print(f"\nCompilation cache {cache}. XLA:CPU runs the groups' queued programs one after another: the figure "
+          "shows scheduling, not the overlap an accelerator gives.\n")
 
 
 def quality(steps: int, root: str) -> None:
