@@ -189,7 +189,10 @@ def test_bad_groups_fail_before_anything_compiles(no_compile, monkeypatch, specs
         build_groups(specs)
 
 
-def test_a_device_twice_and_a_data_source_per_group_are_checked():
+def test_a_device_twice_a_bad_layout_and_a_data_source_per_group_are_checked():
+    for layout in ({"data": 0}, {"date": 2}, {"data": -1, "tensor": -1}):
+        with pytest.raises(SettingError, match="each a positive size"):
+            build_groups([GroupSpec(MLP32, optax.sgd(LR), layout=layout)])
     with pytest.raises(LayoutError, match="listed twice"):
         split_devices([0, 1, 1, 2], [2, 2])
     with pytest.raises(SettingError, match="2 data sources for 3 groups"):

@@ -86,9 +86,21 @@ class GroupSpec:
     batch_size: int | None = None
 
     def sizes(self) -> dict[str, int]:
-        """The layout's axis sizes by canonical name (1 where not given; -1 fills)."""
-        given = dict(self.layout) if self.layout else {"data": -1}
-        return {axis: int(given.get(axis, 1)) for axis in MESH_AXES} | {k: int(v) for k, v in given.items()}
+        """The layout's axis sizes by canonical name (1 where not given; -1 fills).
+
+        Raises:
+          SettingError: an unknown axis, a size that is neither positive nor -1, or two -1s.
+        """
+        given = {k: int(v) for k, v in (self.layout or {"data": -1}).items()}
+        unknown = sorted(set(given) - set(MESH_AXES))
+        problems = [f"unknown axis '{k}'" for k in unknown] + [f"{k}={v}" for k, v in given.items() if v == 0 or v < -1]
+        if list(given.values()).count(-1) > 1:
+            problems.append("two axes are -1")
+        if problems:
+            raise SettingError(f"layout {given} of group '{self.name or self.model.name}': {', '.join(problems)}; the "
+                               f"axes are {', '.join(MESH_AXES)}, each a positive size, at most one -1 (fills the group)",
+                               subject="layout", value=given)
+        return {axis: given.get(axis, 1) for axis in MESH_AXES}
 
     def quantum(self) -> int:
         """The devices the fixed axes of the layout need; the group's size is a multiple of it."""
