@@ -18,6 +18,10 @@ Each job has one entry point:
   :func:`build_population`; federated rounds: :func:`build_federated`. All three compose the same
   pieces: :func:`step_program` (the pure ``(init, step)`` pair), :func:`over_population` and
   :func:`federated_rounds` (transformations of it) and :func:`compile_trainer`;
+- different architectures at once, each on its own disjoint group of devices with its own layout:
+  :func:`build_groups` (one :class:`GroupSpec` per architecture), :func:`train_groups` (every
+  group's step dispatched each iteration without waiting), :func:`group_ensemble_metrics` (a
+  heterogeneous ensemble);
 - evaluate: :func:`evaluate`; predict: :func:`predict`; generate text: :func:`generate`; the same
   on a run directory: :func:`evaluate_run`, :func:`predict_run`, :func:`generate_run`;
 - plan a layout before running it: :func:`make_plan`, :func:`compare_layouts`;
@@ -70,6 +74,7 @@ from shardml.core.optim import OptimConfig, default_optimizer
 from shardml.core.step import Program, Trainer, TrainState, build_trainer, compile_trainer, step_program, train_step
 from shardml.parallel.members import build_population, over_population, with_hyperparams
 from shardml.parallel.population import ensemble_metrics
+from shardml.parallel.groups import GroupSpec, Groups, GroupsRun, build_groups, group_ensemble_metrics, train_groups
 from shardml.parallel.federated import (Algorithm, FederatedTrainer, Privacy, build_federated, diloco, fedavg, fedopt,
                                         federated_rounds, fedprox, server_optimizer)
 from shardml.parallel.partition import (ClientBatches, dirichlet, format_label_report, iid, label_counts, label_report,
@@ -114,6 +119,8 @@ __all__ = [
     # trainers
     "Program", "TrainState", "Trainer", "build_population", "build_trainer", "compile_trainer", "over_population",
     "step_program", "train_step", "with_hyperparams", "ensemble_metrics",
+    # architectures on disjoint groups of devices
+    "GroupSpec", "Groups", "GroupsRun", "build_groups", "group_ensemble_metrics", "train_groups",
     # federated learning
     "Algorithm", "ClientBatches", "FederatedTrainer", "Privacy", "build_federated", "diloco", "dirichlet", "fedavg",
     "federated_rounds", "fedopt", "fedprox", "format_label_report", "iid", "label_counts", "label_report", "natural",

@@ -159,10 +159,12 @@ def _arguments(argv: list[str] | None):
 
 def _plan(cfg, args) -> None:
     from shardml.analysis.plan import format_comparison, format_plan
-    from shardml.run.planning import compare_layouts, make_plan
+    from shardml.run.planning import compare_layouts, group_plans, make_plan
 
     device_memory = _device_memory(args)
-    if args.compare:  # every layout is checked before the first compile
+    if cfg.population.models:  # one column per group of devices
+        print(format_comparison(group_plans(cfg, device_memory)))
+    elif args.compare:  # every layout is checked before the first compile
         print(format_comparison(compare_layouts(cfg, args.compare, device_memory)))
     else:
         print(format_plan(make_plan(cfg, device_memory)))

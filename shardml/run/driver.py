@@ -24,6 +24,7 @@ from shardml.run import distributed
 from shardml.run.errors import config_errors
 from shardml.run.engine import LoopSettings, Mode, TrainSummary, notice, run_loop
 from shardml.run.federated import federated_mode
+from shardml.run.groups import train_architectures
 from shardml.run.inference import write_samples
 from shardml.run.population import (generation_trials, optuna_distributions, optuna_study, population_mode,
                                     tell)
@@ -152,9 +153,14 @@ def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False,
         (another model, population kind, federated algorithm or data: the keys are named).
       CheckpointError: ``out_dir`` has checkpoints and none is usable.
       NonFiniteError: ``train.max_bad_steps`` non-finite steps in a row.
+
+    With ``model.*`` lists (``population.models``) every architecture trains at once on its own
+    group of devices and this returns a :class:`shardml.GroupsRun` (:mod:`shardml.run.groups`).
     """
     distributed.start()  # a cluster jax.distributed detects, before JAX's backend starts (no-op once started)
     cfg = with_default_out_dir(cfg)
+    if cfg.population.models:
+        return train_architectures(cfg, verbose)
     parts = build(cfg)
     say = _say(verbose)
     for line in config_lines(cfg, full_config):

@@ -18,6 +18,7 @@ from shardml.core.mesh import MeshConfig
 from shardml.run import config as config_lib
 from shardml.run.config import Config
 from shardml.run.errors import ConfigError, config_errors
+from shardml.run.groups import build_architectures
 from shardml.run.recipe import Parts, build
 
 
@@ -65,6 +66,20 @@ def compile_step(cfg: Config, devices=None, device_memory: int | None = None) ->
 def make_plan(cfg: Config, device_memory: int | None = None, label: str = "") -> Plan:
     """The :class:`Plan` of ``cfg`` on the current devices (nothing trained, nothing allocated)."""
     return plan_of(compile_step(cfg, device_memory=device_memory), device_memory, label)
+
+
+@config_errors
+def group_plans(cfg: Config, device_memory: int | None = None) -> list[Plan]:
+    """One :class:`Plan` per group of a config with ``model.*`` lists (every group checked before the
+    first compile), labelled with its architecture and its share of the devices."""
+    parts = build_architectures(cfg)
+    plans = []
+    for index, group in enumerate(parts.groups):
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=group.trainer.batch_sharding)
+                 for k, v in parts.data.batch(0).items()}
+        label = f"group {index}: {group.name} on {len(group.devices)} device{'s' if len(group.devices) > 1 else ''}"
+        plans.append(plan_of(compiled_step(group.trainer, batch), device_memory, label=label))
+    return plans
 
 
 @config_errors

@@ -139,6 +139,10 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None, device
     Raises:
       ConfigError: before anything compiles, for anything that cannot work.
     """
+    if cfg.population.models:
+        raise ConfigError(f"model.* lists ({sorted(cfg.population.models)}) train one group of devices per "
+                          "architecture: build them with shardml.run.groups.build_architectures (shardml train and "
+                          "shardml plan do)", subject="population.models", value=cfg.population.models)
     devices = list(devices if devices is not None else jax.devices())
     sizes = validate(cfg, len(devices))
     cfg = resolve_model(cfg, sizes, devices, device_memory)

@@ -90,7 +90,42 @@ def _federated(cfg: Config, sizes: dict[str, int]) -> None:
                           "pip install 'shardml[privacy]'")
 
 
-RULES = (_paths, _pipeline, _vmapped_pipeline, _population, _federated)
+def _architectures(cfg: Config, sizes: dict[str, int]) -> None:
+    """``model.*`` lists: each architecture a group of devices (:mod:`shardml.run.groups`)."""
+    pop = cfg.population
+    if not pop.models:
+        return
+    count = 1
+    for values in pop.models.values():
+        count *= len(values)
+    listed = " ".join(f"model.{k}={v}" for k, v in sorted(pop.models.items()))
+    clashes = [(pop.kind not in ("sweep", "ensemble"), "population.kind", pop.kind,
+                "architectures train as a sweep or an ensemble (pbt copies parameters between members of one shape)"),
+               (pop.sampler != "grid", "population.sampler", pop.sampler, "architectures are listed (use grid)"),
+               (bool(pop.search), "population.search", sorted(pop.search),
+                "search either the optimizer or the architecture in one run"),
+               (pop.bootstrap, "population.bootstrap", True, "bootstrap ensembles share one architecture"),
+               (cfg.federated.algorithm != "none", "federated.algorithm", cfg.federated.algorithm,
+                "federated runs train one architecture"),
+               (sizes["pipeline"] > 1, "mesh.pipeline", sizes["pipeline"], "groups do not pipeline yet")]
+    for bad, key, value, why in clashes:
+        if bad:
+            raise ConfigError(f"{listed} with {key}={value}: {why}", subject=key, value=value)
+    if pop.size % count or pop.size < count:
+        raise ConfigError(f"population.size={pop.size} with {listed}: each of the {count} architectures gets the same "
+                          f"number of members, so use a multiple of {count} (e.g. population.size={count})",
+                          subject="population.size", value=pop.size)
+
+
+def groups_mesh(cfg: Config) -> None:
+    """With ``model.*`` lists the mesh describes one group, whose size is not known yet: ``data`` fills it."""
+    if cfg.population.models and cfg.mesh.data != -1:
+        raise ConfigError(f"mesh.data={cfg.mesh.data} with model.* lists: every architecture trains on its own "
+                          "group of devices and mesh.data=-1 fills each group; set mesh.data=-1",
+                          subject="mesh.data", value=cfg.mesh.data)
+
+
+RULES = (_paths, _pipeline, _vmapped_pipeline, _population, _federated, _architectures)
 
 
 def validate(cfg: Config, n_devices: int) -> dict[str, int]:
@@ -102,6 +137,7 @@ def validate(cfg: Config, n_devices: int) -> dict[str, int]:
     """
     with keyed(cfg):
         check_settings(cfg)
+        groups_mesh(cfg)
         sizes = resolve_mesh_sizes(cfg.mesh, n_devices)
     for rule in RULES:
         rule(cfg, sizes)

@@ -107,12 +107,18 @@ class PopulationConfig:
     whose worst ``exploit_fraction`` copy a better member every ``ready_every`` steps). A sweep
     stops its worst ``prune_fraction`` of members every ``prune_every`` steps. ``sampler=optuna``
     asks Optuna for ``size`` trials per generation, ``generations`` times.
+
+    ``models``: ``model.*`` keys given a list (``model.layers=[2,4]``) land here; every
+    combination is an architecture of its own, trained at the same time on its own group of
+    devices (:mod:`shardml.run.groups`), ``size`` / architectures members each: a sweep of
+    architectures, or with ``kind=ensemble`` one heterogeneous ensemble.
     """
 
     size: int = setting(1, minimum=1)
     kind: str = setting("ensemble", choices=KINDS)
     bootstrap: bool = False
     search: dict = dataclasses.field(default_factory=dict)
+    models: dict = dataclasses.field(default_factory=dict)
     sampler: str = setting("grid", choices=("grid", "optuna"), hint="grid: lists form a grid, distributions are sampled")
     generations: int = setting(1, minimum=1)
     ready_every: int = setting(0, minimum=0, hint="PBT's exploit/explore interval in steps")

@@ -14,14 +14,18 @@ from shardml.run.errors import ConfigError, keyed
 from shardml.run.schema import Config
 
 SEARCHABLE = tuple(f"optim.{name}" for name in INJECTED)
+# What stays one value for every architecture: the kind decides the data and the loss.
+FIXED_MODEL_KEYS = ("kind",)
 
 
 def move_search(data: dict, base: Config) -> dict:
-    """``data`` (a nested config dict) with its searched ``optim.*`` values in ``population.search``.
+    """``data`` (a nested config dict) with its searched ``optim.*`` values in ``population.search``
+    and its ``model.*`` lists in ``population.models``.
 
     Raises:
       ConfigError: a searched key that shapes the compiled step, or a space that cannot be read.
     """
+    data = move_models(data, base)
     optim = data.get("optim")
     if not isinstance(optim, dict) or not any(is_search_spec(v) for v in optim.values()):
         return data
@@ -47,3 +51,28 @@ def member_overrides(member: Member) -> list[str]:
     if member.resample >= 0:
         out.append(f"data.resample={member.resample}")
     return out
+
+
+def move_models(data: dict, base: Config) -> dict:
+    """``data`` with its ``model.*`` lists moved to ``population.models`` (each combination of
+    their values an architecture; see :mod:`shardml.run.groups`).
+
+    Raises:
+      ConfigError: a list for ``model.kind``, an empty list, or a distribution (architectures are listed).
+    """
+    model = data.get("model")
+    if not isinstance(model, dict) or not any(is_search_spec(v) for v in model.values()):
+        return data
+    models = dict(base.population.models)
+    for name, value in model.items():
+        if not is_search_spec(value):
+            continue
+        key = f"model.{name}"
+        if name in FIXED_MODEL_KEYS or not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{key}={value!r}: architectures are searched with a non-empty list of values "
+                              f"(e.g. model.layers=[2,4]), and model.kind stays one value (it picks the data)",
+                              subject=key, value=value)
+        models[name] = list(value)
+    population = dict(data.get("population") or {})
+    population["models"] = {**models, **(population.get("models") or {})}
+    return {**data, "model": {k: v for k, v in model.items() if not is_search_spec(v)}, "population": population}

@@ -46,6 +46,8 @@ PER_EXAMPLE = f"{POP}::test_per_example_ensemble_and_classifier_metrics_equal_nu
 FEDOPT = f"{SO}::test_fedopt_server_optimizers_follow_their_update_rules"
 FED = "tests/test_federated.py"
 OUT = "tests/test_run_output.py"
+GROUPS = "tests/test_groups.py"
+GROUP_SIZES = f"{GROUPS}::test_sizes_are_given_fixed_by_the_layout_or_balanced_by_cost"
 
 M = Mutation
 MUTATIONS: list[Mutation] = [
@@ -260,4 +262,28 @@ MUTATIONS: list[Mutation] = [
     M("handled-error-not-logged", "run", "the damaged checkpoint's Orbax traceback is lost (not in library.log)",
       "{where}{handled(f'checkpoint step {step}', err)}", "{where}",
       (f"{OUT}::test_damaged_checkpoint_prints_one_line_and_keeps_orbaxs_traceback_in_library_log",)),
+    # ------------------------------------------------------------------ parallel: groups of devices
+    M("groups-overlap", "parallel", "every group cut from the first devices (groups overlap)",
+      "tuple(devices[start:start + size])", "tuple(devices[:size])", (GROUP_SIZES,)),
+    M("groups-balance-inverted", "parallel", "balancing gives the next devices to the cheapest group",
+      "best = max(fits, key=lambda i: (costs[i] / sizes[i], -i))",
+      "best = min(fits, key=lambda i: (costs[i] / sizes[i], -i))", (GROUP_SIZES,)),
+    M("groups-partition-undercount", "parallel", "groups that leave devices unused are accepted",
+      "if sum(sizes) != n_devices:", "if sum(sizes) > n_devices:",
+      (f"{GROUPS}::test_bad_groups_fail_before_anything_compiles",)),
+    M("groups-dispatch-blocks", "parallel", "each group's step waited for before the next is dispatched",
+      "out = [g.trainer.step(state, g.trainer.put(batch))",
+      "out = [jax.block_until_ready(g.trainer.step(state, g.trainer.put(batch)))",
+      (f"{GROUPS}::test_a_slow_group_does_not_delay_the_dispatch_of_a_fast_one",)),
+    M("groups-one-data-source", "parallel", "every group trains on the first group's data",
+      "[source(step) for source in sources]", "[sources[0](step) for source in sources]",
+      (f"{GROUPS}::test_every_member_equals_the_plain_update_of_its_architecture",)),
+    M("groups-ensemble-first-member", "parallel", "a group of members enters the ensemble as its first member only",
+      "np.asarray(x, np.float32) if g.trainer.members > 1", "np.asarray(x, np.float32)[:1] if g.trainer.members > 1",
+      (f"{GROUPS}::test_a_heterogeneous_ensemble_is_the_mean_of_its_members_probabilities",)),
+    M("groups-balance-ignores-batch", "parallel", "balancing picks group sizes whose data axis the batch does not divide",
+      "if self.batch_size is None or self.batch_size % split == 0:", "if True:", (GROUP_SIZES,)),
+    M("groups-member-seed-dropped", "run", "population.json gives every member of a group the group's first seed",
+      '"overrides": [*arch, f"train.init_seed={base + m}"]', '"overrides": [*arch, f"train.init_seed={base}"]',
+      ("tests/test_groups_config.py::test_a_sweep_of_architectures_trains_each_on_its_own_group",)),
 ]
