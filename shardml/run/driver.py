@@ -160,7 +160,7 @@ def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False,
     distributed.start()  # a cluster jax.distributed detects, before JAX's backend starts (no-op once started)
     cfg = with_default_out_dir(cfg)
     if cfg.population.models:
-        return train_architectures(cfg, verbose)
+        return train_architectures(cfg, verbose, fresh, config_lines(cfg, full_config))
     parts = build(cfg)
     say = _say(verbose)
     for line in config_lines(cfg, full_config):

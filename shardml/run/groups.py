@@ -37,6 +37,7 @@ from shardml.run.metrics import MetricsWriter
 from shardml.run.population import write_report
 from shardml.run.recipe import data_source, model_of
 from shardml.run.rules import validate
+from shardml.run.run_dir import FRESH_HINT, Identity, RunDir, trained_keys
 
 
 def architectures(cfg: Config) -> list[list[str]]:
@@ -154,17 +155,31 @@ def write_metrics(parts: GroupParts, run: GroupsRun) -> None:
     writer.close()
 
 
+def claim(cfg: Config, fresh: bool, notice) -> None:
+    """Claims ``out_dir`` as a plain run does; a groups run keeps no checkpoints, so it cannot continue
+    one it finds there: that is refused (``fresh`` moves it aside), never overwritten."""
+    config = config_lib.to_dict(cfg)
+    if not fresh and os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):
+        raise ConfigError(f"out_dir {cfg.out_dir} already holds a run, and groups runs (model.* lists) do not resume "
+                          f"yet: {FRESH_HINT}")
+    RunDir(cfg.out_dir, fresh=fresh, notice=notice).claim(
+        Identity("groups", {}, None, trained_keys(config), config), config)
+
+
 @config_errors
-def train_architectures(cfg: Config, verbose: bool = True) -> GroupsRun:
+def train_architectures(cfg: Config, verbose: bool = True, fresh: bool = False,
+                        header: list[str] = ()) -> GroupsRun:
     """Trains every architecture of ``cfg`` at once, each on its group (see the module docstring);
-    writes ``config.yaml``, ``metrics.jsonl`` and ``population.json`` to ``out_dir``.
+    writes ``config.yaml``, ``run.json``, ``metrics.jsonl`` and ``population.json`` to ``out_dir``,
+    after printing ``header`` and the groups.
 
     Raises:
-      ConfigError: before anything compiles.
+      ConfigError: before anything compiles, also when ``out_dir`` holds a run (``fresh`` moves it aside).
     """
     say = print if verbose and distributed.primary() else (lambda *a, **k: None)
     parts = build_architectures(cfg)
-    for line in [config_lib.dump_yaml(cfg).rstrip(), *describe_groups(parts)]:
+    claim(cfg, fresh, say)
+    for line in [*header, *describe_groups(parts)]:
         say(line)
     t = cfg.train
     start = time.perf_counter()
@@ -178,11 +193,7 @@ def train_architectures(cfg: Config, verbose: bool = True) -> GroupsRun:
     if cfg.population.kind == "ensemble":
         report["ensemble"] = group_ensemble_metrics(parts.groups, params, eval_batches)
     if distributed.primary():
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
-            f.write(config_lib.dump_yaml(cfg))
         write_metrics(parts, run)
         say(f"done: {t.steps} steps of {len(parts.groups)} groups in {seconds:.1f}s (incl. compile); "
             f"{write_report(cfg.out_dir, report)} (no checkpoints: groups runs do not write them yet)")
     return run
-

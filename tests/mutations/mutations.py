@@ -286,4 +286,7 @@ MUTATIONS: list[Mutation] = [
     M("groups-member-seed-dropped", "run", "population.json gives every member of a group the group's first seed",
       '"overrides": [*arch, f"train.init_seed={base + m}"]', '"overrides": [*arch, f"train.init_seed={base}"]',
       ("tests/test_groups_config.py::test_a_sweep_of_architectures_trains_each_on_its_own_group",)),
+    M("groups-rerun-overwrites", "run", "a groups run overwrites the run it finds in out_dir",
+      "claim(cfg, fresh, say)", "None",
+      ("tests/test_groups_config.py::test_a_rerun_is_refused_before_compiling_and_fresh_moves_the_first_aside",)),
 ]
