@@ -46,6 +46,10 @@ PER_EXAMPLE = f"{POP}::test_per_example_ensemble_and_classifier_metrics_equal_nu
 FEDOPT = f"{SO}::test_fedopt_server_optimizers_follow_their_update_rules"
 FED = "tests/test_federated.py"
 
+API = "tests/test_python_api.py"
+FIT_BATCH = f"{API}::test_fit_refuses_an_indivisible_batch_before_compiling_in_the_cli_s_words"
+SWEEP_VALUES = f"{API}::test_sweep_values_are_refused_like_single_values"
+MEMBER_ALONE = f"{API}::test_a_member_s_overrides_train_it_alone_on_the_same_devices"
 M = Mutation
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ core: the step and its gradient
@@ -239,4 +243,17 @@ MUTATIONS: list[Mutation] = [
       (f"{UNITS}::test_metrics_writer_keeps_the_records_up_to_the_resumed_step",)),
     M("pbt-lineage-inverted", "run", "PBT's lineage records the members that kept their place",
       "if source != member:", "if source == member:", (f"{POP}::test_pbt_policy_records_who_copied_whom",)),
+    # ------------------------------------------------------------------ run: the Python API as careful as the CLI
+    M("fit-batch-unchecked", "run", "fit reads the source's batch size under a name no source has: the check is skipped",
+      'rows = getattr(data, "batch_size", None)', 'rows = getattr(data, "rows", None)', (FIT_BATCH,)),
+    M("rerun-val-none", "run", "a finished run asked again does not evaluate (val None)",
+      "if self.eval_batches:  # a finished run asked again", "if self.eval_batches is None:  # a finished run asked again",
+      (f"{API}::test_a_finished_fit_asked_again_returns_its_evaluation",)),
+    M("sweep-list-first-value-only", "run", "only the first value of a sweep list is range-checked",
+      "for value in space if isinstance(space, list) else (space.low, space.high):",
+      "for value in space[:1] if isinstance(space, list) else (space.low, space.high):", (SWEEP_VALUES,)),
+    M("sweep-distribution-low-end-only", "run", "a distribution's upper end is not range-checked",
+      "else (space.low, space.high):", "else (space.low,):", (SWEEP_VALUES,)),
+    M("member-mesh-not-folded", "run", "a member's overrides keep the population's data size: the mesh covers "
+      "fewer devices", '"data": sizes["data"] * sizes["members"]}', '"data": sizes["data"]}', (MEMBER_ALONE,)),
 ]
