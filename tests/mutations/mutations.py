@@ -244,10 +244,11 @@ MUTATIONS: list[Mutation] = [
     M("pbt-lineage-inverted", "run", "PBT's lineage records the members that kept their place",
       "if source != member:", "if source == member:", (f"{POP}::test_pbt_policy_records_who_copied_whom",)),
     # ------------------------------------------------------------------ run: the Python API as careful as the CLI
-    M("fit-batch-unchecked", "run", "fit reads the source's batch size under a name no source has: the check is skipped",
+    M("fit-batch-unchecked", "run", "fit reads the batch size under a name no source has: the check is skipped",
       'rows = getattr(data, "batch_size", None)', 'rows = getattr(data, "rows", None)', (FIT_BATCH,)),
     M("rerun-val-none", "run", "a finished run asked again does not evaluate (val None)",
-      "if self.eval_batches:  # a finished run asked again", "if self.eval_batches is None:  # a finished run asked again",
+      "if self.eval_batches:  # a finished run asked again",
+      "if self.eval_batches is None:  # a finished run asked again",
       (f"{API}::test_a_finished_fit_asked_again_returns_its_evaluation",)),
     M("sweep-list-first-value-only", "run", "only the first value of a sweep list is range-checked",
       "for value in space if isinstance(space, list) else (space.low, space.high):",
