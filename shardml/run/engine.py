@@ -310,6 +310,8 @@ class _Run:
                    f"{s.steps}; {where}")
         elif self.begin.step >= s.steps:
             notice(f"nothing to train: the run in {s.out_dir} is at step {self.begin.step} and steps={s.steps}")
+            if self.eval_batches:  # a finished run asked again still reports its evaluation
+                self.val = evaluate(self.trainer, self.state.params, self.eval_batches)
         return TrainSummary(
             state=self.state, records=list(self.writer.records), val=None if stop_signal else self.val,
             out_dir=s.out_dir, mesh=dict(self.trainer.mesh.shape),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from shardml.core.checks import check_batch
 from shardml.core.losses import Loss, token_cross_entropy
 from shardml.core.mesh import as_mesh
 from shardml.core.step import build_trainer
@@ -23,8 +24,23 @@ from shardml.run.engine import (LoopSettings, NonFiniteError, Policy, TrainSumma
 from shardml.run.population import PopulationPolicy
 from shardml.run.throughput import Throughput
 
-__all__ = ["LoopSettings", "NonFiniteError", "Policy", "Throughput", "TrainSummary", "check_finite", "evaluate", "fit",
-           "notice", "run_loop"]
+__all__ = ["LoopSettings", "NonFiniteError", "Policy", "Throughput", "TrainSummary", "check_finite", "check_source",
+           "evaluate", "fit", "notice", "run_loop"]
+
+
+def check_source(trainer, data: Any) -> None:
+    """The check ``shardml train`` makes of ``train.batch_size`` (:func:`shardml.core.checks.check_batch`,
+    one source for both), made of a source that declares its ``batch_size`` (``ArrayBatches``,
+    ``TextBatches``), before anything compiles.
+
+    Raises:
+      LayoutError: ``batch_size=30 is not divisible by data=2 x fsdp=2 x microbatches=1 = 4; ...``.
+    """
+    rows = getattr(data, "batch_size", None)
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        schedule = trainer.schedule
+        check_batch(rows, dict(trainer.mesh.shape), trainer.microbatches, schedule.microbatches if schedule else 1,
+                    trainer.rules)
 
 
 def fit(model, data: Any, optimizer, *, loss: Loss = token_cross_entropy, mesh=None, microbatches: int = 1,
@@ -56,7 +72,10 @@ def fit(model, data: Any, optimizer, *, loss: Loss = token_cross_entropy, mesh=N
         ``workers``...).
 
     Raises:
-      ConfigError: before anything compiles, for a layout or an out_dir that cannot work.
+      ShardmlError: before anything compiles, for input that cannot work: a ``LayoutError`` for a
+        layout the model or the batch cannot take (a ``batch_size`` that ``data`` x ``fsdp`` x
+        ``microbatches`` does not divide, worded as ``shardml train`` words it, with the argument
+        names for the config keys), a ``ConfigError`` for an out_dir that cannot be used.
       CheckpointError: ``out_dir`` has checkpoints and none is usable.
       NonFiniteError: ``max_bad_steps`` non-finite steps in a row (the last checkpoint is kept).
     """
@@ -65,8 +84,10 @@ def fit(model, data: Any, optimizer, *, loss: Loss = token_cross_entropy, mesh=N
     if members == 1 and not hyperparams:
         trainer = build_trainer(model, as_mesh(mesh), optimizer, loss=loss, microbatches=microbatches, rules=rules,
                                 schedule=schedule)
+        check_source(trainer, data)
         return run_loop(trainer, data, loop_settings, eval_data)
     trainer = build_population(model, as_mesh(mesh), optimizer, members, loss=loss, microbatches=microbatches,
                                rules=rules, hyperparams=hyperparams, per_member_data=member_data)
+    check_source(trainer, data)
     policy = PopulationPolicy(trainer, "ensemble", (), loop_settings.seed, steps, loop_settings.max_bad_steps)
     return run_loop(trainer, data, loop_settings, eval_data, policy=policy)

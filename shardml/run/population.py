@@ -7,8 +7,8 @@
         population.ready_every=20
 
 ``OUT_DIR/population.json`` has one entry per member: its index, the ``overrides`` that train
-exactly that member as a plain run (``shardml train <same config> <overrides>``; for PBT, until
-its first exploit), its hyperparameters at the end, final training and validation loss (and
+exactly that member alone on the same devices (the population's command with them appended;
+for PBT, until its first exploit), its hyperparameters at the end, final training and validation loss (and
 accuracy), whether it was still training, and its PBT lineage; for ensembles also the ensemble's
 metrics. ``metrics.jsonl`` holds one record per member per logged step, with a ``member`` field.
 """
@@ -105,7 +105,8 @@ def member_report(members: Sequence[Member], summary: TrainSummary, policy: Popu
     val = summary.val or {}
     entries = []
     for m in members:
-        entry = {"member": m.index, "overrides": member_overrides(m), "init_seed": m.init_seed,
+        entry = {"member": m.index, "overrides": member_overrides(m, summary.mesh, summary.out_dir),
+                 "init_seed": m.init_seed,
                  "hyperparams": {n: float(v[m.index]) for n, v in hyper.items() if n != GATE},
                  "train_loss": last.get(m.index, {}).get("loss"), "active": bool(hyper[GATE][m.index] > 0)}
         for key in ("loss", "accuracy"):

@@ -16,6 +16,7 @@ from shardml.core.pipeline import Schedule
 from shardml.core.settings import check_settings
 from shardml.run.errors import ConfigError, keyed
 from shardml.run.schema import RESUME_MODES, Config
+from shardml.run.search import check_search
 
 # The keys of the pipeline schedule's arguments (``microbatches`` alone would mean train.microbatches).
 SCHEDULE_KEYS = {"microbatches": "pipeline.microbatches", "stages": "mesh.pipeline", "repeats": "pipeline.repeats",
@@ -70,6 +71,7 @@ def _population(cfg: Config, sizes: dict[str, int]) -> None:
         what = "a search space" if pop.search else f"mesh.members={members}"
         raise ConfigError(f"{what} needs a population: set population.size (and population.kind)",
                           subject="population.size", value=pop.size)
+    check_search(cfg)
     if pop.kind == "pbt" and pop.size > 1 and not pop.ready_every:
         raise ConfigError("population.kind=pbt needs population.ready_every=S (exploit/explore every S steps)",
                           subject="population.ready_every", value=pop.ready_every)

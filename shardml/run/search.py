@@ -3,13 +3,22 @@
 
     move_search({"optim": {"lr": [1e-3, 3e-3]}}, Config())
     # {"optim": {}, "population": {"search": {"lr": [0.001, 0.003]}}}
-    member_overrides(member)   # ['optim.lr=0.001', 'train.init_seed=1']: that member as a plain run
+    check_search(cfg)          # every value a member may take, in its key's range
+    member_overrides(member, {"members": 2, "data": 2, ...})   # ['mesh.members=1', ..., 'mesh.data=4', ...,
+                               # 'optim.lr=0.001', 'train.init_seed=1']: that member as a plain run
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from shardml.core.mesh import MESH_AXES
 from shardml.core.optim import INJECTED
-from shardml.parallel.population import Member, is_search_spec, parse_space
+from shardml.core.settings import check_settings
+from shardml.parallel.population import Distribution, Member, is_search_spec, parse_space
 from shardml.run.errors import ConfigError, keyed
 from shardml.run.schema import Config
 
@@ -32,24 +41,57 @@ def move_search(data: dict, base: Config) -> dict:
     search = dict(base.population.search)
     for name, value in list(optim.items()):
         if is_search_spec(value):
-            key = f"optim.{name}"
-            if key not in SEARCHABLE:
-                raise ConfigError(f"{key}={value!r}: only {', '.join(SEARCHABLE)} can differ between members "
-                                  "(the others shape the compiled step or the schedule)", subject=key, value=value)
-            with keyed(keys={name: key}):
-                space = parse_space(name, value)
+            space = _space(name, value)
             search[name] = space if isinstance(space, list) else value
     population = dict(data.get("population") or {})
     population["search"] = {**search, **(population.get("search") or {})}
     return {**data, "optim": {k: v for k, v in optim.items() if not is_search_spec(v)}, "population": population}
 
 
-def member_overrides(member: Member) -> list[str]:
-    """The ``key=value`` strings that train exactly this member of a population as a plain run."""
-    out = [f"optim.{name}={value!r}" for name, value in sorted(member.hyperparams.items())]
+def _space(name: str, value: Any) -> list[float] | Distribution:
+    """The search space of ``optim.<name>``, parsed.
+
+    Raises:
+      ConfigError: ``name`` is not searchable, or ``value`` is no list or distribution.
+    """
+    key = f"optim.{name}"
+    if key not in SEARCHABLE:
+        raise ConfigError(f"{key}={value!r}: only {', '.join(SEARCHABLE)} can differ between members "
+                          "(the others shape the compiled step or the schedule)", subject=key, value=value)
+    with keyed(keys={name: key}):
+        return parse_space(name, value)
+
+
+def check_search(cfg: Config) -> None:
+    """Every value a member may take is checked as the same value given alone would be: each entry
+    of a list, both ends of a distribution (``optim.b1=[0.9,1.5]`` fails as ``optim.b1=1.5`` does).
+
+    Raises:
+      ConfigError: the message a single value gets (``optim.b1=1.5 must be < 1.0``).
+    """
+    for name, spec in cfg.population.search.items():
+        space = _space(name, spec)
+        for value in space if isinstance(space, list) else (space.low, space.high):
+            with keyed(cfg):
+                check_settings(dataclasses.replace(cfg.optim, **{name: value}), "optim")
+
+
+def member_overrides(member: Member, sizes: Mapping[str, int], out_dir: str | None = None) -> list[str]:
+    """The ``key=value`` strings that, appended to the population's own command, train exactly this
+    member as a plain run on the same devices: its hyperparameters, seed and data resample, no
+    population, and every mesh key: the members axis folded into ``data`` (the member's batch
+    then splits over ``members x data``, which trains the same model), so the sizes multiply to
+    the same device count. ``out_dir`` (the population's) gives the member ``out_dir/member-<i>``.
+    """
+    alone = {**sizes, "members": 1, "data": sizes["data"] * sizes["members"]}
+    out = [f"mesh.{axis}={alone[axis]}" for axis in MESH_AXES]
+    out += ["population.size=1", "population.search={}"]
+    out += [f"optim.{name}={value!r}" for name, value in sorted(member.hyperparams.items())]
     out.append(f"train.init_seed={member.init_seed}")
     if member.resample >= 0:
         out.append(f"data.resample={member.resample}")
+    if out_dir:
+        out.append(f"out_dir={os.path.join(out_dir, f'member-{member.index}')}")
     return out
 
 

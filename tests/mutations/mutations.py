@@ -48,6 +48,10 @@ FED = "tests/test_federated.py"
 OUT = "tests/test_run_output.py"
 GROUPS = "tests/test_groups.py"
 GROUP_SIZES = f"{GROUPS}::test_sizes_are_given_fixed_by_the_layout_or_balanced_by_cost"
+API = "tests/test_python_api.py"
+FIT_BATCH = f"{API}::test_fit_refuses_an_indivisible_batch_before_compiling_in_the_cli_s_words"
+SWEEP_VALUES = f"{API}::test_sweep_values_are_refused_like_single_values"
+MEMBER_ALONE = f"{API}::test_a_member_s_overrides_train_it_alone_on_the_same_devices"
 
 M = Mutation
 MUTATIONS: list[Mutation] = [
@@ -289,4 +293,18 @@ MUTATIONS: list[Mutation] = [
     M("groups-rerun-overwrites", "run", "a groups run overwrites the run it finds in out_dir",
       "claim(cfg, fresh, say)", "None",
       ("tests/test_groups_config.py::test_a_rerun_is_refused_before_compiling_and_fresh_moves_the_first_aside",)),
+    # ------------------------------------------------------------------ run: the Python API as careful as the CLI
+    M("fit-batch-unchecked", "run", "fit reads the batch size under a name no source has: the check is skipped",
+      'rows = getattr(data, "batch_size", None)', 'rows = getattr(data, "rows", None)', (FIT_BATCH,)),
+    M("rerun-val-none", "run", "a finished run asked again does not evaluate (val None)",
+      "if self.eval_batches:  # a finished run asked again",
+      "if self.eval_batches is None:  # a finished run asked again",
+      (f"{API}::test_a_finished_fit_asked_again_returns_its_evaluation",)),
+    M("sweep-list-first-value-only", "run", "only the first value of a sweep list is range-checked",
+      "for value in space if isinstance(space, list) else (space.low, space.high):",
+      "for value in space[:1] if isinstance(space, list) else (space.low, space.high):", (SWEEP_VALUES,)),
+    M("sweep-distribution-low-end-only", "run", "a distribution's upper end is not range-checked",
+      "else (space.low, space.high):", "else (space.low,):", (SWEEP_VALUES,)),
+    M("member-mesh-not-folded", "run", "a member's overrides keep the population's data size: the mesh covers "
+      "fewer devices", '"data": sizes["data"] * sizes["members"]}', '"data": sizes["data"]}', (MEMBER_ALONE,)),
 ]
