@@ -25,10 +25,11 @@ from shardml.models.transformer_layers import (
     embed_tokens,
     mlp,
     output_logits,
-    project,
+    qkv,
     rms_norm,
     rotary_angles,
     rotate,
+    visible_keys,
 )
 
 KV_CACHE_LOGICAL = ("layers", "batch", "act_seq", "act_kv_heads", "head_dim")  # of k and v [L, B, T, K, E]
@@ -41,14 +42,10 @@ def rotary_at(x_BSHE, positions_BS, base: float):
 
 
 def _qkv_at(h_BSD, layer, positions_BS, cfg: TransformerConfig):
-    """Rotated queries and keys and the values of ``h`` at the given positions."""
-    q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"])
-    k_BSKE = project("bsd,dke->bske", h_BSD, layer["wk"])
-    v_BSKE = project("bsd,dke->bske", h_BSD, layer["wv"])
-    q_BSHE = constrain(rotary_at(q_BSHE, positions_BS, cfg.rope_base), ("batch", "act_seq", "act_heads", None))
-    k_BSKE = constrain(rotary_at(k_BSKE, positions_BS, cfg.rope_base), ("batch", "act_seq", "act_kv_heads", None))
-    v_BSKE = constrain(v_BSKE, ("batch", "act_seq", "act_kv_heads", None))
-    return q_BSHE, k_BSKE, v_BSKE
+    """Rotated queries and keys and the values of ``h`` at the given positions (the training path's
+    :func:`~shardml.models.transformer_layers.qkv`, values constrained for the cache)."""
+    q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_BS, cfg)
+    return q_BSHE, k_BSKE, constrain(v_BSKE, ("batch", "act_seq", "act_kv_heads", None))
 
 
 def _masked_attention(q_BSHE, k_BTKE, v_BTKE, visible_BST, layer):
@@ -76,12 +73,12 @@ def prefill(params, tokens_BP, starts_B, cfg: TransformerConfig, length: int):
     slots_P = jnp.arange(P)
     positions_BP = jnp.maximum(slots_P[None, :] - starts_B[:, None], 0)
     key_P, query_P = slots_P[None, None, :], slots_P[None, :, None]
-    visible_BPP = (key_P <= query_P) & (key_P >= starts_B[:, None, None])  # causal, and not left padding
+    visible_BPP = visible_keys(query_P, key_P, cfg) & (key_P >= starts_B[:, None, None])  # and not left padding
 
     def block(x_BPD, layer):
-        q_BPHE, k_BPKE, v_BPKE = _qkv_at(rms_norm(x_BPD, layer["attn_norm"]), layer, positions_BP, cfg)
+        q_BPHE, k_BPKE, v_BPKE = _qkv_at(rms_norm(x_BPD, layer["attn_norm"], cfg.norm_eps), layer, positions_BP, cfg)
         x_BPD = x_BPD + _masked_attention(q_BPHE, k_BPKE, v_BPKE, visible_BPP, layer)
-        x_BPD = x_BPD + mlp(rms_norm(x_BPD, layer["mlp_norm"]), layer, cfg)
+        x_BPD = x_BPD + mlp(rms_norm(x_BPD, layer["mlp_norm"], cfg.norm_eps), layer, cfg)
         return constrain(x_BPD, ACT_LOGICAL), (k_BPKE, v_BPKE)
 
     x_BPD = embed_tokens(params, tokens_BP, cfg).astype(jnp.dtype(cfg.dtype))
@@ -101,17 +98,17 @@ def decode_step(params, cache, tokens_B, slot, starts_B, cfg: TransformerConfig)
     T = cache["k"].shape[2]
     positions_B1 = (slot - starts_B)[:, None]
     slots_T = jnp.arange(T)
-    visible_B1T = ((slots_T[None, :] <= slot) & (slots_T[None, :] >= starts_B[:, None]))[:, None, :]
+    visible_B1T = (visible_keys(slot, slots_T[None, :], cfg) & (slots_T[None, :] >= starts_B[:, None]))[:, None, :]
 
     def block(carry, layer_l):
         x_B1D, k_cache, v_cache = carry
         layer, l = layer_l
-        q_B1HE, k_B1KE, v_B1KE = _qkv_at(rms_norm(x_B1D, layer["attn_norm"]), layer, positions_B1, cfg)
+        q_B1HE, k_B1KE, v_B1KE = _qkv_at(rms_norm(x_B1D, layer["attn_norm"], cfg.norm_eps), layer, positions_B1, cfg)
         at = (l, 0, slot, 0, 0)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k_B1KE[None].astype(k_cache.dtype), at)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v_B1KE[None].astype(v_cache.dtype), at)
         x_B1D = x_B1D + _masked_attention(q_B1HE, k_cache[l], v_cache[l], visible_B1T, layer)
-        x_B1D = x_B1D + mlp(rms_norm(x_B1D, layer["mlp_norm"]), layer, cfg)
+        x_B1D = x_B1D + mlp(rms_norm(x_B1D, layer["mlp_norm"], cfg.norm_eps), layer, cfg)
         return (constrain(x_B1D, ACT_LOGICAL), k_cache, v_cache), None
 
     x_B1D = embed_tokens(params, tokens_B[:, None], cfg).astype(jnp.dtype(cfg.dtype))

@@ -74,6 +74,17 @@ class TransformerConfig:
     layer_loop: str = setting(AUTO, choices=(AUTO, *LAYER_LOOPS))
     grad_dtype: str = setting("compute", choices=GRAD_DTYPES)
     rope_base: float = setting(10000.0, above=0.0)
+    # What open-weights families need (shardml.models.hf_families); each default keeps the reference model.
+    head_dim: int = setting(0, minimum=0, hint="0 means d_model / heads")
+    qkv_bias: bool = False  # Qwen2.5: biases on the q, k and v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm of each query and key head before the rotation
+    norm_eps: float = setting(1e-6, above=0.0)
+    tie_embed: bool = False  # the unembedding is the embedding's transpose (no `unembed` parameter)
+    rope_scaling_factor: float = setting(0.0, minimum=0.0, hint="0: no scaling; > 0: Llama 3's RoPE scaling")
+    rope_low_freq_factor: float = setting(1.0, above=0.0)
+    rope_high_freq_factor: float = setting(4.0, above=0.0)
+    rope_original_len: int = setting(8192, minimum=1, hint="the context length before Llama 3's RoPE scaling")
+    sliding_window: int = setting(0, minimum=0, hint="0: every earlier token is visible (Mistral: 4096)")
 
 
 def check_transformer(cfg: TransformerConfig) -> None:
@@ -87,41 +98,56 @@ def check_transformer(cfg: TransformerConfig) -> None:
     """
     check_settings(cfg)
     kv = cfg.kv_heads or cfg.heads
-    if cfg.d_model % cfg.heads:
+    if cfg.d_model % cfg.heads and not cfg.head_dim:
         raise ModelError(f"d_model={cfg.d_model} is not divisible by heads={cfg.heads}; "
                          "choose d_model = heads x head_dim", subject="d_model", value=cfg.d_model)
     if cfg.heads % kv:
         raise ModelError(f"heads={cfg.heads} is not divisible by kv_heads={kv}; "
                          "each key/value head must serve a whole group of query heads",
                          subject="kv_heads", value=cfg.kv_heads)
-    if (cfg.d_model // cfg.heads) % 2:
+    if cfg.head_dim % 2:
+        raise ModelError(f"head_dim={cfg.head_dim} is odd; rotary positions rotate channel pairs, so the head "
+                         "dimension must be even", subject="head_dim", value=cfg.head_dim)
+    if not cfg.head_dim and (cfg.d_model // cfg.heads) % 2:
         raise ModelError(f"d_model / heads = {cfg.d_model} / {cfg.heads} = {cfg.d_model // cfg.heads} is odd; "
                          "rotary positions rotate channel pairs, so the head dimension must be even",
                          subject="d_model", value=cfg.d_model)
 
 
+def head_dim_of(cfg: TransformerConfig) -> int:
+    """E: ``head_dim`` where given (Gemma, Qwen3 set it apart from d_model), else ``d_model / heads``."""
+    return cfg.head_dim or cfg.d_model // cfg.heads
+
+
 def transformer_specs(cfg: TransformerConfig) -> dict:
     L, D, H, F, V = cfg.layers, cfg.d_model, cfg.heads, cfg.d_ff, cfg.vocab
     K = cfg.kv_heads or H
-    E = D // H
+    E = head_dim_of(cfg)
     out_scale = 1.0 / math.sqrt(2 * L)  # residual branches summed over 2L blocks keep unit scale
-    return {
-        "embed": ParamSpec((V, D), ("vocab", "embed"), fan_in_dims=()),
-        "layers": {
-            "attn_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
-            "wq": ParamSpec((L, D, H, E), ("layers", "embed", "heads", "head_dim"), fan_in_dims=(1,)),
-            "wk": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
-            "wv": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
-            "wo": ParamSpec((L, H, E, D), ("layers", "heads", "head_dim", "embed"), fan_in_dims=(1, 2),
-                            scale=out_scale),
-            "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
-            "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
-            "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
-            "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), fan_in_dims=(1,), scale=out_scale),
-        },
-        "final_norm": ParamSpec((D,), ("norm",), "ones"),
-        "unembed": ParamSpec((D, V), ("embed", "vocab"), fan_in_dims=(0,)),
+    layers = {
+        "attn_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+        "wq": ParamSpec((L, D, H, E), ("layers", "embed", "heads", "head_dim"), fan_in_dims=(1,)),
+        "wk": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
+        "wv": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
+        "wo": ParamSpec((L, H, E, D), ("layers", "heads", "head_dim", "embed"), fan_in_dims=(1, 2),
+                        scale=out_scale),
+        "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
+        "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
+        "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), fan_in_dims=(1,), scale=out_scale),
     }
+    if cfg.qkv_bias:
+        layers |= {"bq": ParamSpec((L, H, E), ("layers", "heads", "head_dim"), "zeros"),
+                   "bk": ParamSpec((L, K, E), ("layers", "kv_heads", "head_dim"), "zeros"),
+                   "bv": ParamSpec((L, K, E), ("layers", "kv_heads", "head_dim"), "zeros")}
+    if cfg.qk_norm:
+        layers |= {"q_norm": ParamSpec((L, E), ("layers", "norm"), "ones"),
+                   "k_norm": ParamSpec((L, E), ("layers", "norm"), "ones")}
+    specs = {"embed": ParamSpec((V, D), ("vocab", "embed"), fan_in_dims=()), "layers": layers,
+             "final_norm": ParamSpec((D,), ("norm",), "ones")}
+    if not cfg.tie_embed:
+        specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), fan_in_dims=(0,))
+    return specs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
@@ -165,10 +191,29 @@ def rms_norm(x, scale, eps: float = 1e-6):
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary_angles(positions_BS, head_dim: int, base: float):
-    """The rotation angle of each channel pair at each position: f32 [B, S, E/2] (B may be 1)."""
+def rotary_angles(positions_BS, head_dim: int, base: float, scaling: tuple[float, ...] = ()):
+    """The rotation angle of each channel pair at each position: f32 [B, S, E/2] (B may be 1).
+    ``scaling``: Llama 3's (factor, low_freq_factor, high_freq_factor, original length), or ()."""
     inv_freq = base ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2 / head_dim)
+    if scaling:
+        inv_freq = llama3_frequencies(inv_freq, *scaling)
     return positions_BS.astype(jnp.float32)[:, :, None] * inv_freq
+
+
+def llama3_frequencies(inv_freq, factor: float, low: float, high: float, original_len: int):
+    """Llama 3.1's RoPE scaling: wavelengths longer than ``original_len / low`` slowed by ``factor``,
+    shorter than ``original_len / high`` kept, and a smooth blend between."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > original_len / low, inv_freq / factor, inv_freq)
+    return jnp.where((wavelen >= original_len / high) & (wavelen <= original_len / low), blended, scaled)
+
+
+def rope_scaling_of(cfg: TransformerConfig) -> tuple[float, ...]:
+    if not cfg.rope_scaling_factor:
+        return ()
+    return (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_len)
 
 
 def rotate(x_BSHE, angle_BSE):
@@ -182,6 +227,37 @@ def rotary(x_BSHE, base: float):
     """Rotary positions 0 .. S-1, the same for every row."""
     S, E = x_BSHE.shape[1], x_BSHE.shape[-1]
     return rotate(x_BSHE, rotary_angles(jnp.arange(S)[None, :], E, base))
+
+
+def visible_keys(query_BS1, key_B1T, cfg: TransformerConfig):
+    """Which keys each query sees, by position (or cache slot): the earlier ones, and with
+    ``sliding_window`` W only the last W of them (the query's own included), as Mistral."""
+    seen = key_B1T <= query_BS1
+    if cfg.sliding_window:
+        seen &= query_BS1 - key_B1T < cfg.sliding_window
+    return seen
+
+
+def qkv(h_BSD, layer, positions_BS, cfg: TransformerConfig):
+    """Queries and keys (biased, normed per head and rotated at ``positions`` as ``cfg`` says) and
+    values of ``h``: [B, S, H, E], [B, S, K, E], [B, S, K, E]. The training path and decoding share it."""
+    g = cfg.grad_dtype
+    # One product per weight, also under tensor parallelism. Megatron's fused QKV (and gate/up) would
+    # stack the weights so the backward sums their input gradients before one all-reduce, but the
+    # stacking and the stacked cotangent cost more than the all-reduces they save: on fsdp=2 x
+    # tensor=4 separate products make the step 13 % (JAX 0.10.2) to 19 % (0.12) faster.
+    q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"], grad_dtype=g)
+    k_BSKE = project("bsd,dke->bske", h_BSD, layer["wk"], grad_dtype=g)
+    v_BSKE = project("bsd,dke->bske", h_BSD, layer["wv"], grad_dtype=g)
+    if cfg.qkv_bias:
+        q_BSHE, k_BSKE, v_BSKE = (x + layer[b].astype(x.dtype) for x, b in
+                                  ((q_BSHE, "bq"), (k_BSKE, "bk"), (v_BSKE, "bv")))
+    if cfg.qk_norm:
+        q_BSHE, k_BSKE = rms_norm(q_BSHE, layer["q_norm"], cfg.norm_eps), rms_norm(k_BSKE, layer["k_norm"], cfg.norm_eps)
+    angle_BSE = rotary_angles(positions_BS, q_BSHE.shape[-1], cfg.rope_base, rope_scaling_of(cfg))
+    q_BSHE = constrain(rotate(q_BSHE, angle_BSE), ("batch", "act_seq", "act_heads", None))
+    k_BSKE = constrain(rotate(k_BSKE, angle_BSE), ("batch", "act_seq", "act_kv_heads", None))
+    return q_BSHE, k_BSKE, v_BSKE
 
 
 def attend(q_BSHE, k_BTKE, v_BTKE, visible, layer, grad_dtype: str = "compute"):
@@ -200,19 +276,11 @@ def attend(q_BSHE, k_BTKE, v_BTKE, visible, layer, grad_dtype: str = "compute"):
 
 def attention(h_BSD, layer, cfg: TransformerConfig):
     """Causal self-attention of a whole sequence (the training path)."""
-    g = cfg.grad_dtype
-    # One product per weight, also under tensor parallelism. Megatron's fused QKV (and gate/up) would
-    # stack the weights so the backward sums their input gradients before one all-reduce, but the
-    # stacking and the stacked cotangent cost more than the all-reduces they save: on fsdp=2 x
-    # tensor=4 separate products make the step 13 % (JAX 0.10.2) to 19 % (0.12) faster.
-    q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"], grad_dtype=g)
-    k_BSKE = project("bsd,dke->bske", h_BSD, layer["wk"], grad_dtype=g)
-    v_BSKE = project("bsd,dke->bske", h_BSD, layer["wv"], grad_dtype=g)
-    q_BSHE = constrain(rotary(q_BSHE, cfg.rope_base), ("batch", "act_seq", "act_heads", None))
-    k_BSKE = constrain(rotary(k_BSKE, cfg.rope_base), ("batch", "act_seq", "act_kv_heads", None))
-    S = q_BSHE.shape[1]
-    causal_ST = jnp.tril(jnp.ones((S, S), dtype=bool))
-    return attend(q_BSHE, k_BSKE, v_BSKE, causal_ST, layer, g)
+    S = h_BSD.shape[1]
+    positions_1S = jnp.arange(S)[None, :]
+    q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_1S, cfg)
+    causal_ST = visible_keys(positions_1S[0][:, None], positions_1S[0][None, :], cfg)
+    return attend(q_BSHE, k_BSKE, v_BSKE, causal_ST, layer, cfg.grad_dtype)
 
 
 def mlp(h_BSD, layer, cfg: TransformerConfig):
@@ -243,8 +311,8 @@ def run_layers(layers, x_BSD, cfg: TransformerConfig):
 
     def block(x_BSD, layer):
         # Weights stay f32 here: `project` casts them (norm scales are cast by rms_norm).
-        x_BSD = x_BSD + attention(rms_norm(x_BSD, layer["attn_norm"]), layer, cfg)
-        x_BSD = x_BSD + mlp(rms_norm(x_BSD, layer["mlp_norm"]), layer, cfg)
+        x_BSD = x_BSD + attention(rms_norm(x_BSD, layer["attn_norm"], cfg.norm_eps), layer, cfg)
+        x_BSD = x_BSD + mlp(rms_norm(x_BSD, layer["mlp_norm"], cfg.norm_eps), layer, cfg)
         return constrain(x_BSD, ACT_LOGICAL), None
 
     if cfg.remat != "none":
@@ -259,8 +327,11 @@ def run_layers(layers, x_BSD, cfg: TransformerConfig):
 
 def output_logits(params, x_BSD, cfg: TransformerConfig):
     """Final norm and unembedding: [B, S, D] -> f32 logits [B, S, V]."""
-    x_BSD = rms_norm(x_BSD, params["final_norm"])
-    logits_BSV = project("bsd,dv->bsv", x_BSD, params["unembed"], jnp.float32, grad_dtype=cfg.grad_dtype)
+    x_BSD = rms_norm(x_BSD, params["final_norm"], cfg.norm_eps)
+    if cfg.tie_embed:
+        logits_BSV = project("bsd,vd->bsv", x_BSD, params["embed"], jnp.float32, grad_dtype=cfg.grad_dtype)
+    else:
+        logits_BSV = project("bsd,dv->bsv", x_BSD, params["unembed"], jnp.float32, grad_dtype=cfg.grad_dtype)
     return constrain(logits_BSV, ("batch", "act_seq", "act_vocab"))
 
 
