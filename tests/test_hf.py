@@ -1,0 +1,182 @@
+"""Open-weights checkpoints against Hugging Face ``transformers``, an implementation nobody here wrote.
+
+Tiny random models of each family (hidden 64, 2 layers, vocabulary 128) are built by
+``transformers`` on PyTorch's CPU build and ``save_pretrained`` once per session; each exercises the
+settings of its family: Llama 3 RoPE scaling (an original context of 16, so the prompts here reach
+the scaled frequencies), Qwen2 q/k/v biases with tied embeddings, Qwen3 QK-norm with a head
+dimension apart from hidden / heads, Mistral a sliding window of 4 (shorter than the prompts).
+Norm scales and biases are drawn at random too, so a swapped or skipped one shows.
+"""
+
+import copy
+import json
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import shardml
+from shardml.core.mesh import make_mesh
+
+RTOL = 1e-4  # f32, relative to the largest logit
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, initializer_range=0.2)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16}, rope_theta=500000.0, rms_norm_eps=1e-5)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4, head_dim=16)),
+}
+TOKENS = np.random.default_rng(0).integers(0, 128, (2, 12))
+LAYOUT = {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def hf_model(family: str, seed: int = 0):
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    model.generation_config.eos_token_id = None  # greedy runs for all its tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """family -> (checkpoint directory, the transformers model it holds)."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for family in FAMILIES:
+        model = hf_model(family)
+        model.save_pretrained(root / family)
+        out[family] = (str(root / family), model)
+    return out
+
+
+def hf_logits(model, tokens) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+def assert_close(got, want, what):
+    err = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
+    assert err < RTOL, f"{what}: logits differ from transformers' by {err:.2e} of the largest (bound {RTOL})"
+
+
+def one_device():
+    return make_mesh({"data": 1}, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_transformers_on_one_device_and_on_data_fsdp_tensor(checkpoints, family):
+    directory, reference = checkpoints[family]
+    want = hf_logits(reference, TOKENS)
+    for mesh in (one_device(), make_mesh(LAYOUT)):
+        model, params = shardml.load_hf(directory, mesh=mesh)
+        assert_close(jax.jit(model.apply)(params, TOKENS), want, f"{family} on {dict(mesh.shape)}")
+    # read straight into the layout's shardings: fsdp and tensor split the q projection
+    assert params["layers"]["wq"].sharding.spec[1:3] == ("fsdp", "tensor")
+    assert params["layers"]["wq"].addressable_shards[0].data.shape == (2, 32, 2, 16 if family != "qwen3" else 32)
+
+
+def _greedy_hf(model, prompt, new_tokens):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_greedy_generation_equals_transformers_token_for_token(checkpoints, family):
+    directory, reference = checkpoints[family]
+    prompts = [TOKENS[0, :7].tolist(), TOKENS[1, :3].tolist()]  # different lengths: right-aligned, past the window
+    model, params = shardml.load_hf(directory, mesh=make_mesh(LAYOUT))
+    got = shardml.generate(model, params, prompts, mesh=make_mesh(LAYOUT), max_new_tokens=8)
+    want = [_greedy_hf(reference, p, 8) for p in prompts]
+    assert len(set(want[0])) > 2, f"uninformative reference: {want}"
+    assert [g.tolist() for g in got.tokens] == want, f"{family}: shardml greedy vs transformers greedy"
+
+
+def test_a_sharded_bf16_checkpoint_loads_as_its_weights(tmp_path):
+    reference = hf_model("qwen3", seed=1)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # the f32 model of the bf16 weights
+    # a copy cast (the reference's rotary frequencies stay f32: .to(bfloat16) rounds buffers too)
+    copy.deepcopy(reference).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="40KB")
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json") and len(list(tmp_path.glob("*.safetensors"))) > 2
+    model, params = shardml.load_hf(str(tmp_path), mesh=make_mesh(LAYOUT))
+    assert_close(jax.jit(model.apply)(params, TOKENS), hf_logits(reference, TOKENS), "bf16 sharded qwen3")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_save_hf_loads_in_transformers_with_the_same_logits(checkpoints, family, tmp_path):
+    directory, _ = checkpoints[family]
+    model, params = shardml.load_hf(directory, mesh=make_mesh(LAYOUT))
+    # new weights (what training would give), so the export is not the files it was read from
+    noise = jax.tree.map(lambda p: 0.05 * np.random.default_rng(p.size).normal(size=p.shape).astype(np.float32), params)
+    params = jax.tree.map(lambda p, n: p + n, params, noise)
+    shardml.save_hf(model, params, str(tmp_path), max_shard_bytes=60_000)  # several files and their index
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(exported).__name__ == FAMILIES[family][1]
+    assert_close(jax.jit(model.apply)(params, TOKENS), hf_logits(exported, TOKENS), f"{family} exported")
+    again, params_again = shardml.load_hf(str(tmp_path), mesh=one_device())
+    assert again.config == model.config
+
+
+def _copy(directory, tmp_path):
+    target = tmp_path / "ckpt"
+    shutil.copytree(directory, target)
+    return target
+
+
+def _edit_config(target, **changes):
+    hf = json.loads((target / "config.json").read_text())
+    hf.update(changes)
+    (target / "config.json").write_text(json.dumps(hf))
+
+
+def test_an_unsupported_architecture_names_the_supported_ones(checkpoints, tmp_path):
+    target = _copy(checkpoints["llama"][0], tmp_path)
+    _edit_config(target, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(shardml.ModelError, match=r"GPT2LMHeadModel.*not supported.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        shardml.load_hf(str(target), mesh=one_device())
+
+
+def test_a_tensor_that_disagrees_with_config_json_is_named(checkpoints, tmp_path):
+    target = _copy(checkpoints["llama"][0], tmp_path)
+    _edit_config(target, intermediate_size=96)
+    with pytest.raises(shardml.ModelError, match=r"gate_proj.weight has shape \(128, 64\) but config.json.*\(96, 64\)"):
+        shardml.load_hf(str(target), mesh=one_device())
+
+
+def test_a_missing_shard_file_is_named(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    missing = sorted(set(index["weight_map"].values()))[-1]
+    os.remove(tmp_path / missing)
+    with pytest.raises(shardml.DataError, match=f"shard {missing} named by .*index.json is missing"):
+        shardml.load_hf(str(tmp_path), mesh=one_device())
+
+
+def test_heads_the_layout_cannot_divide_are_an_error_before_reading(checkpoints):
+    with pytest.raises(shardml.LayoutError, match=r"wk.*size 2 along 'kv_heads'.*tensor=4"):
+        shardml.load_hf(checkpoints["llama"][0], mesh=make_mesh({"data": 2, "tensor": 4}))
+
+
+def test_a_missing_directory_and_a_missing_safetensors_package_are_named(checkpoints, tmp_path, monkeypatch):
+    with pytest.raises(shardml.DataError, match="not a checkpoint directory"):
+        shardml.load_hf(str(tmp_path / "nowhere"), mesh=one_device())
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    with pytest.raises(shardml.ModelError, match=r"pip install 'shardml\[hf\]'"):
+        shardml.load_hf(checkpoints["llama"][0], mesh=one_device())
