@@ -45,6 +45,8 @@ ENSEMBLE = f"{POP}::test_ensemble_metrics_equal_numpy_written_here"
 PER_EXAMPLE = f"{POP}::test_per_example_ensemble_and_classifier_metrics_equal_numpy_written_here"
 FEDOPT = f"{SO}::test_fedopt_server_optimizers_follow_their_update_rules"
 FED = "tests/test_federated.py"
+HF = "tests/test_hf.py"
+HF_LOGITS = f"{HF}::test_logits_equal_transformers_on_one_device_and_on_data_fsdp_tensor"
 
 M = Mutation
 MUTATIONS: list[Mutation] = [
@@ -219,6 +221,29 @@ MUTATIONS: list[Mutation] = [
     M("lm-bits-per-token", "parallel", "bits per token multiplied by ln 2",
       '"bits_per_token": loss / math.log(2)', '"bits_per_token": loss * math.log(2)',
       (f"{UNITS}::test_lm_metrics_equal_numpy_written_here",)),
+    # ------------------------------------------------------------------ models: open-weights families (test_hf)
+    M("hf-llama3-rope-unscaled", "models", "Llama 3's RoPE scaling ignored (the plain frequencies)",
+      "inv_freq = llama3_frequencies(inv_freq, *scaling)", "inv_freq = inv_freq", (f"{HF_LOGITS}[llama]",)),
+    M("hf-window-off-by-one", "models", "the sliding window lets one more key through",
+      "seen &= query_BS1 - key_B1T < cfg.sliding_window", "seen &= query_BS1 - key_B1T <= cfg.sliding_window",
+      (f"{HF_LOGITS}[mistral]",)),
+    M("hf-decode-ignores-window", "models", "KV-cache decoding attends past the sliding window",
+      "visible_keys(slot, slots_T[None, :], cfg)", "(slots_T[None, :] <= slot)",
+      (f"{HF}::test_greedy_generation_equals_transformers_token_for_token[mistral]",)),
+    M("hf-v-bias-is-k-bias", "models", "the value projection gets the key's bias",
+      '(v_BSKE, "bv")', '(v_BSKE, "bk")', (f"{HF_LOGITS}[qwen2]",)),
+    M("hf-qk-norm-on-q-only", "models", "QK-norm applied to the queries, the keys left unnormed",
+      'rms_norm(k_BSKE, layer["k_norm"], cfg.norm_eps)', "k_BSKE", (f"{HF_LOGITS}[qwen3]",)),
+    M("hf-slice-groups-not-reversed", "models", "a transposed tensor's slice taken in shardml's dimension order",
+      "tuple(reversed(ranges)) if source.transpose else tuple(ranges)", "tuple(ranges)", (f"{HF_LOGITS}[llama]",)),
+    M("hf-slice-offset-per-head", "models", "a block's first row counted in heads, not in rows of head_dim",
+      "ranges.append(slice(lead.start * math.prod(inner),", "ranges.append(slice(lead.start,",
+      (f"{HF_LOGITS}[llama]",)),
+    M("hf-shape-unchecked", "models", "tensors are read without checking their shapes against config.json",
+      "if found != want:", "if False:", (f"{HF}::test_a_tensor_that_disagrees_with_config_json_is_named",)),
+    M("hf-export-untied", "models", "an export of tied embeddings says they are untied",
+      '"tie_word_embeddings": cfg.tie_embed', '"tie_word_embeddings": False',
+      (f"{HF}::test_save_hf_loads_in_transformers_with_the_same_logits[qwen2]",)),
     # ------------------------------------------------------------------ run: the population policy, metrics
     M("prune-stops-the-best", "run", "sweep pruning stops the best members",
       "worst = alive[np.argsort(scores[alive])[::-1][:stop]]", "worst = alive[np.argsort(scores[alive])[:stop]]",
