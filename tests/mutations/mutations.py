@@ -46,7 +46,7 @@ PER_EXAMPLE = f"{POP}::test_per_example_ensemble_and_classifier_metrics_equal_nu
 FEDOPT = f"{SO}::test_fedopt_server_optimizers_follow_their_update_rules"
 FED = "tests/test_federated.py"
 HF = "tests/test_hf.py"
-HF_LOGITS = f"{HF}::test_logits_equal_transformers_on_one_device_and_on_data_fsdp_tensor"
+HF_LOGITS = f"{HF}::test_logits_equal_transformers_on_data_fsdp_tensor"
 
 M = Mutation
 MUTATIONS: list[Mutation] = [
