@@ -36,6 +36,12 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4, head_dim=16)),
+    # softcaps small enough to bite; every second layer global; query_pre_attn_scalar apart from head_dim
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=16, sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=3.0,
+        final_logit_softcapping=4.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, sliding_window=4, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])),
 }
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 12))
 LAYOUT = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -44,11 +50,15 @@ LAYOUT = {"data": 2, "fsdp": 2, "tensor": 2}
 def hf_model(family: str, seed: int = 0):
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).eval()
+    # eager attention: the only one of transformers' that soft-caps Gemma 2's scores
+    config = getattr(transformers, config_cls)(**COMMON, **extra, attn_implementation="eager")
+    model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "bias" in name:
                 p.add_(0.3 * torch.randn_like(p))
+        if family.startswith("gemma"):  # Gemma scales embeddings by sqrt(hidden): unscaled they drown every layer
+            model.model.embed_tokens.weight.mul_(COMMON["hidden_size"] ** -0.5)
     model.generation_config.eos_token_id = None  # greedy runs for all its tokens
     model.generation_config.pad_token_id = 0
     return model
@@ -96,7 +106,7 @@ def _greedy_hf(model, prompt, new_tokens):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_greedy_generation_equals_transformers_token_for_token(checkpoints, family):
     directory, reference = checkpoints[family]
     prompts = [TOKENS[0, :7].tolist(), TOKENS[1, :3].tolist()]  # different lengths: right-aligned, past the window
@@ -119,7 +129,7 @@ def test_a_sharded_bf16_checkpoint_loads_as_its_weights(tmp_path):
     assert_close(jax.jit(model.apply)(params, TOKENS), hf_logits(reference, TOKENS), "bf16 sharded qwen3")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3"])
 def test_save_hf_loads_in_transformers_with_the_same_logits(checkpoints, family, tmp_path):
     directory, _ = checkpoints[family]
     model, params = shardml.load_hf(directory, mesh=make_mesh(LAYOUT))
@@ -128,7 +138,7 @@ def test_save_hf_loads_in_transformers_with_the_same_logits(checkpoints, family,
     params = jax.tree.map(lambda p, n: p + n, params, noise)
     shardml.save_hf(model, params, str(tmp_path), max_shard_bytes=60_000)  # several files and their index
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
-    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
     assert type(exported).__name__ == FAMILIES[family][1]
     assert_close(jax.jit(model.apply)(params, TOKENS), hf_logits(exported, TOKENS), f"{family} exported")
     again, params_again = shardml.load_hf(str(tmp_path), mesh=one_device())
