@@ -260,3 +260,28 @@ def test_train_three_steps_export_and_transformers_agrees(checkpoints, sizes, tm
     assert moved > 100 * RTOL, f"three steps barely moved the logits ({moved:.1e}): an uninformative check"
     assert_close(hf_logits(exported, TOKENS), want, f"exported after 3 steps on {sizes} vs torch SGD")
     assert_close(jax.jit(model.apply)(jax.device_put(trained, jax.devices()[0]), TOKENS), want, "shardml's own")
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), "rope_type='yarn'"),
+    (dict(hidden_act="gelu"), "hidden activation 'gelu'"),
+    (dict(mlp_bias=True), "mlp_bias=true"),
+], ids=["yarn", "gelu", "mlp-bias"])
+def test_an_option_shardml_cannot_express_is_named(checkpoints, tmp_path, changes, message):
+    target = _copy(checkpoints["llama"][0], tmp_path)
+    _edit_config(target, **changes)
+    with pytest.raises(shardml.ModelError, match=f"LlamaForCausalLM with {message}.* not supported"):
+        shardml.load_hf(str(target), mesh=one_device())
+
+
+def test_local_and_global_layers_out_of_pattern_are_named(checkpoints, tmp_path):
+    target = _copy(checkpoints["gemma2"][0], tmp_path)
+    _edit_config(target, num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "full_attention"])
+    with pytest.raises(shardml.ModelError, match="is not every 2-th layer global"):
+        shardml.load_hf(str(target), mesh=one_device())
+
+
+def test_generate_names_a_model_that_is_not_a_transformer():
+    model = shardml.mlp_classifier(4, 8, 2)
+    with pytest.raises(shardml.ModelError, match="generate decodes transformers"):
+        shardml.generate(model, {}, [[1, 2]], mesh=one_device())

@@ -260,6 +260,12 @@ MUTATIONS: list[Mutation] = [
       (f"{HF_LOGITS}[gemma2]",)),
     M("gemma-embed-scale-d", "models", "Gemma's embeddings scaled by d_model, not its square root",
       "jnp.asarray(math.sqrt(cfg.d_model), dtype)", "jnp.asarray(cfg.d_model, dtype)", (f"{HF_LOGITS}[gemma3]",)),
+    M("hf-unknown-rope-accepted", "models", "an unsupported RoPE type loaded as plain RoPE",
+      'if rope_type not in ("default", "llama3"):', "if False:",
+      (f"{HF}::test_an_option_shardml_cannot_express_is_named",)),
+    M("gemma-layer-pattern-unchecked", "models", "irregular local/global layers read as every n-th global",
+      "if any(is_local != bool((i + 1) % n) for i, is_local in enumerate(local)):", "if False:",
+      (f"{HF}::test_local_and_global_layers_out_of_pattern_are_named",)),
     # ------------------------------------------------------------------ run: the population policy, metrics
     M("prune-stops-the-best", "run", "sweep pruning stops the best members",
       "worst = alive[np.argsort(scores[alive])[::-1][:stop]]", "worst = alive[np.argsort(scores[alive])[:stop]]",
