@@ -3,9 +3,10 @@ shardings, and written back tensor by tensor.
 
 :func:`load_hf` builds the family's transformer from ``config.json``
 (:mod:`shardml.models.hf_families`), checks every tensor's shape and the layout before reading
-any data, then makes each parameter with ``jax.make_array_from_callback``: each device's block
-is read from the memory-mapped file (``safe_open(...).get_slice``), so a process reads only the
-slices its devices hold and no host holds the whole model. :func:`save_hf` gathers one tensor
+any data, then places each parameter block by block: each distinct block a process's devices hold
+is read from the memory-mapped file (``safe_open(...).get_slice``), put on those devices and
+dropped (``jax.make_array_from_single_device_arrays``), so a process reads only the slices its
+devices hold and no host holds the whole model. :func:`save_hf` gathers one tensor
 (one layer of one parameter) at a time and writes files of at most ``max_shard_bytes``.
 
     model, params = load_hf("Qwen2.5-0.5B/", mesh=make_mesh({"fsdp": 8}))
@@ -131,20 +132,23 @@ def read_block(reader: _Reader, source: Source, name: str, shape: tuple[int, ...
 
 
 def _load_param(reader: _Reader, source: Source, shape: tuple[int, ...], sharding) -> jax.Array:
-    blocks: dict[tuple, np.ndarray] = {}  # devices that hold the same block (replicas) share one read
-
-    def callback(index):
+    """The parameter placed in ``sharding``: each distinct block this process's devices hold is read
+    once, put on the devices that hold it, and dropped, so the host stages one block at a time."""
+    holders: dict[tuple, list] = {}  # a block's (start, stop) per dimension -> the devices holding it
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
         index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
-        key = tuple((s.start, s.stop) for s in index)
-        if key not in blocks:
-            if source.stacked:
-                blocks[key] = np.stack([read_block(reader, source, source.hf_name(layer), shape[1:], index[1:])
-                                        for layer in range(index[0].start, index[0].stop)])
-            else:
-                blocks[key] = read_block(reader, source, source.hf_name(), shape, index)
-        return blocks[key]
-
-    return jax.make_array_from_callback(shape, sharding, callback)
+        holders.setdefault(tuple((s.start, s.stop) for s in index), []).append(device)
+    arrays = []
+    for key, devices in holders.items():
+        index = tuple(slice(start, stop) for start, stop in key)
+        if source.stacked:
+            block = np.stack([read_block(reader, source, source.hf_name(layer), shape[1:], index[1:])
+                              for layer in range(index[0].start, index[0].stop)])
+        else:
+            block = read_block(reader, source, source.hf_name(), shape, index)
+        arrays += [jax.device_put(block, device) for device in devices]
+        del block
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def _put(tree: dict, path: tuple[str, ...], value: Any) -> None:
