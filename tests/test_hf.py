@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import tracemalloc
 
 import jax
 import numpy as np
@@ -285,3 +286,23 @@ def test_generate_names_a_model_that_is_not_a_transformer():
     model = shardml.mlp_classifier(4, 8, 2)
     with pytest.raises(shardml.ModelError, match="generate decodes transformers"):
         shardml.generate(model, {}, [[1, 2]], mesh=one_device())
+
+
+def test_loading_onto_fsdp8_stages_at_most_the_largest_tensor_plus_one_share(tmp_path):
+    """Host memory: a sharded checkpoint loaded onto fsdp=8 stages (NumPy allocations, traced)
+    at most the largest tensor plus one device's share of the model, plus 20 %."""
+    cfg = shardml.TransformerConfig(vocab=8192, layers=2, d_model=256, heads=4, kv_heads=2, d_ff=512, dtype="float32")
+    model = shardml.transformer(cfg, seq_len=16)
+    shardml.save_hf(model, jax.jit(model.init)(jax.random.key(0)), str(tmp_path), max_shard_bytes=4_000_000)
+    files = list(tmp_path.glob("*.safetensors"))
+    total, largest = sum(f.stat().st_size for f in files), cfg.vocab * cfg.d_model * 4
+    assert len(files) > 2 and total > 2 * largest
+    tracemalloc.start()
+    try:
+        _, params = shardml.load_hf(str(tmp_path), mesh={"fsdp": 8})
+        jax.block_until_ready(params)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    bound = 1.2 * (largest + total / 8)
+    assert peak <= bound, f"loading staged {peak / 2**20:.1f} MiB on the host, over {bound / 2**20:.1f} MiB"
