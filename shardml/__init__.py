@@ -24,6 +24,8 @@ Each job has one entry point:
   heterogeneous ensemble);
 - evaluate: :func:`evaluate`; predict: :func:`predict`; generate text: :func:`generate`; the same
   on a run directory: :func:`evaluate_run`, :func:`predict_run`, :func:`generate_run`;
+- start from an open model (Llama, Qwen2/2.5, Qwen3, Mistral on Hugging Face) and hand it back:
+  :func:`load_hf`, :func:`save_hf`;
 - plan a layout before running it: :func:`make_plan`, :func:`compare_layouts`;
 - checkpoints: :class:`RunDir` (one run's directory), :class:`Checkpointer`, :func:`load_params`;
 - test a model's sharding in your own CI: :mod:`shardml.testing`; audit compiled programs:
@@ -54,6 +56,7 @@ from shardml.run.inference import evaluate_run, generate_run, load_run, predict_
 from shardml.models import (Model, ParamSpec, Stages, TransformerConfig, from_linen, from_nnx, from_specs,
                             mlp_classifier, transformer)
 from shardml.core.losses import classification, token_cross_entropy
+from shardml.models.hf_io import load_hf, save_hf
 
 # Data
 from shardml.core.data import (ArrayBatches, Examples, TextBatches, Tokens, load_digits, load_tokens, put_batch,
@@ -108,7 +111,7 @@ __all__ = [
     "load_config", "load_run", "make_plan", "predict_run", "run_parts", "train", "validate", "workload",
     # models and losses
     "Model", "ParamSpec", "Stages", "TransformerConfig", "classification", "from_linen", "from_nnx", "from_specs",
-    "mlp_classifier", "token_cross_entropy", "transformer",
+    "load_hf", "mlp_classifier", "save_hf", "token_cross_entropy", "transformer",
     # data
     "ArrayBatches", "BPE", "Examples", "Feeder", "PlacementError", "TextBatches", "Tokens", "load_digits",
     "load_tokens", "put_batch", "split_examples", "train_bpe",

@@ -76,6 +76,7 @@ NEEDS = {
     "search": ("population.sampler=optuna",),
     "privacy": ("update_noise=", "example_noise="),
     "flower": ("shardml.flower.",),
+    "hf": ("load_hf(", "save_hf("),
 }
 
 

@@ -125,6 +125,8 @@ class Model:
       stages: the model cut for pipeline parallelism (None: it cannot be pipelined).
       name: how runs and errors name it.
       compute_dtype: the dtype its matmuls run in (the peak MFU is measured against).
+      config: the settings it was built from, for what needs more than ``apply`` (the
+        transformer's ``TransformerConfig``: KV-cache decoding, export to Hugging Face); or None.
     """
 
     init: Callable[[jax.Array], Any]
@@ -136,6 +138,7 @@ class Model:
     stages: Stages | None = None
     name: str = "model"
     compute_dtype: str = "float32"
+    config: Any = None
 
     @functools.cached_property
     def abstract_params(self) -> Any:

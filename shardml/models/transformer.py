@@ -84,6 +84,7 @@ def transformer(cfg: TransformerConfig, seq_len: int) -> Model:
         ),
         name="transformer",
         compute_dtype=cfg.dtype,
+        config=cfg,
     )
 
 

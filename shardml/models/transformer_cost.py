@@ -17,7 +17,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from shardml.core.model import from_specs
-from shardml.models.transformer_layers import AUTO, TransformerConfig, transformer_apply, transformer_specs
+from shardml.models.transformer_layers import AUTO, TransformerConfig, head_dim_of, transformer_apply, transformer_specs
 
 # auto unrolls at most this many layers (compile time grows with depth) and only when the estimate of
 # no_remat_bytes plus the training state is at most this share of a device's memory.
@@ -28,7 +28,7 @@ AUTO_MEMORY_SHARE = 0.5
 def _layer_matmul_params(cfg: TransformerConfig) -> int:
     """Weights one layer multiplies by: q, k, v, output projections and the three MLP matrices."""
     D, F, H = cfg.d_model, cfg.d_ff, cfg.heads
-    K, E = cfg.kv_heads or H, D // H
+    K, E = cfg.kv_heads or H, head_dim_of(cfg)
     return D * H * E + 2 * D * K * E + H * E * D + 3 * D * F
 
 
@@ -49,7 +49,7 @@ def no_remat_bytes(cfg: TransformerConfig, seq_len: int, rows: int, tensor: int 
     """
     item = jnp.dtype(cfg.dtype).itemsize
     D, H, F, S = cfg.d_model, cfg.heads, cfg.d_ff, seq_len
-    K, E = cfg.kv_heads or H, D // H
+    K, E = cfg.kv_heads or H, head_dim_of(cfg)
     layer_weights = _layer_matmul_params(cfg) // tensor
     per_token = item * (6 * D + (H + 2 * K) * E // tensor + 3 * F // tensor) + (4 + item) * (H // tensor) * S
     return cfg.layers * (layer_weights * item + rows * S * per_token) + 4 * rows * S * cfg.vocab // tensor

@@ -19,16 +19,16 @@ import jax.numpy as jnp
 
 from shardml.core.sharding import constrain
 from shardml.models.transformer_layers import (
-    ACT_LOGICAL,
     TransformerConfig,
     attend,
     embed_tokens,
-    mlp,
+    is_local,
     output_logits,
-    project,
-    rms_norm,
+    qkv,
+    residual_block,
     rotary_angles,
     rotate,
+    visible_keys,
 )
 
 KV_CACHE_LOGICAL = ("layers", "batch", "act_seq", "act_kv_heads", "head_dim")  # of k and v [L, B, T, K, E]
@@ -40,20 +40,24 @@ def rotary_at(x_BSHE, positions_BS, base: float):
     return rotate(x_BSHE, rotary_angles(positions_BS, x_BSHE.shape[-1], base))
 
 
-def _qkv_at(h_BSD, layer, positions_BS, cfg: TransformerConfig):
-    """Rotated queries and keys and the values of ``h`` at the given positions."""
-    q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"])
-    k_BSKE = project("bsd,dke->bske", h_BSD, layer["wk"])
-    v_BSKE = project("bsd,dke->bske", h_BSD, layer["wv"])
-    q_BSHE = constrain(rotary_at(q_BSHE, positions_BS, cfg.rope_base), ("batch", "act_seq", "act_heads", None))
-    k_BSKE = constrain(rotary_at(k_BSKE, positions_BS, cfg.rope_base), ("batch", "act_seq", "act_kv_heads", None))
-    v_BSKE = constrain(v_BSKE, ("batch", "act_seq", "act_kv_heads", None))
-    return q_BSHE, k_BSKE, v_BSKE
+def _qkv_at(h_BSD, layer, positions_BS, cfg: TransformerConfig, local=True):
+    """Rotated queries and keys and the values of ``h`` at the given positions (the training path's
+    :func:`~shardml.models.transformer_layers.qkv`, values constrained for the cache)."""
+    q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_BS, cfg, local)
+    return q_BSHE, k_BSKE, constrain(v_BSKE, ("batch", "act_seq", "act_kv_heads", None))
 
 
-def _masked_attention(q_BSHE, k_BTKE, v_BTKE, visible_BST, layer):
+def _masked_attention(q_BSHE, k_BTKE, v_BTKE, visible_BST, layer, cfg: TransformerConfig):
     """Attention of S queries over T keys where ``visible`` (the training path's arithmetic)."""
-    return attend(q_BSHE, k_BTKE, v_BTKE, visible_BST[:, None, None, :, :], layer)
+    return attend(q_BSHE, k_BTKE, v_BTKE, visible_BST[:, None, None, :, :], layer, cfg)
+
+
+def _layers(params) -> int:
+    return jax.tree.leaves(params["layers"])[0].shape[0]
+
+
+def _indices(params):
+    return jnp.arange(_layers(params))
 
 
 def _last_logits(params, x_B1D, cfg: TransformerConfig):
@@ -76,16 +80,20 @@ def prefill(params, tokens_BP, starts_B, cfg: TransformerConfig, length: int):
     slots_P = jnp.arange(P)
     positions_BP = jnp.maximum(slots_P[None, :] - starts_B[:, None], 0)
     key_P, query_P = slots_P[None, None, :], slots_P[None, :, None]
-    visible_BPP = (key_P <= query_P) & (key_P >= starts_B[:, None, None])  # causal, and not left padding
 
-    def block(x_BPD, layer):
-        q_BPHE, k_BPKE, v_BPKE = _qkv_at(rms_norm(x_BPD, layer["attn_norm"]), layer, positions_BP, cfg)
-        x_BPD = x_BPD + _masked_attention(q_BPHE, k_BPKE, v_BPKE, visible_BPP, layer)
-        x_BPD = x_BPD + mlp(rms_norm(x_BPD, layer["mlp_norm"]), layer, cfg)
-        return constrain(x_BPD, ACT_LOGICAL), (k_BPKE, v_BPKE)
+    def block(x_BPD, layer_l):
+        layer, l = layer_l
+        local = is_local(l, cfg)
+        visible_BPP = visible_keys(query_P, key_P, cfg, local) & (key_P >= starts_B[:, None, None])  # no left pad
+
+        def attend_fn(h_BPD):
+            q_BPHE, k_BPKE, v_BPKE = _qkv_at(h_BPD, layer, positions_BP, cfg, local)
+            return _masked_attention(q_BPHE, k_BPKE, v_BPKE, visible_BPP, layer, cfg), (k_BPKE, v_BPKE)
+
+        return residual_block(x_BPD, layer, cfg, attend_fn)
 
     x_BPD = embed_tokens(params, tokens_BP, cfg).astype(jnp.dtype(cfg.dtype))
-    x_BPD, (k_LBPKE, v_LBPKE) = jax.lax.scan(block, x_BPD, params["layers"])
+    x_BPD, (k_LBPKE, v_LBPKE) = jax.lax.scan(block, x_BPD, (params["layers"], _indices(params)))
     pad = ((0, 0), (0, 0), (0, length - P), (0, 0), (0, 0))
     cache = {name: constrain(jnp.pad(kv, pad), KV_CACHE_LOGICAL) for name, kv in (("k", k_LBPKE), ("v", v_LBPKE))}
     return _last_logits(params, x_BPD[:, -1:, :], cfg), cache
@@ -101,22 +109,26 @@ def decode_step(params, cache, tokens_B, slot, starts_B, cfg: TransformerConfig)
     T = cache["k"].shape[2]
     positions_B1 = (slot - starts_B)[:, None]
     slots_T = jnp.arange(T)
-    visible_B1T = ((slots_T[None, :] <= slot) & (slots_T[None, :] >= starts_B[:, None]))[:, None, :]
 
     def block(carry, layer_l):
         x_B1D, k_cache, v_cache = carry
         layer, l = layer_l
-        q_B1HE, k_B1KE, v_B1KE = _qkv_at(rms_norm(x_B1D, layer["attn_norm"]), layer, positions_B1, cfg)
-        at = (l, 0, slot, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k_B1KE[None].astype(k_cache.dtype), at)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v_B1KE[None].astype(v_cache.dtype), at)
-        x_B1D = x_B1D + _masked_attention(q_B1HE, k_cache[l], v_cache[l], visible_B1T, layer)
-        x_B1D = x_B1D + mlp(rms_norm(x_B1D, layer["mlp_norm"]), layer, cfg)
-        return (constrain(x_B1D, ACT_LOGICAL), k_cache, v_cache), None
+        local = is_local(l, cfg)
+        visible_B1T = (visible_keys(slot, slots_T[None, :], cfg, local) & (slots_T[None, :] >= starts_B[:, None]))
+
+        def attend_fn(h_B1D):
+            q_B1HE, k_B1KE, v_B1KE = _qkv_at(h_B1D, layer, positions_B1, cfg, local)
+            at = (l, 0, slot, 0, 0)
+            k_new = jax.lax.dynamic_update_slice(k_cache, k_B1KE[None].astype(k_cache.dtype), at)
+            v_new = jax.lax.dynamic_update_slice(v_cache, v_B1KE[None].astype(v_cache.dtype), at)
+            out = _masked_attention(q_B1HE, k_new[l], v_new[l], visible_B1T[:, None, :], layer, cfg)
+            return out, (k_new, v_new)
+
+        x_B1D, (k_cache, v_cache) = residual_block(x_B1D, layer, cfg, attend_fn)
+        return (x_B1D, k_cache, v_cache), None
 
     x_B1D = embed_tokens(params, tokens_B[:, None], cfg).astype(jnp.dtype(cfg.dtype))
-    layers = jax.tree.leaves(params["layers"])[0].shape[0]
     (x_B1D, k_cache, v_cache), _ = jax.lax.scan(block, (x_B1D, cache["k"], cache["v"]),
-                                                (params["layers"], jnp.arange(layers)))
+                                                (params["layers"], jnp.arange(_layers(params))))
     cache = {"k": constrain(k_cache, KV_CACHE_LOGICAL), "v": constrain(v_cache, KV_CACHE_LOGICAL)}
     return _last_logits(params, x_B1D, cfg), cache

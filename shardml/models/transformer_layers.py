@@ -51,6 +51,8 @@ AUTO = "auto"
 # operands costs 5-11 % of the step (benchmarks/README.md, bench_step.py).
 GRAD_DTYPES = ("compute", "float32")
 COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
+# The MLP's gate: SwiGLU (silu) or Gemma's GeGLU (gelu, tanh approximation).
+MLP_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,28 @@ class TransformerConfig:
     layer_loop: str = setting(AUTO, choices=(AUTO, *LAYER_LOOPS))
     grad_dtype: str = setting("compute", choices=GRAD_DTYPES)
     rope_base: float = setting(10000.0, above=0.0)
+    # What open-weights families need (shardml.models.hf_families); each default keeps the reference model.
+    head_dim: int = setting(0, minimum=0, hint="0 means d_model / heads")
+    qkv_bias: bool = False  # Qwen2.5: biases on the q, k and v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm of each query and key head before the rotation
+    norm_eps: float = setting(1e-6, above=0.0)
+    tie_embed: bool = False  # the unembedding is the embedding's transpose (no `unembed` parameter)
+    rope_scaling_factor: float = setting(0.0, minimum=0.0, hint="0: no scaling; > 0: Llama 3's RoPE scaling")
+    rope_low_freq_factor: float = setting(1.0, above=0.0)
+    rope_high_freq_factor: float = setting(4.0, above=0.0)
+    rope_original_len: int = setting(8192, minimum=1, hint="the context length before Llama 3's RoPE scaling")
+    sliding_window: int = setting(0, minimum=0, hint="0: every earlier token is visible (Mistral: 4096)")
+    # Gemma 2 / 3
+    global_every: int = setting(0, minimum=0, hint="0: the window (if any) in every layer; n: layer i is global "
+                                "(no window) when (i + 1) % n == 0, the others local")
+    rope_local_base: float = setting(0.0, minimum=0.0, hint="0: local layers rotate as global ones (rope_base)")
+    mlp_act: str = setting("silu", choices=MLP_ACTIVATIONS)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(d_model)
+    post_norms: bool = False  # a norm after attention and after the MLP too (before each residual add)
+    query_scale: float = setting(0.0, minimum=0.0, hint="0: scores scaled by 1/sqrt(head_dim); s: by 1/sqrt(s)")
+    attn_softcap: float = setting(0.0, minimum=0.0, hint="0: none; c: scores = c tanh(scores / c)")
+    final_softcap: float = setting(0.0, minimum=0.0, hint="0: none; c: logits = c tanh(logits / c)")
 
 
 def check_transformer(cfg: TransformerConfig) -> None:
@@ -87,41 +111,59 @@ def check_transformer(cfg: TransformerConfig) -> None:
     """
     check_settings(cfg)
     kv = cfg.kv_heads or cfg.heads
-    if cfg.d_model % cfg.heads:
+    if cfg.d_model % cfg.heads and not cfg.head_dim:
         raise ModelError(f"d_model={cfg.d_model} is not divisible by heads={cfg.heads}; "
                          "choose d_model = heads x head_dim", subject="d_model", value=cfg.d_model)
     if cfg.heads % kv:
         raise ModelError(f"heads={cfg.heads} is not divisible by kv_heads={kv}; "
                          "each key/value head must serve a whole group of query heads",
                          subject="kv_heads", value=cfg.kv_heads)
-    if (cfg.d_model // cfg.heads) % 2:
+    if cfg.head_dim % 2:
+        raise ModelError(f"head_dim={cfg.head_dim} is odd; rotary positions rotate channel pairs, so the head "
+                         "dimension must be even", subject="head_dim", value=cfg.head_dim)
+    if not cfg.head_dim and (cfg.d_model // cfg.heads) % 2:
         raise ModelError(f"d_model / heads = {cfg.d_model} / {cfg.heads} = {cfg.d_model // cfg.heads} is odd; "
                          "rotary positions rotate channel pairs, so the head dimension must be even",
                          subject="d_model", value=cfg.d_model)
 
 
+def head_dim_of(cfg: TransformerConfig) -> int:
+    """E: ``head_dim`` where given (Gemma, Qwen3 set it apart from d_model), else ``d_model / heads``."""
+    return cfg.head_dim or cfg.d_model // cfg.heads
+
+
 def transformer_specs(cfg: TransformerConfig) -> dict:
     L, D, H, F, V = cfg.layers, cfg.d_model, cfg.heads, cfg.d_ff, cfg.vocab
     K = cfg.kv_heads or H
-    E = D // H
+    E = head_dim_of(cfg)
     out_scale = 1.0 / math.sqrt(2 * L)  # residual branches summed over 2L blocks keep unit scale
-    return {
-        "embed": ParamSpec((V, D), ("vocab", "embed"), fan_in_dims=()),
-        "layers": {
-            "attn_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
-            "wq": ParamSpec((L, D, H, E), ("layers", "embed", "heads", "head_dim"), fan_in_dims=(1,)),
-            "wk": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
-            "wv": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
-            "wo": ParamSpec((L, H, E, D), ("layers", "heads", "head_dim", "embed"), fan_in_dims=(1, 2),
-                            scale=out_scale),
-            "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
-            "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
-            "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
-            "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), fan_in_dims=(1,), scale=out_scale),
-        },
-        "final_norm": ParamSpec((D,), ("norm",), "ones"),
-        "unembed": ParamSpec((D, V), ("embed", "vocab"), fan_in_dims=(0,)),
+    layers = {
+        "attn_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+        "wq": ParamSpec((L, D, H, E), ("layers", "embed", "heads", "head_dim"), fan_in_dims=(1,)),
+        "wk": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
+        "wv": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), fan_in_dims=(1,)),
+        "wo": ParamSpec((L, H, E, D), ("layers", "heads", "head_dim", "embed"), fan_in_dims=(1, 2),
+                        scale=out_scale),
+        "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
+        "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
+        "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), fan_in_dims=(1,), scale=out_scale),
     }
+    if cfg.qkv_bias:
+        layers |= {"bq": ParamSpec((L, H, E), ("layers", "heads", "head_dim"), "zeros"),
+                   "bk": ParamSpec((L, K, E), ("layers", "kv_heads", "head_dim"), "zeros"),
+                   "bv": ParamSpec((L, K, E), ("layers", "kv_heads", "head_dim"), "zeros")}
+    if cfg.post_norms:
+        layers |= {"attn_post_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+                   "mlp_post_norm": ParamSpec((L, D), ("layers", "norm"), "ones")}
+    if cfg.qk_norm:
+        layers |= {"q_norm": ParamSpec((L, E), ("layers", "norm"), "ones"),
+                   "k_norm": ParamSpec((L, E), ("layers", "norm"), "ones")}
+    specs = {"embed": ParamSpec((V, D), ("vocab", "embed"), fan_in_dims=()), "layers": layers,
+             "final_norm": ParamSpec((D,), ("norm",), "ones")}
+    if not cfg.tie_embed:
+        specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), fan_in_dims=(0,))
+    return specs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
@@ -165,10 +207,34 @@ def rms_norm(x, scale, eps: float = 1e-6):
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary_angles(positions_BS, head_dim: int, base: float):
-    """The rotation angle of each channel pair at each position: f32 [B, S, E/2] (B may be 1)."""
+def norm(x, scale, cfg: TransformerConfig):
+    """The model's RMSNorm: ``cfg.norm_eps``, and Gemma's (1 + w) scale with ``norm_plus_one``."""
+    return rms_norm(x, scale + 1.0 if cfg.norm_plus_one else scale, cfg.norm_eps)
+
+
+def rotary_angles(positions_BS, head_dim: int, base: float, scaling: tuple[float, ...] = ()):
+    """The rotation angle of each channel pair at each position: f32 [B, S, E/2] (B may be 1).
+    ``scaling``: Llama 3's (factor, low_freq_factor, high_freq_factor, original length), or ()."""
     inv_freq = base ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2 / head_dim)
+    if scaling:
+        inv_freq = llama3_frequencies(inv_freq, *scaling)
     return positions_BS.astype(jnp.float32)[:, :, None] * inv_freq
+
+
+def llama3_frequencies(inv_freq, factor: float, low: float, high: float, original_len: int):
+    """Llama 3.1's RoPE scaling: wavelengths longer than ``original_len / low`` slowed by ``factor``,
+    shorter than ``original_len / high`` kept, and a smooth blend between."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > original_len / low, inv_freq / factor, inv_freq)
+    return jnp.where((wavelen >= original_len / high) & (wavelen <= original_len / low), blended, scaled)
+
+
+def rope_scaling_of(cfg: TransformerConfig) -> tuple[float, ...]:
+    if not cfg.rope_scaling_factor:
+        return ()
+    return (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_len)
 
 
 def rotate(x_BSHE, angle_BSE):
@@ -184,22 +250,25 @@ def rotary(x_BSHE, base: float):
     return rotate(x_BSHE, rotary_angles(jnp.arange(S)[None, :], E, base))
 
 
-def attend(q_BSHE, k_BTKE, v_BTKE, visible, layer, grad_dtype: str = "compute"):
-    """Softmax attention of S queries over T keys where ``visible`` (broadcast to [B, K, G, S, T]),
-    then the output projection: [B, S, D]. Scores and softmax in f32, the rest in q's dtype."""
-    B, S, H, E = q_BSHE.shape
-    K = k_BTKE.shape[2]
-    q_BSKGE = q_BSHE.reshape(B, S, K, H // K, E)
-    scores = jnp.einsum("bskge,btke->bkgst", q_BSKGE, k_BTKE, preferred_element_type=jnp.float32)
-    scores = jnp.where(visible, scores / math.sqrt(E), -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q_BSHE.dtype)
-    o_BSKGE = jnp.einsum("bkgst,btke->bskge", probs, v_BTKE)
-    o_BSHE = constrain(o_BSKGE.reshape(B, S, H, E), ("batch", "act_seq", "act_heads", None))
-    return project("bshe,hed->bsd", o_BSHE, layer["wo"], grad_dtype=grad_dtype)
+def visible_keys(query_BS1, key_B1T, cfg: TransformerConfig, local=True):
+    """Which keys each query sees, by position (or cache slot): the earlier ones, and with
+    ``sliding_window`` W in a local layer only the last W of them (the query's own included)."""
+    seen = key_B1T <= query_BS1
+    if cfg.sliding_window:
+        seen &= (query_BS1 - key_B1T < cfg.sliding_window) | jnp.logical_not(local)
+    return seen
 
 
-def attention(h_BSD, layer, cfg: TransformerConfig):
-    """Causal self-attention of a whole sequence (the training path)."""
+def is_local(layer_index, cfg: TransformerConfig):
+    """Whether layer ``layer_index`` (traced) is local: every layer unless ``global_every`` n makes
+    each n-th one global (Gemma 2: n = 2, Gemma 3: 6)."""
+    return (layer_index + 1) % cfg.global_every != 0 if cfg.global_every else True
+
+
+def qkv(h_BSD, layer, positions_BS, cfg: TransformerConfig, local=True):
+    """Queries and keys (biased, normed per head and rotated at ``positions`` as ``cfg`` says) and
+    values of ``h``: [B, S, H, E], [B, S, K, E], [B, S, K, E]. The training path and decoding share it.
+    ``local``: the layer is a local one (a traced bool where ``cfg.global_every`` mixes them)."""
     g = cfg.grad_dtype
     # One product per weight, also under tensor parallelism. Megatron's fused QKV (and gate/up) would
     # stack the weights so the backward sums their input gradients before one all-reduce, but the
@@ -208,11 +277,57 @@ def attention(h_BSD, layer, cfg: TransformerConfig):
     q_BSHE = project("bsd,dhe->bshe", h_BSD, layer["wq"], grad_dtype=g)
     k_BSKE = project("bsd,dke->bske", h_BSD, layer["wk"], grad_dtype=g)
     v_BSKE = project("bsd,dke->bske", h_BSD, layer["wv"], grad_dtype=g)
-    q_BSHE = constrain(rotary(q_BSHE, cfg.rope_base), ("batch", "act_seq", "act_heads", None))
-    k_BSKE = constrain(rotary(k_BSKE, cfg.rope_base), ("batch", "act_seq", "act_kv_heads", None))
-    S = q_BSHE.shape[1]
-    causal_ST = jnp.tril(jnp.ones((S, S), dtype=bool))
-    return attend(q_BSHE, k_BSKE, v_BSKE, causal_ST, layer, g)
+    if cfg.qkv_bias:
+        q_BSHE, k_BSKE, v_BSKE = (x + layer[b].astype(x.dtype) for x, b in
+                                  ((q_BSHE, "bq"), (k_BSKE, "bk"), (v_BSKE, "bv")))
+    if cfg.qk_norm:
+        q_BSHE, k_BSKE = norm(q_BSHE, layer["q_norm"], cfg), norm(k_BSKE, layer["k_norm"], cfg)
+    angle_BSE = rotary_angles(positions_BS, q_BSHE.shape[-1], cfg.rope_base, rope_scaling_of(cfg))
+    if cfg.rope_local_base:  # Gemma 3: local layers rotate with their own base
+        angle_BSE = jnp.where(local, rotary_angles(positions_BS, q_BSHE.shape[-1], cfg.rope_local_base), angle_BSE)
+    q_BSHE = constrain(rotate(q_BSHE, angle_BSE), ("batch", "act_seq", "act_heads", None))
+    k_BSKE = constrain(rotate(k_BSKE, angle_BSE), ("batch", "act_seq", "act_kv_heads", None))
+    return q_BSHE, k_BSKE, v_BSKE
+
+
+def attend(q_BSHE, k_BTKE, v_BTKE, visible, layer, cfg: TransformerConfig):
+    """Softmax attention of S queries over T keys where ``visible`` (broadcast to [B, K, G, S, T]),
+    then the output projection: [B, S, D]. Scores and softmax in f32, the rest in q's dtype."""
+    B, S, H, E = q_BSHE.shape
+    K = k_BTKE.shape[2]
+    q_BSKGE = q_BSHE.reshape(B, S, K, H // K, E)
+    scores = jnp.einsum("bskge,btke->bkgst", q_BSKGE, k_BTKE, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(cfg.query_scale or E)
+    if cfg.attn_softcap:
+        scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
+    scores = jnp.where(visible, scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_BSHE.dtype)
+    o_BSKGE = jnp.einsum("bkgst,btke->bskge", probs, v_BTKE)
+    o_BSHE = constrain(o_BSKGE.reshape(B, S, H, E), ("batch", "act_seq", "act_heads", None))
+    return project("bshe,hed->bsd", o_BSHE, layer["wo"], grad_dtype=cfg.grad_dtype)
+
+
+def attention(h_BSD, layer, cfg: TransformerConfig, local=True):
+    """Causal self-attention of a whole sequence (the training path)."""
+    S = h_BSD.shape[1]
+    positions_1S = jnp.arange(S)[None, :]
+    q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_1S, cfg, local)
+    causal_ST = visible_keys(positions_1S[0][:, None], positions_1S[0][None, :], cfg, local)
+    return attend(q_BSHE, k_BSKE, v_BSKE, causal_ST, layer, cfg)
+
+
+def residual_block(x_BSD, layer, cfg: TransformerConfig, attend_fn):
+    """One layer around its attention ``attend_fn(normed x) -> (out, aux)``: the residual adds of
+    attention and MLP after their pre-norms (and with ``post_norms`` Gemma's norms of each output).
+    Returns ``(x, aux)``; training and decoding share it."""
+    attended_BSD, aux = attend_fn(norm(x_BSD, layer["attn_norm"], cfg))
+    if cfg.post_norms:
+        attended_BSD = norm(attended_BSD, layer["attn_post_norm"], cfg)
+    x_BSD = x_BSD + attended_BSD
+    mlp_BSD = mlp(norm(x_BSD, layer["mlp_norm"], cfg), layer, cfg)
+    if cfg.post_norms:
+        mlp_BSD = norm(mlp_BSD, layer["mlp_post_norm"], cfg)
+    return constrain(x_BSD + mlp_BSD, ACT_LOGICAL), aux
 
 
 def mlp(h_BSD, layer, cfg: TransformerConfig):
@@ -220,7 +335,7 @@ def mlp(h_BSD, layer, cfg: TransformerConfig):
     gate_BSF = project("bsd,df->bsf", h_BSD, layer["w_gate"], grad_dtype=g)
     gate_BSF = constrain(gate_BSF, ("batch", "act_seq", "act_mlp"))
     up_BSF = project("bsd,df->bsf", h_BSD, layer["w_up"], grad_dtype=g)
-    return project("bsf,fd->bsd", jax.nn.silu(gate_BSF) * up_BSF, layer["w_down"], grad_dtype=g)
+    return project("bsf,fd->bsd", MLP_ACTIVATIONS[cfg.mlp_act](gate_BSF) * up_BSF, layer["w_down"], grad_dtype=g)
 
 
 # The residual stream [B, S, D] between blocks.
@@ -234,6 +349,8 @@ def embed_tokens(params, tokens_BS, cfg: TransformerConfig):
     # vocabulary and one all-reduce combines them (a gather from a sharded table is replicated whole).
     onehot_BSV = constrain(jax.nn.one_hot(tokens_BS, cfg.vocab, dtype=dtype), ("batch", "act_seq", "act_vocab"))
     embedded_BSD = project("bsv,vd->bsd", onehot_BSV, params["embed"], x_grad=False, grad_dtype=cfg.grad_dtype)
+    if cfg.embed_scale:  # Gemma: by sqrt(d_model) rounded to the compute dtype, as Gemma's own code does
+        embedded_BSD = embedded_BSD * jnp.asarray(math.sqrt(cfg.d_model), dtype)
     return constrain(embedded_BSD, ACT_LOGICAL)
 
 
@@ -241,11 +358,11 @@ def run_layers(layers, x_BSD, cfg: TransformerConfig):
     """Applies a stack of layers (every leaf has a leading layer axis, of any length) with ``lax.scan``."""
     dtype = jnp.dtype(cfg.dtype)
 
-    def block(x_BSD, layer):
+    def block(x_BSD, layer_i):
+        layer, i = layer_i
         # Weights stay f32 here: `project` casts them (norm scales are cast by rms_norm).
-        x_BSD = x_BSD + attention(rms_norm(x_BSD, layer["attn_norm"]), layer, cfg)
-        x_BSD = x_BSD + mlp(rms_norm(x_BSD, layer["mlp_norm"]), layer, cfg)
-        return constrain(x_BSD, ACT_LOGICAL), None
+        local = is_local(i, cfg)
+        return residual_block(x_BSD, layer, cfg, lambda h: (attention(h, layer, cfg, local), None))
 
     if cfg.remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
@@ -253,14 +370,38 @@ def run_layers(layers, x_BSD, cfg: TransformerConfig):
     # a small model's step is 10-28 % faster (benchmarks/README.md). But XLA then keeps each
     # FSDP-gathered weight from the forward for the backward instead of gathering it again, so the
     # whole model's weights can be resident at once, which FSDP is there to avoid: resolve_execution.
-    x_BSD, _ = jax.lax.scan(block, x_BSD.astype(dtype), layers, unroll=cfg.layer_loop == "unroll")
+    x_BSD, _ = jax.lax.scan(block, x_BSD.astype(dtype), (layers, layer_indices(layers, cfg)),
+                            unroll=cfg.layer_loop == "unroll")
     return x_BSD
+
+
+def layer_indices(layers, cfg: TransformerConfig):
+    """Each layer's index, for the layers that differ by it (``global_every``), else None (one
+    compiled body serves every layer alike).
+
+    Raises:
+      ModelError: local and global layers in a stack other than the whole model (a pipeline stage
+        sees its own layers only, and not which they are).
+    """
+    if not cfg.global_every:
+        return None
+    n = jax.tree.leaves(layers)[0].shape[0]
+    if n != cfg.layers:
+        raise ModelError(f"global_every={cfg.global_every} (local and global layers) runs the whole stack of "
+                         f"layers={cfg.layers} at once, not {n}; it cannot be pipelined yet", subject="global_every",
+                         value=cfg.global_every)
+    return jnp.arange(n)
 
 
 def output_logits(params, x_BSD, cfg: TransformerConfig):
     """Final norm and unembedding: [B, S, D] -> f32 logits [B, S, V]."""
-    x_BSD = rms_norm(x_BSD, params["final_norm"])
-    logits_BSV = project("bsd,dv->bsv", x_BSD, params["unembed"], jnp.float32, grad_dtype=cfg.grad_dtype)
+    x_BSD = norm(x_BSD, params["final_norm"], cfg)
+    if cfg.tie_embed:
+        logits_BSV = project("bsd,vd->bsv", x_BSD, params["embed"], jnp.float32, grad_dtype=cfg.grad_dtype)
+    else:
+        logits_BSV = project("bsd,dv->bsv", x_BSD, params["unembed"], jnp.float32, grad_dtype=cfg.grad_dtype)
+    if cfg.final_softcap:
+        logits_BSV = cfg.final_softcap * jnp.tanh(logits_BSV / cfg.final_softcap)
     return constrain(logits_BSV, ("batch", "act_seq", "act_vocab"))
 
 

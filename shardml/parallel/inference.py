@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from shardml.core.errors import DataError, LayoutError, SettingError
+from shardml.core.errors import DataError, LayoutError, ModelError, SettingError
+from shardml.core.model import Model
 from shardml.core.sharding import Rules, batch_sharding, tree_shardings, use_rules
 from shardml.models.transformer_decode import KV_CACHE_LOGICAL, decode_step, prefill
 from shardml.models.transformer_layers import TransformerConfig
@@ -495,7 +496,7 @@ def _run_timed(prefill_exe, decode_exe, params, placed: _Placed, mesh) -> dict:
             "cache_bytes_per_device": cache_bytes}
 
 
-def generate(cfg: TransformerConfig, params: Any, prompts: Sequence[Sequence[int]], *, mesh, rules: Rules | None = None,
+def generate(cfg: TransformerConfig | Model, params: Any, prompts: Sequence[Sequence[int]], *, mesh, rules: Rules | None = None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens: Sequence[int] = (), context: int | None = None) -> Generation:
     """Decodes continuations of many prompts of different lengths at once with a sharded KV cache.
@@ -509,7 +510,8 @@ def generate(cfg: TransformerConfig, params: Any, prompts: Sequence[Sequence[int
     layout as a plain forward pass over the whole sequence at each step.
 
     Args:
-      cfg: the transformer's config (the reference :func:`shardml.transformer`).
+      cfg: the transformer's config, or the transformer itself (:func:`shardml.transformer`,
+        :func:`shardml.load_hf`).
       params: its parameters, placed by a trainer on ``mesh`` (``trainer.natural(params)``).
       prompts: token ids, one sequence per prompt.
       rules: logical -> mesh axes (default :meth:`Rules.default`); ``mesh`` needs pipeline=1.
@@ -522,6 +524,10 @@ def generate(cfg: TransformerConfig, params: Any, prompts: Sequence[Sequence[int
       LayoutError: a mesh with a pipeline or members axis (:func:`check_decoding_mesh`).
     """
     rules = rules or Rules.default()
+    cfg = cfg.config if isinstance(cfg, Model) else cfg
+    if not isinstance(cfg, TransformerConfig):
+        raise ModelError("generate decodes transformers (shardml.transformer, shardml.load_hf); this model has no "
+                         "TransformerConfig", subject="model", value=None)
     check_generation([len(p) for p in prompts], max_new_tokens, context)
     check_sampling(temperature, top_k, top_p, stop_tokens)
     check_decoding_mesh(mesh)
