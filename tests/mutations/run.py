@@ -11,16 +11,21 @@ than once is reported as not applicable, to be re-anchored in mutations.py, neve
     python tests/mutations/run.py -k pbt -k fedopt   # those whose id contains one of the words
     python tests/mutations/run.py --list          # the ids, areas and where each snippet is now
     python tests/mutations/run.py --baseline      # also run each selection unmutated first
+    python tests/mutations/run.py --jobs 1        # one bug at a time (default: one per core, at most 4)
 
 The JAX compilation cache (``JAX_COMPILATION_CACHE_DIR``, one temporary directory when unset) is
-shared by every pytest process, so a program that a mutation does not touch compiles once.
+shared by every pytest process, so a program that a mutation does not touch compiles once. Each job
+plants its bugs in its own copy of the checkout; most of a mutation's time is XLA compiling on one
+thread, so two jobs on two cores take about half the time of one.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import os
+import queue
 import shlex
 import shutil
 import subprocess
@@ -108,6 +113,27 @@ def check(mutation: Mutation, copy: Path, sources: dict[Path, str], timeout: flo
     return Outcome(mutation, status, f"{path}: {detail}", time.perf_counter() - start)
 
 
+def check_all(chosen: list[Mutation], tmp: Path, sources: dict[Path, str], args) -> list[Outcome]:
+    """Every chosen bug checked, ``args.jobs`` at a time, each job borrowing a copy of the checkout."""
+    copies: queue.Queue[Path] = queue.Queue()
+    for j in range(max(1, min(args.jobs, len(chosen)))):
+        copy_checkout(tmp / f"checkout-{j}")
+        copies.put(tmp / f"checkout-{j}")
+    done = iter(range(1, len(chosen) + 1))
+
+    def one(mutation: Mutation) -> Outcome:
+        copy = copies.get()
+        try:
+            outcome = check(mutation, copy, sources, args.timeout, args.baseline)
+        finally:
+            copies.put(copy)
+        print(f"[{next(done)}/{len(chosen)}] {outcome.status:<10} {mutation.id} ({outcome.seconds:.0f} s)", flush=True)
+        return outcome
+
+    with concurrent.futures.ThreadPoolExecutor(copies.qsize()) as pool:
+        return list(pool.map(one, chosen))
+
+
 def report(outcomes: list[Outcome], seconds: float) -> bool:
     table: dict[str, Counter] = defaultdict(Counter)
     for o in outcomes:
@@ -138,6 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutations and where they apply, run nothing")
     parser.add_argument("--baseline", action="store_true", help="first check each selection passes unmutated")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest process")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                        help="bugs checked at once, each in its own copy of the checkout")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.k or any(k in m.id for k in args.k)]
     duplicates = [i for i, n in Counter(m.id for m in MUTATIONS).items() if n > 1]
@@ -152,14 +180,8 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="shardml-mutations-jax-cache-"))
     start = time.perf_counter()
-    outcomes = []
     with tempfile.TemporaryDirectory(prefix="shardml-mutations-") as tmp:
-        copy = Path(tmp) / "checkout"
-        copy_checkout(copy)
-        for i, mutation in enumerate(chosen, 1):
-            outcome = check(mutation, copy, sources, args.timeout, args.baseline)
-            outcomes.append(outcome)
-            print(f"[{i}/{len(chosen)}] {outcome.status:<10} {mutation.id} ({outcome.seconds:.0f} s)", flush=True)
+        outcomes = check_all(chosen, Path(tmp), sources, args)
     return 0 if report(outcomes, time.perf_counter() - start) else 1
 
 
