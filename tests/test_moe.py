@@ -8,9 +8,11 @@ import optax
 import pytest
 
 from shardml.core.errors import LayoutError, ModelError
+from shardml.core.losses import token_cross_entropy
 from shardml.core.mesh import make_mesh
 from shardml.core.model import init_params
 from shardml.core.step import build_trainer
+from shardml.core.strategy import model_sums
 from shardml.models.transformer import TransformerConfig, transformer
 from shardml.models.transformer_layers import feed_forward, transformer_specs
 from shardml.models.transformer_moe import aux_sums, route
@@ -40,11 +42,11 @@ def case(request):
     params = init_params(transformer_specs(cfg), jax.random.key(0))
     layer = jax.tree.map(lambda w: w[0], params["layers"])
     h = jax.random.normal(jax.random.key(1), (3, 5, cfg.d_model))
-    return cfg, layer, h
+    return cfg, layer, h, params
 
 
 def test_moe_layer_equals_dense_loop_values_and_gradients(case):
-    cfg, layer, h = case
+    cfg, layer, h = case[:3]
     ours = jax.jit(lambda layer, h: feed_forward(h, layer, cfg)[0])
     np.testing.assert_allclose(ours(layer, h), dense_reference(h, layer, cfg), atol=1e-5, rtol=1e-5)
 
@@ -59,7 +61,7 @@ def test_moe_layer_equals_dense_loop_values_and_gradients(case):
 
 
 def test_routing_counts_and_aux_losses_by_hand(case):
-    cfg, layer, h = case
+    cfg, layer, h = case[:3]
     B, S, _ = h.shape
     logits, scores, expert, gates = route(h.reshape(B * S, -1), layer["router"], cfg)
     x = np.asarray(h, np.float64).reshape(B * S, -1)
@@ -108,3 +110,23 @@ def test_expert_layouts_equal_one_device_loss_and_gradients():
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=f"{sizes} {name}")
         for g, w in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):  # sgd(1): params - gradients
             np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=str(sizes))
+
+
+def test_the_weighted_aux_losses_are_added_to_the_loss_sums(case):
+    cfg, params = case[0], case[3]
+    if cfg.moe_gate != "softmax":
+        pytest.skip("one gate is enough for the plumbing")
+    model = transformer(cfg, 8)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab, (2, 9)))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def both(params):
+        logits, extra = model.outputs_and_sums(params, batch["inputs"])
+        return token_cross_entropy(logits, batch), extra, model_sums(model, token_cross_entropy)(params, batch)
+
+    plain, extra, sums = jax.jit(both)(params)
+    assert set(extra) == {"loss", "moe_aux", "moe_z"}
+    np.testing.assert_allclose(extra["loss"], cfg.aux_loss_weight * extra["moe_aux"] + cfg.z_loss_weight
+                               * extra["moe_z"], rtol=1e-6)
+    np.testing.assert_allclose(sums["loss"], plain["loss"] + extra["loss"], rtol=1e-6)
+    np.testing.assert_allclose(sums["moe_aux"] / sums["count"], extra["moe_aux"] / 16, rtol=1e-6)
