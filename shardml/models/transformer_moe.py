@@ -11,9 +11,11 @@ A = T x top_k (token, choice) pairs and T = B x S tokens.
     out_BSD, (aux_sum, z_sum) = moe_ffn(h_BSD, layer, cfg, act=jax.nn.silu)
 
 Expert parallelism: the expert weights' leading dimension is the logical axis ``experts``
-(``expert`` in the default rules); the products run inside a ``shard_map`` over the batch axes and
-``expert``, where each device sends every expert shard its tokens with one ``all_to_all``, runs its
-own experts on what it received, and sends the results back with a second one.
+(``expert`` in the default rules, which also split the batch over ``expert``), and the partitioner
+(GSPMD) places the dispatch and the products. On XLA:CPU (JAX 0.10.2) it does so with
+all-gathers and all-reduces over ``expert`` (``shardml plan`` lists them), not with the two
+all-to-alls of a hand-written ``shard_map`` dispatch: exact on every layout, not yet the
+communication-optimal form.
 """
 
 from __future__ import annotations
