@@ -18,8 +18,8 @@ from shardml.core.sharding import Rules
 
 def test_mesh_axes_in_canonical_order_and_fill():
     mesh = make_mesh({"fsdp": 2, "data": -1})
-    assert mesh.axis_names == ("members", "pipeline", "data", "fsdp", "tensor")
-    assert dict(mesh.shape) == {"members": 1, "pipeline": 1, "data": 4, "fsdp": 2, "tensor": 1}
+    assert mesh.axis_names == ("members", "pipeline", "data", "fsdp", "expert", "tensor")
+    assert dict(mesh.shape) == {"members": 1, "pipeline": 1, "data": 4, "fsdp": 2, "expert": 1, "tensor": 1}
     assert layout_name(mesh.shape) == "data=4 x fsdp=2"
 
 
@@ -73,7 +73,7 @@ def test_deadlock_guard_sets_flag_and_pool_but_keeps_user_settings(monkeypatch):
 def test_rules_map_logical_names_and_reject_reuse():
     rules = Rules.default()
     assert rules.spec(("embed", "mlp")) == P("fsdp", "tensor")
-    assert rules.spec(("batch", None)) == P(("data", "fsdp"), None)
+    assert rules.spec(("batch", None)) == P(("data", "fsdp", "expert"), None)
     with pytest.raises(LayoutError, match="mesh axis 'tensor' is mapped from both 'heads' and 'mlp'"):
         rules.spec(("heads", "mlp"))
     with pytest.raises(ModelError, match=r"logical axis 'embd' has no sharding rule.*replace\(embd='tensor'\)"):

@@ -111,7 +111,7 @@ def test_workers_tokenise_bpe_and_deliver_the_batches_of_the_source(bpe_text, mo
         feeder.start(2)
         for step in range(2, 5):
             batch = feeder.get(step)
-            assert isinstance(batch["inputs"], jax.Array) and batch["inputs"].sharding.spec[0] == ("data", "fsdp")
+            assert isinstance(batch["inputs"], jax.Array) and batch["inputs"].sharding.spec[0] == Rules.default().spec(("batch",))[0]
             assert_bitwise_equal(host(batch), expected[step], f"step {step} from 2 workers vs source.batch")
     finally:
         feeder.close()

@@ -127,6 +127,9 @@ class Model:
       compute_dtype: the dtype its matmuls run in (the peak MFU is measured against).
       config: the settings it was built from, for what needs more than ``apply`` (the
         transformer's ``TransformerConfig``: KV-cache decoding, export to Hugging Face); or None.
+      apply_sums: ``apply_sums(params, inputs) -> (outputs, sums)`` where the model adds sums of
+        its own to the loss's (a mixture of experts' auxiliary losses: ``sums["loss"]`` is added to
+        the loss, the others are reported); None: ``apply``, nothing added.
     """
 
     init: Callable[[jax.Array], Any]
@@ -139,6 +142,7 @@ class Model:
     name: str = "model"
     compute_dtype: str = "float32"
     config: Any = None
+    apply_sums: Callable[..., tuple[Any, dict]] | None = None
 
     @functools.cached_property
     def abstract_params(self) -> Any:
@@ -151,6 +155,12 @@ class Model:
 
     def __call__(self, params: Any, inputs: Any, *, rng: jax.Array | None = None) -> Any:
         return self.apply(params, inputs, rng=rng) if self.uses_rng else self.apply(params, inputs)
+
+    def outputs_and_sums(self, params: Any, inputs: Any, *, rng: jax.Array | None = None) -> tuple[Any, dict]:
+        """``(outputs, sums)``: the outputs and what the model adds to the loss sums (``{}`` for most)."""
+        if self.apply_sums is None:
+            return self(params, inputs, rng=rng), {}
+        return self.apply_sums(params, inputs, rng=rng) if self.uses_rng else self.apply_sums(params, inputs)
 
 
 def logical_axes(specs: Any) -> Any:

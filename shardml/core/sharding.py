@@ -29,9 +29,11 @@ from shardml.core.errors import LayoutError, ModelError
 # Parameters: "embed" is the model dimension of weights (ZeRO-3 shards it over fsdp); heads, mlp and
 # vocab are the Megatron dimensions; the stacked "layers" axis is cut into pipeline stages (a no-op
 # on meshes without a pipeline axis). Activations: the batch is split over every batch-parallel axis;
-# "act_*" names are the activation twins of the weight dimensions.
+# "act_*" names are the activation twins of the weight dimensions. The experts of a mixture-of-experts
+# layer are split over ``expert``, which outside those layers is one more batch axis (each device
+# holds its tokens and 1/expert of the experts; the tokens travel to their experts and back).
 DEFAULT_RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "members": "members",
     "layers": "pipeline",
     "repeats": None,
@@ -41,6 +43,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    "experts": "expert",
     "norm": None,
     "classes": None,
     "act_seq": None,

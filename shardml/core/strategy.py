@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from shardml.core.losses import Loss, Sums, check_sums
 
@@ -47,7 +48,8 @@ def model_sums(model, loss: Loss) -> Callable[..., Sums]:
 
     def sums(params, batch, rng_rows=None):
         keys = None if rng_rows is None else jax.random.wrap_key_data(rng_rows)
-        outputs = model(params, batch["inputs"], rng=keys)
-        return check_sums(loss(outputs, batch))
+        outputs, extra = model.outputs_and_sums(params, batch["inputs"], rng=keys)
+        sums = check_sums(loss(outputs, batch))
+        return sums | {k: sums.get(k, 0.0) + jnp.asarray(v, jnp.float32) for k, v in extra.items()}
 
     return sums

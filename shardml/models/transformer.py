@@ -53,6 +53,7 @@ from shardml.models.transformer_layers import (  # noqa: F401
     rotary,
     run_layers,
     transformer_apply,
+    transformer_apply_sums,
     transformer_specs,
 )
 
@@ -77,7 +78,8 @@ def transformer(cfg: TransformerConfig, seq_len: int) -> Model:
         apply=functools.partial(transformer_apply, cfg=cfg),
         flops_per_example=transformer_flops_per_token(cfg, seq_len) * seq_len,
         tokens_per_example=seq_len,
-        stages=Stages(
+        # The experts' auxiliary losses are not carried between pipeline stages (yet): no stages.
+        stages=None if cfg.experts else Stages(
             embed=functools.partial(embed_tokens, cfg=cfg),
             layers=functools.partial(run_layers, cfg=cfg),
             head=functools.partial(output_logits, cfg=cfg),
@@ -85,6 +87,7 @@ def transformer(cfg: TransformerConfig, seq_len: int) -> Model:
         name="transformer",
         compute_dtype=cfg.dtype,
         config=cfg,
+        apply_sums=functools.partial(transformer_apply_sums, cfg=cfg) if cfg.experts else None,
     )
 
 

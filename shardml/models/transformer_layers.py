@@ -29,6 +29,7 @@ from shardml.core.errors import ModelError
 from shardml.core.model import ParamSpec
 from shardml.core.settings import check_settings, setting
 from shardml.core.sharding import constrain
+from shardml.models.transformer_moe import GATES, check_moe, moe_ffn
 
 # none: keep every activation; full: recompute the whole layer in the backward; dots: keep matmul
 # outputs, recompute the rest. On XLA:CPU which is faster depends on the layout (benchmarks/README.md).
@@ -98,6 +99,15 @@ class TransformerConfig:
     query_scale: float = setting(0.0, minimum=0.0, hint="0: scores scaled by 1/sqrt(head_dim); s: by 1/sqrt(s)")
     attn_softcap: float = setting(0.0, minimum=0.0, hint="0: none; c: scores = c tanh(scores / c)")
     final_softcap: float = setting(0.0, minimum=0.0, hint="0: none; c: logits = c tanh(logits / c)")
+    # Mixture of experts (shardml.models.transformer_moe): experts > 0 replaces each layer's MLP.
+    experts: int = setting(0, minimum=0, hint="0: a dense MLP; n: n experts per layer")
+    top_k: int = setting(2, minimum=1, hint="experts each token is sent to")
+    moe_gate: str = setting("softmax", choices=GATES)
+    norm_topk: bool = True  # the top-k gates renormalised to sum to 1 (Mixtral; Qwen1.5-MoE does not)
+    expert_d_ff: int = setting(0, minimum=0, hint="0 means d_ff")
+    shared_experts: int = setting(0, minimum=0, hint="experts every token also passes through (DeepSeek, Qwen-MoE)")
+    aux_loss_weight: float = setting(0.01, minimum=0.0, hint="weight of the load-balancing loss in the loss")
+    z_loss_weight: float = setting(0.001, minimum=0.0, hint="weight of the router z-loss in the loss")
 
 
 def check_transformer(cfg: TransformerConfig) -> None:
@@ -110,6 +120,7 @@ def check_transformer(cfg: TransformerConfig) -> None:
         ``heads``, or an odd head dimension; ``subject`` is the setting to change.
     """
     check_settings(cfg)
+    check_moe(cfg)
     kv = cfg.kv_heads or cfg.heads
     if cfg.d_model % cfg.heads and not cfg.head_dim:
         raise ModelError(f"d_model={cfg.d_model} is not divisible by heads={cfg.heads}; "
@@ -145,10 +156,8 @@ def transformer_specs(cfg: TransformerConfig) -> dict:
         "wo": ParamSpec((L, H, E, D), ("layers", "heads", "head_dim", "embed"), fan_in_dims=(1, 2),
                         scale=out_scale),
         "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
-        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
-        "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
-        "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), fan_in_dims=(1,), scale=out_scale),
     }
+    layers |= mlp_specs(cfg, out_scale)
     if cfg.qkv_bias:
         layers |= {"bq": ParamSpec((L, H, E), ("layers", "heads", "head_dim"), "zeros"),
                    "bk": ParamSpec((L, K, E), ("layers", "kv_heads", "head_dim"), "zeros"),
@@ -163,6 +172,30 @@ def transformer_specs(cfg: TransformerConfig) -> dict:
              "final_norm": ParamSpec((D,), ("norm",), "ones")}
     if not cfg.tie_embed:
         specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), fan_in_dims=(0,))
+    return specs
+
+
+def mlp_specs(cfg: TransformerConfig, out_scale: float) -> dict:
+    """The feed-forward's weights: the dense MLP's, or the router, the experts' (stacked on an
+    ``experts`` axis) and the shared experts' (a dense MLP of shared_experts x expert_d_ff)."""
+    L, D, F, N = cfg.layers, cfg.d_model, cfg.d_ff, cfg.experts
+
+    def dense(prefix, width):
+        return {f"{prefix}gate": ParamSpec((L, D, width), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
+                f"{prefix}up": ParamSpec((L, D, width), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
+                f"{prefix}down": ParamSpec((L, width, D), ("layers", "mlp", "embed"), fan_in_dims=(1,),
+                                           scale=out_scale)}
+
+    if not N:
+        return dense("w_", F)
+    Fe = cfg.expert_d_ff or F
+    specs = {"router": ParamSpec((L, D, N), ("layers", "embed", None), fan_in_dims=(1,)),
+             "we_gate": ParamSpec((L, N, D, Fe), ("layers", "experts", "embed", "mlp"), fan_in_dims=(2,)),
+             "we_up": ParamSpec((L, N, D, Fe), ("layers", "experts", "embed", "mlp"), fan_in_dims=(2,)),
+             "we_down": ParamSpec((L, N, Fe, D), ("layers", "experts", "mlp", "embed"), fan_in_dims=(2,),
+                                  scale=out_scale)}
+    if cfg.shared_experts:
+        specs |= dense("ws_", cfg.shared_experts * Fe)
     return specs
 
 
@@ -319,15 +352,34 @@ def attention(h_BSD, layer, cfg: TransformerConfig, local=True):
 def residual_block(x_BSD, layer, cfg: TransformerConfig, attend_fn):
     """One layer around its attention ``attend_fn(normed x) -> (out, aux)``: the residual adds of
     attention and MLP after their pre-norms (and with ``post_norms`` Gemma's norms of each output).
-    Returns ``(x, aux)``; training and decoding share it."""
+    Returns ``(x, aux)``; decoding uses it (training: :func:`residual_block_sums`)."""
+    x_BSD, aux, _ = residual_block_sums(x_BSD, layer, cfg, attend_fn)
+    return x_BSD, aux
+
+
+def residual_block_sums(x_BSD, layer, cfg: TransformerConfig, attend_fn):
+    """:func:`residual_block` that also returns the feed-forward's auxiliary-loss sums
+    (:func:`feed_forward`): ``(x, aux, sums)``."""
     attended_BSD, aux = attend_fn(norm(x_BSD, layer["attn_norm"], cfg))
     if cfg.post_norms:
         attended_BSD = norm(attended_BSD, layer["attn_post_norm"], cfg)
     x_BSD = x_BSD + attended_BSD
-    mlp_BSD = mlp(norm(x_BSD, layer["mlp_norm"], cfg), layer, cfg)
+    mlp_BSD, sums = feed_forward(norm(x_BSD, layer["mlp_norm"], cfg), layer, cfg)
     if cfg.post_norms:
         mlp_BSD = norm(mlp_BSD, layer["mlp_post_norm"], cfg)
-    return constrain(x_BSD + mlp_BSD, ACT_LOGICAL), aux
+    return constrain(x_BSD + mlp_BSD, ACT_LOGICAL), aux, sums
+
+
+def feed_forward(h_BSD, layer, cfg: TransformerConfig):
+    """The MLP, or with ``experts`` the experts (plus the shared ones): ``(out, (aux_sum, z_sum))``,
+    the two f32 sums of :func:`~shardml.models.transformer_moe.aux_sums` (zeros for the MLP)."""
+    if not cfg.experts:
+        return mlp(h_BSD, layer, cfg), (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    out_BSD, sums = moe_ffn(h_BSD, layer, cfg, MLP_ACTIVATIONS[cfg.mlp_act])
+    if cfg.shared_experts:
+        shared = {"w_gate": layer["ws_gate"], "w_up": layer["ws_up"], "w_down": layer["ws_down"]}
+        out_BSD = out_BSD + mlp(h_BSD, shared, cfg)
+    return out_BSD, sums
 
 
 def mlp(h_BSD, layer, cfg: TransformerConfig):
@@ -356,13 +408,19 @@ def embed_tokens(params, tokens_BS, cfg: TransformerConfig):
 
 def run_layers(layers, x_BSD, cfg: TransformerConfig):
     """Applies a stack of layers (every leaf has a leading layer axis, of any length) with ``lax.scan``."""
+    return run_layers_sums(layers, x_BSD, cfg)[0]
+
+
+def run_layers_sums(layers, x_BSD, cfg: TransformerConfig):
+    """:func:`run_layers` that also returns the auxiliary-loss sums of every layer: ``(x, (aux_L, z_L))``."""
     dtype = jnp.dtype(cfg.dtype)
 
     def block(x_BSD, layer_i):
         layer, i = layer_i
         # Weights stay f32 here: `project` casts them (norm scales are cast by rms_norm).
         local = is_local(i, cfg)
-        return residual_block(x_BSD, layer, cfg, lambda h: (attention(h, layer, cfg, local), None))
+        x_BSD, _, sums = residual_block_sums(x_BSD, layer, cfg, lambda h: (attention(h, layer, cfg, local), None))
+        return x_BSD, sums
 
     if cfg.remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
@@ -370,9 +428,8 @@ def run_layers(layers, x_BSD, cfg: TransformerConfig):
     # a small model's step is 10-28 % faster (benchmarks/README.md). But XLA then keeps each
     # FSDP-gathered weight from the forward for the backward instead of gathering it again, so the
     # whole model's weights can be resident at once, which FSDP is there to avoid: resolve_execution.
-    x_BSD, _ = jax.lax.scan(block, x_BSD.astype(dtype), (layers, layer_indices(layers, cfg)),
-                            unroll=cfg.layer_loop == "unroll")
-    return x_BSD
+    return jax.lax.scan(block, x_BSD.astype(dtype), (layers, layer_indices(layers, cfg)),
+                        unroll=cfg.layer_loop == "unroll")
 
 
 def layer_indices(layers, cfg: TransformerConfig):
@@ -406,6 +463,17 @@ def output_logits(params, x_BSD, cfg: TransformerConfig):
 
 
 def transformer_apply(params, tokens_BS, cfg: TransformerConfig):
+    return transformer_apply_sums(params, tokens_BS, cfg)[0]
+
+
+def transformer_apply_sums(params, tokens_BS, cfg: TransformerConfig):
+    """Logits and the sums the experts add to the loss sums (``{}`` without experts): ``loss``
+    (the two auxiliary losses by their weights), ``moe_aux`` and ``moe_z`` (each the mean over
+    the layers; divided by the token count, the means the step reports)."""
     x_BSD = embed_tokens(params, tokens_BS, cfg)
-    x_BSD = run_layers(params["layers"], x_BSD, cfg)
-    return output_logits(params, x_BSD, cfg)
+    x_BSD, (aux_L, z_L) = run_layers_sums(params["layers"], x_BSD, cfg)
+    logits_BSV = output_logits(params, x_BSD, cfg)
+    if not cfg.experts:
+        return logits_BSV, {}
+    aux, z = jnp.mean(aux_L), jnp.mean(z_L)
+    return logits_BSV, {"loss": cfg.aux_loss_weight * aux + cfg.z_loss_weight * z, "moe_aux": aux, "moe_z": z}

@@ -54,6 +54,9 @@ SWEEP_VALUES = f"{API}::test_sweep_values_are_refused_like_single_values"
 MEMBER_ALONE = f"{API}::test_a_member_s_overrides_train_it_alone_on_the_same_devices"
 HF = "tests/test_hf.py"
 HF_LOGITS = f"{HF}::test_logits_equal_transformers_on_data_fsdp_tensor"
+MOE = "tests/test_moe.py"
+MOE_DENSE = f"{MOE}::test_moe_layer_equals_dense_loop_values_and_gradients"
+MOE_HAND = f"{MOE}::test_routing_counts_and_aux_losses_by_hand"
 
 M = Mutation
 MUTATIONS: list[Mutation] = [
@@ -354,4 +357,17 @@ MUTATIONS: list[Mutation] = [
       "else (space.low, space.high):", "else (space.low,):", (SWEEP_VALUES,)),
     M("member-mesh-not-folded", "run", "a member's overrides keep the population's data size: the mesh covers "
       "fewer devices", '"data": sizes["data"] * sizes["members"]}', '"data": sizes["data"]}', (MEMBER_ALONE,)),
+    # ------------------------------------------------------------------ models: mixture of experts
+    M("moe-gates-not-renormalised", "models", "the top-k gates are not renormalised to sum to 1",
+      "top_TK = top_TK / jnp.sum(top_TK, axis=-1, keepdims=True)", "top_TK = top_TK", (MOE_DENSE,)),
+    M("moe-aux-without-e", "models", "the load-balancing loss misses its factor of the expert count",
+      "balance_B = experts * jnp.sum(", "balance_B = jnp.sum(", (MOE_HAND,)),
+    M("moe-rows-to-wrong-experts", "models", "the sort puts rows in the wrong expert order for the group sizes",
+      "order_A = jnp.argsort(flat_A, stable=True)", "order_A = jnp.argsort(-flat_A, stable=True)", (MOE_DENSE,)),
+    M("moe-experts-replicated", "core", "expert weights are replicated instead of split over the expert axis",
+      '"experts": "expert",', '"experts": None,', (f"{MOE}::test_bad_moe_input_is_a_clear_error_before_compiling",)),
+    M("moe-aux-not-in-loss", "core", "the model's auxiliary loss sums are reported but not added to the loss",
+      "sums | {k: sums.get(k, 0.0) + jnp.asarray(v, jnp.float32) for k, v in extra.items()}",
+      "{k: jnp.asarray(v, jnp.float32) for k, v in extra.items() if k != 'loss'} | sums",
+      (f"{MOE}::test_the_weighted_aux_losses_are_added_to_the_loss_sums",)),
 ]
