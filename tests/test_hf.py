@@ -22,6 +22,7 @@ import optax
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import shardml
@@ -128,6 +129,15 @@ def test_a_sharded_bf16_checkpoint_loads_as_its_weights(tmp_path):
     assert os.path.isfile(tmp_path / "model.safetensors.index.json") and len(list(tmp_path.glob("*.safetensors"))) > 2
     model, params = shardml.load_hf(str(tmp_path), mesh=make_mesh(LAYOUT))
     assert_close(jax.jit(model.apply)(params, TOKENS), hf_logits(reference, TOKENS), "bf16 sharded qwen3")
+    # exported as it came: bf16 weights, the checkpoint's own context length (Qwen3's 32768, not a default)
+    shardml.save_hf(model, params, str(tmp_path / "out"))
+    hf = json.loads((tmp_path / "out" / "config.json").read_text())
+    want = reference.config.max_position_embeddings
+    assert (hf["dtype"], hf["torch_dtype"], hf["max_position_embeddings"]) == ("bfloat16", "bfloat16", want), hf
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "numpy") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert_close(hf_logits(exported.eval(), TOKENS), hf_logits(reference, TOKENS), "bf16 qwen3 exported")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3"])
