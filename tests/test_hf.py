@@ -316,3 +316,25 @@ def test_loading_onto_fsdp8_stages_at_most_the_largest_tensor_plus_one_share(tmp
         tracemalloc.stop()
     bound = 1.2 * (largest + total / 8)
     assert peak <= bound, f"loading staged {peak / 2**20:.1f} MiB on the host, over {bound / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("family", ["gemma2", pytest.param("gemma3", marks=pytest.mark.slow)])
+def test_local_and_global_layers_train_on_a_pipeline_as_torch(checkpoints, family):
+    """Gemma's alternating local (windowed) and global layers cut into pipeline stages: stage 1
+    holds the global layer and must know it. One SGD step on pipeline=2 x data=4 equals
+    torch.optim.SGD's step (its loss, and the logits of the updated weights)."""
+    directory, reference = checkpoints[family]
+    mesh = make_mesh({"pipeline": 2, "data": 4})
+    model, params = shardml.load_hf(directory, mesh=mesh)
+    trainer = shardml.build_trainer(model, mesh, optax.sgd(0.5))
+    state = dataclasses.replace(trainer.init(), params=params)
+    # no token 0: Gemma's pad_token_id, whose embedding row torch's padding_idx leaves untrained
+    tokens = np.random.default_rng(7).integers(1, 128, (8, 9))
+    state, metrics = trainer.step(state, trainer.put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}))
+    logits = hf_logits(reference, tokens[:, :-1])
+    want = torch.nn.functional.cross_entropy(torch.tensor(logits).reshape(-1, 128),
+                                             torch.tensor(tokens[:, 1:]).reshape(-1)).item()
+    assert abs(float(metrics["loss"]) - want) < 1e-4 * want, f"{family} pipelined loss {metrics['loss']} vs {want}"
+    moved = _torch_sgd(copy.deepcopy(reference), [tokens], 0.5)
+    trained = jax.device_put(trainer.natural(state.params), jax.devices()[0])
+    assert_close(jax.jit(model.apply)(trained, TOKENS), hf_logits(moved, TOKENS), f"{family} after a pipelined step")
