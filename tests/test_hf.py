@@ -49,11 +49,11 @@ TOKENS = np.random.default_rng(0).integers(0, 128, (2, 12))
 LAYOUT = {"data": 2, "fsdp": 2, "tensor": 2}
 
 
-def hf_model(family: str, seed: int = 0):
+def hf_model(family: str, seed: int = 0, **changes):
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     # eager attention: the only one of transformers' that soft-caps Gemma 2's scores
-    config = getattr(transformers, config_cls)(**COMMON, **extra, attn_implementation="eager")
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **changes}, attn_implementation="eager")
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -318,15 +318,25 @@ def test_loading_onto_fsdp8_stages_at_most_the_largest_tensor_plus_one_share(tmp
     assert peak <= bound, f"loading staged {peak / 2**20:.1f} MiB on the host, over {bound / 2**20:.1f} MiB"
 
 
-@pytest.mark.parametrize("family", ["gemma2", pytest.param("gemma3", marks=pytest.mark.slow)])
-def test_local_and_global_layers_train_on_a_pipeline_as_torch(checkpoints, family):
+@pytest.mark.parametrize("family, schedule", [("gemma2", None), pytest.param("gemma3", None, marks=pytest.mark.slow),
+                                              pytest.param("gemma3-4", "circular", marks=pytest.mark.slow)])
+def test_local_and_global_layers_train_on_a_pipeline_as_torch(checkpoints, family, schedule, tmp_path):
     """Gemma's alternating local (windowed) and global layers cut into pipeline stages: stage 1
-    holds the global layer and must know it. One SGD step on pipeline=2 x data=4 equals
-    torch.optim.SGD's step (its loss, and the logits of the updated weights)."""
-    directory, reference = checkpoints[family]
+    holds the global layer and must know it (circular: 4 layers dealt round-robin, 2 chunks per
+    stage, the last layer global: chunk 1 of stage 1). One SGD step on pipeline=2 x data=4 equals torch.optim.SGD's step (its loss, and the
+    logits of the updated weights)."""
+    if family == "gemma3-4":  # four layers, every fourth global
+        reference = hf_model("gemma3", num_hidden_layers=4, layer_types=["sliding_attention"] * 3 + ["full_attention"])
+        reference.save_pretrained(tmp_path)
+        directory = str(tmp_path)
+    else:
+        directory, reference = checkpoints[family]
     mesh = make_mesh({"pipeline": 2, "data": 4})
     model, params = shardml.load_hf(directory, mesh=mesh)
-    trainer = shardml.build_trainer(model, mesh, optax.sgd(0.5))
+    pipe = schedule and shardml.Schedule(schedule, stages=2, microbatches=2, repeats=2)
+    trainer = shardml.build_trainer(model, mesh, optax.sgd(0.5), schedule=pipe)
+    # a circular pipeline stores the layers regrouped [repeats, layers / repeats, ...]
+    params = jax.device_put(trainer.strategy.layout(params), trainer.state_shardings.params)
     state = dataclasses.replace(trainer.init(), params=params)
     # no token 0: Gemma's pad_token_id, whose embedding row torch's padding_idx leaves untrained
     tokens = np.random.default_rng(7).integers(1, 128, (8, 9))
