@@ -30,8 +30,10 @@ def test_the_theory_takes_resolved_choices_only():
                  seq_len=4, batch_size=8)
 
 
-def test_theory_counts_every_parameter():
-    cfg = load_config("tiny", ["model.remat=dots", "model.layer_loop=scan"])  # the theory reads resolved choices
+@pytest.mark.parametrize("head_dim", [0, 24], ids=["d_model-over-heads", "head_dim-set"])
+def test_theory_counts_every_parameter(head_dim):
+    """Also with a head dimension apart from d_model / heads (Qwen3, Gemma)."""
+    cfg = load_config("tiny", ["model.remat=dots", "model.layer_loop=scan", f"model.head_dim={head_dim}"])
     replicated = layout_theory(cfg, {"members": 1, "pipeline": 1, "data": 8, "fsdp": 1, "tensor": 1})
     expected = 4 * transformer(cfg.model, cfg.data.seq_len).num_params
     assert replicated.params_bytes == expected, f"theory {replicated.params_bytes} B vs model {expected} B (f32)"

@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import _readme
+import bench_hf
 import bench_mfu
 
 from shardml import load_config
@@ -45,19 +46,21 @@ def test_printed_section_writes_what_the_run_printed(tmp_path, capsys):
     assert "`python benchmarks/s.py --rounds 2`" in text and text.startswith("prose\n"), text
 
 
-@pytest.mark.parametrize("kv_heads", [0, 2])
-def test_flops_formula_equals_the_step_matmuls_but_the_embedding(kv_heads):
+@pytest.mark.parametrize("kv_heads, head_dim", [(0, 0), (2, 0), (2, 24)], ids=["mha", "gqa", "gqa-head_dim-set"])
+def test_flops_formula_equals_the_step_matmuls_but_the_embedding(kv_heads, head_dim):
     """Model.flops_per_example counts every matmul of a no-remat train step except the embedding's
     one-hot product (forward + weight gradient, 4 x vocab x d_model per token), and equals PaLM's
-    6 x matmul parameters + 12 x layers x d_model x seq per token, written out here."""
-    cfg = load_config("tiny", ["model.remat=none", "model.layers=2", f"model.kv_heads={kv_heads}"])
+    6 x matmul parameters + 12 x layers x heads x head dim x seq per token, written out here (also
+    with a head dimension apart from d_model / heads, as Qwen3 and Gemma set it)."""
+    cfg = load_config("tiny", ["model.remat=none", "model.layers=2", f"model.kv_heads={kv_heads}",
+                               f"model.head_dim={head_dim}"])
     parts = build(cfg)
     m, seq, batch = cfg.model, cfg.data.seq_len, cfg.train.batch_size
     tokens = batch * seq
-    head_dim, kv = m.d_model // m.heads, m.kv_heads or m.heads
+    head_dim, kv = head_dim or m.d_model // m.heads, m.kv_heads or m.heads
     matmul_params = (m.layers * (2 * m.d_model * m.heads * head_dim + 2 * m.d_model * kv * head_dim
                                  + 3 * m.d_model * m.d_ff) + m.d_model * m.vocab)
-    palm = (6 * matmul_params + 12 * m.layers * m.d_model * seq) * tokens
+    palm = (6 * matmul_params + 12 * m.layers * m.heads * head_dim * seq) * tokens
     formula = parts.model.flops_per_example * batch
     assert formula == palm, f"Model.flops_per_example x batch {formula:,.0f} != PaLM's count {palm:,}"
     counted = inventory_flops(bench_mfu.step_dots(parts))
@@ -86,3 +89,16 @@ def test_comma_list_option_checks_each_choice():
     assert parse("dots,full") == ["dots", "full"] and parse("full") == ["full"]
     with pytest.raises(argparse.ArgumentTypeError, match="'ful': use dots, full"):
         parse("dots,ful")
+
+
+def test_bench_hf_counts_the_parameters_transformers_builds():
+    """bench_hf's parameter count (its GB figures' base) against a tiny Llama that transformers
+    builds from the same config.json; its default shape is the ~0.5B the issue asks for."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    assert bench_hf.count_params(config.to_dict()) == transformers.LlamaForCausalLM(config).num_parameters()
+    args = bench_hf.parse_args([])
+    default = {"hidden_size": args.hidden, "intermediate_size": args.intermediate, "vocab_size": args.vocab,
+               "num_hidden_layers": args.layers, "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads}
+    assert 0.4e9 < bench_hf.count_params(default) < 0.6e9

@@ -22,6 +22,7 @@ import optax
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import shardml
@@ -48,11 +49,11 @@ TOKENS = np.random.default_rng(0).integers(0, 128, (2, 12))
 LAYOUT = {"data": 2, "fsdp": 2, "tensor": 2}
 
 
-def hf_model(family: str, seed: int = 0):
+def hf_model(family: str, seed: int = 0, **changes):
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     # eager attention: the only one of transformers' that soft-caps Gemma 2's scores
-    config = getattr(transformers, config_cls)(**COMMON, **extra, attn_implementation="eager")
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **changes}, attn_implementation="eager")
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -128,6 +129,15 @@ def test_a_sharded_bf16_checkpoint_loads_as_its_weights(tmp_path):
     assert os.path.isfile(tmp_path / "model.safetensors.index.json") and len(list(tmp_path.glob("*.safetensors"))) > 2
     model, params = shardml.load_hf(str(tmp_path), mesh=make_mesh(LAYOUT))
     assert_close(jax.jit(model.apply)(params, TOKENS), hf_logits(reference, TOKENS), "bf16 sharded qwen3")
+    # exported as it came: bf16 weights, the checkpoint's own context length (Qwen3's 32768, not a default)
+    shardml.save_hf(model, params, str(tmp_path / "out"))
+    hf = json.loads((tmp_path / "out" / "config.json").read_text())
+    want = reference.config.max_position_embeddings
+    assert (hf["dtype"], hf["torch_dtype"], hf["max_position_embeddings"]) == ("bfloat16", "bfloat16", want), hf
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "numpy") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert_close(hf_logits(exported.eval(), TOKENS), hf_logits(reference, TOKENS), "bf16 qwen3 exported")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3"])
@@ -306,3 +316,35 @@ def test_loading_onto_fsdp8_stages_at_most_the_largest_tensor_plus_one_share(tmp
         tracemalloc.stop()
     bound = 1.2 * (largest + total / 8)
     assert peak <= bound, f"loading staged {peak / 2**20:.1f} MiB on the host, over {bound / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("family, schedule", [("gemma2", None), pytest.param("gemma3", None, marks=pytest.mark.slow),
+                                              pytest.param("gemma3-4", "circular", marks=pytest.mark.slow)])
+def test_local_and_global_layers_train_on_a_pipeline_as_torch(checkpoints, family, schedule, tmp_path):
+    """Gemma's alternating local (windowed) and global layers cut into pipeline stages: stage 1
+    holds the global layer and must know it (circular: 4 layers dealt round-robin, 2 chunks per
+    stage, the last layer global: chunk 1 of stage 1). One SGD step on pipeline=2 x data=4 equals torch.optim.SGD's step (its loss, and the
+    logits of the updated weights)."""
+    if family == "gemma3-4":  # four layers, every fourth global
+        reference = hf_model("gemma3", num_hidden_layers=4, layer_types=["sliding_attention"] * 3 + ["full_attention"])
+        reference.save_pretrained(tmp_path)
+        directory = str(tmp_path)
+    else:
+        directory, reference = checkpoints[family]
+    mesh = make_mesh({"pipeline": 2, "data": 4})
+    model, params = shardml.load_hf(directory, mesh=mesh)
+    pipe = schedule and shardml.Schedule(schedule, stages=2, microbatches=2, repeats=2)
+    trainer = shardml.build_trainer(model, mesh, optax.sgd(0.5), schedule=pipe)
+    # a circular pipeline stores the layers regrouped [repeats, layers / repeats, ...]
+    params = jax.device_put(trainer.strategy.layout(params), trainer.state_shardings.params)
+    state = dataclasses.replace(trainer.init(), params=params)
+    # no token 0: Gemma's pad_token_id, whose embedding row torch's padding_idx leaves untrained
+    tokens = np.random.default_rng(7).integers(1, 128, (8, 9))
+    state, metrics = trainer.step(state, trainer.put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}))
+    logits = hf_logits(reference, tokens[:, :-1])
+    want = torch.nn.functional.cross_entropy(torch.tensor(logits).reshape(-1, 128),
+                                             torch.tensor(tokens[:, 1:]).reshape(-1)).item()
+    assert abs(float(metrics["loss"]) - want) < 1e-4 * want, f"{family} pipelined loss {metrics['loss']} vs {want}"
+    moved = _torch_sgd(copy.deepcopy(reference), [tokens], 0.5)
+    trained = jax.device_put(trainer.natural(state.params), jax.devices()[0])
+    assert_close(jax.jit(model.apply)(trained, TOKENS), hf_logits(moved, TOKENS), f"{family} after a pipelined step")

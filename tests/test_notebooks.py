@@ -43,7 +43,7 @@ NAMES = sync.notebook_names()
 
 def test_the_notebooks_are_there():
     assert {"quickstart", "layouts", "multibatch", "pipeline", "own_model", "populations", "federated",
-            "inference"} <= set(NAMES), NAMES
+            "inference", "open_model"} <= set(NAMES), NAMES
     assert {p.stem for p in COLAB.glob("*.ipynb")} == set(NAMES), "every NAME.py needs its NAME.ipynb and back"
 
 

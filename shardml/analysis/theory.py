@@ -88,6 +88,7 @@ class Workload:
     schedule: str = "1f1b"
     pipeline_microbatches: int = 0
     repeats: int = 1
+    head_dim: int = 0  # E; 0: d_model / heads (Qwen3 and Gemma set it apart)
 
     def __post_init__(self):
         if self.remat not in ("none", "full", "dots"):
@@ -100,10 +101,15 @@ def pipeline_microbatches(w: Workload, stages: int) -> int:
     return 1 if stages <= 1 else w.pipeline_microbatches or stages
 
 
+def head_dim(w: Workload) -> int:
+    """E: ``head_dim`` where the workload sets it, else ``d_model / heads``."""
+    return w.head_dim or w.d_model // w.heads
+
+
 def weights(w: Workload) -> list[Weight]:
     """The decoder's weights, one layer's worth for ``per_layer`` ones."""
     D, H, F, V = w.d_model, w.heads, w.d_ff, w.vocab
-    K, E = w.kv_heads or H, w.d_model // w.heads
+    K, E = w.kv_heads or H, head_dim(w)
     col, row, norm = ("fsdp", "tensor"), ("tensor", "fsdp"), (None,)
     return [
         Weight("embed", (V, D), ("tensor", "fsdp"), False, backward_needs_it=False),
@@ -191,7 +197,7 @@ def activation_estimate(work: Workload, sizes: dict[str, int]) -> int:
     """
     m, t = work, sizes["tensor"]
     item = jnp.dtype(m.dtype).itemsize
-    H, K, E = m.heads, m.kv_heads or m.heads, m.d_model // m.heads
+    H, K, E = m.heads, m.kv_heads or m.heads, head_dim(m)
     S = work.seq_len
     per_token = {"full": m.d_model,
                  "dots": 3 * m.d_model + (H + 2 * K) * E // t + 2 * m.d_ff // t}

@@ -99,12 +99,17 @@ class Stages:
         leading layer axis.
       head: ``(params, activations) -> outputs``; runs on the last stage.
       key: the top-level entry of the parameters that holds the stacked layers.
+      layers_from: for layers that differ by their place in the model (Gemma's local and global
+        attention): ``(layer_stack, activations, first) -> activations``, ``first`` the (traced)
+        model-wide index of the stack's first layer; a pipeline stage calls it, where given,
+        instead of ``layers``.
     """
 
     embed: Callable[[Any, jax.Array], jax.Array]
     layers: Callable[[Any, jax.Array], jax.Array]
     head: Callable[[Any, jax.Array], jax.Array]
     key: str = "layers"
+    layers_from: Callable[[Any, jax.Array, Any], jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (its fields hold functions)

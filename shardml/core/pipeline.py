@@ -248,6 +248,14 @@ def _head_sums(stages, loss: Loss, shared, h, micro, index):
 # ----------------------------------------------------------------------------- the passes
 
 
+def _stage_layers(stages, layers, h, first):
+    """A stage's layers on ``h``; ``first``: the model-wide index of their first layer, for models
+    whose layers differ by it (``Stages.layers_from``)."""
+    if stages.layers_from is None:
+        return stages.layers(layers, h)
+    return stages.layers_from(layers, h, first)
+
+
 def forward_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, micro):
     """Per-device forward loop (GPipe / circular): returns the loss sums (``names``) of the pass.
 
@@ -260,6 +268,7 @@ def forward_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, 
     """
     p, v = schedule.stages, schedule.repeats
     stage = jax.lax.axis_index(PIPE)
+    per_chunk = jax.tree.leaves(chunks)[0].shape[1]  # chunk r of stage s: layers from (r p + s) x per_chunk
     h_shape = jax.eval_shape(stages.embed, shared, micro["inputs"][0])
 
     @jax.checkpoint  # keep only the tick's input; the backward recomputes the stage
@@ -268,7 +277,7 @@ def forward_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, 
         first = (stage == 0) & (r == 0)
         h_in = jnp.where(first, stages.embed(shared, micro["inputs"][i]), h_recv)
         h_in = jnp.where(valid, h_in, jnp.zeros_like(h_in))  # idle slots compute on zeros, whatever they hold
-        h_out = stages.layers(jax.tree.map(lambda w: w[r], chunks), h_in)
+        h_out = _stage_layers(stages, jax.tree.map(lambda w: w[r], chunks), h_in, (r * p + stage) * per_chunk)
         last = valid & (stage == p - 1) & (r == v - 1)
         sums = jax.lax.cond(last, lambda: _head_sums(stages, loss, shared, h_out, micro, i),
                             lambda: _zero_sums(names))
@@ -291,7 +300,7 @@ def _one_f_one_b_stage(stages, loss: Loss, names, p: int, slots: int, layers, sh
     def forward(layers, shared, h_in, index):
         h_in = jax.lax.cond(stage == 0, lambda: stages.embed(shared, micro["inputs"][index]).astype(h_in.dtype),
                             lambda: h_in)
-        return stages.layers(layers, h_in)
+        return _stage_layers(stages, layers, h_in, stage * jax.tree.leaves(layers)[0].shape[0])
 
     def forward_and_loss(layers, shared, h_in, index):
         h_out = forward(layers, shared, h_in, index)

@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 from shardml.core.errors import ModelError
-from shardml.models.transformer_layers import TransformerConfig, check_transformer, head_dim_of
+from shardml.models.transformer_layers import COMPUTE_DTYPES, TransformerConfig, check_transformer, head_dim_of
 
 # The `architectures` entry of config.json -> the family (its `model_type`).
 FAMILIES = {
@@ -31,6 +31,8 @@ FAMILIES = {
     "Gemma3ForCausalLM": "gemma3_text",
 }
 GEMMAS = ("gemma2", "gemma3_text")
+# The context save_hf declares for a model that came from no checkpoint (TransformerConfig.max_positions=0).
+DEFAULT_MAX_POSITIONS = 4096
 _ARCHITECTURE = {family: arch for arch, family in FAMILIES.items()}
 
 
@@ -129,6 +131,13 @@ def _window(hf: dict[str, Any], family: str) -> int:
     return 0
 
 
+def _checkpoint_dtype(hf: dict[str, Any]) -> str:
+    """The weights' dtype a config.json declares (transformers >= 5 writes ``dtype``, older
+    versions ``torch_dtype``); float32 where it names none shardml writes."""
+    declared = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch.")
+    return declared if declared in COMPUTE_DTYPES else "float32"
+
+
 def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> TransformerConfig:
     """The :class:`TransformerConfig` of a Hugging Face ``config.json`` (a dict); ``dtype`` is the
     compute dtype.
@@ -152,6 +161,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> TransformerCon
         qkv_bias=family == "qwen2" or (family == "qwen3" and bool(hf.get("attention_bias"))),
         qk_norm=family in ("qwen3", "gemma3_text"), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embed=bool(hf.get("tie_word_embeddings", family in GEMMAS)), sliding_window=_window(hf, family),
+        max_positions=int(hf.get("max_position_embeddings") or 0), export_dtype=_checkpoint_dtype(hf),
         **_rope_settings(hf), **_gemma_settings(hf, family))
     check_transformer(cfg)
     return cfg
@@ -168,8 +178,10 @@ def family_for(cfg: TransformerConfig) -> str:
     return "mistral" if cfg.sliding_window else "llama"
 
 
-def hf_config(cfg: TransformerConfig, max_positions: int = 4096) -> dict[str, Any]:
-    """The ``config.json`` of ``cfg`` (what :func:`config_from_hf` reads back as ``cfg``).
+def hf_config(cfg: TransformerConfig) -> dict[str, Any]:
+    """The ``config.json`` of ``cfg`` (what :func:`config_from_hf` reads back as ``cfg``): the
+    loaded checkpoint's own context length and weights dtype (``cfg.max_positions``,
+    ``cfg.export_dtype``), ``DEFAULT_MAX_POSITIONS`` for a model born in shardml.
 
         hf_config(TransformerConfig(layers=2, d_model=64, heads=4, d_ff=256))["architectures"]  # ["LlamaForCausalLM"]
     """
@@ -184,9 +196,9 @@ def hf_config(cfg: TransformerConfig, max_positions: int = 4096) -> dict[str, An
         "num_hidden_layers": cfg.layers, "hidden_size": cfg.d_model, "num_attention_heads": cfg.heads,
         "num_key_value_heads": cfg.kv_heads or cfg.heads, "intermediate_size": cfg.d_ff,
         "head_dim": head_dim_of(cfg), "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embed, "max_position_embeddings": max_positions,
+        "tie_word_embeddings": cfg.tie_embed, "max_position_embeddings": cfg.max_positions or DEFAULT_MAX_POSITIONS,
         # both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta / rope_scaling
-        "rope_parameters": rope, "rope_theta": cfg.rope_base, "torch_dtype": "float32", "dtype": "float32",
+        "rope_parameters": rope, "rope_theta": cfg.rope_base, "torch_dtype": cfg.export_dtype, "dtype": cfg.export_dtype,
         "attention_bias": cfg.qkv_bias if family == "qwen3" else False, "mlp_bias": False,
     }
     if cfg.rope_scaling_factor:

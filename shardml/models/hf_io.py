@@ -222,18 +222,20 @@ def _at(tree: Any, path: tuple[str, ...]) -> Any:
 
 
 def _hf_tensors(cfg: TransformerConfig, params: Any):
-    """(name, gathered f32 array) of every tensor of the checkpoint, one at a time."""
+    """(name, gathered array in ``cfg.export_dtype``) of every tensor of the checkpoint, one at a time."""
+    dtype = jax.numpy.dtype(cfg.export_dtype)  # bfloat16 through ml_dtypes, which NumPy and safetensors take
     for source in weight_sources(cfg):
         param = _at(params, source.path)
         for layer in range(param.shape[0]) if source.stacked else [None]:
             value = np.asarray(jax.device_get(param[layer] if source.stacked else param), np.float32)
             value = value.reshape(source.hf_shape(value.shape)[::-1] if source.transpose else source.hf_shape(value.shape))
-            yield source.hf_name(layer), np.ascontiguousarray(value.T if source.transpose else value)
+            yield source.hf_name(layer), np.ascontiguousarray(value.T if source.transpose else value).astype(dtype, copy=False)
 
 
 def save_hf(model: Model, params: Any, out_dir: str, *, max_shard_bytes: int = 2**31) -> None:
     """Writes ``model`` (a transformer, e.g. from :func:`load_hf`) as a Hugging Face checkpoint:
-    ``config.json`` and float32 safetensors, sharded with an index above ``max_shard_bytes``. One
+    ``config.json`` and safetensors in ``model.config.export_dtype`` (a loaded checkpoint's own dtype,
+    float32 for a model born in shardml), sharded with an index above ``max_shard_bytes``. One
     tensor (one layer of one parameter) is gathered at a time, so the host holds at most one file's
     worth.
 

@@ -83,6 +83,9 @@ def transformer(cfg: TransformerConfig, seq_len: int) -> Model:
             embed=functools.partial(embed_tokens, cfg=cfg),
             layers=functools.partial(run_layers, cfg=cfg),
             head=functools.partial(output_logits, cfg=cfg),
+            # local and global layers: a pipeline stage says where its layers sit in the model
+            layers_from=(lambda stack, x_BSD, first: run_layers(stack, x_BSD, cfg, first)) if cfg.global_every
+            else None,
         ),
         name="transformer",
         compute_dtype=cfg.dtype,

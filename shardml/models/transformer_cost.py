@@ -33,9 +33,10 @@ def _layer_matmul_params(cfg: TransformerConfig) -> int:
 
 
 def transformer_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + causal-free attention 12 x L x D x S (PaLM, app. B)."""
+    """Training FLOPs per token: 6 x matmul parameters + causal-free attention 12 x L x H x E x S
+    (PaLM, app. B; H x E is D unless ``head_dim`` sets it apart)."""
     matmul_params = cfg.layers * _layer_matmul_params(cfg) + cfg.d_model * cfg.vocab
-    return 6.0 * matmul_params + 12.0 * cfg.layers * cfg.d_model * seq_len
+    return 6.0 * matmul_params + 12.0 * cfg.layers * cfg.heads * head_dim_of(cfg) * seq_len
 
 
 def no_remat_bytes(cfg: TransformerConfig, seq_len: int, rows: int, tensor: int = 1) -> int:

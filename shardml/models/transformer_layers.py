@@ -108,6 +108,11 @@ class TransformerConfig:
     shared_experts: int = setting(0, minimum=0, hint="experts every token also passes through (DeepSeek, Qwen-MoE)")
     aux_loss_weight: float = setting(0.01, minimum=0.0, hint="weight of the load-balancing loss in the loss")
     z_loss_weight: float = setting(0.001, minimum=0.0, hint="weight of the router z-loss in the loss")
+    # What a loaded checkpoint declares and save_hf writes back; the model itself does not use them.
+    max_positions: int = setting(0, minimum=0, hint="the checkpoint's max_position_embeddings; 0: unknown "
+                                 "(save_hf writes 4096)")
+    export_dtype: str = setting("float32", choices=COMPUTE_DTYPES, hint="the dtype save_hf writes the weights in "
+                                "(a loaded checkpoint's own)")
 
 
 def check_transformer(cfg: TransformerConfig) -> None:
@@ -406,12 +411,14 @@ def embed_tokens(params, tokens_BS, cfg: TransformerConfig):
     return constrain(embedded_BSD, ACT_LOGICAL)
 
 
-def run_layers(layers, x_BSD, cfg: TransformerConfig):
-    """Applies a stack of layers (every leaf has a leading layer axis, of any length) with ``lax.scan``."""
-    return run_layers_sums(layers, x_BSD, cfg)[0]
+def run_layers(layers, x_BSD, cfg: TransformerConfig, first=None):
+    """Applies a stack of layers (every leaf has a leading layer axis, of any length) with ``lax.scan``;
+    ``first``: the model-wide index of the stack's first layer (a pipeline stage's), where layers
+    differ by it (``global_every``)."""
+    return run_layers_sums(layers, x_BSD, cfg, first)[0]
 
 
-def run_layers_sums(layers, x_BSD, cfg: TransformerConfig):
+def run_layers_sums(layers, x_BSD, cfg: TransformerConfig, first=None):
     """:func:`run_layers` that also returns the auxiliary-loss sums of every layer: ``(x, (aux_L, z_L))``."""
     dtype = jnp.dtype(cfg.dtype)
 
@@ -428,26 +435,26 @@ def run_layers_sums(layers, x_BSD, cfg: TransformerConfig):
     # a small model's step is 10-28 % faster (benchmarks/README.md). But XLA then keeps each
     # FSDP-gathered weight from the forward for the backward instead of gathering it again, so the
     # whole model's weights can be resident at once, which FSDP is there to avoid: resolve_execution.
-    return jax.lax.scan(block, x_BSD.astype(dtype), (layers, layer_indices(layers, cfg)),
+    return jax.lax.scan(block, x_BSD.astype(dtype), (layers, layer_indices(layers, cfg, first)),
                         unroll=cfg.layer_loop == "unroll")
 
 
-def layer_indices(layers, cfg: TransformerConfig):
-    """Each layer's index, for the layers that differ by it (``global_every``), else None (one
-    compiled body serves every layer alike).
+def layer_indices(layers, cfg: TransformerConfig, first=None):
+    """Each layer's model-wide index (``first`` + its place in the stack), for the layers that
+    differ by it (``global_every``), else None (one compiled body serves every layer alike).
 
     Raises:
-      ModelError: local and global layers in a stack other than the whole model (a pipeline stage
-        sees its own layers only, and not which they are).
+      ModelError: local and global layers in a part of the stack whose ``first`` layer is not given
+        (a pipeline stage passes it through ``Stages.layers_from``).
     """
     if not cfg.global_every:
         return None
     n = jax.tree.leaves(layers)[0].shape[0]
-    if n != cfg.layers:
-        raise ModelError(f"global_every={cfg.global_every} (local and global layers) runs the whole stack of "
-                         f"layers={cfg.layers} at once, not {n}; it cannot be pipelined yet", subject="global_every",
-                         value=cfg.global_every)
-    return jnp.arange(n)
+    if first is None and n != cfg.layers:
+        raise ModelError(f"global_every={cfg.global_every} (local and global layers) in a stack of {n} of "
+                         f"layers={cfg.layers} needs the index of its first layer: run_layers(..., first=)",
+                         subject="global_every", value=cfg.global_every)
+    return (0 if first is None else first) + jnp.arange(n)
 
 
 def output_logits(params, x_BSD, cfg: TransformerConfig):
