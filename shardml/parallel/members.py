@@ -174,6 +174,9 @@ def over_population(program: Program, members: int, *, hyperparams: Mapping[str,
 
     ``per_member_data``: training batches carry a leading member axis (bootstrap resamples, client
     data); otherwise every member trains on the same global batch. Evaluation batches are shared.
+    Frozen entries the model shares (:func:`shardml.models.lora.shared_params`: a LoRA base) are
+    stored once, laid out by the model's rules and not over ``members``; only the rest (the
+    adapters) is stacked.
 
     Raises:
       ShardmlError: before anything compiles (:func:`check_stackable`, :func:`check_members`,
