@@ -55,7 +55,7 @@ MEMBER_ALONE = f"{API}::test_a_member_s_overrides_train_it_alone_on_the_same_dev
 LORA = "tests/test_lora.py"
 LORA_GRAD = f"{LORA}::test_one_step_adapter_gradients_equal_peft_autograd_on_data_fsdp_tensor"
 LORA_EXPORT = f"{LORA}::test_merged_and_peft_exports_give_the_lora_model_s_logits"
-LORA_POP = f"{LORA}::test_population_of_adapters_keeps_one_base_and_each_member_trains_as_alone"
+LORA_POP = f"{LORA}::test_a_population_of_adapters_stores_the_base_once_and_stacks_the_adapters"
 HF = "tests/test_hf.py"
 HF_LOGITS = f"{HF}::test_logits_equal_transformers_on_data_fsdp_tensor"
 
