@@ -25,7 +25,8 @@ Each job has one entry point:
 - evaluate: :func:`evaluate`; predict: :func:`predict`; generate text: :func:`generate`; the same
   on a run directory: :func:`evaluate_run`, :func:`predict_run`, :func:`generate_run`;
 - start from an open model (Llama, Qwen2/2.5, Qwen3, Mistral on Hugging Face) and hand it back:
-  :func:`load_hf`, :func:`save_hf`;
+  :func:`load_hf`, :func:`save_hf`; fine-tune it with low-rank adapters: :func:`lora` (with
+  :func:`lora_optimizer`), export merged (:func:`merge_lora`) or as a PEFT adapter (:func:`save_peft`);
 - plan a layout before running it: :func:`make_plan`, :func:`compare_layouts`;
 - checkpoints: :class:`RunDir` (one run's directory), :class:`Checkpointer`, :func:`load_params`;
 - test a model's sharding in your own CI: :mod:`shardml.testing`; audit compiled programs:
@@ -57,6 +58,7 @@ from shardml.models import (Model, ParamSpec, Stages, TransformerConfig, from_li
                             mlp_classifier, transformer)
 from shardml.core.losses import classification, token_cross_entropy
 from shardml.models.hf_io import load_hf, save_hf
+from shardml.models.lora import lora, lora_optimizer, merge_lora, save_peft
 
 # Data
 from shardml.core.data import (ArrayBatches, Examples, TextBatches, Tokens, load_digits, load_tokens, put_batch,
@@ -111,7 +113,8 @@ __all__ = [
     "load_config", "load_run", "make_plan", "predict_run", "run_parts", "train", "validate", "workload",
     # models and losses
     "Model", "ParamSpec", "Stages", "TransformerConfig", "classification", "from_linen", "from_nnx", "from_specs",
-    "load_hf", "mlp_classifier", "save_hf", "token_cross_entropy", "transformer",
+    "load_hf", "lora", "lora_optimizer", "merge_lora", "mlp_classifier", "save_hf", "save_peft", "token_cross_entropy",
+    "transformer",
     # data
     "ArrayBatches", "BPE", "Examples", "Feeder", "PlacementError", "TextBatches", "Tokens", "load_digits",
     "load_tokens", "put_batch", "split_examples", "train_bpe",

@@ -65,12 +65,17 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params
 
     def trace():
         abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-        found.append(optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_opt, params,
-                                           transform_non_params=lambda _: replicated(mesh)))
+        # A masked part (optax.masked, multi_transform: a frozen LoRA base) holds no state: kept as it is.
+        found.append(optax.tree_map_params(optimizer, lambda x, sharding: x if _masked(x) else sharding, abstract_opt,
+                                           params, transform_non_params=lambda _: replicated(mesh), is_leaf=_masked))
         return jnp.zeros(())
 
     jax.eval_shape(trace)
     return found[0]
+
+
+def _masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
 
 def state_shardings(strategy: GradientStrategy, optimizer, model: Model, rules: Rules, mesh) -> TrainState:

@@ -204,8 +204,21 @@ def mlp_specs(cfg: TransformerConfig, out_scale: float) -> dict:
     return specs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
 def project(spec: str, x, w, out_dtype=None, x_grad: bool = True, grad_dtype: str = "compute"):
+    """``dense(spec, x, w, ...)``, or where ``w`` carries its own product (a weight with a low-rank
+    adapter, :class:`shardml.models.lora.Adapted`) that product: the one hook adapters need, so the
+    model's layers stay as they are.
+
+        y_BSF = project("bsd,df->bsf", x_BSD, w_DF)
+    """
+    own = getattr(w, "project", None)
+    if own is not None:
+        return own(spec, x, out_dtype, x_grad, grad_dtype)
+    return dense(spec, x, w, out_dtype, x_grad, grad_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
+def dense(spec: str, x, w, out_dtype=None, x_grad: bool = True, grad_dtype: str = "compute"):
     """``einsum(spec, x, w)`` in x's (compute) dtype, weights f32 and cast here.
 
     The gradient is what autodiff of the plain cast gives, except for two choices: ``out_dtype``
@@ -215,7 +228,7 @@ def project(spec: str, x, w, out_dtype=None, x_grad: bool = True, grad_dtype: st
     accumulate and return f32 instead of x's dtype, so each device's partial sum is not rounded
     before the partitioner reduces it over the batch-sharded axes.
 
-        y_BSF = project("bsd,df->bsf", x_BSD, w_DF)
+        y_BSF = dense("bsd,df->bsf", x_BSD, w_DF)
     """
     return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
 
@@ -236,7 +249,7 @@ def _project_bwd(spec, out_dtype, x_grad, grad_dtype, res, g):
     return dx, dw.astype(jnp.float32)
 
 
-project.defvjp(_project_fwd, _project_bwd)
+dense.defvjp(_project_fwd, _project_bwd)
 
 
 def rms_norm(x, scale, eps: float = 1e-6):

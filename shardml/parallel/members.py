@@ -39,6 +39,7 @@ from shardml.core.model import Model
 from shardml.core.pipeline import PIPE
 from shardml.core.sharding import Rules, axes_owned_by_transform
 from shardml.core.step import Program, Shardings, Trainer, compile_trainer, step_program
+from shardml.models.lora import shared_params
 
 MEMBERS = "members"
 GATE = "member_active"  # the injected multiplier of a member's updates: 1 trains it, 0 freezes it
@@ -179,6 +180,9 @@ def over_population(program: Program, members: int, *, hyperparams: Mapping[str,
 
     ``per_member_data``: training batches carry a leading member axis (bootstrap resamples, client
     data); otherwise every member trains on the same global batch. Evaluation batches are shared.
+    Frozen entries the model shares (:func:`shardml.models.lora.shared_params`: a LoRA base) are
+    stored once, laid out by the model's rules and not over ``members``; only the rest (the
+    adapters) is stacked.
 
     Raises:
       ShardmlError: before anything compiles (:func:`check_stackable`, :func:`check_members`,
@@ -187,22 +191,55 @@ def over_population(program: Program, members: int, *, hyperparams: Mapping[str,
     check_stackable(program, "members")
     check_members(members, program.parts.mesh)
     values = member_values(hyperparams, members)
+    shared = shared_params(program.parts.model)
     one_init = program.init
 
     def init(seed):
-        state = jax.vmap(one_init)(member_seeds(seed, members))
+        state = jax.vmap(lambda s: _without(one_init(s), shared))(member_seeds(seed, members))
+        state = _with(state, {k: one_init(seed).params[k] for k in shared})
         return dataclasses.replace(state, opt_state=set_hyperparams(state.opt_state, values))
 
     sh = program.shardings
     data = stacked(sh.batch) if per_member_data else sh.batch
     examples = program.examples.under(MEMBERS) if per_member_data else program.examples.shared_by(members)
+    params_axes = {k: None if k in shared else 0 for k in sh.state.params} if shared else 0
+    state_sh = jax.tree.map(stacked, sh.state)
+    state_sh = _with(state_sh, {k: sh.state.params[k] for k in shared}) if shared else state_sh
     return dataclasses.replace(
-        program, init=init, step=over_members(program.step, in_axes=(0, 0 if per_member_data else None)),
-        evaluate=over_members(program.evaluate, in_axes=(0, None)),
-        predict=over_members(program.predict, in_axes=(0, None)),
-        shardings=Shardings(state=jax.tree.map(stacked, sh.state), batch=data, eval=sh.eval,
-                            metrics=stacked(sh.metrics)),
+        program, init=init, step=_shared_step(program.step, shared, 0 if per_member_data else None),
+        evaluate=over_members(program.evaluate, in_axes=(params_axes, None)),
+        predict=over_members(program.predict, in_axes=(params_axes, None)),
+        shardings=Shardings(state=state_sh, batch=data, eval=sh.eval, metrics=stacked(sh.metrics)),
         examples=examples, members=members)
+
+
+def _without(state, shared: tuple[str, ...]):
+    return dataclasses.replace(state, params={k: v for k, v in state.params.items() if k not in shared}) \
+        if shared else state
+
+
+def _with(state, entries: dict):
+    return dataclasses.replace(state, params={**state.params, **entries}) if entries else state
+
+
+def _shared_step(step, shared: tuple[str, ...], batch_axis):
+    """The step of every member, vmapped; ``shared`` parameter entries (a frozen LoRA base) are
+    stored once, outside the stack, and handed to each member unchanged (closed over, so not
+    mapped: one copy serves every member)."""
+    if not shared:
+        return over_members(step, in_axes=(0, batch_axis))
+
+    def one(member_state, batch, entries):
+        new, metrics = step(_with(member_state, entries), batch)
+        return _without(new, shared), metrics
+
+    def mapped(state, batch):
+        entries = {k: state.params[k] for k in shared}
+        new, metrics = over_members(lambda s, b: one(s, b, entries), in_axes=(0, batch_axis))(
+            _without(state, shared), batch)
+        return _with(new, entries), metrics
+
+    return mapped
 
 
 def build_population(model: Model, mesh, optimizer: optax.GradientTransformation, members: int, *,

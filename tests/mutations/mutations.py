@@ -52,6 +52,10 @@ API = "tests/test_python_api.py"
 FIT_BATCH = f"{API}::test_fit_refuses_an_indivisible_batch_before_compiling_in_the_cli_s_words"
 SWEEP_VALUES = f"{API}::test_sweep_values_are_refused_like_single_values"
 MEMBER_ALONE = f"{API}::test_a_member_s_overrides_train_it_alone_on_the_same_devices"
+LORA = "tests/test_lora.py"
+LORA_GRAD = f"{LORA}::test_one_step_adapter_gradients_equal_peft_autograd_on_data_fsdp_tensor"
+LORA_EXPORT = f"{LORA}::test_merged_and_peft_exports_give_the_lora_model_s_logits"
+LORA_POP = f"{LORA}::test_a_population_of_adapters_stores_the_base_once_and_stacks_the_adapters"
 HF = "tests/test_hf.py"
 HF_LOGITS = f"{HF}::test_logits_equal_transformers_on_data_fsdp_tensor"
 MOE = "tests/test_moe.py"
@@ -382,4 +386,17 @@ MUTATIONS: list[Mutation] = [
       "sums | {k: sums.get(k, 0.0) + jnp.asarray(v, jnp.float32) for k, v in extra.items()}",
       "{k: jnp.asarray(v, jnp.float32) for k, v in extra.items() if k != 'loss'} | sums",
       (f"{MOE}::test_the_weighted_aux_losses_are_added_to_the_loss_sums",)),
+    # ------------------------------------------------------------------ models / parallel: LoRA
+    M("lora-base-gets-gradient", "models", "the frozen base is differentiated (its gradient computed, reduced and "
+      "counted in grad_norm) though set_to_zero drops its update",
+      "base = jax.lax.stop_gradient(params[BASE])", "base = params[BASE]", (LORA_GRAD,)),
+    M("lora-scale-rslora", "models", "the adapters are scaled by alpha / sqrt(rank) (rsLoRA), not peft's alpha / rank",
+      "return self.alpha / self.rank", "return self.alpha / math.sqrt(self.rank)", (LORA_GRAD,)),
+    M("lora-peft-b-transposed", "models", "the PEFT export writes lora_B [out, r] from B [r, out] reshaped, not "
+      "transposed", "np.ascontiguousarray(b[layer].reshape(b.shape[1], -1).T)",
+      "np.ascontiguousarray(b[layer].reshape(-1, b.shape[1]))", (LORA_EXPORT,)),
+    M("lora-merge-unscaled", "models", "the merged export adds A B without the alpha / rank scale",
+      "out[name] = settings.scale * product", "out[name] = product", (LORA_EXPORT,)),
+    M("lora-base-per-member", "parallel", "a population of adapters stacks a copy of the base per member",
+      "shared = shared_params(program.parts.model)", "shared = ()", (LORA_POP,)),
 ]
