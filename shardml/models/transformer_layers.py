@@ -307,13 +307,41 @@ def attend(q_BSHE, k_BTKE, v_BTKE, visible, layer, cfg: TransformerConfig):
     return project("bshe,hed->bsd", o_BSHE, layer["wo"], grad_dtype=cfg.grad_dtype)
 
 
-def attention(h_BSD, layer, cfg: TransformerConfig, local=True):
-    """Causal self-attention of a whole sequence (the training path)."""
+def attention(h_BSD, layer, cfg: TransformerConfig, local=True, packing=None):
+    """Causal self-attention of a whole sequence (the training path). ``packing``: None, or
+    ``(segments_BS, positions_BS)`` of packed rows (:func:`split_inputs`): a query sees only the
+    keys of its own segment, and each token is rotated at its position within its example."""
     S = h_BSD.shape[1]
-    positions_1S = jnp.arange(S)[None, :]
-    q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_1S, cfg, local)
-    causal_ST = visible_keys(positions_1S[0][:, None], positions_1S[0][None, :], cfg, local)
-    return attend(q_BSHE, k_BSKE, v_BSKE, causal_ST, layer, cfg)
+    index_S = jnp.arange(S)
+    # Causality (and the window) by index: within one segment the positions rise with the index.
+    visible = visible_keys(index_S[:, None], index_S[None, :], cfg, local)
+    positions_BS = index_S[None, :]
+    if packing is not None:
+        segments_BS, positions_BS = packing
+        same_BST = segments_BS[:, :, None] == segments_BS[:, None, :]
+        visible = (visible[None] & same_BST)[:, None, None]  # [B, 1, 1, S, T] against [B, K, G, S, T]
+    q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_BS, cfg, local)
+    return attend(q_BSHE, k_BSKE, v_BSKE, visible, layer, cfg)
+
+
+# A packed batch's inputs: several examples per row (shardml.core.sft.pack_examples).
+PACKED_KEYS = ("tokens", "segments", "positions")
+
+
+def split_inputs(inputs):
+    """``(tokens_BS, packing)``: plain token ids give ``packing=None``; a packed row's dict
+    ``{"tokens", "segments", "positions"}`` (segment ids per example, positions restarting at 0
+    in each) gives ``(segments_BS, positions_BS)``.
+
+        tokens_BS, packing = split_inputs({"tokens": t, "segments": s, "positions": p})
+    """
+    if not isinstance(inputs, dict):
+        return inputs, None
+    missing = [k for k in PACKED_KEYS if k not in inputs]
+    if missing:
+        raise ModelError(f"packed inputs lack {missing}; give a dict with {list(PACKED_KEYS)} "
+                         "(shardml.core.sft.pack_examples builds one)", subject="inputs", value=sorted(inputs))
+    return inputs["tokens"], (inputs["segments"], inputs["positions"])
 
 
 def residual_block(x_BSD, layer, cfg: TransformerConfig, attend_fn):
@@ -354,15 +382,16 @@ def embed_tokens(params, tokens_BS, cfg: TransformerConfig):
     return constrain(embedded_BSD, ACT_LOGICAL)
 
 
-def run_layers(layers, x_BSD, cfg: TransformerConfig):
-    """Applies a stack of layers (every leaf has a leading layer axis, of any length) with ``lax.scan``."""
+def run_layers(layers, x_BSD, cfg: TransformerConfig, packing=None):
+    """Applies a stack of layers (every leaf has a leading layer axis, of any length) with ``lax.scan``;
+    ``packing``: see :func:`attention`."""
     dtype = jnp.dtype(cfg.dtype)
 
     def block(x_BSD, layer_i):
         layer, i = layer_i
         # Weights stay f32 here: `project` casts them (norm scales are cast by rms_norm).
         local = is_local(i, cfg)
-        return residual_block(x_BSD, layer, cfg, lambda h: (attention(h, layer, cfg, local), None))
+        return residual_block(x_BSD, layer, cfg, lambda h: (attention(h, layer, cfg, local, packing), None))
 
     if cfg.remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
@@ -405,7 +434,9 @@ def output_logits(params, x_BSD, cfg: TransformerConfig):
     return constrain(logits_BSV, ("batch", "act_seq", "act_vocab"))
 
 
-def transformer_apply(params, tokens_BS, cfg: TransformerConfig):
+def transformer_apply(params, inputs, cfg: TransformerConfig):
+    """Logits [B, S, V] of token ids [B, S], or of packed rows (a dict, see :func:`split_inputs`)."""
+    tokens_BS, packing = split_inputs(inputs)
     x_BSD = embed_tokens(params, tokens_BS, cfg)
-    x_BSD = run_layers(params["layers"], x_BSD, cfg)
+    x_BSD = run_layers(params["layers"], x_BSD, cfg, packing)
     return output_logits(params, x_BSD, cfg)
