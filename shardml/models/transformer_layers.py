@@ -317,6 +317,8 @@ def attention(h_BSD, layer, cfg: TransformerConfig, local=True, packing=None):
     visible = visible_keys(index_S[:, None], index_S[None, :], cfg, local)
     positions_BS = index_S[None, :]
     if packing is not None:
+        # RoPE scores depend on position differences only, so the positions restarting per example matter
+        # for what reads absolute positions (decoding an example alone), not for these scores.
         segments_BS, positions_BS = packing
         same_BST = segments_BS[:, :, None] == segments_BS[:, None, :]
         visible = (visible[None] & same_BST)[:, None, None]  # [B, 1, 1, S, T] against [B, K, G, S, T]
