@@ -17,6 +17,7 @@ import pytest
 import tokenizers
 
 import shardml
+from shardml.run.cli import main
 from shardml.core.errors import DataError
 from shardml.core.losses import token_cross_entropy
 from shardml.core.mesh import make_mesh
@@ -111,7 +112,8 @@ def packed_vs_alone(examples):
 
     got = jax.jit(jax.value_and_grad(library))(params)
     want = jax.jit(jax.value_and_grad(reference))(params)
-    logits = np.asarray(jax.jit(model.apply)(params, packed["inputs"])), np.asarray(jax.jit(model.apply)(params, alone["inputs"]))
+    apply = jax.jit(model.apply)
+    logits = np.asarray(apply(params, packed["inputs"])), np.asarray(apply(params, alone["inputs"]))
     return got, want, logits, packed, alone
 
 
@@ -203,3 +205,40 @@ def test_full_fine_tuning_on_data_fsdp_tensor_equals_one_device(examples):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert np.abs(w).max() > 0
         assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tok, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tok")
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    return directory
+
+
+def cli(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_the_command_line_names_bad_sft_data_before_compiling(capsys, tmp_path, tokenizer_dir):
+    long = write(tmp_path, [{"prompt": "w1 " * 10, "completion": "w2 " * 10}])
+    code, _, err = cli(capsys, "train", "tiny", f"data.sft={long}", f"data.sft_tokenizer={tokenizer_dir}",
+                       f"data.seq_len={SEQ}", f"out_dir={tmp_path / 'r'}")
+    assert code == 2 and "d.jsonl:1: 20 tokens" in err and "data.truncate=true" in err.replace("True", "true")
+    assert "Traceback" not in err
+    (tokenizer_dir.parent / "bare").mkdir(exist_ok=True)
+    (tokenizer_dir.parent / "bare" / "tokenizer.json").write_text((tokenizer_dir / "tokenizer.json").read_text())
+    chats = write(tmp_path, [chat("w1", "w2", "w3", "w4")])
+    bare = tokenizer_dir.parent / "bare"
+    code, _, err = cli(capsys, "train", "tiny", f"data.sft={chats}", f"data.sft_tokenizer={bare}", f"out_dir={tmp_path / 'r'}")
+    assert code == 2 and "d.jsonl:1: chat data" in err and "no chat_template" in err
+
+
+@pytest.mark.slow
+def test_the_command_line_fine_tunes_on_packed_sft_data(capsys, tmp_path, data_file, tokenizer_dir):
+    code, out, err = cli(capsys, "train", "tiny", f"data.sft={data_file[0]}", f"data.sft_tokenizer={tokenizer_dir}",
+                         f"data.seq_len={SEQ}", "train.batch_size=4", "train.steps=2", "mesh.data=2", "mesh.fsdp=2",
+                         "mesh.tensor=2", f"out_dir={tmp_path / 'run'}")
+    assert code == 0, err[-3000:]
+    assert "SFT data" in out and "(0 truncated), 6 packed rows, 31 completion tokens" in out

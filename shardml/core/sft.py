@@ -234,6 +234,7 @@ class SFTBatches(_Order):
     rows: dict
     batch_size: int
     seed: int = 0
+    examples: SFTExamples | None = None  # what the rows were built from, for describe()
 
     def __post_init__(self):
         count = len(self.rows["targets"])
@@ -248,6 +249,13 @@ class SFTBatches(_Order):
 
     def _order(self) -> grain.MapDataset:
         return _example_order(len(self.rows["targets"]), self.batch_size, self.seed, -1)
+
+    def describe(self) -> str:
+        """One line: examples, how many were truncated, rows, completion tokens."""
+        ex = self.examples
+        told = (f"SFT data '{ex.source}': {len(ex):,} examples ({ex.truncated:,} truncated), " if ex else "SFT data: ")
+        packed = "packed " if isinstance(self.rows["inputs"], dict) else ""
+        return told + f"{len(self.rows['targets']):,} {packed}rows, {int(self.rows['mask'].sum()):,} completion tokens"
 
     def load(self, step: int, ids: np.ndarray, first_row: int = 0) -> dict:
         ids = np.asarray(ids, np.int64)
