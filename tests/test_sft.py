@@ -242,3 +242,6 @@ def test_the_command_line_fine_tunes_on_packed_sft_data(capsys, tmp_path, data_f
                          "mesh.tensor=2", f"out_dir={tmp_path / 'run'}")
     assert code == 0, err[-3000:]
     assert "SFT data" in out and "(0 truncated), 6 packed rows, 31 completion tokens" in out
+    code, out, err = cli(capsys, "plan", "tiny", f"data.sft={data_file[0]}", f"data.sft_tokenizer={tokenizer_dir}",
+                         f"data.seq_len={SEQ}", "train.batch_size=4", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    assert code == 0 and "estimated peak" in out, err[-3000:]
