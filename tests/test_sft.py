@@ -18,7 +18,7 @@ import tokenizers
 
 import shardml
 from shardml.run.cli import main
-from shardml.core.errors import DataError
+from shardml.core.errors import DataError, ModelError
 from shardml.core.losses import token_cross_entropy
 from shardml.core.mesh import make_mesh
 from shardml.core.sft import SFTBatches, chat_template_of, pack_examples, pad_examples, read_sft
@@ -102,18 +102,20 @@ def packed_vs_alone(examples):
     packed, alone = pack_examples(examples, SEQ), pad_examples(examples, SEQ)
 
     def library(p):
-        sums = token_cross_entropy(model.apply(p, packed["inputs"]), packed)
-        return sums["loss"] / sums["count"]
+        logits = model.apply(p, packed["inputs"])
+        sums = token_cross_entropy(logits, packed)
+        return sums["loss"] / sums["count"], logits
 
     def reference(p):  # each example alone: a plain log-softmax, masked, summed, over every completion token
-        logp = jax.nn.log_softmax(model.apply(p, alone["inputs"]), axis=-1)
+        logits = model.apply(p, alone["inputs"])
+        logp = jax.nn.log_softmax(logits, axis=-1)
         picked = jnp.take_along_axis(logp, alone["targets"][..., None], -1)[..., 0]
-        return -(picked * alone["mask"]).sum() / alone["mask"].sum()
+        return -(picked * alone["mask"]).sum() / alone["mask"].sum(), logits
 
-    got = jax.jit(jax.value_and_grad(library))(params)
-    want = jax.jit(jax.value_and_grad(reference))(params)
-    apply = jax.jit(model.apply)
-    logits = np.asarray(apply(params, packed["inputs"])), np.asarray(apply(params, alone["inputs"]))
+    (loss, packed_logits), grads = jax.jit(jax.value_and_grad(library, has_aux=True))(params)
+    (want_loss, alone_logits), want_grads = jax.jit(jax.value_and_grad(reference, has_aux=True))(params)
+    got, want = (loss, grads), (want_loss, want_grads)
+    logits = np.asarray(packed_logits), np.asarray(alone_logits)
     return got, want, logits, packed, alone
 
 
@@ -173,6 +175,9 @@ def test_a_long_example_is_refused_or_truncated_and_counted(tmp_path, tok):
         read_sft(path, tok, SEQ)
     cut = read_sft(path, tok, SEQ, truncate=True)
     assert cut.truncated == 1 and len(cut.tokens[1]) == SEQ + 1 and len(cut.tokens[0]) == 2
+    path = write(tmp_path, [{"prompt": "w1 " * 20, "completion": "w2"}])
+    with pytest.raises(DataError, match=r"no completion token is left within seq_len=16"):
+        read_sft(path, tok, SEQ, truncate=True)
 
 
 def test_the_chat_template_comes_from_tokenizer_config(tmp_path):
@@ -180,6 +185,15 @@ def test_the_chat_template_comes_from_tokenizer_config(tmp_path):
         {"chat_template": [{"name": "default", "template": TEMPLATE}], "eos_token": {"content": "<|end|>"}}))
     template, special = chat_template_of(str(tmp_path))
     assert template == TEMPLATE and special["eos_token"] == "<|end|>"
+
+
+def test_packed_rows_through_a_pipeline_are_refused_before_compiling(examples):
+    mesh = make_mesh({"pipeline": 2, "data": 2}, jax.devices()[:4])
+    schedule = shardml.Schedule("gpipe", 2, 2)
+    trainer = shardml.build_trainer(transformer(CFG, SEQ), mesh, optax.sgd(1.0), schedule=schedule)
+    batch = SFTBatches(pack_examples(examples, SEQ), batch_size=4).batch(0)
+    with pytest.raises(ModelError, match=r"packed inputs .* are not pipelined yet"):
+        trainer.trace_step(trainer.abstract_state(), batch)
 
 
 @pytest.mark.slow
@@ -231,7 +245,8 @@ def test_the_command_line_names_bad_sft_data_before_compiling(capsys, tmp_path, 
     (tokenizer_dir.parent / "bare" / "tokenizer.json").write_text((tokenizer_dir / "tokenizer.json").read_text())
     chats = write(tmp_path, [chat("w1", "w2", "w3", "w4")])
     bare = tokenizer_dir.parent / "bare"
-    code, _, err = cli(capsys, "train", "tiny", f"data.sft={chats}", f"data.sft_tokenizer={bare}", f"out_dir={tmp_path / 'r'}")
+    code, _, err = cli(capsys, "train", "tiny", f"data.sft={chats}", f"data.sft_tokenizer={bare}",
+                       f"out_dir={tmp_path / 'r'}")
     assert code == 2 and "d.jsonl:1: chat data" in err and "no chat_template" in err
 
 
