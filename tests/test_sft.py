@@ -167,6 +167,9 @@ def test_bad_lines_name_the_file_and_line(tmp_path, tok):
     path = write(tmp_path, [chat("w1", "w2", "w3", "w4")])
     with pytest.raises(DataError, match=r"d\.jsonl:1: chat data needs the checkpoint's chat template"):
         read_sft(path, tok, SEQ)
+    strict = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message first') }}{% endif %}"
+    with pytest.raises(DataError, match=r"d\.jsonl:1: malformed SFT example: the chat template refused it: a system"):
+        read_sft(path, tok, SEQ, chat_template=strict)
 
 
 def test_a_long_example_is_refused_or_truncated_and_counted(tmp_path, tok):

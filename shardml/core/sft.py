@@ -22,6 +22,7 @@ and gradients equal those of the same examples padded alone (:func:`pad_examples
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import pathlib
 from typing import Any
@@ -60,7 +61,8 @@ def _jinja():
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders
     env.globals["raise_exception"] = raise_exception
-    return env
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)  # Llama 3.2's templates
+    return env, jinja2.TemplateError
 
 
 def _token_text(token: Any) -> str:
@@ -114,9 +116,16 @@ def _pieces(record: Any, render) -> list[tuple[str, bool]]:
 def _renderer(chat_template: str | None, special_tokens: dict | None):
     if chat_template is None:
         return None
-    template = _jinja().from_string(chat_template)
-    return lambda messages, generation: template.render(messages=messages, add_generation_prompt=generation,
-                                                        **(special_tokens or {}))
+    env, template_error = _jinja()
+    template = env.from_string(chat_template)
+
+    def render(messages, generation):
+        try:
+            return template.render(messages=messages, add_generation_prompt=generation, **(special_tokens or {}))
+        except template_error as e:  # the template's own raise_exception, or a variable it lacks
+            raise ValueError(f"the chat template refused it: {e}") from None
+
+    return render
 
 
 def _encode(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
