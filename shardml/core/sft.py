@@ -264,14 +264,16 @@ class SFTBatches(_Order):
         ex = self.examples
         told = (f"SFT data '{ex.source}': {len(ex):,} examples ({ex.truncated:,} truncated), " if ex else "SFT data: ")
         packed = "packed " if isinstance(self.rows["inputs"], dict) else ""
-        return told + f"{len(self.rows['targets']):,} {packed}rows, {int(self.rows['mask'].sum()):,} completion tokens"
+        return told + (f"{len(self.rows['targets']):,} {packed}rows, {int(self.rows['mask'].sum()):,} completion "
+                       "tokens (evaluated on these training rows)")
 
     def load(self, step: int, ids: np.ndarray, first_row: int = 0) -> dict:
         ids = np.asarray(ids, np.int64)
         return {k: ({n: a[ids] for n, a in v.items()} if isinstance(v, dict) else v[ids]) for k, v in self.rows.items()}
 
     def eval_batches(self, count: int = 0) -> list[dict]:
-        """The first ``count`` (or every) whole batch of rows in order."""
+        """The first ``count`` (or every) whole batch of rows in order: the training rows (no
+        held-out split yet)."""
         total = len(self.rows["targets"]) // self.batch_size
         ids = [np.arange(i * self.batch_size, (i + 1) * self.batch_size) for i in range(count or total)]
         return [self.load(0, one) for one in ids[:total]]
