@@ -64,6 +64,7 @@ from shardml.models.lora import lora, lora_optimizer, merge_lora, save_peft
 from shardml.core.data import (ArrayBatches, Examples, TextBatches, Tokens, load_digits, load_tokens, put_batch,
                                split_examples)
 from shardml.core.input import Feeder, PlacementError
+from shardml.core.sft import SFTBatches, SFTExamples, chat_template_of, pack_examples, pad_examples, read_sft
 from shardml.core.tokenizer import BPE, train_bpe
 
 # Meshes, sharding rules, gradient strategies, optimizers
@@ -118,6 +119,7 @@ __all__ = [
     # data
     "ArrayBatches", "BPE", "Examples", "Feeder", "PlacementError", "TextBatches", "Tokens", "load_digits",
     "load_tokens", "put_batch", "split_examples", "train_bpe",
+    "SFTBatches", "SFTExamples", "chat_template_of", "pack_examples", "pad_examples", "read_sft",
     # meshes, rules, gradient strategies, optimizers
     "MESH_AXES", "SCHEDULES", "GradientStrategy", "MeshConfig", "OptimConfig", "Pipeline", "Rules", "Schedule",
     "accumulator", "constrain", "default_optimizer", "describe", "dp_fedavg_epsilon", "dp_sgd_epsilon",

@@ -192,7 +192,7 @@ def compiled_step(trainer, batch: dict) -> CompiledStep:
     import jax
 
     state = trainer.abstract_state()
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding) for k, v in batch.items()}
+    batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding), batch)
     start = time.perf_counter()
     compiled = trainer.lower_step(state, batch).compile()
     return CompiledStep(trainer, state, batch, compiled, time.perf_counter() - start)

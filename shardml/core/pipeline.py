@@ -502,6 +502,10 @@ class Pipeline:
 
     def gradient_sums(self, params: dict, batch: dict):
         """(f32 gradient sums, loss sums) of the global batch, reduced once."""
+        if isinstance(batch["inputs"], dict):  # the stages take token ids only: embed(params, tokens)
+            raise ModelError(f"packed inputs ({sorted(batch['inputs'])}, shardml.pack_examples) are not pipelined yet; "
+                             "give each example its own row (shardml.pad_examples) or use no pipeline",
+                             subject="pipeline", value=self.schedule.stages)
         stages, schedule, passes, loss = self.model.stages, self.schedule, self.passes, self.loss_fn
         v, key = schedule.repeats, self.key
 

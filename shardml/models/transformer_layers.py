@@ -358,13 +358,43 @@ def attend(q_BSHE, k_BTKE, v_BTKE, visible, layer, cfg: TransformerConfig):
     return project("bshe,hed->bsd", o_BSHE, layer["wo"], grad_dtype=cfg.grad_dtype)
 
 
-def attention(h_BSD, layer, cfg: TransformerConfig, local=True):
-    """Causal self-attention of a whole sequence (the training path)."""
+def attention(h_BSD, layer, cfg: TransformerConfig, local=True, packing=None):
+    """Causal self-attention of a whole sequence (the training path). ``packing``: None, or
+    ``(segments_BS, positions_BS)`` of packed rows (:func:`split_inputs`): a query sees only the
+    keys of its own segment, and each token is rotated at its position within its example."""
     S = h_BSD.shape[1]
-    positions_1S = jnp.arange(S)[None, :]
-    q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_1S, cfg, local)
-    causal_ST = visible_keys(positions_1S[0][:, None], positions_1S[0][None, :], cfg, local)
-    return attend(q_BSHE, k_BSKE, v_BSKE, causal_ST, layer, cfg)
+    index_S = jnp.arange(S)
+    # Causality (and the window) by index: within one segment the positions rise with the index.
+    visible = visible_keys(index_S[:, None], index_S[None, :], cfg, local)
+    positions_BS = index_S[None, :]
+    if packing is not None:
+        # RoPE scores depend on position differences only, so the positions restarting per example matter
+        # for what reads absolute positions (decoding an example alone), not for these scores.
+        segments_BS, positions_BS = packing
+        same_BST = segments_BS[:, :, None] == segments_BS[:, None, :]
+        visible = (visible[None] & same_BST)[:, None, None]  # [B, 1, 1, S, T] against [B, K, G, S, T]
+    q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_BS, cfg, local)
+    return attend(q_BSHE, k_BSKE, v_BSKE, visible, layer, cfg)
+
+
+# A packed batch's inputs: several examples per row (shardml.core.sft.pack_examples).
+PACKED_KEYS = ("tokens", "segments", "positions")
+
+
+def split_inputs(inputs):
+    """``(tokens_BS, packing)``: plain token ids give ``packing=None``; a packed row's dict
+    ``{"tokens", "segments", "positions"}`` (segment ids per example, positions restarting at 0
+    in each) gives ``(segments_BS, positions_BS)``.
+
+        tokens_BS, packing = split_inputs({"tokens": t, "segments": s, "positions": p})
+    """
+    if not isinstance(inputs, dict):
+        return inputs, None
+    missing = [k for k in PACKED_KEYS if k not in inputs]
+    if missing:
+        raise ModelError(f"packed inputs lack {missing}; give a dict with {list(PACKED_KEYS)} "
+                         "(shardml.core.sft.pack_examples builds one)", subject="inputs", value=sorted(inputs))
+    return inputs["tokens"], (inputs["segments"], inputs["positions"])
 
 
 def residual_block(x_BSD, layer, cfg: TransformerConfig, attend_fn):
@@ -424,14 +454,14 @@ def embed_tokens(params, tokens_BS, cfg: TransformerConfig):
     return constrain(embedded_BSD, ACT_LOGICAL)
 
 
-def run_layers(layers, x_BSD, cfg: TransformerConfig, first=None):
+def run_layers(layers, x_BSD, cfg: TransformerConfig, first=None, packing=None):
     """Applies a stack of layers (every leaf has a leading layer axis, of any length) with ``lax.scan``;
     ``first``: the model-wide index of the stack's first layer (a pipeline stage's), where layers
-    differ by it (``global_every``)."""
-    return run_layers_sums(layers, x_BSD, cfg, first)[0]
+    differ by it (``global_every``); ``packing``: see :func:`attention`."""
+    return run_layers_sums(layers, x_BSD, cfg, first, packing)[0]
 
 
-def run_layers_sums(layers, x_BSD, cfg: TransformerConfig, first=None):
+def run_layers_sums(layers, x_BSD, cfg: TransformerConfig, first=None, packing=None):
     """:func:`run_layers` that also returns the auxiliary-loss sums of every layer: ``(x, (aux_L, z_L))``."""
     dtype = jnp.dtype(cfg.dtype)
 
@@ -439,7 +469,8 @@ def run_layers_sums(layers, x_BSD, cfg: TransformerConfig, first=None):
         layer, i = layer_i
         # Weights stay f32 here: `project` casts them (norm scales are cast by rms_norm).
         local = is_local(i, cfg)
-        x_BSD, _, sums = residual_block_sums(x_BSD, layer, cfg, lambda h: (attention(h, layer, cfg, local), None))
+        x_BSD, _, sums = residual_block_sums(x_BSD, layer, cfg,
+                                             lambda h: (attention(h, layer, cfg, local, packing), None))
         return x_BSD, sums
 
     if cfg.remat != "none":
@@ -482,16 +513,18 @@ def output_logits(params, x_BSD, cfg: TransformerConfig):
     return constrain(logits_BSV, ("batch", "act_seq", "act_vocab"))
 
 
-def transformer_apply(params, tokens_BS, cfg: TransformerConfig):
-    return transformer_apply_sums(params, tokens_BS, cfg)[0]
+def transformer_apply(params, inputs, cfg: TransformerConfig):
+    """Logits [B, S, V] of token ids [B, S], or of packed rows (a dict, see :func:`split_inputs`)."""
+    return transformer_apply_sums(params, inputs, cfg)[0]
 
 
-def transformer_apply_sums(params, tokens_BS, cfg: TransformerConfig):
+def transformer_apply_sums(params, inputs, cfg: TransformerConfig):
     """Logits and the sums the experts add to the loss sums (``{}`` without experts): ``loss``
     (the two auxiliary losses by their weights), ``moe_aux`` and ``moe_z`` (each the mean over
     the layers; divided by the token count, the means the step reports)."""
+    tokens_BS, packing = split_inputs(inputs)
     x_BSD = embed_tokens(params, tokens_BS, cfg)
-    x_BSD, (aux_L, z_L) = run_layers_sums(params["layers"], x_BSD, cfg)
+    x_BSD, (aux_L, z_L) = run_layers_sums(params["layers"], x_BSD, cfg, packing=packing)
     logits_BSV = output_logits(params, x_BSD, cfg)
     if not cfg.experts:
         return logits_BSV, {}

@@ -67,7 +67,8 @@ def describe_parts(parts: Parts) -> list[str]:
         lines.append(f"pipeline: {s.name}, {s.stages} stages x {s.repeats} repeats, {s.microbatches} microbatches "
                      f"per pass, {cfg.train.microbatches} pass(es) per step; bubble {s.bubble:.1%}")
     data = parts.data.sources[0] if hasattr(parts.data, "sources") else parts.data
-    what = (f"corpus '{data.tokens.name}': {len(data.tokens.train):,} train tokens, {len(data.tokens.val):,} "
+    what = (data.describe() if hasattr(data, "describe") else
+            f"corpus '{data.tokens.name}': {len(data.tokens.train):,} train tokens, {len(data.tokens.val):,} "
             f"validation tokens" if hasattr(data, "tokens") else
             f"dataset '{data.examples.name}': {len(data.examples.x_train):,} train examples, "
             f"{len(data.examples.x_val):,} validation examples")
@@ -94,7 +95,9 @@ def plain_mode(parts: Parts, say: Say) -> Mode:
             f"{summary.compile_seconds:.1f}s); final loss {final['loss']:.4f}, validation loss "
             f"{summary.val['loss']:.4f}{baseline}{extra}")
         # Samples are decoded on one process (generate reads whole arrays; not yet across processes).
-        if cfg.model.kind == "transformer" and cfg.data.tokenizer == "byte" and jax.process_count() == 1:
+        # (not of SFT data: its tokens are a checkpoint tokenizer's, not bytes)
+        byte_text = cfg.data.tokenizer == "byte" and not cfg.data.sft
+        if cfg.model.kind == "transformer" and byte_text and jax.process_count() == 1:
             write_samples(parts, summary.state.params, int(summary.state.step), say)
         return []
 

@@ -24,8 +24,9 @@ from shardml.run.recipe import Parts, build
 
 def abstract_batch(parts: Parts) -> dict:
     """ShapeDtypeStructs (with the batch sharding) of one global batch of the run's data."""
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parts.trainer.batch_sharding)
-            for k, v in parts.data.batch(0).items()}
+    # every leaf: packed SFT inputs are a dict of [B, S] arrays
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parts.trainer.batch_sharding),
+                        parts.data.batch(0))
 
 
 def workload(cfg: Config) -> Workload:

@@ -35,6 +35,7 @@ from shardml.parallel.population import Member, hyperparam_arrays, plan_members
 from shardml.run.config import Config, pipeline_microbatches, validate
 from shardml.run.errors import config_errors
 from shardml.run.federated import algorithm_of, client_data, privacy_of
+from shardml.run.sft_data import sft_source
 
 ARRAY_DATASETS = {"digits": load_digits}
 
@@ -60,6 +61,8 @@ def data_source(cfg: Config, resample: int | None = None) -> TextBatches | Array
     """The data of ``cfg``: text windows for the transformer, examples for the classifier
     (``resample``, default ``data.resample``: which bootstrap resample, -1 none)."""
     d, t = cfg.data, cfg.train
+    if d.sft:
+        return sft_source(cfg)
     resample = d.resample if resample is None else resample
     if cfg.model.kind == "mlp":
         if d.corpus not in ARRAY_DATASETS:

@@ -45,7 +45,8 @@ class DataConfig:
     ensemble sees). ``workers`` grain worker processes preprocess batches ahead (0: in the training
     process). ``tokenizer=bpe`` trains a BPE tokenizer of ``vocab`` tokens (0: ``model.vocab``) on
     the training text, saved as ``out_dir/tokenizer.json``. ``noise`` augments array inputs with
-    Gaussian noise of that standard deviation."""
+    Gaussian noise of that standard deviation. ``sft`` (a JSONL file) fine-tunes on prompt/completion or
+    chat examples instead of ``corpus``, the loss on the completion tokens only."""
 
     corpus: str = "pydoc"
     seq_len: int = setting(64, minimum=1)
@@ -57,6 +58,12 @@ class DataConfig:
     tokenizer: str = setting("byte", choices=("byte", "bpe"), hint="byte: one token per UTF-8 byte (vocabulary 256)")
     vocab: int = setting(0, minimum=0, hint="the BPE vocabulary; 0 uses model.vocab")
     noise: float = setting(0.0, minimum=0.0, hint="std of Gaussian noise added to array inputs (augmentation)")
+    # Supervised fine-tuning (shardml.core.sft): a JSONL of prompt/completion or chat examples, tokenized by
+    # sft_tokenizer's tokenizer.json (chat data rendered with its tokenizer_config.json's chat_template).
+    sft: str = ""
+    sft_tokenizer: str = ""
+    pack: bool = True  # several examples per row, attention kept within each
+    truncate: bool = False  # cut an example longer than seq_len + 1 tokens (else an error)
 
 
 @dataclasses.dataclass(frozen=True)

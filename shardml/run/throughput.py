@@ -30,7 +30,8 @@ class Throughput:
     excluded. ``rate_key`` and ``mfu_key`` name the two figures :meth:`rates` returns."""
 
     def __init__(self, trainer: Trainer, batch: dict):
-        model, inputs = trainer.model, batch["inputs"]
+        # Packed SFT rows: a dict of [B, S] arrays (tokens, segments, positions), counted by their tokens.
+        model, inputs = trainer.model, jax.tree.leaves(batch["inputs"])[0]
         self.rows = trainer.examples_per_step(inputs.shape)
         self.tokens_per_example = model.tokens_per_example
         self.rate_key = "tokens_per_s" if self.tokens_per_example > 1 else "examples_per_s"

@@ -400,3 +400,24 @@ MUTATIONS: list[Mutation] = [
     M("lora-base-per-member", "parallel", "a population of adapters stacks a copy of the base per member",
       "shared = shared_params(program.parts.model)", "shared = ()", (LORA_POP,)),
 ]
+
+SFT = "tests/test_sft.py"
+SFT_MASK = f"{SFT}::test_the_mask_counts_exactly_the_completion_tokens"
+SFT_ALONE = f"{SFT}::test_no_token_of_a_packed_row_sees_another_example"
+MUTATIONS += [
+    # ------------------------------------------------------------------ SFT data, packing, document-aware attention
+    M("sft-positions-not-restarted", "core", "packed rows number positions through the row, not from 0 per example",
+      "segment, np.arange(n)", "segment, np.arange(start, start + n)",
+      (f"{SFT}::test_packed_rows_restart_positions_and_number_segments",)),
+    M("sft-chat-generation-prompt", "core", "a chat's assistant header (the generation prompt) counts in the loss",
+      "render(messages[:i], True)", "render(messages[:i], False)", (SFT_MASK,)),
+    M("sft-attends-across-boundary", "models", "a packed token attends to the examples before its own",
+      "same_BST = segments_BS[:, :, None] == segments_BS[:, None, :]",
+      "same_BST = segments_BS[:, :, None] >= segments_BS[:, None, :]", (SFT_ALONE,)),
+    M("sft-loss-on-prompt", "core", "the prompt's tokens count in the loss",
+      '[(record["prompt"], False), (record["completion"], True)]',
+      '[(record["prompt"], True), (record["completion"], True)]', (SFT_MASK,)),
+    M("sft-mask-label-shift", "core", "the packed mask marks completion inputs, not completion targets (off by one)",
+      "mask[r, cut], segments[r, cut], positions[r, cut] = examples.completion[i][1:]",
+      "mask[r, cut], segments[r, cut], positions[r, cut] = examples.completion[i][:-1]", (SFT_MASK,)),
+]
