@@ -159,8 +159,9 @@ def test_eval_and_resume_work_on_the_run(capsys, checkpoint, trained, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (("model.from=/no/such/checkpoint",), "model.from=/no/such/checkpoint: /no/such/checkpoint is not a checkpoint"),
-    (("model.layers=3",), "model.layers=3 conflicts with"),
+    pytest.param(("model.from=/no/such/checkpoint",),
+                 "model.from=/no/such/checkpoint: /no/such/checkpoint is not a checkpoint", id="missing"),
+    pytest.param(("model.layers=3",), "model.layers=3 conflicts with", id="conflict"),
 ])
 def test_bad_model_from_exits_2_before_compiling(capsys, no_compile, checkpoint, tmp_path, extra, message):
     directory, _, corpus = checkpoint

@@ -53,6 +53,7 @@ FIT_BATCH = f"{API}::test_fit_refuses_an_indivisible_batch_before_compiling_in_t
 SWEEP_VALUES = f"{API}::test_sweep_values_are_refused_like_single_values"
 MEMBER_ALONE = f"{API}::test_a_member_s_overrides_train_it_alone_on_the_same_devices"
 HF = "tests/test_hf.py"
+HFCLI = "tests/test_hf_cli.py"
 HF_LOGITS = f"{HF}::test_logits_equal_transformers_on_data_fsdp_tensor"
 
 M = Mutation
@@ -340,6 +341,19 @@ MUTATIONS: list[Mutation] = [
     M("groups-rerun-overwrites", "run", "a groups run overwrites the run it finds in out_dir",
       "claim(cfg, fresh, say)", "None",
       ("tests/test_groups_config.py::test_a_rerun_is_refused_before_compiling_and_fresh_moves_the_first_aside",)),
+    # ------------------------------------------------------------------ run: model.from and export (test_hf_cli)
+    M("hf-from-random-init", "run", "a model.from run starts from random weights, not the checkpoint's",
+      "self.init = init or trainer.init", "self.init = trainer.init",
+      (f"{HFCLI}::test_first_step_loss_equals_transformers_loss_of_the_checkpoint",)),
+    M("hf-from-conflict-unchecked", "run", "a model.* key that disagrees with config.json is silently replaced",
+      "if mine != getattr(default, field.name) and mine != value:", "if False:",
+      (f"{HFCLI}::test_bad_model_from_exits_2_before_compiling[conflict]",)),
+    M("hf-tokenizer-size-unchecked", "run", "a tokenizer one row past the embedding is accepted",
+      "if tokenizer.vocab > cfg.model.vocab:", "if tokenizer.vocab > cfg.model.vocab + 100:",
+      (f"{HFCLI}::test_a_tokenizer_larger_than_the_embedding_exits_2_before_compiling",)),
+    M("hf-export-overwrites", "run", "export writes into a non-empty directory",
+      "    check_target(out, fmt)\n", "",
+      (f"{HFCLI}::test_export_onto_a_non_empty_directory_exits_2_before_compiling",)),
     # ------------------------------------------------------------------ run: the Python API as careful as the CLI
     M("fit-batch-unchecked", "run", "fit reads the batch size under a name no source has: the check is skipped",
       'rows = getattr(data, "batch_size", None)', 'rows = getattr(data, "rows", None)', (FIT_BATCH,)),
