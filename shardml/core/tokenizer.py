@@ -105,6 +105,22 @@ def train_bpe(text: bytes | np.ndarray, vocab: int) -> BPE:
     return BPE(tokenizer.to_str(), tokenizer.get_vocab_size(), ratio)
 
 
+def load_tokenizer(path: str, text: bytes | np.ndarray) -> BPE:
+    """A saved ``tokenizer.json`` (e.g. a Hugging Face checkpoint's) as a :class:`BPE`, its bytes
+    per token measured on the start of ``text``.
+
+        tok = load_tokenizer("Qwen2.5-0.5B/tokenizer.json", text_bytes)
+        tok.vocab    # 151665
+
+    Raises:
+      SettingError: ``tokenizers`` is not installed.
+    """
+    tokenizer = _require().Tokenizer.from_file(path)
+    sample = bytes(np.asarray(text[:_SAMPLE_BYTES], np.uint8)).decode("utf-8", errors="ignore")
+    ids = tokenizer.encode(sample, add_special_tokens=False).ids
+    return BPE(tokenizer.to_str(), tokenizer.get_vocab_size(), len(sample.encode()) / max(len(ids), 1))
+
+
 def window_bytes(bpe: BPE, seq_len: int) -> tuple[int, int]:
     """(stride, span) in bytes of text windows that tokenise to ``seq_len + 1`` tokens: windows
     start every ``stride`` bytes (about ``seq_len`` tokens apart) and read ``span`` bytes, half as

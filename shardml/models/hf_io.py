@@ -176,6 +176,20 @@ def _local_dir(path: str) -> str:
                         value=path) from err
 
 
+def checkpoint_config(path: str, dtype: str = "float32") -> tuple[str, TransformerConfig]:
+    """(local directory, :class:`TransformerConfig`) of a checkpoint directory or repo id, from its
+    ``config.json`` alone (no weights read).
+
+        directory, cfg = checkpoint_config("ckpt/")    # ("ckpt/", TransformerConfig(layers=2, ...))
+
+    Raises:
+      DataError: no such directory (or a repo id that cannot be downloaded), no config.json.
+      ModelError: an unsupported architecture.
+    """
+    directory = _local_dir(path)
+    return directory, config_from_hf(_read_json(os.path.join(directory, "config.json")), dtype=dtype)
+
+
 def load_hf(path: str, *, mesh: Any = None, rules: Rules | None = None, dtype: str = "float32",
             seq_len: int = 2048) -> tuple[Model, Any]:
     """A Hugging Face checkpoint as a :class:`shardml.Model` and its parameters, placed in ``mesh``'s
@@ -198,8 +212,7 @@ def load_hf(path: str, *, mesh: Any = None, rules: Rules | None = None, dtype: s
       DataError: no such directory, a missing shard or tensor.
       LayoutError: a parameter (e.g. the heads) the mesh cannot divide.
     """
-    directory = _local_dir(path)
-    cfg = config_from_hf(_read_json(os.path.join(directory, "config.json")), dtype=dtype)
+    directory, cfg = checkpoint_config(path, dtype)
     model = transformer(cfg, seq_len)
     mesh, rules = as_mesh(mesh), rules or Rules.default()
     check_divisible(model.logical, model.abstract_params, rules, dict(mesh.shape))

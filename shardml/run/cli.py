@@ -8,11 +8,12 @@
     shardml predict  RUN_DIR [key=value ...] [--input X.npy] [--output OUT.npz] [--batch-size N]
     shardml generate RUN_DIR --prompt TEXT [--prompt ...] [--max-tokens N] [--temperature T]
                      [--top-k K] [--top-p P] [--seed S] [--stop CHAR] [key=value ...]
+    shardml export   RUN_DIR --format hf OUT [key=value ...]
 
 Exit status: 0 (also after a graceful stop on SIGTERM / SIGINT, checkpoint saved), 1 (the run
 stopped: non-finite steps, or no usable checkpoint), 2 (bad input: nothing trained or loaded, no
 traceback; for eval / predict / generate also a run directory without a checkpoint, a prompt longer
-than the model's context, a layout the checkpoint's model cannot take).
+than the model's context, a layout the checkpoint's model cannot take; for export a non-empty OUT).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
                                       "print per-device memory and per-step communication. CONFIG and "
                                       "key=value as for 'shardml train'.")
     inference = _inference_parsers(sub)
+    export = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face checkpoint",
+                            description="Write the newest checkpoint of RUN_DIR to the new directory OUT as a Hugging "
+                                        "Face checkpoint (safetensors, config.json, the run's tokenizer files), which "
+                                        "transformers.AutoModelForCausalLM.from_pretrained(OUT) loads. " + _ON_ANY_MESH)
+    export.add_argument("--format", default="hf", help="hf (the only one, the default)")
+    inference = (*inference, export)
     for command in (train, plan, *inference):
         command.add_argument("args", nargs="*", metavar="RUN_DIR | key=value" if command in inference else
                              "CONFIG | key=value")
@@ -66,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-INFERENCE = ("eval", "predict", "generate")
+INFERENCE = ("eval", "predict", "generate", "export")
 _ON_ANY_MESH = ("RUN_DIR is the out_dir of a trained run; its newest checkpoint is restored onto the mesh that "
                 "key=value overrides describe (a mesh.* override starts from a fresh mesh: data=-1, others 1).")
 
@@ -108,7 +115,9 @@ def _inference(args, run_dir: str | None, overrides: list[str]) -> int:
     from shardml.run.checkpoint import CheckpointError
 
     try:
-        if args.command == "eval":
+        if args.command == "export":
+            print(f"exported {run_dir} to {_export(args, run_dir, overrides)}")
+        elif args.command == "eval":
             print(inference.format_eval(inference.evaluate_run(run_dir, overrides, args.batch_size)))
         elif args.command == "predict":
             out = inference.predict_run(run_dir, overrides, _read_inputs(args.input), args.batch_size)
@@ -125,6 +134,17 @@ def _inference(args, run_dir: str | None, overrides: list[str]) -> int:
         print(f"shardml: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _export(args, run_dir: str, items: list[str]) -> str:
+    """``shardml export RUN_DIR OUT``: OUT is the one argument that is not key=value after RUN_DIR."""
+    from shardml.run.export import export_run
+
+    outs = [item for item in items if "=" not in item]
+    if len(outs) != 1:
+        raise ConfigError(f"shardml export needs RUN_DIR and one OUT directory (got {outs or 'none'}), e.g. "
+                          "shardml export runs/x --format hf exported/")
+    return export_run(run_dir, outs[0], args.format, [item for item in items if "=" in item])
 
 
 def _read_inputs(path: str | None):
@@ -148,7 +168,7 @@ def _arguments(argv: list[str] | None):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     preset, overrides = None, []
     for i, item in enumerate(args.args + extra):
-        if "=" in item:
+        if "=" in item or i > 0 and args.command == "export":  # export's OUT: see _export
             overrides.append(item)
         elif i == 0:
             preset = item

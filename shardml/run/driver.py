@@ -25,6 +25,7 @@ from shardml.run.errors import config_errors
 from shardml.run.engine import LoopSettings, Mode, TrainSummary, notice, run_loop
 from shardml.run.federated import federated_mode
 from shardml.run.groups import train_architectures
+from shardml.run.hf import from_checkpoint
 from shardml.run.inference import write_samples
 from shardml.run.population import (generation_trials, optuna_distributions, optuna_study, population_mode,
                                     tell)
@@ -95,8 +96,8 @@ def plain_mode(parts: Parts, say: Say) -> Mode:
             f"{summary.compile_seconds:.1f}s); final loss {final['loss']:.4f}, validation loss "
             f"{summary.val['loss']:.4f}{baseline}{extra}")
         # Samples are decoded on one process (generate reads whole arrays; not yet across processes).
-        # (not of SFT data: its tokens are a checkpoint tokenizer's, not bytes)
-        byte_text = cfg.data.tokenizer == "byte" and not cfg.data.sft
+        # (not of SFT data or an imported checkpoint's: their tokens are a checkpoint tokenizer's, not bytes)
+        byte_text = cfg.data.tokenizer == "byte" and not cfg.data.sft and not cfg.model.from_
         if cfg.model.kind == "transformer" and byte_text and jax.process_count() == 1:
             write_samples(parts, summary.state.params, int(summary.state.step), say)
         return []
@@ -118,7 +119,7 @@ def drive(cfg: config_lib.Config, parts: Parts, mode: Mode, settings: LoopSettin
     for line in mode.lines:
         say(line)
     summary = run_loop(parts.trainer, parts.data, settings, parts.eval_batches(), config=config_lib.to_dict(cfg),
-                       policy=mode.policy)
+                       policy=mode.policy, init=parts.initial)
     if not summary.preempted:
         for line in mode.report(summary):
             say(line)
@@ -161,7 +162,7 @@ def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False,
     group of devices and this returns a :class:`shardml.GroupsRun` (:mod:`shardml.run.groups`).
     """
     distributed.start()  # a cluster jax.distributed detects, before JAX's backend starts (no-op once started)
-    cfg = with_default_out_dir(cfg)
+    cfg = from_checkpoint(with_default_out_dir(cfg))  # config.yaml records model.from's shape
     if cfg.population.models:
         return train_architectures(cfg, verbose, fresh, config_lines(cfg, full_config))
     parts = build(cfg)

@@ -209,8 +209,10 @@ def _open_run(run_dir: RunDir, trainer: Trainer, source, feeder: Feeder, config:
 class _Run:
     """One run of the loop: the state, where it started, its writers, what was saved."""
 
-    def __init__(self, trainer: Trainer, data: Any, settings: LoopSettings, eval_data, config, policy: Policy):
+    def __init__(self, trainer: Trainer, data: Any, settings: LoopSettings, eval_data, config, policy: Policy,
+                 init: Callable[[int], TrainState] | None = None):
         self.trainer, self.settings, self.policy = trainer, settings, policy
+        self.init = init or trainer.init
         self.source = as_source(data)
         self.feeder = Feeder(self.source, trainer.batch_sharding, settings.workers)
         self.eval_batches = list(eval_data) if eval_data is not None else None
@@ -231,7 +233,7 @@ class _Run:
         if self.writer.dropped:
             notice(f"metrics.jsonl: dropped {self.writer.dropped} record(s) after step {self.begin.step}; "
                    "they are written again")
-        self.state = self.begin.state if self.begin.state is not None else trainer.init(settings.seed)
+        self.state = self.begin.state if self.begin.state is not None else self.init(settings.seed)
         self.bar = progress(settings.steps, enabled=settings.verbose and primary)
         if self.bar is not None and self.begin.step:
             self.bar.update(min(self.begin.step, settings.steps))
@@ -321,16 +323,18 @@ class _Run:
 
 
 def run_loop(trainer: Trainer, data: Any, settings: LoopSettings, eval_data: Iterable[dict] | None = None,
-             config: dict | None = None, policy: Policy | None = None) -> TrainSummary:
+             config: dict | None = None, policy: Policy | None = None,
+             init: Callable[[int], TrainState] | None = None) -> TrainSummary:
     """Trains ``trainer`` on ``data`` (any source :func:`shardml.core.data.as_source` takes) for
     ``settings.steps`` steps; see :func:`fit`. ``config`` is recorded in the run and checkpoints;
-    ``policy`` acts between steps (populations)."""
+    ``policy`` acts between steps (populations); ``init`` (seed -> state) starts a new run instead
+    of ``trainer.init`` (e.g. from imported weights)."""
     if policy is None:
         policy = Policy()
         policy.max_bad_steps = settings.max_bad_steps
     name = "library.log" if distributed.primary() else f"library-{distributed.process_index()}.log"
     with LibraryLog(settings.out_dir, name):  # what the libraries say about failures shardml handles
-        return _run(_Run(trainer, data, settings, eval_data, config, policy), settings)
+        return _run(_Run(trainer, data, settings, eval_data, config, policy, init), settings)
 
 
 def _run(run: _Run, settings: LoopSettings) -> TrainSummary:

@@ -30,6 +30,7 @@ from shardml.parallel import inference as inf
 from shardml.run import run_dir as rd
 from shardml.run import config as config_lib
 from shardml.run.config import Config
+from shardml.run.hf import in_run
 from shardml.run.recipe import Parts, build
 
 SAMPLE_PROMPTS = ("The ", "def ", "Return ")  # what `shardml train` continues at the end of a run
@@ -99,7 +100,7 @@ def prepare(run_dir: str, overrides: Sequence[str] = (), rows: int | None = None
     batch per microbatch) is rounded up to a multiple of the batch shards (and of the pipeline's
     microbatches) and stored as ``train.batch_size``."""
     step_dir, meta = latest_checkpoint(run_dir)
-    cfg = run_config(meta, overrides, step_dir)
+    cfg = in_run(run_config(meta, overrides, step_dir), run_dir)
     sizes = config_lib.validate(cfg, len(devices if devices is not None else jax.devices()))
     if rows is not None and rows < 1:
         raise ConfigError(f"--batch-size={rows} must be >= 1")

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from shardml.run.errors import ConfigError
-from shardml.run.schema import Config, all_keys
+from shardml.run.schema import Config, all_keys, field_key
 from shardml.run.search import move_search
 
 
@@ -56,13 +56,13 @@ def from_dict(data: dict, cls=Config, prefix: str = "", base: Any = None) -> Any
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}",
                           subject=prefix.rstrip(".") or None, value=data)
-    types = typing.get_type_hints(cls)
+    types = {field_key(name): (name, typ) for name, typ in typing.get_type_hints(cls).items()}
     changes = {}
-    for name, value in data.items():
-        key = prefix + name
-        if name not in types:
+    for key_name, value in data.items():
+        key = prefix + key_name
+        if key_name not in types:
             raise _unknown_key(key)
-        typ = types[name]
+        name, typ = types[key_name]
         if dataclasses.is_dataclass(typ):
             changes[name] = from_dict(value, typ, key + ".", getattr(base, name))
         else:

@@ -16,7 +16,7 @@ import yaml
 
 from shardml.run.errors import ConfigError
 from shardml.run.overrides import apply_overrides, from_dict
-from shardml.run.schema import Config, to_dict
+from shardml.run.schema import RUN_MODEL_KEYS, Config, to_dict
 
 
 def presets() -> dict[str, Any]:
@@ -66,8 +66,18 @@ def load_config(preset: str | None = "default", overrides: list[str] | None = No
     cfg = Config()
     if preset is not None:
         text, where = preset_text(preset)
-        cfg = from_dict(_read_yaml(text, where))
+        cfg = from_dict(_without_shape(_read_yaml(text, where), overrides or []))
     return apply_overrides(cfg, overrides or [])
+
+
+def _without_shape(data: dict, overrides: list[str]) -> dict:
+    """The preset without its model's shape when an override says ``model.from=``: the checkpoint's
+    config.json sets the shape, and only the keys given with it are checked against it."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "from" in model or not any(o.strip().startswith("model.from=")
+                                                                  for o in overrides):
+        return data
+    return data | {"model": {k: v for k, v in model.items() if k in RUN_MODEL_KEYS}}
 
 
 def dump_yaml(cfg: Config) -> str:

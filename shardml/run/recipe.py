@@ -11,7 +11,9 @@ The one place that turns a :class:`~shardml.run.config.Config` into objects; ``s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,6 +37,7 @@ from shardml.parallel.population import Member, hyperparam_arrays, plan_members
 from shardml.run.config import Config, pipeline_microbatches, validate
 from shardml.run.errors import config_errors
 from shardml.run.federated import algorithm_of, client_data, privacy_of
+from shardml.run.hf import checkpoint_tokenizer, from_checkpoint, imported_state
 from shardml.run.sft_data import sft_source
 
 ARRAY_DATASETS = {"digits": load_digits}
@@ -52,6 +55,8 @@ class Parts:
     trainer: Trainer
     schedule: Schedule | None
     members: list[Member] | None = None  # a population's members (None: one model)
+    initial: Callable | None = None  # seed -> the state of step 0 (model.from's weights); None: trainer.init
+
 
     def eval_batches(self) -> list[dict]:
         return self.data.eval_batches(self.cfg.train.eval_batches)
@@ -76,6 +81,8 @@ def data_source(cfg: Config, resample: int | None = None) -> TextBatches | Array
     tokens = load_tokens(d.corpus, d.val_fraction, vocab=cfg.model.vocab if is_token_file(d.corpus) else 0,
                          token_dtype=d.token_dtype)
     tokenizer = _bpe(cfg, tokens) if d.tokenizer == "bpe" else None
+    if cfg.model.from_ and not is_token_file(d.corpus):
+        tokenizer = checkpoint_tokenizer(cfg, tokens.train)
     if tokenizer is not None:
         tokens = dataclasses.replace(tokens, vocab=tokenizer.vocab)
     if tokens.vocab > cfg.model.vocab:
@@ -147,6 +154,7 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None, device
                           "architecture: build them with shardml.run.groups.build_architectures (shardml train and "
                           "shardml plan do)", subject="population.models", value=cfg.population.models)
     devices = list(devices if devices is not None else jax.devices())
+    cfg = from_checkpoint(cfg)
     sizes = validate(cfg, len(devices))
     cfg = resolve_model(cfg, sizes, devices, device_memory)
     schedule = schedule_of(cfg, sizes["pipeline"])
@@ -161,7 +169,8 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None, device
     if pop.size == 1:
         trainer = build_trainer(model, mesh, optimizer, loss=loss, microbatches=cfg.train.microbatches,
                                 schedule=schedule)
-        return Parts(cfg, sizes, model, loss, data, trainer, schedule)
+        initial = functools.partial(imported_state, trainer, cfg) if cfg.model.from_ else None
+        return Parts(cfg, sizes, model, loss, data, trainer, schedule, initial=initial)
     members = members or plan_members(pop.kind, pop.size, pop.search, cfg.train.seed, cfg.train.init_seed,
                                       pop.bootstrap)
     if pop.bootstrap:

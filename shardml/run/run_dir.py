@@ -58,6 +58,8 @@ RUN_FILES = ("checkpoints", "checkpoints-damaged", "metrics.jsonl", "config.yaml
 # schedule, checkpointing) may change when a run continues.
 TRAINED = ("model.", "data.", "population.", "federated.", "train.batch_size", "train.seed", "train.init_seed")
 NOT_TRAINED = ("model.remat", "model.layer_loop", "data.workers", "population.generations", "federated.delta")
+# keys added after runs were saved, at the value that means "off": a run that records none is the same run
+ADDED_OFF = {"model.from": ""}
 _QUIET_KEYS = ("out_dir", "train.resume")  # differ on resume without a note
 FRESH_HINT = ("use another out_dir, or start over with --fresh (fresh=True from Python; the old run is moved to "
               "out_dir/previous/)")
@@ -70,7 +72,8 @@ def trained_keys(config: dict) -> dict[str, Any]:
     """The flat config keys (``population.kind``: value) that decide what a run trains."""
     flat = flat_dict(config)
     return {key: value for key, value in flat.items()
-            if key.startswith(TRAINED) and not key.startswith(NOT_TRAINED)}
+            if key.startswith(TRAINED) and not key.startswith(NOT_TRAINED) 
+            and not (key in ADDED_OFF and ADDED_OFF[key] == value)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ range is declared beside it (:func:`shardml.core.settings.setting`)::
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import typing
 from typing import Any
 
@@ -26,15 +27,20 @@ from shardml.parallel.partition import PARTITIONS
 from shardml.parallel.population import KINDS
 
 MODEL_KINDS = ("transformer", "mlp")
+# model.* keys a Hugging Face checkpoint's config.json does not set: how (and which) model runs, not its shape
+RUN_MODEL_KEYS = ("kind", "from", "dtype", "remat", "layer_loop", "grad_dtype")
 RESUME_MODES = ("auto", "never")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(TransformerConfig):
     """The reference model: the transformer's settings, and ``kind``. ``mlp`` is a classifier with
-    one hidden layer of ``d_ff`` units, for array data (``data.corpus=digits``)."""
+    one hidden layer of ``d_ff`` units, for array data (``data.corpus=digits``). ``from``
+    (``model.from=PATH``; the field ``from_``): a Hugging Face checkpoint directory or repo id whose
+    weights start the run; its ``config.json`` sets the architecture (:mod:`shardml.run.hf`)."""
 
     kind: str = setting("transformer", choices=MODEL_KINDS)
+    from_: str = setting("", hint="a Hugging Face checkpoint directory or repo id; empty: a new model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,9 +191,18 @@ class Config:
 
 
 
+def field_key(name: str) -> str:
+    """A field's config key: ``from_`` (a Python keyword with ``_`` added) is ``from``."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def _keyed(tree: Any) -> Any:
+    return {field_key(k): _keyed(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
 def to_dict(cfg: Any) -> dict:
-    """A plain nested dict of ``cfg`` (for YAML and JSON)."""
-    return dataclasses.asdict(cfg)
+    """A plain nested dict of ``cfg`` (for YAML and JSON), keyed by config keys (``model.from``)."""
+    return _keyed(dataclasses.asdict(cfg))
 
 
 def flat_dict(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -208,5 +223,5 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(typ):
             keys += all_keys(typ, f"{prefix}{name}.")
         else:
-            keys.append(prefix + name)
+            keys.append(prefix + field_key(name))
     return keys

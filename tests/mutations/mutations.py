@@ -57,6 +57,7 @@ LORA_GRAD = f"{LORA}::test_one_step_adapter_gradients_equal_peft_autograd_on_dat
 LORA_EXPORT = f"{LORA}::test_merged_and_peft_exports_give_the_lora_model_s_logits"
 LORA_POP = f"{LORA}::test_a_population_of_adapters_stores_the_base_once_and_stacks_the_adapters"
 HF = "tests/test_hf.py"
+HFCLI = "tests/test_hf_cli.py"
 HF_LOGITS = f"{HF}::test_logits_equal_transformers_on_data_fsdp_tensor"
 MOE = "tests/test_moe.py"
 MOE_DENSE = f"{MOE}::test_moe_layer_equals_dense_loop_values_and_gradients"
@@ -359,6 +360,19 @@ MUTATIONS: list[Mutation] = [
     M("groups-rerun-overwrites", "run", "a groups run overwrites the run it finds in out_dir",
       "claim(cfg, fresh, say)", "None",
       ("tests/test_groups_config.py::test_a_rerun_is_refused_before_compiling_and_fresh_moves_the_first_aside",)),
+    # ------------------------------------------------------------------ run: model.from and export (test_hf_cli)
+    M("hf-from-random-init", "run", "a model.from run starts from random weights, not the checkpoint's",
+      "self.init = init or trainer.init", "self.init = trainer.init",
+      (f"{HFCLI}::test_first_step_loss_equals_transformers_loss_of_the_checkpoint",)),
+    M("hf-from-conflict-unchecked", "run", "a model.* key that disagrees with config.json is silently replaced",
+      "if mine != getattr(default, field.name) and mine != value:", "if False:",
+      (f"{HFCLI}::test_bad_model_from_exits_2_before_compiling[conflict]",)),
+    M("hf-tokenizer-size-unchecked", "run", "a tokenizer one row past the embedding is accepted",
+      "if tokenizer.vocab > cfg.model.vocab:", "if tokenizer.vocab > cfg.model.vocab + 100:",
+      (f"{HFCLI}::test_a_tokenizer_larger_than_the_embedding_exits_2_before_compiling",)),
+    M("hf-export-overwrites", "run", "export writes into a non-empty directory",
+      "    check_target(out, fmt)\n", "",
+      (f"{HFCLI}::test_export_onto_a_non_empty_directory_exits_2_before_compiling",)),
     # ------------------------------------------------------------------ run: the Python API as careful as the CLI
     M("fit-batch-unchecked", "run", "fit reads the batch size under a name no source has: the check is skipped",
       'rows = getattr(data, "batch_size", None)', 'rows = getattr(data, "rows", None)', (FIT_BATCH,)),
