@@ -146,3 +146,9 @@ def no_compile(monkeypatch):
     monkeypatch.setattr(compiler, "compile_or_get_cached", refuse)
     with pytest.raises(AssertionError, match="compiled before"):
         jax.jit(lambda x: x * 3.0 + 1.0)(jnp.float32(np.random.default_rng().random()))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per core, at most 4 — each holds 8 emulated
+    devices, its own copy of the session's compiled fixtures and several GB at peak."""
+    return max(1, min(4, os.cpu_count() or 1))

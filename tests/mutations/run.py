@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mutations import AREAS, MUTATIONS, Mutation  # noqa: E402
 
 SKIP = {".git", ".venv", ".venv-newest", "__pycache__", ".pytest_cache", ".ipynb_checkpoints", "build", "dist"}
-PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rN"]
+PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rN",
+          "-n", "0"]  # a mutation runs a few tests: no workers (the jobs run side by side instead)
 
 
 @dataclasses.dataclass
