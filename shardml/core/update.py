@@ -49,6 +49,17 @@ def init_state(seed: jax.Array, *, model: Model, optimizer: optax.GradientTransf
     key = jax.random.key(seed)
     with use_rules(rules):
         params = strategy.layout(model.init(jax.random.fold_in(key, 0)))
+    return state_of(params, seed, optimizer=optimizer)
+
+
+def state_of(params: Any, seed: jax.Array, *, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0 with these parameters (already in the strategy's layout): the optimizer's fresh state
+    and the run's random key from ``seed`` — what :func:`init_state` gives, for parameters that come
+    from elsewhere (an imported checkpoint), without making random ones first.
+
+        state = jax.jit(functools.partial(state_of, optimizer=opt))(params, seed)
+    """
+    key = jax.random.key(seed)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(key, 1)), bad_steps=zero, bad_streak=zero)

@@ -18,10 +18,12 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 
 from shardml.core.errors import ShardmlError
 from shardml.core.step import Trainer, TrainState
 from shardml.core.tokenizer import BPE, load_tokenizer
+from shardml.core.update import state_of
 from shardml.models.hf_io import checkpoint_config, load_hf
 from shardml.run import distributed
 from shardml.run.errors import ConfigError
@@ -103,12 +105,14 @@ def imported_state(trainer: Trainer, cfg: Config, seed: int) -> TrainState:
     shardings (in the strategy's layout), a fresh optimizer state; the checkpoint's config.json
     and tokenizer files are copied to ``OUT_DIR/hf/``."""
     _, params = load_hf(cfg.model.from_, mesh=trainer.mesh, rules=trainer.rules, dtype=cfg.model.dtype)
-    state = trainer.init(seed)  # the optimizer's state (its values do not depend on the parameters')
+    # Not trainer.init: that would make a random copy of every weight beside the loaded one.
+    first = jax.jit(lambda p, s: state_of(trainer.strategy.layout(p), s, optimizer=trainer.optimizer),
+                    out_shardings=trainer.state_shardings, donate_argnums=0)
     with jax.set_mesh(trainer.mesh):
-        params = jax.jit(trainer.strategy.layout, out_shardings=trainer.state_shardings.params)(params)
+        state = first(params, jnp.asarray(seed, jnp.uint32))
     if cfg.out_dir and distributed.primary():
         copy_files(_checkpoint(cfg)[0], os.path.join(cfg.out_dir, RUN_COPY), ("config.json", *TOKENIZER_FILES))
-    return dataclasses.replace(state, params=params)
+    return state
 
 
 def copy_files(source: str, target: str, names) -> None:
