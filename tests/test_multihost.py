@@ -10,7 +10,6 @@ this process's 8 devices as the reference.
 - a killed process makes the other stop with an error within the heartbeat timeout (no hang).
 """
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -23,7 +22,7 @@ import time
 import pytest
 
 from shardml.run.checkpoint import steps as checkpoint_steps
-from shardml.run.config import load_config
+from shardml.run.config import load_config, to_dict
 from shardml.run.loop import run_loop
 from shardml.run.recipe import build
 from shardml.run.train import loop_settings
@@ -127,7 +126,7 @@ def in_process(overrides, out, resume="auto"):
     cfg = load_config("tiny", [*BASE, *overrides, f"out_dir={out}", f"train.resume={resume}"])
     parts = build(cfg)
     return run_loop(parts.trainer, parts.data, loop_settings(cfg, verbose=False), parts.eval_batches(),
-                    config=dataclasses.asdict(cfg))
+                    config=to_dict(cfg))
 
 
 def val_loss(out):

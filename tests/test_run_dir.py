@@ -3,6 +3,7 @@ algorithm, model or data) is refused, naming the keys and the flag that starts f
 anything compiles; settings that do not change what is trained continue the run; every experiment
 gets its own default out_dir; the checkpoint metadata is typed and versioned."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -173,3 +174,11 @@ def test_the_run_lifecycle_modules_import_without_cycles_or_imports_inside_funct
 
     cycles = [name for name in OWN if reaches(name, name)]
     assert not cycles, f"import cycles through {cycles}: {graph}"
+
+
+def test_a_config_given_as_dataclasses_asdict_is_the_same_run_as_its_config_keys():
+    """A caller's ``dataclasses.asdict(cfg)`` spells ``model.from`` as ``model.from_``: it must not
+    make a different run (the resumed multi-host run was refused so)."""
+    cfg = load_config("tiny", [])
+    assert rd.trained_keys(dataclasses.asdict(cfg)) == rd.trained_keys(to_dict(cfg))
+    assert not any(key.endswith("_") for key in rd.trained_keys(dataclasses.asdict(cfg)))

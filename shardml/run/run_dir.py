@@ -47,6 +47,7 @@ from shardml.core.step import TrainState
 from shardml.core.trees import nest
 from shardml.run import distributed, store
 from shardml.run.config import flat_dict
+from shardml.run.schema import field_key
 from shardml.run.library_log import handled
 from shardml.run.store import CheckpointError
 
@@ -70,9 +71,10 @@ FRESH_HINT = ("use another out_dir, or start over with --fresh (fresh=True from 
 
 def trained_keys(config: dict) -> dict[str, Any]:
     """The flat config keys (``population.kind``: value) that decide what a run trains."""
-    flat = flat_dict(config)
+    # keyed as the config keys also when ``config`` is a plain dataclasses.asdict (``model.from_``)
+    flat = {".".join(map(field_key, key.split("."))): value for key, value in flat_dict(config).items()}
     return {key: value for key, value in flat.items()
-            if key.startswith(TRAINED) and not key.startswith(NOT_TRAINED) 
+            if key.startswith(TRAINED) and not key.startswith(NOT_TRAINED)
             and not (key in ADDED_OFF and ADDED_OFF[key] == value)}
 
 
