@@ -23,6 +23,8 @@ class Mutation:
     original: str
     mutated: str
     tests: tuple[str, ...]
+    # checked after the others, with nothing beside it: its test compares step times within one run
+    alone: bool = False
 
     def __post_init__(self):
         assert self.area in AREAS, self.area
@@ -266,7 +268,7 @@ MUTATIONS: list[Mutation] = [
       (f"{HF}::test_a_sharded_bf16_checkpoint_loads_as_its_weights",)),
     M("pipeline-stage-layers-from-zero", "core", "every pipeline stage numbers its layers from 0 (Gemma's stage 1 "
       "takes its global layer for a local one)", "stage * jax.tree.leaves(layers)[0].shape[0])", "0)",
-      (f"{HF}::test_local_and_global_layers_train_on_a_pipeline_as_torch[gemma2]",)),
+      (f"{HF}::test_local_and_global_layers_train_on_a_pipeline_as_torch[gemma2-None]",)),
     M("theory-head-dim-from-d-model", "run", "the theory and the FLOP count take head_dim as d_model / heads",
       "return w.head_dim or w.d_model // w.heads", "return w.d_model // w.heads",
       ("tests/test_audit_theory.py::test_theory_counts_every_parameter[head_dim-set]",)),
@@ -316,7 +318,7 @@ MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ run: what a run shows (issue 31)
     M("last-step-timed-after-eval", "run", "the last step's record timed after the evaluation's wait (rate 20-30x)",
       "self.flush()\n        jax.block_until_ready(self.state)", "jax.block_until_ready(self.state)",
-      (f"{OUT}::test_last_logged_step_is_timed_over_its_own_step",)),
+      (f"{OUT}::test_last_logged_step_is_timed_over_its_own_step",), alone=True),
     M("classifier-reports-tokens", "run", "a classifier's throughput logged as tokens/s",
       '"tokens_per_s" if self.tokens_per_example > 1 else "examples_per_s"', '"tokens_per_s"',
       (f"{OUT}::test_rates_count_tokens_for_language_models_and_examples_for_classifiers",)),

@@ -115,7 +115,8 @@ def check(mutation: Mutation, copy: Path, sources: dict[Path, str], timeout: flo
 
 
 def check_all(chosen: list[Mutation], tmp: Path, sources: dict[Path, str], args) -> list[Outcome]:
-    """Every chosen bug checked, ``args.jobs`` at a time, each job borrowing a copy of the checkout."""
+    """Every chosen bug checked, ``args.jobs`` at a time, each job borrowing a copy of the checkout;
+    the bugs marked ``alone`` (timing tests) after the others, one by one."""
     copies: queue.Queue[Path] = queue.Queue()
     for j in range(max(1, min(args.jobs, len(chosen)))):
         copy_checkout(tmp / f"checkout-{j}")
@@ -132,7 +133,8 @@ def check_all(chosen: list[Mutation], tmp: Path, sources: dict[Path, str], args)
         return outcome
 
     with concurrent.futures.ThreadPoolExecutor(copies.qsize()) as pool:
-        return list(pool.map(one, chosen))
+        side_by_side = list(pool.map(one, [m for m in chosen if not m.alone]))
+    return side_by_side + [one(m) for m in chosen if m.alone]
 
 
 def report(outcomes: list[Outcome], seconds: float) -> bool:
