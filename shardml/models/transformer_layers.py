@@ -185,14 +185,14 @@ def mlp_specs(cfg: TransformerConfig, out_scale: float) -> dict:
     ``experts`` axis) and the shared experts' (a dense MLP of shared_experts x expert_d_ff)."""
     L, D, F, N = cfg.layers, cfg.d_model, cfg.d_ff, cfg.experts
 
-    def dense(prefix, width):
+    def mlp(prefix, width):
         return {f"{prefix}gate": ParamSpec((L, D, width), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
                 f"{prefix}up": ParamSpec((L, D, width), ("layers", "embed", "mlp"), fan_in_dims=(1,)),
                 f"{prefix}down": ParamSpec((L, width, D), ("layers", "mlp", "embed"), fan_in_dims=(1,),
                                            scale=out_scale)}
 
     if not N:
-        return dense("w_", F)
+        return mlp("w_", F)
     Fe = cfg.expert_d_ff or F
     specs = {"router": ParamSpec((L, D, N), ("layers", "embed", None), fan_in_dims=(1,)),
              "we_gate": ParamSpec((L, N, D, Fe), ("layers", "experts", "embed", "mlp"), fan_in_dims=(2,)),
@@ -200,7 +200,7 @@ def mlp_specs(cfg: TransformerConfig, out_scale: float) -> dict:
              "we_down": ParamSpec((L, N, Fe, D), ("layers", "experts", "mlp", "embed"), fan_in_dims=(2,),
                                   scale=out_scale)}
     if cfg.shared_experts:
-        specs |= dense("ws_", cfg.shared_experts * Fe)
+        specs |= mlp("ws_", cfg.shared_experts * Fe)
     return specs
 
 
