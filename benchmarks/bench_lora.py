@@ -289,13 +289,17 @@ def exact_match(base, params, pairs: dict[str, str], mesh) -> float:
     return float(np.mean([s == name for s, name in zip(said, pairs)]))
 
 
+def split_by_name(pairs: dict[str, str], held_out: float = 0.2, seed: int = 0) -> tuple[dict, dict]:
+    """(train, held-out) pairs: a seeded ``held_out`` share of the function names, never trained on."""
+    names = sorted(pairs)
+    np.random.default_rng(seed).shuffle(names)
+    cut = int(len(names) * held_out)
+    return ({n: pairs[n] for n in sorted(names[cut:])}, {n: pairs[n] for n in sorted(names[:cut])})
+
+
 def demo(args) -> list[str]:
     pairs = stdlib_pairs()
-    names = sorted(pairs)
-    np.random.default_rng(0).shuffle(names)
-    cut = len(names) // 5
-    held = {n: pairs[n] for n in sorted(names[:cut])}
-    train_pairs = {n: pairs[n] for n in sorted(names[cut:])}
+    train_pairs, held = split_by_name(pairs)
     seq, mesh = 128, make_mesh({"data": 8})
     base = shardml.transformer(shardml.TransformerConfig(vocab=256, layers=2, d_model=128, heads=4, kv_heads=2,
                                                          d_ff=384, dtype="float32", remat="none",

@@ -3,14 +3,17 @@
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import _readme
 import bench_hf
+import bench_lora
 import bench_mfu
 
+import shardml
 from shardml import load_config
 from shardml.analysis.flops import inventory_flops
 from shardml.run.recipe import build
@@ -102,3 +105,33 @@ def test_bench_hf_counts_the_parameters_transformers_builds():
     default = {"hidden_size": args.hidden, "intermediate_size": args.intermediate, "vocab_size": args.vocab,
                "num_hidden_layers": args.layers, "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads}
     assert 0.4e9 < bench_hf.count_params(default) < 0.6e9
+
+
+def test_bench_lora_demo_holds_functions_out_by_name_and_learns_only_their_names(tmp_path):
+    """The stdlib instruction set: held-out names never trained on, their docstring lines absent from
+    the pretraining text, and the loss mask on exactly the completion's bytes (the name and a newline)."""
+    pairs = bench_lora.stdlib_pairs(("math", "os.path", "textwrap", "string"))
+    train, held = bench_lora.split_by_name(pairs)
+    assert len(held) == int(0.2 * len(pairs)) > 0 and not set(train) & set(held) and {**train, **held} == pairs
+    assert all(name not in doc for name, doc in pairs.items()), "a docstring that names its function gives it away"
+    text = bench_lora.pretraining_text(list(held.values()), limit=300_000).decode()
+    assert len(text) > 300_000 and not [doc for doc in held.values() if doc in text]
+    examples = bench_lora.sft_rows(held, 128, str(tmp_path), "held")
+    rows = shardml.pad_examples(examples, 128)
+    for row, (name, doc) in enumerate(held.items()):
+        learned = bytes(rows["targets"][row][rows["mask"][row] > 0].tolist()).decode()
+        assert learned == f"{name}\n", (row, learned, doc)
+        shown = bytes(rows["inputs"][row][:len(bench_lora.prompt_of(doc))].tolist()).decode()
+        assert shown == bench_lora.prompt_of(doc)
+
+
+@pytest.mark.slow
+def test_bench_lora_adapters_in_one_step_train_as_the_runs_one_after_another():
+    """The speed race compares like with like: each of the population's members ends with the
+    loss of the same adapter (seed, learning rate, batches) trained alone on data=8."""
+    args = bench_lora.parse_args(["--steps", "1", "--members", "2", "--d-model", "32", "--layers", "1", "--heads",
+                                  "2", "--seq", "16", "--vocab", "64", "--remat", "none"])
+    built = bench_lora.trainers(args, "none")
+    result = bench_lora.population_vs_sequential(args, built, bench_lora.token_batches(args, args.steps + 1))
+    np.testing.assert_allclose(result["pop_losses"], result["seq_losses"], rtol=1e-5)
+    assert len(set(np.round(result["seq_losses"], 6))) > 1, "the members differ (seeds and learning rates)"
