@@ -436,4 +436,7 @@ MUTATIONS += [
     M("sft-mask-label-shift", "core", "the packed mask marks completion inputs, not completion targets (off by one)",
       "mask[r, cut], segments[r, cut], positions[r, cut] = examples.completion[i][1:]",
       "mask[r, cut], segments[r, cut], positions[r, cut] = examples.completion[i][:-1]", (SFT_MASK,)),
+    M("sft-pad-mask-label-shift", "core", "a padded row's mask marks completion inputs, not completion targets",
+      'out["mask"][row, :n] = flags[1:]', 'out["mask"][row, :n] = flags[:-1]',
+      ("tests/test_benchmarks.py::test_bench_lora_demo_holds_functions_out_by_name_and_learns_only_their_names",)),
 ]
