@@ -72,6 +72,30 @@ def test_the_sampler_is_seeded_by_train_seed(tmp_path):
     assert first == ask(0, "b") and first != ask(1, "c")
 
 
+def test_a_shape_the_layout_cannot_split_is_told_fail_and_asked_again():
+    import optuna
+
+    from shardml.run.group_trials import generation_trials, model_distributions
+
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    odd = lambda arch: "odd" if int(arch[0].split("=")[1]) % 2 else None  # noqa: E731
+    trials, done = generation_trials(study, 0, 4, model_distributions({"d_ff": "uniform(8,40)"}), odd, lambda line: None)
+    assert not done and all(t.params["d_ff"] % 2 == 0 for t in trials), [t.params for t in trials]
+    failed = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL]
+    assert failed and all(t.params["d_ff"] % 2 for t in failed), "no odd proposal was told FAIL"
+    assert [t.user_attrs["member"] for t in trials] == [0, 1, 2, 3]
+
+
+def test_trials_of_one_shape_share_a_group():
+    from types import SimpleNamespace
+
+    from shardml.run.group_trials import plan_groups
+
+    trials = [SimpleNamespace(params=p) for p in ({"d_ff": 16}, {"d_ff": 32}, {"d_ff": 16, "layers": 2}, {"d_ff": 16})]
+    assert plan_groups(trials) == [(["model.d_ff=16"], [0, 3]), (["model.d_ff=32"], [1]),
+                                   (["model.d_ff=16", "model.layers=2"], [2])]
+
+
 def test_a_trial_equals_the_plain_run_of_its_overrides(first, tmp_path):
     out, trials = first
     trial = trials[1]
@@ -108,7 +132,8 @@ def test_the_median_pruner_stops_a_worse_trials_group_and_leaves_the_others(firs
     for t in trials:
         mine = losses(out / "gen-0", t["trial"])
         before = losses(out0 / "gen-0", t["trial"] - 4)  # the same trial, numbered after the 4 planted ones
-        if t["pruned"]:
+        if t["pruned"]:  # its group stopped: its final evaluation is the one it reported at the pruning step
+            assert t["val_loss"] == pytest.approx(reported[t["trial"]], rel=1e-6), t
             assert len(mine) == STEP and f"trial {t['trial']} pruned at step {STEP}; its 2 devices idle" in err, err
             np.testing.assert_allclose(mine, before[:STEP], rtol=1e-6)
         else:

@@ -183,14 +183,14 @@ def trial_entries(cfg: Config, trials, plan, groups, run, val: list[dict], prune
     base = t.init_seed if t.init_seed >= 0 else t.seed
     for index, (arch, positions) in enumerate(plan):
         history, n = run.metrics[index], len(positions)
-        for m, p in enumerate(positions):
+        for slot, p in enumerate(positions):
             steps = pruned.get(p, len(history))
             entry = {"trial": trials[p].number, "generation": trials[p].user_attrs["generation"],
                      "member": trials[p].user_attrs["member"], "group": index, "devices": len(groups[index].devices),
-                     "params": dict(trials[p].params), "overrides": [*arch, f"train.init_seed={base + m}"],
+                     "params": dict(trials[p].params), "overrides": [*arch, f"train.init_seed={base + slot}"],
                      "steps": steps, "pruned": p in pruned,
-                     "train_loss": of_member(history[steps - 1]["loss"], m, n) if steps else None,
-                     **{f"val_{k}": of_member(v, m, n) for k, v in val[index].items()}}
+                     "train_loss": of_member(history[steps - 1]["loss"], slot, n) if steps else None,
+                     **{f"val_{k}": of_member(v, slot, n) for k, v in val[index].items()}}
             entry["value"] = entry.get("val_loss", entry["train_loss"])
             entries.append(entry)
     return sorted(entries, key=lambda e: e["member"])
