@@ -64,6 +64,9 @@ def _population(cfg: Config, sizes: dict[str, int]) -> None:
                               "use the members axis themselves; leave population.size at 1", subject="population.size",
                               value=pop.size)
         return
+    if pop.sampler == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("population.sampler=optuna asks Optuna for the trials: pip install 'shardml[search]'",
+                          subject="population.sampler", value=pop.sampler)
     if members > 1 and pop.size % members:
         raise ConfigError(f"population.size={pop.size} is not divisible by mesh.members={members}; each device group "
                           f"holds the same number of members, so use a multiple of {members}",
@@ -138,9 +141,6 @@ def _architecture_trials(cfg: Config, sizes: dict[str, int], listed: str) -> Non
         raise ConfigError(f"{listed} with population.sampler=optuna and population.kind={pop.kind}: Optuna searches "
                           "architectures in a sweep (population.kind=sweep)", subject="population.kind", value=pop.kind)
     check_model_spaces(cfg)
-    if importlib.util.find_spec("optuna") is None:
-        raise ConfigError("population.sampler=optuna asks Optuna for the trials: pip install 'shardml[search]'",
-                          subject="population.sampler", value=pop.sampler)
     if sizes["members"] > 1:
         raise ConfigError(f"mesh.members={sizes['members']} with Optuna's architecture trials: trials of one shape "
                           "share a group as members in any number; leave mesh.members=1",
