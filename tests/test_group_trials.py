@@ -168,3 +168,8 @@ def test_without_optuna_the_search_extra_is_named_before_compiling(capsys, no_co
     monkeypatch.setitem(sys.modules, "optuna", None)
     code, _, err = shardml(capsys, "train", "tiny", *BASE, *SEARCH)
     assert code == 2 and "pip install 'shardml[search]'" in err and "Traceback" not in err, err
+
+
+def test_plan_refuses_architectures_optuna_has_not_picked_yet(capsys, no_compile):
+    code, _, err = shardml(capsys, "plan", "tiny", *BASE, *SEARCH)
+    assert code == 2 and "cannot be built ahead" in err and "Traceback" not in err, err
