@@ -173,3 +173,29 @@ def test_without_optuna_the_search_extra_is_named_before_compiling(capsys, no_co
 def test_plan_refuses_architectures_optuna_has_not_picked_yet(capsys, no_compile):
     code, _, err = shardml(capsys, "plan", "tiny", *BASE, *SEARCH)
     assert code == 2 and "cannot be built ahead" in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_a_pruned_trial_sharing_its_group_is_frozen_while_the_others_train_on(tmp_path, capsys):
+    """Every trial one shape (one group of 4 members, seeds 0..3), two generations: the second's
+    trials repeat the first's exactly, so the median pruner stops the two above the first
+    generation's median at step 2; they are frozen (their loss stays the one they reported), the
+    others train on as before."""
+    out = tmp_path / "shared"
+    search = [*SEARCH, "model.d_ff=[16]", "population.generations=2"]
+    train(load_config("tiny", [*BASE, *search, f"out_dir={out}"]), verbose=False)
+    trials = json.loads((out / "population.json").read_text())["trials"]
+    first, second = trials[:4], trials[4:]
+    assert {t["group"] for t in trials} == {0} and [t["overrides"][1] for t in second] == [
+        f"train.init_seed={i}" for i in range(4)], trials
+    at_step = {t.number: t.intermediate_values[STEP] for t in study_of(out).get_trials()}
+    median = float(np.median([at_step[t["trial"]] for t in first]))
+    assert {t["trial"] for t in second if t["pruned"]} == {t["trial"] for t in second if at_step[t["trial"]] > median}
+    assert sum(t["pruned"] for t in second) == 2 and "frozen in its group" in capsys.readouterr().err
+    for before, t in zip(first, second):
+        mine, theirs = losses(out / "gen-1", t["trial"]), losses(out / "gen-0", before["trial"])
+        if t["pruned"]:
+            assert len(mine) == STEP and t["val_loss"] == pytest.approx(at_step[t["trial"]], rel=1e-6), t
+        else:
+            np.testing.assert_allclose(mine, theirs, rtol=1e-6, err_msg="a live member changed when one was frozen")
+            assert t["val_loss"] == pytest.approx(before["val_loss"], rel=1e-6)

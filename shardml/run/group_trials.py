@@ -164,7 +164,8 @@ def pruning_check(study, trials, plan, groups, eval_batches, pruned: dict, say=n
                 if handles[p].should_prune():
                     pruned[p] = step + 1
                     out.append(p)
-            what = f"its {len(groups[index].devices)} devices idle until the generation ends" if out == live else \
+            k = len(groups[index].devices)
+            what = f"its {k} device{'s' * (k > 1)} idle until the generation ends" if out == live else \
                 "frozen in its group, whose other trials train on"
             for p in out:
                 say(f"optuna: trial {trials[p].number} pruned at step {step + 1}; {what}")
