@@ -32,7 +32,7 @@ CLI_CASES = [
     pytest.param("search", ["optuna"],
                  ["train", str(ROOT / "configs" / "digits.yaml"), "population.kind=sweep", "population.size=8",
                   "optim.lr=loguniform(1e-4,1e-1)", "population.sampler=optuna", "train.steps=1"],
-                 id="optuna", marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAP)),
+                 id="optuna"),
 ]
 
 

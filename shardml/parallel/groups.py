@@ -313,17 +313,24 @@ def build_groups(specs: Sequence[GroupSpec], devices: Sequence | None = None) ->
 # ----------------------------------------------------------------------------- the dispatch loop
 
 
-def dispatch(groups: Groups, states: Sequence[TrainState], batches: Sequence[dict]) -> tuple[list, list]:
-    """One step of every group, none waited for: each call returns once its work is queued (states
-    are donated). Returns the new states and the metrics, still on device."""
-    out = [g.trainer.step(state, g.trainer.put(batch)) for g, state, batch in zip(groups, states, batches)]
-    return [state for state, _ in out], [metrics for _, metrics in out]
+def dispatch(groups: Groups, states: Sequence[TrainState], batches: Sequence[dict],
+             live: Sequence[int] | None = None) -> tuple[list, list]:
+    """One step of every group (or of the ``live`` ones; the others keep their state and get no
+    metrics), none waited for: each call returns once its work is queued (states are donated).
+    Returns the new states and the metrics, still on device."""
+    live = range(len(groups)) if live is None else live
+    states, metrics = list(states), [None] * len(groups)
+    for index in live:
+        trainer = groups[index].trainer
+        states[index], metrics[index] = trainer.step(states[index], trainer.put(batches[index]))
+    return states, metrics
 
 
 @dataclasses.dataclass
 class GroupsRun:
     """What :func:`train_groups` returns: every group's final state and its metrics per step (host
-    values; a group of members has one value per member).
+    values; a group of members has one value per member). A group stopped early (``stopped``:
+    group -> the steps it trained) has fewer rows.
 
     Example:
       >>> run = train_groups(groups, batches, steps=10)      # doctest: +SKIP
@@ -333,6 +340,7 @@ class GroupsRun:
     groups: Groups
     states: list[TrainState]
     metrics: list[list[dict]]
+    stopped: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def loss(self, group: int) -> list:
         """The group's loss at every step."""
@@ -351,8 +359,13 @@ def batches_of(data: Callable | Sequence[Callable], n_groups: int) -> Callable[[
     return lambda step: [source(step) for source in sources]
 
 
+# ``check(step, states) -> (states, groups to stop)``: called after step ``step`` (0-based) every ``check_every``
+Check = Callable[[int, list], tuple[list, Iterable[int]]]
+
+
 def train_groups(groups: Groups, data: Callable | Sequence[Callable], steps: int, *, seed: int = 0,
-                 states: Sequence[TrainState] | None = None) -> GroupsRun:
+                 states: Sequence[TrainState] | None = None, check_every: int = 0,
+                 check: Check | None = None) -> GroupsRun:
     """Trains every group ``steps`` steps: each iteration dispatches every group's step, then reads
     the previous iteration's metrics (so the host never waits for a group before dispatching the
     next one, and a slow group never holds back a fast one's queue).
@@ -362,6 +375,9 @@ def train_groups(groups: Groups, data: Callable | Sequence[Callable], steps: int
         group (architectures that take different inputs).
       seed: initialisation seed (groups with their own ``seed`` keep it); ``states``: start from
         these instead.
+      check_every, check: every ``check_every`` steps ``check(step, states)`` returns the states
+        (it may change them, e.g. freeze members) and the groups to stop: those are no longer
+        dispatched (their devices idle) and keep the state they had (an early stop, a pruned trial).
 
     Example:
       >>> run = train_groups(build_groups(specs), lambda step: batch, steps=10)   # doctest: +SKIP
@@ -371,21 +387,31 @@ def train_groups(groups: Groups, data: Callable | Sequence[Callable], steps: int
     batches = batches_of(data, len(groups))
     states = list(states) if states is not None else groups.init(seed)
     history: list[list[dict]] = [[] for _ in groups]
-    pending = None
+    live, stopped, pending = list(range(len(groups))), {}, None
     for step in range(steps):
-        states, metrics = dispatch(groups, states, batches(step))
+        if not live:
+            break
+        states, metrics = dispatch(groups, states, batches(step), live)
         if pending is not None:
             record(history, pending)
         pending = metrics
+        if check is not None and check_every and (step + 1) % check_every == 0 and step + 1 < steps:
+            record(history, pending)  # a check reads the metrics (and evaluates) anyway
+            pending = None
+            states, stop = check(step, states)
+            for index in sorted(set(stop) & set(live)):
+                stopped[index] = step + 1
+                live.remove(index)
     if pending is not None:
         record(history, pending)
-    return GroupsRun(groups, states, history)
+    return GroupsRun(groups, states, history, stopped)
 
 
 def record(history: list[list[dict]], metrics: Sequence[dict]) -> None:
     """Appends one step's metrics of every group (blocks until all are computed)."""
     for rows, values in zip(history, jax.device_get(list(metrics))):
-        rows.append({k: v.tolist() for k, v in values.items()})
+        if values is not None:  # a stopped group's
+            rows.append({k: v.tolist() for k, v in values.items()})
 
 
 # ----------------------------------------------------------------------------- heterogeneous ensembles

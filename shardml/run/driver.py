@@ -24,6 +24,7 @@ from shardml.run import distributed
 from shardml.run.errors import config_errors
 from shardml.run.engine import LoopSettings, Mode, TrainSummary, notice, run_loop
 from shardml.run.federated import federated_mode
+from shardml.run.group_trials import train_architecture_trials
 from shardml.run.groups import train_architectures
 from shardml.run.hf import from_checkpoint
 from shardml.run.inference import write_samples
@@ -163,6 +164,8 @@ def train(cfg: config_lib.Config, verbose: bool = True, fresh: bool = False,
     """
     distributed.start()  # a cluster jax.distributed detects, before JAX's backend starts (no-op once started)
     cfg = from_checkpoint(with_default_out_dir(cfg))  # config.yaml records model.from's shape
+    if cfg.population.models and cfg.population.sampler == "optuna":
+        return train_architecture_trials(cfg, verbose, fresh, config_lines(cfg, full_config))
     if cfg.population.models:
         return train_architectures(cfg, verbose, fresh, config_lines(cfg, full_config))
     parts = build(cfg)

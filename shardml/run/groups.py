@@ -90,23 +90,41 @@ def build_architectures(cfg: Config, devices=None) -> GroupParts:
     """
     devices = list(devices if devices is not None else jax.devices())
     validate(cfg, len(devices))
+    if cfg.population.sampler == "optuna":  # only the grid is known before training
+        raise ConfigError("population.sampler=optuna picks the architectures while training, so they cannot be "
+                          "built ahead; list the ones to plan with population.sampler=grid (model.d_ff=[16,64])",
+                          subject="population.sampler", value="optuna")
     data = data_source(cfg)
     overrides = architectures(cfg)
     members = cfg.population.size // len(overrides)
+    configs, groups = build_groups_of(cfg, data, overrides, [members] * len(overrides), devices)
+    return GroupParts(cfg, data, overrides, configs, groups)
+
+
+def architecture_spec(cfg: Config, data, arch: list[str], members: int) -> tuple[Config, GroupSpec]:
+    """One architecture's plain config and its group's spec (nothing built on devices yet)."""
+    acfg = architecture_config(cfg, arch)
+    with keyed(acfg):
+        model, loss = model_of(acfg, data)
+    return acfg, GroupSpec(model, default_optimizer(acfg.optim, cfg.train.steps), loss=loss, layout=group_layout(cfg),
+                           members=members, microbatches=cfg.train.microbatches, name=" ".join(arch),
+                           batch_size=cfg.train.batch_size)
+
+
+def build_groups_of(cfg: Config, data, overrides: list[list[str]], members: list[int],
+                    devices) -> tuple[list[Config], Groups]:
+    """The groups of the architectures ``overrides`` (``members[i]`` members of the i-th), built and
+    checked on ``devices`` (nothing compiled), with each architecture's plain config."""
     configs, specs = [], []
-    for arch in overrides:
-        acfg = architecture_config(cfg, arch)
-        with keyed(acfg):
-            model, loss = model_of(acfg, data)
+    for arch, count in zip(overrides, members):
+        acfg, spec = architecture_spec(cfg, data, arch, count)
         configs.append(acfg)
-        specs.append(GroupSpec(model, default_optimizer(acfg.optim, cfg.train.steps), loss=loss,
-                               layout=group_layout(cfg), members=members, microbatches=cfg.train.microbatches,
-                               name=" ".join(arch), batch_size=cfg.train.batch_size))
+        specs.append(spec)
     groups = build_groups(specs, devices)
     for group in groups:
         with keyed(cfg):
             check_batch(cfg.train.batch_size, dict(group.trainer.mesh.shape), cfg.train.microbatches)
-    return GroupParts(cfg, data, overrides, configs, groups)
+    return configs, groups
 
 
 def describe_groups(parts: GroupParts) -> list[str]:

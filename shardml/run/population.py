@@ -200,15 +200,16 @@ def optuna_distributions(search: dict) -> dict:
     return out
 
 
-def optuna_study(out_dir: str, seed: int):
-    """The run's study, stored in ``OUT_DIR/optuna.db`` so a rerun continues it (TPE sampler)."""
+def optuna_study(out_dir: str, seed: int, pruner=None):
+    """The run's study, stored in ``OUT_DIR/optuna.db`` so a rerun continues it (TPE sampler;
+    ``pruner`` Optuna's, default none)."""
     import optuna
 
     os.makedirs(out_dir, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{os.path.abspath(os.path.join(out_dir, 'optuna.db'))}"
     return optuna.create_study(study_name="shardml", storage=storage, load_if_exists=True, direction="minimize",
-                               sampler=optuna.samplers.TPESampler(seed=seed))
+                               sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
 
 
 def generation_trials(study, generation: int, size: int, distributions: dict):

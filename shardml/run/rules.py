@@ -10,13 +10,14 @@ anything compiles), by the library, and reworded in config keys by :func:`shardm
 from __future__ import annotations
 
 import importlib.util
+import math
 
 from shardml.core.mesh import resolve_mesh_sizes
 from shardml.core.pipeline import Schedule
 from shardml.core.settings import check_settings
 from shardml.run.errors import ConfigError, keyed
 from shardml.run.schema import RESUME_MODES, Config
-from shardml.run.search import check_search
+from shardml.run.search import check_model_spaces, check_search
 
 # The keys of the pipeline schedule's arguments (``microbatches`` alone would mean train.microbatches).
 SCHEDULE_KEYS = {"microbatches": "pipeline.microbatches", "stages": "mesh.pipeline", "repeats": "pipeline.repeats",
@@ -63,6 +64,9 @@ def _population(cfg: Config, sizes: dict[str, int]) -> None:
                               "use the members axis themselves; leave population.size at 1", subject="population.size",
                               value=pop.size)
         return
+    if pop.sampler == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("population.sampler=optuna asks Optuna for the trials: pip install 'shardml[search]'",
+                          subject="population.sampler", value=pop.sampler)
     if members > 1 and pop.size % members:
         raise ConfigError(f"population.size={pop.size} is not divisible by mesh.members={members}; each device group "
                           f"holds the same number of members, so use a multiple of {members}",
@@ -93,17 +97,18 @@ def _federated(cfg: Config, sizes: dict[str, int]) -> None:
 
 
 def _architectures(cfg: Config, sizes: dict[str, int]) -> None:
-    """``model.*`` lists: each architecture a group of devices (:mod:`shardml.run.groups`)."""
+    """``model.*`` lists: each architecture a group of devices (:mod:`shardml.run.groups`); with
+    ``population.sampler=optuna`` Optuna picks them (:func:`_architecture_trials`)."""
     pop = cfg.population
+    if pop.pruner != "none" and not (pop.models and pop.sampler == "optuna"):
+        raise ConfigError(f"population.pruner={pop.pruner} prunes Optuna's architecture trials: search model.* keys "
+                          "with population.sampler=optuna (or leave population.pruner=none)",
+                          subject="population.pruner", value=pop.pruner)
     if not pop.models:
         return
-    count = 1
-    for values in pop.models.values():
-        count *= len(values)
     listed = " ".join(f"model.{k}={v}" for k, v in sorted(pop.models.items()))
     clashes = [(pop.kind not in ("sweep", "ensemble"), "population.kind", pop.kind,
                 "architectures train as a sweep or an ensemble (pbt copies parameters between members of one shape)"),
-               (pop.sampler != "grid", "population.sampler", pop.sampler, "architectures are listed (use grid)"),
                (bool(pop.search), "population.search", sorted(pop.search),
                 "search either the optimizer or the architecture in one run"),
                (pop.bootstrap, "population.bootstrap", True, "bootstrap ensembles share one architecture"),
@@ -113,10 +118,42 @@ def _architectures(cfg: Config, sizes: dict[str, int]) -> None:
     for bad, key, value, why in clashes:
         if bad:
             raise ConfigError(f"{listed} with {key}={value}: {why}", subject=key, value=value)
+    if pop.sampler == "optuna":
+        _architecture_trials(cfg, sizes, listed)
+        return
+    for name, spec in sorted(pop.models.items()):
+        if not isinstance(spec, list):
+            raise ConfigError(f"model.{name}={spec!r}: a model distribution is sampled by Optuna; add "
+                              "population.sampler=optuna (a grid lists every architecture: model.{name}=[a,b])",
+                              subject=f"model.{name}", value=spec)
+    count = math.prod(len(values) for values in pop.models.values())
     if pop.size % count or pop.size < count:
         raise ConfigError(f"population.size={pop.size} with {listed}: each of the {count} architectures gets the same "
                           f"number of members, so use a multiple of {count} (e.g. population.size={count})",
                           subject="population.size", value=pop.size)
+
+
+def _architecture_trials(cfg: Config, sizes: dict[str, int], listed: str) -> None:
+    """Optuna over architectures: a sweep, every space readable, the extra installed, and room for
+    ``population.size`` groups (the trials of a generation may all differ)."""
+    pop, t = cfg.population, cfg.train
+    if pop.kind != "sweep":
+        raise ConfigError(f"{listed} with population.sampler=optuna and population.kind={pop.kind}: Optuna searches "
+                          "architectures in a sweep (population.kind=sweep)", subject="population.kind", value=pop.kind)
+    check_model_spaces(cfg)
+    if sizes["members"] > 1:
+        raise ConfigError(f"mesh.members={sizes['members']} with Optuna's architecture trials: trials of one shape "
+                          "share a group as members in any number; leave mesh.members=1",
+                          subject="mesh.members", value=sizes["members"])
+    group = sizes["fsdp"] * sizes["tensor"]
+    if pop.size * group > math.prod(sizes.values()):
+        raise ConfigError(f"population.size={pop.size} trials per generation with {listed}: they may all differ, and "
+                          f"each needs a group of mesh.fsdp x mesh.tensor = {group} device(s), {pop.size * group} in "
+                          f"all, but there are {math.prod(sizes.values())}; lower population.size",
+                          subject="population.size", value=pop.size)
+    if pop.pruner != "none" and not (0 < t.eval_every < t.steps):
+        raise ConfigError(f"population.pruner={pop.pruner} decides at evaluations: set train.eval_every between 1 and "
+                          f"train.steps={t.steps} (got {t.eval_every})", subject="train.eval_every", value=t.eval_every)
 
 
 def groups_mesh(cfg: Config) -> None:

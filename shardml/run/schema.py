@@ -124,7 +124,11 @@ class PopulationConfig:
     ``models``: ``model.*`` keys given a list (``model.layers=[2,4]``) land here; every
     combination is an architecture of its own, trained at the same time on its own group of
     devices (:mod:`shardml.run.groups`), ``size`` / architectures members each: a sweep of
-    architectures, or with ``kind=ensemble`` one heterogeneous ensemble.
+    architectures, or with ``kind=ensemble`` one heterogeneous ensemble. With ``sampler=optuna`` a
+    sweep's ``model.*`` keys may also be integer ranges (``model.d_ff=uniform(16,128)``,
+    ``loguniform``): each generation Optuna picks ``size`` architectures, trained at once
+    (:mod:`shardml.run.group_trials`); ``pruner=median`` stops a trial whose validation loss at an
+    evaluation (every ``train.eval_every`` steps) is worse than the median of the completed trials'.
     """
 
     size: int = setting(1, minimum=1)
@@ -134,6 +138,8 @@ class PopulationConfig:
     models: dict = dataclasses.field(default_factory=dict)
     sampler: str = setting("grid", choices=("grid", "optuna"), hint="grid: lists form a grid, distributions are sampled")
     generations: int = setting(1, minimum=1)
+    pruner: str = setting("none", choices=("none", "median"), hint="median: Optuna's MedianPruner over architecture "
+                          "trials (model.* searched with sampler=optuna)")
     ready_every: int = setting(0, minimum=0, hint="PBT's exploit/explore interval in steps")
     exploit_fraction: float = setting(0.25, above=0.0, maximum=0.5)
     prune_every: int = setting(0, minimum=0, hint="0: never stop members early")

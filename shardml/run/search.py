@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +22,7 @@ from shardml.core.optim import INJECTED
 from shardml.core.settings import check_settings
 from shardml.parallel.population import Distribution, Member, is_search_spec, parse_space
 from shardml.run.errors import ConfigError, keyed
-from shardml.run.schema import Config
+from shardml.run.schema import Config, ModelConfig
 
 SEARCHABLE = tuple(f"optim.{name}" for name in INJECTED)
 # What stays one value for every architecture: the kind decides the data and the loss.
@@ -96,11 +98,12 @@ def member_overrides(member: Member, sizes: Mapping[str, int], out_dir: str | No
 
 
 def move_models(data: dict, base: Config) -> dict:
-    """``data`` with its ``model.*`` lists moved to ``population.models`` (each combination of
-    their values an architecture; see :mod:`shardml.run.groups`).
+    """``data`` with its ``model.*`` lists and distributions moved to ``population.models`` (each
+    combination of listed values an architecture, see :mod:`shardml.run.groups`; with
+    ``population.sampler=optuna`` Optuna picks them, see :mod:`shardml.run.group_trials`).
 
     Raises:
-      ConfigError: a list for ``model.kind``, an empty list, or a distribution (architectures are listed).
+      ConfigError: a search of ``model.kind``, or an empty list.
     """
     model = data.get("model")
     if not isinstance(model, dict) or not any(is_search_spec(v) for v in model.values()):
@@ -110,11 +113,58 @@ def move_models(data: dict, base: Config) -> dict:
         if not is_search_spec(value):
             continue
         key = f"model.{name}"
-        if name in FIXED_MODEL_KEYS or not isinstance(value, (list, tuple)) or not value:
+        if name in FIXED_MODEL_KEYS or (isinstance(value, (list, tuple)) and not value):
             raise ConfigError(f"{key}={value!r}: architectures are searched with a non-empty list of values "
                               f"(e.g. model.layers=[2,4]), and model.kind stays one value (it picks the data)",
                               subject=key, value=value)
-        models[name] = list(value)
+        models[name] = list(value) if isinstance(value, (list, tuple)) else value
     population = dict(data.get("population") or {})
     population["models"] = {**models, **(population.get("models") or {})}
     return {**data, "model": {k: v for k, v in model.items() if not is_search_spec(v)}, "population": population}
+
+
+def model_space(name: str, spec: Any) -> list | tuple[int, int, bool]:
+    """The search space of ``model.<name>``: a list of values, or an integer range
+    ``(low, high, log)`` from ``uniform(low,high)`` / ``loguniform(low,high)`` (both ends included;
+    Optuna's ``suggest_int``).
+
+    Example:
+      >>> model_space("d_ff", "loguniform(16,128)")
+      (16, 128, True)
+
+    Raises:
+      ConfigError: a distribution over a key that is not an integer, or bounds that are not integers.
+    """
+    key = f"model.{name}"
+    if isinstance(spec, (list, tuple)):
+        return list(spec)
+    with keyed(keys={name: key}):
+        space = parse_space(name, spec)
+    field = MODEL_TYPES.get(name)
+    if field is not int:
+        kind = field.__name__ if field is not None else "not a model key"
+        raise ConfigError(f"{key}={spec!r}: a model distribution draws integers (layers, widths, heads), but {key} is "
+                          f"{kind}; list its values instead (e.g. {key}=[a,b])", subject=key, value=spec)
+    if space.low != int(space.low) or space.high != int(space.high):
+        raise ConfigError(f"{key}={spec!r}: the bounds of a model range are integers (both included), e.g. "
+                          f"{key}={space.kind}({math.floor(space.low)},{math.ceil(space.high)})", subject=key,
+                          value=spec)
+    return int(space.low), int(space.high), space.kind == "loguniform"
+
+
+def check_model_spaces(cfg: Config) -> None:
+    """Every ``model.*`` search space readable and each value it may take (a list's entries, a
+    range's ends) valid as that value alone would be (``model.d_ff=uniform(0,8)`` fails as
+    ``model.d_ff=0`` does).
+
+    Raises:
+      ConfigError: naming the key and the value.
+    """
+    for name, spec in sorted(cfg.population.models.items()):
+        space = model_space(name, spec)
+        for value in space if isinstance(space, list) else space[:2]:
+            with keyed(cfg):
+                check_settings(dataclasses.replace(cfg.model, **{name: value}), "model")
+
+
+MODEL_TYPES = {field.name: typing.get_type_hints(ModelConfig)[field.name] for field in dataclasses.fields(ModelConfig)}

@@ -49,6 +49,7 @@ FEDOPT = f"{SO}::test_fedopt_server_optimizers_follow_their_update_rules"
 FED = "tests/test_federated.py"
 OUT = "tests/test_run_output.py"
 GROUPS = "tests/test_groups.py"
+TRIALS = "tests/test_group_trials.py"
 GROUP_SIZES = f"{GROUPS}::test_sizes_are_given_fixed_by_the_layout_or_balanced_by_cost"
 API = "tests/test_python_api.py"
 FIT_BATCH = f"{API}::test_fit_refuses_an_indivisible_batch_before_compiling_in_the_cli_s_words"
@@ -345,8 +346,8 @@ MUTATIONS: list[Mutation] = [
       "if sum(sizes) != n_devices:", "if sum(sizes) > n_devices:",
       (f"{GROUPS}::test_bad_groups_fail_before_anything_compiles",)),
     M("groups-dispatch-blocks", "parallel", "each group's step waited for before the next is dispatched",
-      "out = [g.trainer.step(state, g.trainer.put(batch))",
-      "out = [jax.block_until_ready(g.trainer.step(state, g.trainer.put(batch)))",
+      "states[index], metrics[index] = trainer.step(states[index], trainer.put(batches[index]))",
+      "states[index], metrics[index] = jax.block_until_ready(trainer.step(states[index], trainer.put(batches[index])))",
       (f"{GROUPS}::test_a_slow_group_does_not_delay_the_dispatch_of_a_fast_one",)),
     M("groups-one-data-source", "parallel", "every group trains on the first group's data",
       "[source(step) for source in sources]", "[sources[0](step) for source in sources]",
@@ -362,6 +363,22 @@ MUTATIONS: list[Mutation] = [
     M("groups-rerun-overwrites", "run", "a groups run overwrites the run it finds in out_dir",
       "claim(cfg, fresh, say)", "None",
       ("tests/test_groups_config.py::test_a_rerun_is_refused_before_compiling_and_fresh_moves_the_first_aside",)),
+    # ------------------------------------------------------------------ run: Optuna over architectures (test_group_trials)
+    M("trials-pruned-group-dispatched", "parallel", "a group every trial of which was pruned is still dispatched",
+      "                live.remove(index)", "                pass",
+      (f"{TRIALS}::test_the_median_pruner_stops_a_worse_trials_group_and_leaves_the_others",)),
+    M("trials-report-step-early", "run", "a trial reports its validation loss one step early (the pruner compares "
+      "it with other trials' losses at another step)",
+      "handles[p].report(float(of_member(loss, positions.index(p), len(positions))), step + 1)",
+      "handles[p].report(float(of_member(loss, positions.index(p), len(positions))), step)",
+      (f"{TRIALS}::test_the_median_pruner_stops_a_worse_trials_group_and_leaves_the_others",)),
+    M("trials-same-shape-apart", "run", "trials of one shape get a group each instead of sharing one as members",
+      "plan.setdefault(tuple(architecture_of(trial.params)), []).append(position)",
+      "plan.setdefault((*architecture_of(trial.params), position), []).append(position)",
+      (f"{TRIALS}::test_trials_of_one_shape_share_a_group",)),
+    M("trials-misfit-unchecked", "run", "a proposed shape the layout cannot split is trained (and fails) instead of "
+      "told FAIL and asked again", "why = fit(architecture_of(trial.params))", "why = None",
+      (f"{TRIALS}::test_a_shape_the_layout_cannot_split_is_told_fail_and_asked_again",)),
     # ------------------------------------------------------------------ run: model.from and export (test_hf_cli)
     M("hf-from-random-init", "run", "a model.from run starts from random weights, not the checkpoint's",
       "self.init = init or trainer.init", "self.init = trainer.init",
