@@ -96,18 +96,19 @@ def test_plan_shows_every_group_and_its_share_of_the_devices(capsys):
     assert "group 0: model.d_ff=16 on" in out and "group 1: model.d_ff=64 on" in out, out
 
 
-def test_a_rerun_is_refused_before_compiling_and_fresh_moves_the_first_aside(sweep, capsys, monkeypatch):
+def test_a_rerun_resumes_the_finished_run_and_fresh_moves_it_aside(sweep, capsys):
     out, _ = sweep
     args = ["train", "tiny", *BASE, *SWEEP, f"out_dir={out}"]
-    with monkeypatch.context() as patched:
-        from jax._src import compiler
-        patched.setattr(compiler, "compile_or_get_cached", lambda *a, **k: pytest.fail("compiled before refusing"))
-        code, _, err = shardml(capsys, *args)
-    assert code == 2 and "do not resume yet" in err and "--fresh" in err and "Traceback" not in err, err
     before = (out / "metrics.jsonl").read_text()
+    code, printed, err = shardml(capsys, *args)
+    assert code == 0, err
+    assert "resuming every group from step 4" in printed and "nothing to train" in printed, printed
+    assert (out / "metrics.jsonl").read_text() == before, "a rerun of a finished run changed its metrics"
     code, printed, err = shardml(capsys, *args, "--fresh")
     assert code == 0, err
     assert "fresh start: moved the previous run" in printed and "(--verbose prints it)" in printed, printed
+    assert "resuming" not in printed, printed
     assert "optim:" not in printed, "a groups run printed its whole config without --verbose"
     moved = list((out / "previous").glob("*/metrics.jsonl"))
     assert [m.read_text() for m in moved] == [before], "the first run's metrics were not kept aside"
+    assert list((out / "previous").glob("*/checkpoints/group-1/4")), "the first run's checkpoints were not moved"
