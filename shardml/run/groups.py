@@ -12,6 +12,8 @@ the rest. ``OUT_DIR/population.json`` lists every member with its group, devices
 ``overrides`` that train exactly that member as a plain run; with ``population.kind=ensemble``
 also the ensemble's metrics over every architecture (the mean of their probabilities).
 ``metrics.jsonl`` has one record per member per logged step (``group``, ``member``).
+A sweep may also search ``optim.*`` (``'optim.lr=[1e-3,1e-2]'``): every group then holds the
+search's members (its grid, or samples), so each architecture meets each optimizer setting.
 Every group is checkpointed at the same steps (``checkpoint.every`` and the last step, and on
 SIGTERM / SIGINT: :mod:`shardml.run.group_checkpoints`), so running the same command again
 resumes a stopped or killed run where it was saved; a run of other ``model.*`` lists (or anything
@@ -28,10 +30,12 @@ import time
 import jax
 
 from shardml.core.checks import check_batch
+from shardml.core.errors import SettingError
 from shardml.core.mesh import layout_name
 from shardml.core.optim import default_optimizer
 from shardml.parallel.groups import (GroupSpec, Groups, GroupsHook, GroupsRun, build_groups, group_ensemble_metrics,
                                      train_groups)
+from shardml.parallel.population import Member, hyperparam_arrays, plan_members
 from shardml.run import config as config_lib
 from shardml.run import distributed
 from shardml.run.config import Config
@@ -80,6 +84,7 @@ class GroupParts:
     overrides: list[list[str]]
     configs: list[Config]
     groups: Groups
+    plan: tuple[Member, ...] = ()  # each group's members (their seeds and optim values) when optim.* is searched
 
     @property
     def members(self) -> int:
@@ -98,6 +103,8 @@ def build_architectures(cfg: Config, devices=None) -> GroupParts:
     data = data_source(cfg)
     overrides = architectures(cfg)
     members = cfg.population.size // len(overrides)
+    plan = group_members(cfg, len(overrides))
+    hyperparams = hyperparam_arrays(plan) if plan else None
     configs, specs = [], []
     for arch in overrides:
         acfg = architecture_config(cfg, arch)
@@ -105,13 +112,39 @@ def build_architectures(cfg: Config, devices=None) -> GroupParts:
             model, loss = model_of(acfg, data)
         configs.append(acfg)
         specs.append(GroupSpec(model, default_optimizer(acfg.optim, cfg.train.steps), loss=loss,
-                               layout=group_layout(cfg), members=members, microbatches=cfg.train.microbatches,
+                               layout=group_layout(cfg), members=members, hyperparams=hyperparams,
+                               microbatches=cfg.train.microbatches,
                                name=" ".join(arch), batch_size=cfg.train.batch_size))
     groups = build_groups(specs, devices)
     for group in groups:
         with keyed(cfg):
             check_batch(cfg.train.batch_size, dict(group.trainer.mesh.shape), cfg.train.microbatches)
-    return GroupParts(cfg, data, overrides, configs, groups)
+    return GroupParts(cfg, data, overrides, configs, groups, tuple(plan))
+
+
+def group_members(cfg: Config, architectures: int) -> list[Member]:
+    """The members every group holds when ``optim.*`` is searched (the same in every group: the
+    sweep's grid, or its samples, over each architecture); none otherwise.
+
+    Raises:
+      ConfigError: a group's share of ``population.size`` that the grid does not divide.
+    """
+    pop, t = cfg.population, cfg.train
+    if not pop.search:
+        return []
+    members = pop.size // architectures
+    if members < 2:  # one model per group: nothing to spread the values over
+        raise ConfigError(f"population.size={pop.size} with {architectures} architectures gives each group one member, "
+                          f"so the optim.* search has nobody to spread over; use population.size="
+                          f"{2 * architectures} or more (a multiple of {architectures})",
+                          subject="population.size", value=pop.size)
+    try:
+        return plan_members(pop.kind, members, pop.search, t.seed, t.init_seed)
+    except SettingError as err:
+        raise ConfigError(f"population.size={pop.size} with {architectures} architectures gives each group "
+                          f"{members} members, and the optim.* search cannot be spread over them ({err}); use "
+                          f"population.size={architectures} x a multiple of the grid's points",
+                          subject="population.size", value=pop.size) from None
 
 
 def describe_groups(parts: GroupParts) -> list[str]:
@@ -137,8 +170,11 @@ def member_entries(parts: GroupParts, run: GroupsRun, val: list[dict]) -> list[d
     for index, (group, arch) in enumerate(zip(parts.groups, parts.overrides)):
         last = run.metrics[index][-1] if run.metrics[index] else {}
         for m in range(parts.members):
+            hyper = parts.plan[m].hyperparams if parts.plan else {}
             entries.append({"index": len(entries), "group": index, "devices": len(group.devices),
-                            "overrides": [*arch, f"train.init_seed={base + m}"],
+                            "overrides": [*arch, *(f"optim.{k}={float(v)!r}" for k, v in sorted(hyper.items())),
+                                          f"train.init_seed={base + m}"],
+                            **({"hyperparams": {k: float(v) for k, v in hyper.items()}} if parts.plan else {}),
                             "final_loss": of_member(last["loss"], m, parts.members) if last else None,
                             **{f"val_{k}": of_member(v, m, parts.members) for k, v in val[index].items()}})
     return entries
