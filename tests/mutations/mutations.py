@@ -358,7 +358,7 @@ MUTATIONS: list[Mutation] = [
     M("groups-balance-ignores-batch", "parallel", "balancing picks group sizes whose data axis the batch does not divide",
       "if self.batch_size is None or self.batch_size % split == 0:", "if True:", (GROUP_SIZES,)),
     M("groups-member-seed-dropped", "run", "population.json gives every member of a group the group's first seed",
-      '"overrides": [*arch, f"train.init_seed={base + m}"]', '"overrides": [*arch, f"train.init_seed={base}"]',
+      'f"train.init_seed={base + m}"],', 'f"train.init_seed={base}"],',
       ("tests/test_groups_config.py::test_a_sweep_of_architectures_trains_each_on_its_own_group",)),
     M("groups-rerun-overwrites", "run", "a groups run trains into out_dir without claiming it (--fresh moves nothing)",
       "ident = claim(cfg, fresh, say)", "ident = identity_of(cfg)[0]",
