@@ -80,7 +80,7 @@ from shardml.core.optim import OptimConfig, default_optimizer
 from shardml.core.step import Program, Trainer, TrainState, build_trainer, compile_trainer, step_program, train_step
 from shardml.parallel.members import build_population, over_population, with_hyperparams
 from shardml.parallel.population import ensemble_metrics
-from shardml.parallel.groups import GroupSpec, Groups, GroupsRun, build_groups, group_ensemble_metrics, train_groups
+from shardml.parallel.groups import GroupSpec, Groups, GroupsHook, GroupsRun, build_groups, group_ensemble_metrics, train_groups
 from shardml.parallel.federated import (Algorithm, FederatedTrainer, Privacy, build_federated, diloco, fedavg, fedopt,
                                         federated_rounds, fedprox, server_optimizer)
 from shardml.parallel.partition import (ClientBatches, dirichlet, format_label_report, iid, label_counts, label_report,
@@ -128,7 +128,7 @@ __all__ = [
     "Program", "TrainState", "Trainer", "build_population", "build_trainer", "compile_trainer", "over_population",
     "step_program", "train_step", "with_hyperparams", "ensemble_metrics",
     # architectures on disjoint groups of devices
-    "GroupSpec", "Groups", "GroupsRun", "build_groups", "group_ensemble_metrics", "train_groups",
+    "GroupSpec", "Groups", "GroupsHook", "GroupsRun", "build_groups", "group_ensemble_metrics", "train_groups",
     # federated learning
     "Algorithm", "ClientBatches", "FederatedTrainer", "Privacy", "build_federated", "diloco", "dirichlet", "fedavg",
     "federated_rounds", "fedopt", "fedprox", "format_label_report", "iid", "label_counts", "label_report", "natural",

@@ -52,6 +52,21 @@ def test_every_member_equals_the_plain_run_of_its_overrides(sweep, tmp_path, mem
                                err_msg=f"member {member} ({overrides}) in its group vs as a plain run")
 
 
+def test_an_optimizer_and_architecture_sweep_trains_every_member_as_its_plain_run(tmp_path):
+    out, alone = tmp_path / "both", tmp_path / "alone"
+    train(load_config("tiny", [*BASE, "population.kind=sweep", "population.size=4", "model.d_ff=[16,32]",
+                               "optim.lr=[1e-3,3e-2]", f"out_dir={out}"]), verbose=False)
+    members = json.loads((out / "population.json").read_text())["members"]
+    assert [(m["group"], m["hyperparams"]) for m in members] == [
+        (0, {"lr": 1e-3}), (0, {"lr": 3e-2}), (1, {"lr": 1e-3}), (1, {"lr": 3e-2})]
+    overrides = members[3]["overrides"]
+    assert overrides == ["model.d_ff=32", "optim.lr=0.03", "train.init_seed=1"], overrides
+    train(load_config("tiny", [*BASE, "mesh.data=8", *overrides, f"out_dir={alone}"]), verbose=False)
+    np.testing.assert_allclose(losses(out, 3), losses(alone), rtol=1e-5,
+                               err_msg=f"member 3 ({overrides}) in its group vs as a plain run")
+    assert not np.allclose(losses(out, 2), losses(out, 3)), "members of one group with other lr trained alike"
+
+
 def test_a_heterogeneous_ensemble_reports_the_ensemble_of_every_architecture(tmp_path):
     out = tmp_path / "ensemble"
     train(load_config("tiny", [*BASE, "population.kind=ensemble", "population.size=2", "model.d_ff=[16,32]",
@@ -74,7 +89,9 @@ def shardml(capsys, *args):
     (["population.size=3"], "population.size=3 with model.d_ff=[16, 32]: each of the 2 architectures"),
     (["population.size=2", "mesh.data=2"], "mesh.data=2 with model.* lists"),
     (["population.size=2", "population.kind=pbt", "population.ready_every=2"], "population.kind=pbt"),
-    (["population.size=2", "optim.lr=[1e-3,1e-2]"], "search either the optimizer or the architecture"),
+    (["population.size=4", "optim.lr=[1e-3,1e-2]"], "optimizer search over architectures is a sweep"),
+    (["population.size=2", "population.kind=sweep", "optim.lr=[1e-3,1e-2]"], "gives each group one member"),
+    (["population.size=6", "population.kind=sweep", "optim.lr=[1e-3,1e-2]"], "cannot be spread over them"),
     (["population.size=2", "model.d_ff=[16,30]", "mesh.tensor=4"],
      "group 'model.d_ff=30' (4 devices): parameter"),
     (["population.size=2", "model.kind=[mlp,transformer]"], "model.kind stays one value"),
@@ -96,18 +113,19 @@ def test_plan_shows_every_group_and_its_share_of_the_devices(capsys):
     assert "group 0: model.d_ff=16 on" in out and "group 1: model.d_ff=64 on" in out, out
 
 
-def test_a_rerun_is_refused_before_compiling_and_fresh_moves_the_first_aside(sweep, capsys, monkeypatch):
+def test_a_rerun_resumes_the_finished_run_and_fresh_moves_it_aside(sweep, capsys):
     out, _ = sweep
     args = ["train", "tiny", *BASE, *SWEEP, f"out_dir={out}"]
-    with monkeypatch.context() as patched:
-        from jax._src import compiler
-        patched.setattr(compiler, "compile_or_get_cached", lambda *a, **k: pytest.fail("compiled before refusing"))
-        code, _, err = shardml(capsys, *args)
-    assert code == 2 and "do not resume yet" in err and "--fresh" in err and "Traceback" not in err, err
     before = (out / "metrics.jsonl").read_text()
+    code, printed, err = shardml(capsys, *args)
+    assert code == 0, err
+    assert "resuming every group from step 4" in printed and "nothing to train" in printed, printed
+    assert (out / "metrics.jsonl").read_text() == before, "a rerun of a finished run changed its metrics"
     code, printed, err = shardml(capsys, *args, "--fresh")
     assert code == 0, err
     assert "fresh start: moved the previous run" in printed and "(--verbose prints it)" in printed, printed
+    assert "resuming" not in printed, printed
     assert "optim:" not in printed, "a groups run printed its whole config without --verbose"
     moved = list((out / "previous").glob("*/metrics.jsonl"))
     assert [m.read_text() for m in moved] == [before], "the first run's metrics were not kept aside"
+    assert list((out / "previous").glob("*/checkpoints/group-1/4")), "the first run's checkpoints were not moved"

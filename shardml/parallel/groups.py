@@ -359,52 +359,63 @@ def batches_of(data: Callable | Sequence[Callable], n_groups: int) -> Callable[[
     return lambda step: [source(step) for source in sources]
 
 
-# ``check(step, states) -> (states, groups to stop)``: called after step ``step`` (0-based) every ``check_every``
-Check = Callable[[int, list], tuple[list, Iterable[int]]]
+@dataclasses.dataclass(frozen=True)
+class GroupsHook:
+    """What :func:`train_groups` does between steps: ``due(done)`` (steps done so far) is asked
+    after every dispatch and must be cheap; when it is true, the metrics up to that step are read
+    and ``act(done, run)`` is called (to save every group, evaluate, prune; it may replace entries
+    of ``run.states``, e.g. to freeze members). It returns the groups to stop there: they are no
+    longer dispatched (their devices idle) and keep their state; stopping every group ends the run.
+
+    Example:
+      >>> hook = GroupsHook(due=lambda done: done % 100 == 0, act=lambda done, run: save(done, run) or ())  # doctest: +SKIP
+    """
+
+    due: Callable[[int], bool]
+    act: Callable[[int, "GroupsRun"], Iterable[int]]
 
 
 def train_groups(groups: Groups, data: Callable | Sequence[Callable], steps: int, *, seed: int = 0,
-                 states: Sequence[TrainState] | None = None, check_every: int = 0,
-                 check: Check | None = None) -> GroupsRun:
-    """Trains every group ``steps`` steps: each iteration dispatches every group's step, then reads
-    the previous iteration's metrics (so the host never waits for a group before dispatching the
-    next one, and a slow group never holds back a fast one's queue).
+                 states: Sequence[TrainState] | None = None, start: int = 0,
+                 metrics: Sequence[Sequence[dict]] | None = None, hook: GroupsHook | None = None) -> GroupsRun:
+    """Trains every group from step ``start`` to ``steps``: each iteration dispatches every group's
+    step, then reads the previous iteration's metrics (so the host never waits for a group before
+    dispatching the next one, and a slow group never holds back a fast one's queue).
 
     Args:
       data: ``step -> batch`` (host NumPy dicts) shared by every group, or one such function per
-        group (architectures that take different inputs).
+        group (architectures that take different inputs); called with the absolute step.
       seed: initialisation seed (groups with their own ``seed`` keep it); ``states``: start from
-        these instead.
-      check_every, check: every ``check_every`` steps ``check(step, states)`` returns the states
-        (it may change them, e.g. freeze members) and the groups to stop: those are no longer
-        dispatched (their devices idle) and keep the state they had (an early stop, a pruned trial).
+        these instead (e.g. restored at step ``start``), ``metrics``: each group's metrics of the
+        steps before ``start``, kept in the run's history.
+      hook: called between steps (:class:`GroupsHook`): to checkpoint, evaluate, prune or stop.
 
     Example:
       >>> run = train_groups(build_groups(specs), lambda step: batch, steps=10)   # doctest: +SKIP
+      >>> more = train_groups(groups, data, 20, states=run.states, start=10, metrics=run.metrics)  # doctest: +SKIP
     """
-    if steps < 0:
-        raise SettingError(f"steps={steps} must be >= 0", subject="steps", value=steps)
+    if steps < 0 or not 0 <= start <= max(steps, 0):
+        raise SettingError(f"steps={steps}, start={start}: need 0 <= start <= steps", subject="steps", value=steps)
     batches = batches_of(data, len(groups))
     states = list(states) if states is not None else groups.init(seed)
-    history: list[list[dict]] = [[] for _ in groups]
-    live, stopped, pending = list(range(len(groups))), {}, None
-    for step in range(steps):
-        if not live:
-            break
-        states, metrics = dispatch(groups, states, batches(step), live)
+    history: list[list[dict]] = [list(rows) for rows in metrics] if metrics is not None else [[] for _ in groups]
+    run, live, pending = GroupsRun(groups, states, history), list(range(len(groups))), None
+    for step in range(start, steps):
+        run.states, out = dispatch(groups, run.states, batches(step), live)
         if pending is not None:
             record(history, pending)
-        pending = metrics
-        if check is not None and check_every and (step + 1) % check_every == 0 and step + 1 < steps:
-            record(history, pending)  # a check reads the metrics (and evaluates) anyway
+        pending = out
+        if hook is not None and hook.due(step + 1):
+            record(history, pending)  # the hook sees every step up to this one
             pending = None
-            states, stop = check(step, states)
-            for index in sorted(set(stop) & set(live)):
-                stopped[index] = step + 1
+            for index in sorted(set(hook.act(step + 1, run)) & set(live)):
+                run.stopped[index] = step + 1
                 live.remove(index)
+            if not live:
+                break
     if pending is not None:
         record(history, pending)
-    return GroupsRun(groups, states, history, stopped)
+    return run
 
 
 def record(history: list[list[dict]], metrics: Sequence[dict]) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 
 from shardml.core.errors import ShardmlError
 from shardml.core.mesh import layout_name
-from shardml.parallel.groups import group_program, train_groups
+from shardml.parallel.groups import GroupsHook, GroupsRun, group_program, train_groups
 from shardml.parallel.population import freeze
 from shardml.run import config as config_lib
 from shardml.run import distributed
@@ -143,16 +143,17 @@ def plan_groups(trials) -> list[tuple[list[str], list[int]]]:
     return [(list(arch), positions) for arch, positions in plan.items()]
 
 
-def pruning_check(study, trials, plan, groups, eval_batches, pruned: dict, say=notice):
-    """The :func:`shardml.train_groups` check: every live trial reports its validation loss; a
-    pruned one is recorded in ``pruned`` (position -> step), its group stopped when no live trial
-    is left in it, else the trial frozen."""
+def pruning_hook(study, trials, plan, groups, eval_batches, pruned: dict, every: int, steps: int,
+                 say=notice) -> GroupsHook:
+    """The :func:`shardml.train_groups` hook: every ``every`` steps (before the last) each live trial
+    reports its validation loss; a pruned one is recorded in ``pruned`` (position -> step), its
+    group stopped when no live trial is left in it, else the trial frozen."""
     import optuna
 
     handles = [optuna.trial.Trial(study, trial._trial_id) for trial in trials]
 
-    def check(step: int, states: list) -> tuple[list, list[int]]:
-        states, stop = list(states), []
+    def act(done: int, run: GroupsRun) -> list[int]:
+        step, states, stop = done - 1, run.states, []
         for index, (_, positions) in enumerate(plan):
             live = [p for p in positions if p not in pruned]
             if not live:
@@ -173,9 +174,9 @@ def pruning_check(study, trials, plan, groups, eval_batches, pruned: dict, say=n
                 stop.append(index)
             elif out:
                 states[index] = freeze(states[index], [positions.index(p) for p in out])
-        return states, stop
+        return stop
 
-    return check
+    return GroupsHook(due=lambda done: done % every == 0 and done < steps, act=act)
 
 
 def trial_entries(cfg: Config, trials, plan, groups, run, val: list[dict], pruned: dict) -> list[dict]:
@@ -242,9 +243,10 @@ def train_generation(cfg: Config, data, study, trials, devices, say):
             f", {group.trainer.model.num_params:,} parameters, trials {[trials[p].number for p in positions]}")
     eval_batches = data.eval_batches(t.eval_batches)
     pruned: dict[int, int] = {}
-    check = pruning_check(study, trials, plan, groups, eval_batches, pruned) if pop.pruner != "none" else None
+    hook = (pruning_hook(study, trials, plan, groups, eval_batches, pruned, t.eval_every, t.steps)
+            if pop.pruner != "none" else None)
     run = train_groups(groups, data.batch, t.steps, seed=t.init_seed if t.init_seed >= 0 else t.seed,
-                       check_every=t.eval_every if check else 0, check=check)
+                       hook=hook)
     val = [evaluate(g.trainer, s.params, eval_batches) for g, s in zip(groups, run.states)]
     entries = trial_entries(cfg, trials, plan, groups, run, val, pruned)
     tell(study, entries)

@@ -109,8 +109,10 @@ def _architectures(cfg: Config, sizes: dict[str, int]) -> None:
     listed = " ".join(f"model.{k}={v}" for k, v in sorted(pop.models.items()))
     clashes = [(pop.kind not in ("sweep", "ensemble"), "population.kind", pop.kind,
                 "architectures train as a sweep or an ensemble (pbt copies parameters between members of one shape)"),
-               (bool(pop.search), "population.search", sorted(pop.search),
-                "search either the optimizer or the architecture in one run"),
+               (bool(pop.search) and pop.sampler == "optuna", "population.search", sorted(pop.search),
+                "Optuna searches either the optimizer or the architecture in one run"),
+               (bool(pop.search) and pop.kind != "sweep", "population.kind", pop.kind,
+                "an optimizer search over architectures is a sweep (population.kind=sweep)"),
                (pop.bootstrap, "population.bootstrap", True, "bootstrap ensembles share one architecture"),
                (cfg.federated.algorithm != "none", "federated.algorithm", cfg.federated.algorithm,
                 "federated runs train one architecture"),

@@ -464,7 +464,13 @@ class Start:
 NEW = Start(state=None, step=0, source=None, data_state=None)
 
 
-def _check_resumable(ident: Identity, where: str) -> Callable[[Meta], None]:
+def check_resumable(ident: Identity, where: str) -> Callable[[Meta], None]:
+    """A check of a checkpoint's :class:`Meta` before its arrays are read: it must be of this run
+    (model, what is trained, data stream) and saved at its data's position.
+
+    Raises (when called):
+      ConfigError: another run's checkpoint; CheckpointError: a position that is not its step.
+    """
     def check(meta: Meta) -> None:
         other = _other_model(meta.run, ident)
         if other:
@@ -503,7 +509,7 @@ def _found(out_dir: str, resume: str, trainer, ident: Identity, notice, primary:
     """``(state, meta, step, directory)`` of the checkpoint ``resume`` asks for, or None."""
     own_dir = os.path.join(out_dir, "checkpoints")
     directory, step = store.resolve(own_dir if resume == "auto" else resume)
-    check = _check_resumable(ident, out_dir if resume == "auto" else resume)
+    check = check_resumable(ident, out_dir if resume == "auto" else resume)
     target = trainer.abstract_state()
     if directory != own_dir:
         for tmp in store.unfinished(own_dir):

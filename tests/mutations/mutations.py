@@ -50,6 +50,7 @@ FED = "tests/test_federated.py"
 OUT = "tests/test_run_output.py"
 GROUPS = "tests/test_groups.py"
 TRIALS = "tests/test_group_trials.py"
+GRESUME = "tests/test_groups_resume.py"
 GROUP_SIZES = f"{GROUPS}::test_sizes_are_given_fixed_by_the_layout_or_balanced_by_cost"
 API = "tests/test_python_api.py"
 FIT_BATCH = f"{API}::test_fit_refuses_an_indivisible_batch_before_compiling_in_the_cli_s_words"
@@ -358,11 +359,28 @@ MUTATIONS: list[Mutation] = [
     M("groups-balance-ignores-batch", "parallel", "balancing picks group sizes whose data axis the batch does not divide",
       "if self.batch_size is None or self.batch_size % split == 0:", "if True:", (GROUP_SIZES,)),
     M("groups-member-seed-dropped", "run", "population.json gives every member of a group the group's first seed",
-      '"overrides": [*arch, f"train.init_seed={base + m}"]', '"overrides": [*arch, f"train.init_seed={base}"]',
+      'f"train.init_seed={base + m}"],', 'f"train.init_seed={base}"],',
       ("tests/test_groups_config.py::test_a_sweep_of_architectures_trains_each_on_its_own_group",)),
-    M("groups-rerun-overwrites", "run", "a groups run overwrites the run it finds in out_dir",
-      "claim(cfg, fresh, say)", "None",
-      ("tests/test_groups_config.py::test_a_rerun_is_refused_before_compiling_and_fresh_moves_the_first_aside",)),
+    M("groups-rerun-overwrites", "run", "a groups run trains into out_dir without claiming it (--fresh moves nothing)",
+      "ident = claim(cfg, fresh, say)", "ident = identity_of(cfg)[0]",
+      ("tests/test_groups_config.py::test_a_rerun_resumes_the_finished_run_and_fresh_moves_it_aside",)),
+    M("groups-resume-data-from-zero", "parallel", "a resumed groups run feeds the batches from step 0 again",
+      "dispatch(groups, run.states, batches(step), live)", "dispatch(groups, run.states, batches(step - start), live)",
+      (f"{GRESUME}::test_sigterm_saves_every_group_and_the_same_command_resumes_bitwise",)),
+    M("groups-resume-first-group-only", "parallel", "a resumed groups run restores group 0, the others start afresh",
+      "states = list(states) if states is not None else groups.init(seed)",
+      "states = list(states)[:1] + groups.init(seed)[1:] if states is not None else groups.init(seed)",
+      (f"{GRESUME}::test_sigterm_saves_every_group_and_the_same_command_resumes_bitwise",)),
+    M("groups-resume-metrics-dropped", "parallel", "a resumed groups run forgets the metrics of the steps before it",
+      "[list(rows) for rows in metrics] if metrics is not None else [[] for _ in groups]", "[[] for _ in groups]",
+      (f"{GRESUME}::test_sigterm_saves_every_group_and_the_same_command_resumes_bitwise",)),
+    M("groups-optim-search-dropped", "run", "an optim.* sweep over architectures trains every member with optim's value",
+      "members=members, hyperparams=hyperparams,", "members=members, hyperparams=None,",
+      ("tests/test_groups_config.py::test_an_optimizer_and_architecture_sweep_trains_every_member_as_its_plain_run",)),
+    M("groups-checkpoint-every-ignored", "run", "a groups run saves only at the end (checkpoint.every ignored)",
+      "return stopping[done] or done == steps or bool(every and done % every == 0)",
+      "return stopping[done] or done == steps",
+      (f"{GRESUME}::test_killed_between_and_during_saves_resumes_from_the_last_step_every_group_saved",)),
     # ------------------------------------------------------------------ run: Optuna over architectures (test_group_trials)
     M("trials-pruned-group-dispatched", "parallel", "a group every trial of which was pruned is still dispatched",
       "                live.remove(index)", "                pass",
