@@ -25,6 +25,7 @@ from shardml.core.step import Trainer, TrainState
 from shardml.core.tokenizer import BPE, load_tokenizer
 from shardml.core.update import state_of
 from shardml.models.hf_io import checkpoint_config, load_hf
+from shardml.models.lora import BASE, shared_params
 from shardml.run import distributed
 from shardml.run.errors import ConfigError
 from shardml.run.schema import RUN_MODEL_KEYS, Config, ModelConfig
@@ -106,13 +107,24 @@ def imported_state(trainer: Trainer, cfg: Config, seed: int) -> TrainState:
     and tokenizer files are copied to ``OUT_DIR/hf/``."""
     _, params = load_hf(cfg.model.from_, mesh=trainer.mesh, rules=trainer.rules, dtype=cfg.model.dtype)
     # Not trainer.init: that would make a random copy of every weight beside the loaded one.
-    first = jax.jit(lambda p, s: state_of(trainer.strategy.layout(p), s, optimizer=trainer.optimizer),
+    first = jax.jit(lambda p, s: state_of(trainer.strategy.layout(_params(trainer, p, s)), s,
+                                          optimizer=trainer.optimizer),
                     out_shardings=trainer.state_shardings, donate_argnums=0)
     with jax.set_mesh(trainer.mesh):
         state = first(params, jnp.asarray(seed, jnp.uint32))
     if cfg.out_dir and distributed.primary():
         copy_files(_checkpoint(cfg)[0], os.path.join(cfg.out_dir, RUN_COPY), ("config.json", *TOKENIZER_FILES))
     return state
+
+
+def _params(trainer: Trainer, loaded, seed):
+    """The loaded weights, or for a LoRA model the loaded base under fresh adapters (its init's
+    random base is unused, so the compiler drops it)."""
+    if not shared_params(trainer.model):
+        return loaded
+    fresh = trainer.model.init(jax.random.fold_in(jax.random.key(seed), 0))  # init_state's key: same adapters
+    base = jax.tree.map(lambda p, f: p.astype(f.dtype), loaded, fresh[BASE])
+    return {**fresh, BASE: base}
 
 
 def copy_files(source: str, target: str, names) -> None:
