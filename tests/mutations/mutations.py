@@ -437,3 +437,19 @@ MUTATIONS += [
       "mask[r, cut], segments[r, cut], positions[r, cut] = examples.completion[i][1:]",
       "mask[r, cut], segments[r, cut], positions[r, cut] = examples.completion[i][:-1]", (SFT_MASK,)),
 ]
+
+LORA_CLI = "tests/test_lora_cli.py"
+LORA_BASE = f"{LORA_CLI}::test_only_adapters_train_and_the_base_is_the_checkpoint"
+MUTATIONS += [
+    # ------------------------------------------------------------------ run: LoRA from the config and the CLI
+    M("lora-cli-export-unmerged", "run", "export --merge writes the base without its adapters",
+      "save_hf(*merge_lora(run.parts.model, params), out)",
+      "save_hf(run.parts.model.config.base, params[\"base\"], out)",
+      (f"{LORA_CLI}::test_merged_export_matches_the_lora_model_in_transformers",)),
+    M("lora-cli-optimizer-on-base", "run", "a lora.rank run's optimizer updates (and keeps state for) the base",
+      "return lora_optimizer(optimizer) if cfg.lora.rank else optimizer", "return optimizer", (LORA_BASE,)),
+    M("lora-cli-random-base", "run", "a model.from LoRA run starts from its random base, not the checkpoint's",
+      "return {**fresh, BASE: base}", "return fresh", (LORA_BASE,)),
+    M("lora-rank-off-by-one", "models", "a rank equal to the narrowest targeted width is refused",
+      "if not 0 < rank <= width:", "if not 0 < rank < width:", (f"{LORA_CLI}::test_the_widest_rank_builds",)),
+]
