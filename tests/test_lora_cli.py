@@ -164,6 +164,7 @@ BAD = [
     (("lora.rank=4", "lora.dropout=1.0"), "lora.dropout"),
     (("lora.alpha=8",), "lora.rank=0"),
     (("lora.rank=-1",), "lora.rank"),
+    (("lora.rank=4", "population.kind=pbt", "population.size=2", "population.ready_every=2"), "population.kind=pbt"),
     (("lora.rank=4", "optim.lr=[1e-3,1e-2]", "population.size=2", "population.kind=sweep", "lora.alpha=[8,16]"),
      "members can differ by optim.lr"),
 ]
@@ -186,16 +187,16 @@ def test_the_widest_rank_builds(no_compile):
 
 
 # ------------------------------------------------------------------------- populations of adapters
-POP = ("model.layers=2", "model.d_model=32", "model.d_ff=64", "model.dtype=float32", "data.seq_len=16",
+POP = ("model.dtype=float32", "data.seq_len=16",
        "train.batch_size=8", "train.steps=20", "train.log_every=1", "train.eval_batches=1", "optim.warmup=2",
        "checkpoint.every=0", "checkpoint.async_save=false", "lora.rank=4", "lora.targets=q,v")
 
 
 def test_a_population_of_adapters_stores_the_base_once():
-    parts = build(load_config("tiny", [*POP, "population.kind=sweep", "population.size=2", "optim.lr=[1e-3,1e-2]",
+    parts = build(load_config("tiny", [*POP, *SMALL[:3], "population.kind=sweep", "population.size=2", "optim.lr=[1e-3,1e-2]",
                                        "mesh.members=2"]))
     shapes = parts.trainer.abstract_state().params
-    alone = build(load_config("tiny", list(POP))).trainer.abstract_state().params
+    alone = build(load_config("tiny", [*POP, *SMALL[:3]])).trainer.abstract_state().params
     for got, want in zip(jax.tree.leaves(shapes["base"]), jax.tree.leaves(alone["base"])):
         assert got.shape == want.shape, f"the base is stacked per member: {got.shape} vs {want.shape}"
     for got, want in zip(jax.tree.leaves(shapes["adapters"]), jax.tree.leaves(alone["adapters"])):
@@ -204,14 +205,18 @@ def test_a_population_of_adapters_stores_the_base_once():
 
 @pytest.mark.slow
 def test_each_member_of_a_sweep_of_adapters_equals_it_trained_alone(checkpoint, tmp_path):
-    """20 steps of a sweep over optim.lr on the members axis; each member's overrides from
-    population.json train it alone (no members axis) to the same adapters."""
-    corpus = (f"data.corpus={checkpoint[1]}", "model.vocab=256")  # token ids: no samples at the end
+    """20 steps of a sweep over optim.lr of adapters on the imported checkpoint, on the members axis;
+    each member's overrides from population.json train it alone (no members axis) to the same
+    adapters, and the population's base is the checkpoint's, stored once."""
+    corpus = (f"model.from={checkpoint[0]}", f"data.corpus={checkpoint[1]}")  # token ids: no samples at the end
     out = tmp_path / "sweep"
     summary = train(load_config("tiny", [*POP, *corpus, "population.kind=sweep", "population.size=2", "optim.lr=[3e-3,3e-2]",
                                          "mesh.members=2", "mesh.data=4", f"out_dir={out}"]), verbose=False)
     report = json.loads((out / "population.json").read_text())
     stacked = host(summary.state.params)
+    _, base = load_hf(checkpoint[0])
+    for got, want in zip(jax.tree.leaves(stacked["base"]), jax.tree.leaves(host(base))):
+        np.testing.assert_array_equal(got, want, err_msg="the population's base is not the checkpoint, once")
     for member, entry in enumerate(report["members"]):
         alone = train(load_config("tiny", [*POP, *corpus, *entry["overrides"], f"out_dir={tmp_path / str(member)}"]),
                       verbose=False)

@@ -206,7 +206,8 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None, device
         data = MemberBatches(tuple(data_source(cfg, resample=m.resample) for m in members))
     trainer = build_population(model, mesh, optimizer, pop.size, loss=loss, microbatches=cfg.train.microbatches,
                                hyperparams=hyperparam_arrays(members), per_member_data=pop.bootstrap)
-    return Parts(cfg, sizes, model, loss, data, trainer, None, members)
+    initial = functools.partial(imported_state, trainer, cfg) if cfg.model.from_ else None  # LoRA adapters only
+    return Parts(cfg, sizes, model, loss, data, trainer, None, members, initial=initial)
 
 
 def federated_parts(cfg: Config, sizes: dict, devices) -> Parts:

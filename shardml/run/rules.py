@@ -160,6 +160,8 @@ def _lora(cfg: Config, sizes: dict[str, int]) -> None:
                 "a LoRA model is not cut into pipeline stages; use mesh.pipeline=1 (fsdp or tensor split it instead)"),
                (cfg.federated.algorithm != "none", "federated.algorithm", cfg.federated.algorithm,
                 "federated rounds train every weight; use lora.rank=0"),
+               (cfg.population.kind == "pbt" and cfg.population.size > 1, "population.kind", "pbt",
+                "a population of adapters trains as population.kind=sweep or ensemble (pbt copies whole models)"),
                (bool(cfg.population.models), "population.models", sorted(cfg.population.models),
                 "architecture groups train every weight; list no model.* values, or use lora.rank=0")]
     for bad, key, value, why in clashes:

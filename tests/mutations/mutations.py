@@ -449,7 +449,7 @@ MUTATIONS += [
     M("lora-cli-optimizer-on-base", "run", "a lora.rank run's optimizer updates (and keeps state for) the base",
       "return lora_optimizer(optimizer) if cfg.lora.rank else optimizer", "return optimizer", (LORA_BASE,)),
     M("lora-cli-random-base", "run", "a model.from LoRA run starts from its random base, not the checkpoint's",
-      "return {**fresh, BASE: base}", "return fresh", (LORA_BASE,)),
+      "params={**state.params, BASE: base})", "params=state.params)", (LORA_BASE,)),
     M("lora-rank-off-by-one", "models", "a rank equal to the narrowest targeted width is refused",
       "if not 0 < rank <= width:", "if not 0 < rank < width:", (f"{LORA_CLI}::test_the_widest_rank_builds",)),
 ]
