@@ -129,6 +129,18 @@ def test_peft_export_loads_over_the_base_in_peft(lora_run, checkpoint):
                                err_msg="the peft export over the base differs from the LoRA model")
 
 
+def test_generate_decodes_the_merged_weights(lora_run):
+    """eval/generate/samples decode a LoRA run with its adapters merged on the devices; the same
+    weights as the merged export (whose logits transformers checks above)."""
+    from shardml.models.lora import merge_lora
+
+    run = inference.load_run(lora_run[0])
+    decoded = host(inference.decoded_params(run.parts, run.params))
+    _, want = merge_lora(run.parts.model, run.trainer.natural(run.params))
+    for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(decoded), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def test_export_refuses_what_does_not_fit(lora_run, checkpoint, tmp_path, capsys):
     run, merged, _ = lora_run
     code, _, err = shardml(capsys, "export", run, "--format", "peft", merged)

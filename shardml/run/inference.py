@@ -26,7 +26,7 @@ import numpy as np
 from shardml.core.data import is_token_file
 from shardml.core.errors import ConfigError
 from shardml.core.mesh import MeshConfig, layout_name
-from shardml.models.lora import BASE, merge_lora, shared_params
+from shardml.models.lora import BASE, merged_params, shared_params
 from shardml.parallel import inference as inf
 from shardml.run import run_dir as rd
 from shardml.run import config as config_lib
@@ -340,8 +340,8 @@ def decoded_params(parts: Parts, params: Any) -> Any:
     natural = parts.trainer.natural(params)
     if not shared_params(parts.model):
         return natural
-    _, merged = merge_lora(parts.model, natural)
-    return jax.tree.map(lambda m, b: jax.device_put(np.asarray(m, b.dtype), b.sharding), merged, natural[BASE])
+    shardings = jax.tree.map(lambda b: b.sharding, natural[BASE])
+    return jax.jit(merged_params, static_argnums=0, out_shardings=shardings)(parts.model, natural)
 
 
 def _generate(parts: Parts, params, text: Text, ids, max_tokens, temperature, top_k, top_p, seed, stop_ids):

@@ -450,6 +450,9 @@ MUTATIONS += [
       "return lora_optimizer(optimizer) if cfg.lora.rank else optimizer", "return optimizer", (LORA_BASE,)),
     M("lora-cli-random-base", "run", "a model.from LoRA run starts from its random base, not the checkpoint's",
       "params={**state.params, BASE: base})", "params=state.params)", (LORA_BASE,)),
+    M("lora-cli-decode-unmerged", "run", "generate and the end-of-run samples decode the base without its adapters",
+      "return jax.jit(merged_params, static_argnums=0, out_shardings=shardings)(parts.model, natural)",
+      "return natural[BASE]", (f"{LORA_CLI}::test_generate_decodes_the_merged_weights",)),
     M("lora-rank-off-by-one", "models", "a rank equal to the narrowest targeted width is refused",
       "if not 0 < rank <= width:", "if not 0 < rank < width:", (f"{LORA_CLI}::test_the_widest_rank_builds",)),
 ]
