@@ -141,17 +141,29 @@ def test_generate_decodes_the_merged_weights(lora_run):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-def test_export_refuses_what_does_not_fit(lora_run, checkpoint, tmp_path, capsys):
+def as_plain_run(run: str, where) -> str:
+    """A copy of ``run`` whose checkpoints record the default lora.* (rank 0): what export reads of a
+    run without adapters (its config), without training one (a compile of ~8 s)."""
+    import dataclasses
+    import shutil
+
+    from shardml.run.schema import LoRAConfig
+
+    shutil.copytree(run, where)
+    for meta in where.glob("checkpoints/*/meta/metadata"):
+        record = json.loads(meta.read_text())
+        record["run"]["config"]["lora"] = dataclasses.asdict(LoRAConfig())
+        meta.write_text(json.dumps(record))
+    return str(where)
+
+
+def test_export_refuses_what_does_not_fit(lora_run, tmp_path, capsys):
     run, merged, _ = lora_run
     code, _, err = shardml(capsys, "export", run, "--format", "peft", merged)
     assert code == 2 and "not an empty directory" in err, err
     code, _, err = shardml(capsys, "export", run, "--format", "hf", str(tmp_path / "a"))
     assert code == 2 and "--merge" in err and "--format peft" in err, err
-    plain = str(tmp_path / "plain")
-    assert main(["train", "tiny", "model.layers=1", "model.d_model=16", "model.d_ff=32", "data.seq_len=8",
-                 f"data.corpus={checkpoint[1]}", "model.vocab=256", "train.batch_size=8", "train.steps=1",
-                 "train.eval_batches=1", "checkpoint.async_save=false", f"out_dir={plain}", "--quiet"]) == 0
-    capsys.readouterr()
+    plain = as_plain_run(run, tmp_path / "plain")
     for extra in (["--format", "hf", "--merge"], ["--format", "peft"]):
         code, _, err = shardml(capsys, "export", plain, *extra[:2], str(tmp_path / "b"), *extra[2:])
         assert code == 2 and "not a LoRA run" in err, (extra, err)
