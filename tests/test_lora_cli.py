@@ -141,18 +141,15 @@ def test_generate_decodes_the_merged_weights(lora_run):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-def as_plain_run(run: str, where) -> str:
-    """A copy of ``run`` whose checkpoints record the default lora.* (rank 0): what export reads of a
-    run without adapters (its config), without training one (a compile of ~8 s)."""
-    import dataclasses
+def recorded_as(run: str, where, section: str, values: dict) -> str:
+    """A copy of ``run`` whose checkpoints record other ``section`` values: what export reads of such
+    a run (its config), without training one (a compile of ~8 s)."""
     import shutil
-
-    from shardml.run.schema import LoRAConfig
 
     shutil.copytree(run, where)
     for meta in where.glob("checkpoints/*/meta/metadata"):
         record = json.loads(meta.read_text())
-        record["run"]["config"]["lora"] = dataclasses.asdict(LoRAConfig())
+        record["run"]["config"][section].update(values)
         meta.write_text(json.dumps(record))
     return str(where)
 
@@ -163,7 +160,14 @@ def test_export_refuses_what_does_not_fit(lora_run, tmp_path, capsys):
     assert code == 2 and "not an empty directory" in err, err
     code, _, err = shardml(capsys, "export", run, "--format", "hf", str(tmp_path / "a"))
     assert code == 2 and "--merge" in err and "--format peft" in err, err
-    plain = as_plain_run(run, tmp_path / "plain")
+    import dataclasses
+
+    from shardml.run.schema import LoRAConfig
+
+    population = recorded_as(run, tmp_path / "population", "population", {"size": 2})
+    code, _, err = shardml(capsys, "export", population, "--format", "peft", str(tmp_path / "b"))
+    assert code == 2 and "population of 2 members" in err, err
+    plain = recorded_as(run, tmp_path / "plain", "lora", dataclasses.asdict(LoRAConfig()))  # no adapters
     for extra in (["--format", "hf", "--merge"], ["--format", "peft"]):
         code, _, err = shardml(capsys, "export", plain, *extra[:2], str(tmp_path / "b"), *extra[2:])
         assert code == 2 and "not a LoRA run" in err, (extra, err)

@@ -68,12 +68,16 @@ def export_run(run_dir: str, out: str, fmt: str = "hf", overrides: Sequence[str]
 
     Raises:
       ConfigError: before anything is read: a non-empty ``out``, an unknown format, a classifier
-        run, no checkpoint, ``merge`` or ``peft`` on a run without adapters (or neither on one with).
+        run, a population, no checkpoint, ``merge`` or ``peft`` on a run without adapters (or neither on
+        one with).
     """
     check_target(out, fmt)
     cfg, step_dir, meta, _ = prepare(run_dir, overrides, None, devices)
     if cfg.model.kind != "transformer":
         raise ConfigError(f"{run_dir} trains model.kind={cfg.model.kind}; --format hf writes transformers only")
+    if cfg.population.size > 1:
+        raise ConfigError(f"{run_dir} holds a population of {cfg.population.size} members; export writes one model "
+                          "(train the member alone with the overrides population.json gives, then export that run)")
     check_lora(run_dir, cfg, fmt, merge)
     run = restore_run(cfg, step_dir, meta, devices)
     params = run.trainer.natural(run.params)
