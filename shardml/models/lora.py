@@ -235,6 +235,24 @@ def deltas(model: Model, params: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def merged_params(model: Model, params: Any) -> Any:
+    """The base parameters with every adapter merged in (``W + scale A B``, summed in f32, in the
+    base's dtype), as arrays: jit it to merge on the devices where the parameters live (what
+    decoding a LoRA model reads), without gathering anything to the host.
+
+        base_params = jax.jit(merged_params, static_argnums=0)(model, params)
+    """
+    scale = settings_of(model).scale
+    layers = dict(params[BASE]["layers"])
+    for name, ad in params[ADAPTERS]["layers"].items():
+        a, b, w = ad["a"], ad["b"], layers[name]
+        L, r = a.shape[0], a.shape[-1]
+        product = jnp.einsum("lir,lro->lio", a.reshape(L, -1, r), b.reshape(L, r, -1),
+                             preferred_element_type=jnp.float32)
+        layers[name] = (w.astype(jnp.float32) + scale * product.reshape(w.shape)).astype(w.dtype)
+    return {**params[BASE], "layers": layers}
+
+
 def merge_lora(model: Model, params: Any) -> tuple[Model, Any]:
     """The wrapped model and its f32 parameters with every adapter merged in (``W + scale A B``), for
     :func:`shardml.save_hf`: ``save_hf(*merge_lora(model, params), "merged/")``."""

@@ -8,7 +8,7 @@
     shardml predict  RUN_DIR [key=value ...] [--input X.npy] [--output OUT.npz] [--batch-size N]
     shardml generate RUN_DIR --prompt TEXT [--prompt ...] [--max-tokens N] [--temperature T]
                      [--top-k K] [--top-p P] [--seed S] [--stop CHAR] [key=value ...]
-    shardml export   RUN_DIR --format hf OUT [key=value ...]
+    shardml export   RUN_DIR --format hf|peft OUT [--merge] [key=value ...]
 
 Exit status: 0 (also after a graceful stop on SIGTERM / SIGINT, checkpoint saved), 1 (the run
 stopped: non-finite steps, or no usable checkpoint), 2 (bad input: nothing trained or loaded, no
@@ -41,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
                             description="Write the newest checkpoint of RUN_DIR to the new directory OUT as a Hugging "
                                         "Face checkpoint (safetensors, config.json, the run's tokenizer files), which "
                                         "transformers.AutoModelForCausalLM.from_pretrained(OUT) loads. " + _ON_ANY_MESH)
-    export.add_argument("--format", default="hf", help="hf (the only one, the default)")
+    export.add_argument("--format", default="hf", help="hf (a Hugging Face checkpoint, the default) or peft (a LoRA "
+                        "run's adapters, for peft.PeftModel.from_pretrained over the base)")
+    export.add_argument("--merge", action="store_true", help="with --format hf, a LoRA run's adapters merged into "
+                        "its base's weights")
     inference = (*inference, export)
     for command in (train, plan, *inference):
         command.add_argument("args", nargs="*", metavar="RUN_DIR | key=value" if command in inference else
@@ -144,7 +147,7 @@ def _export(args, run_dir: str, items: list[str]) -> str:
     if len(outs) != 1:
         raise ConfigError(f"shardml export needs RUN_DIR and one OUT directory (got {outs or 'none'}), e.g. "
                           "shardml export runs/x --format hf exported/")
-    return export_run(run_dir, outs[0], args.format, [item for item in items if "=" in item])
+    return export_run(run_dir, outs[0], args.format, [item for item in items if "=" in item], merge=args.merge)
 
 
 def _read_inputs(path: str | None):

@@ -59,6 +59,17 @@ def config_lines(cfg: config_lib.Config, full: bool = False) -> list[str]:
     return lines
 
 
+def lora_lines(parts: Parts) -> list[str]:
+    """``lora.rank`` > 0: what trains (the adapters' count) and what the frozen base is."""
+    lo = parts.cfg.lora
+    if not lo.rank:
+        return []
+    adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(parts.model.abstract_params["adapters"]))
+    base = f"model.from={parts.cfg.model.from_}" if parts.cfg.model.from_ else "a random base (fixed seed)"
+    return [f"lora: rank {lo.rank} on {lo.targets} (alpha {lo.alpha:g}, dropout {lo.dropout:g}): {adapters:,} "
+            f"adapter parameters train; {base} is frozen"]
+
+
 def describe_parts(parts: Parts) -> list[str]:
     """The lines ``shardml train`` prints before training after :func:`config_lines`: mesh,
     pipeline, model, data, population."""
@@ -75,6 +86,7 @@ def describe_parts(parts: Parts) -> list[str]:
             f"dataset '{data.examples.name}': {len(data.examples.x_train):,} train examples, "
             f"{len(data.examples.x_val):,} validation examples")
     lines.append(f"model: {parts.model.name}, {parts.model.num_params:,} parameters; {what}")
+    lines += lora_lines(parts)
     if parts.members:
         pop = cfg.population
         lines.append(f"population: {pop.kind} of {pop.size} members, {pop.size // parts.sizes['members']} per device "

@@ -25,6 +25,7 @@ from shardml.core.step import Trainer, TrainState
 from shardml.core.tokenizer import BPE, load_tokenizer
 from shardml.core.update import state_of
 from shardml.models.hf_io import checkpoint_config, load_hf
+from shardml.models.lora import BASE, shared_params
 from shardml.run import distributed
 from shardml.run.errors import ConfigError
 from shardml.run.schema import RUN_MODEL_KEYS, Config, ModelConfig
@@ -44,9 +45,11 @@ def _checkpoint(cfg: Config) -> tuple[str, ModelConfig]:
 
 
 def _check_run(cfg: Config) -> None:
-    """``model.from`` trains one transformer."""
+    """``model.from`` trains one transformer (or a population of its adapters)."""
+    adapters = cfg.lora.rank > 0 and cfg.population.kind in ("sweep", "ensemble")
     for wrong, what in ((cfg.model.kind != "transformer", f"model.kind={cfg.model.kind}"),
-                        (cfg.population.size > 1, f"population.size={cfg.population.size}"),
+                        (cfg.population.size > 1 and not adapters, f"population.size={cfg.population.size} (only "
+                         "adapters, lora.rank > 0, train as a sweep or ensemble over one imported base)"),
                         (cfg.federated.algorithm != "none", f"federated.algorithm={cfg.federated.algorithm}"),
                         (cfg.data.tokenizer != "byte", f"data.tokenizer={cfg.data.tokenizer}")):
         if wrong:
@@ -103,16 +106,32 @@ def checkpoint_tokenizer(cfg: Config, text) -> BPE | None:
 def imported_state(trainer: Trainer, cfg: Config, seed: int) -> TrainState:
     """Step 0 of a ``model.from`` run: the checkpoint's weights read straight into the trainer's
     shardings (in the strategy's layout), a fresh optimizer state; the checkpoint's config.json
-    and tokenizer files are copied to ``OUT_DIR/hf/``."""
+    and tokenizer files are copied to ``OUT_DIR/hf/``. A LoRA run (one model or a population of
+    adapters) takes them as its frozen base, stored once, under the trainer's own fresh adapters."""
     _, params = load_hf(cfg.model.from_, mesh=trainer.mesh, rules=trainer.rules, dtype=cfg.model.dtype)
     # Not trainer.init: that would make a random copy of every weight beside the loaded one.
-    first = jax.jit(lambda p, s: state_of(trainer.strategy.layout(p), s, optimizer=trainer.optimizer),
-                    out_shardings=trainer.state_shardings, donate_argnums=0)
+    build = _under_adapters(trainer) if shared_params(trainer.model) else \
+        (lambda p, s: state_of(trainer.strategy.layout(p), s, optimizer=trainer.optimizer))
+    first = jax.jit(build, out_shardings=trainer.state_shardings, donate_argnums=0)
     with jax.set_mesh(trainer.mesh):
         state = first(params, jnp.asarray(seed, jnp.uint32))
     if cfg.out_dir and distributed.primary():
         copy_files(_checkpoint(cfg)[0], os.path.join(cfg.out_dir, RUN_COPY), ("config.json", *TOKENIZER_FILES))
     return state
+
+
+def _under_adapters(trainer: Trainer):
+    """``(loaded, seed) -> state``: the trainer's own step 0 (its adapters, every member's, and
+    their hyperparameters) with ``loaded`` as the base. The init's random base is unused, so the
+    compiler drops it; a LoRA model has no pipeline, so the base needs no other layout."""
+    init = trainer.program.init
+
+    def build(loaded, seed):
+        state = init(seed)
+        base = jax.tree.map(lambda p, mine: p.astype(mine.dtype), loaded, state.params[BASE])
+        return dataclasses.replace(state, params={**state.params, BASE: base})
+
+    return build
 
 
 def copy_files(source: str, target: str, names) -> None:

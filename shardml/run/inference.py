@@ -26,6 +26,7 @@ import numpy as np
 from shardml.core.data import is_token_file
 from shardml.core.errors import ConfigError
 from shardml.core.mesh import MeshConfig, layout_name
+from shardml.models.lora import BASE, merged_params, shared_params
 from shardml.parallel import inference as inf
 from shardml.run import run_dir as rd
 from shardml.run import config as config_lib
@@ -333,9 +334,19 @@ def generate_run(run_dir: str, prompts: Sequence[str], overrides: Sequence[str] 
     return _generate(run.parts, run.params, text, ids, max_tokens, temperature, top_k, top_p, seed, stop_ids)
 
 
+def decoded_params(parts: Parts, params: Any) -> Any:
+    """The parameters the decoder reads, in their natural layout: a LoRA run's adapters merged into
+    its base (in the base's dtype and shardings), so decoding runs the plain transformer."""
+    natural = parts.trainer.natural(params)
+    if not shared_params(parts.model):
+        return natural
+    shardings = jax.tree.map(lambda b: b.sharding, natural[BASE])
+    return jax.jit(merged_params, static_argnums=0, out_shardings=shardings)(parts.model, natural)
+
+
 def _generate(parts: Parts, params, text: Text, ids, max_tokens, temperature, top_k, top_p, seed, stop_ids):
     trainer = parts.trainer
-    gen = inf.generate(parts.cfg.model, trainer.natural(params), ids, mesh=trainer.mesh, rules=trainer.rules,
+    gen = inf.generate(parts.cfg.model, decoded_params(parts, params), ids, mesh=trainer.mesh, rules=trainer.rules,
                        max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                        stop_tokens=stop_ids, context=parts.cfg.data.seq_len)
     return [text.decode(t) for t in gen.tokens], gen

@@ -29,13 +29,15 @@ from shardml.core.pipeline import Schedule
 from shardml.core.step import Trainer, build_trainer
 from shardml.core.tokenizer import train_bpe
 from shardml.models import Model, mlp_classifier, transformer
+from shardml.models.lora import lora, lora_optimizer
 from shardml.models.transformer import AUTO, resolve_execution, unrolled_fits
 from shardml.parallel.federated import build_federated
 from shardml.parallel.members import build_population
 from shardml.parallel.partition import cohort_size
 from shardml.parallel.population import Member, hyperparam_arrays, plan_members
 from shardml.run.config import Config, pipeline_microbatches, validate
-from shardml.run.errors import config_errors
+from shardml.run.rules import lora_targets
+from shardml.run.errors import config_errors, keyed
 from shardml.run.federated import algorithm_of, client_data, privacy_of
 from shardml.run.hf import checkpoint_tokenizer, from_checkpoint, imported_state
 from shardml.run.sft_data import sft_source
@@ -116,7 +118,34 @@ def model_of(cfg: Config, data) -> tuple[Model, Loss]:
     if cfg.model.kind == "mlp":
         ex = data.examples
         return mlp_classifier(ex.features, cfg.model.d_ff, ex.classes, cfg.model.dtype), classification
-    return transformer(cfg.model, cfg.data.seq_len), token_cross_entropy
+    model = transformer(cfg.model, cfg.data.seq_len)
+    return (adapted(cfg, model) if cfg.lora.rank else model), token_cross_entropy
+
+
+LORA_KEYS = {"rank": "lora.rank", "alpha": "lora.alpha", "dropout": "lora.dropout", "targets": "lora.targets"}
+LORA_BASE_SEED = 0  # the random base of a LoRA run without model.from
+
+
+def adapted(cfg: Config, model: Model) -> Model:
+    """``lora.rank`` > 0: ``model`` frozen under adapters (:func:`shardml.lora`). Without
+    ``model.from`` the base is ``model``'s init from a fixed seed, not ``train.seed``, so every
+    seed and every member of a population adapts the same base; ``model.from``'s weights replace
+    it at step 0 (:func:`shardml.run.hf.imported_state`).
+
+    Raises:
+      ConfigError: a rank above a targeted layer's width, a role the model lacks (``lora.*`` named).
+    """
+    base = dataclasses.replace(model, init=lambda key: model.init(jax.random.key(LORA_BASE_SEED)))
+    with keyed(cfg, LORA_KEYS):
+        return lora(base, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                    targets=lora_targets(cfg))
+
+
+def optimizer_of(cfg: Config):
+    """The run's optax optimizer (:func:`default_optimizer`); with ``lora.rank`` > 0 it updates the
+    adapters only (:func:`shardml.lora_optimizer`: the base gets no update and no state)."""
+    optimizer = default_optimizer(cfg.optim, cfg.train.steps)
+    return lora_optimizer(optimizer) if cfg.lora.rank else optimizer
 
 
 def schedule_of(cfg: Config, stages: int) -> Schedule | None:
@@ -164,7 +193,7 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None, device
     data = data_source(cfg)
     model, loss = model_of(cfg, data)
     mesh = make_mesh(MeshConfig(**sizes), devices=devices)
-    optimizer = default_optimizer(cfg.optim, cfg.train.steps)
+    optimizer = optimizer_of(cfg)
     pop = cfg.population
     if pop.size == 1:
         trainer = build_trainer(model, mesh, optimizer, loss=loss, microbatches=cfg.train.microbatches,
@@ -177,7 +206,8 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None, device
         data = MemberBatches(tuple(data_source(cfg, resample=m.resample) for m in members))
     trainer = build_population(model, mesh, optimizer, pop.size, loss=loss, microbatches=cfg.train.microbatches,
                                hyperparams=hyperparam_arrays(members), per_member_data=pop.bootstrap)
-    return Parts(cfg, sizes, model, loss, data, trainer, None, members)
+    initial = functools.partial(imported_state, trainer, cfg) if cfg.model.from_ else None  # LoRA adapters only
+    return Parts(cfg, sizes, model, loss, data, trainer, None, members, initial=initial)
 
 
 def federated_parts(cfg: Config, sizes: dict, devices) -> Parts:

@@ -9,6 +9,7 @@ anything compiles), by the library, and reworded in config keys by :func:`shardm
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 
@@ -16,7 +17,7 @@ from shardml.core.mesh import resolve_mesh_sizes
 from shardml.core.pipeline import Schedule
 from shardml.core.settings import check_settings
 from shardml.run.errors import ConfigError, keyed
-from shardml.run.schema import RESUME_MODES, Config
+from shardml.run.schema import LORA_ROLES, RESUME_MODES, Config, LoRAConfig
 from shardml.run.search import check_model_spaces, check_search
 
 # The keys of the pipeline schedule's arguments (``microbatches`` alone would mean train.microbatches).
@@ -166,7 +167,48 @@ def groups_mesh(cfg: Config) -> None:
                           subject="mesh.data", value=cfg.mesh.data)
 
 
-RULES = (_paths, _pipeline, _vmapped_pipeline, _population, _federated, _architectures)
+def lora_targets(cfg: Config) -> tuple[str, ...]:
+    """The roles of ``lora.targets`` (``"q, v"`` -> ``("q", "v")``)."""
+    return tuple(t.strip() for t in cfg.lora.targets.split(",") if t.strip())
+
+
+def _lora_off(cfg: Config) -> None:
+    """A ``lora.*`` key set while ``lora.rank=0`` would silently train every weight."""
+    default = LoRAConfig()
+    changed = [f"lora.{f.name}={getattr(cfg.lora, f.name)}" for f in dataclasses.fields(default)
+               if getattr(cfg.lora, f.name) != getattr(default, f.name)]
+    if changed:
+        raise ConfigError(f"{changed[0]} with lora.rank=0: rank 0 trains every weight and ignores it; set lora.rank=R "
+                          "(e.g. lora.rank=8) to train adapters, or drop it", subject="lora.rank", value=0)
+
+
+def _lora(cfg: Config, sizes: dict[str, int]) -> None:
+    """``lora.rank`` > 0: adapters on a transformer's projections (the rank against the layers'
+    widths is checked where the model is built, by :func:`shardml.lora`)."""
+    if not cfg.lora.rank:
+        return _lora_off(cfg)
+    targets = lora_targets(cfg)
+    unknown = [t for t in targets if t not in LORA_ROLES]
+    if unknown or not targets:
+        raise ConfigError(f"lora.targets={cfg.lora.targets}: {', '.join(unknown) or 'no role given'}; give "
+                          f"comma-separated roles of {', '.join(LORA_ROLES)} (e.g. lora.targets=q,v)",
+                          subject="lora.targets", value=cfg.lora.targets)
+    clashes = [(cfg.model.kind != "transformer", "model.kind", cfg.model.kind,
+                "LoRA adapts a transformer's projections; use model.kind=transformer or lora.rank=0"),
+               (sizes["pipeline"] > 1, "mesh.pipeline", sizes["pipeline"],
+                "a LoRA model is not cut into pipeline stages; use mesh.pipeline=1 (fsdp or tensor split it instead)"),
+               (cfg.federated.algorithm != "none", "federated.algorithm", cfg.federated.algorithm,
+                "federated rounds train every weight; use lora.rank=0"),
+               (cfg.population.kind == "pbt" and cfg.population.size > 1, "population.kind", "pbt",
+                "a population of adapters trains as population.kind=sweep or ensemble (pbt copies whole models)"),
+               (bool(cfg.population.models), "population.models", sorted(cfg.population.models),
+                "architecture groups train every weight; list no model.* values, or use lora.rank=0")]
+    for bad, key, value, why in clashes:
+        if bad:
+            raise ConfigError(f"lora.rank={cfg.lora.rank} with {key}={value}: {why}", subject=key, value=value)
+
+
+RULES = (_paths, _pipeline, _vmapped_pipeline, _population, _federated, _architectures, _lora)
 
 
 def validate(cfg: Config, n_devices: int) -> dict[str, int]:

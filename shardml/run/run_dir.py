@@ -57,10 +57,11 @@ RUN_FILES = ("checkpoints", "checkpoints-damaged", "metrics.jsonl", "config.yaml
              "library*.log", "tokenizer.json", "population.json", "federated.json", "predictions.npz", "optuna.db", "gen-*")
 # Config keys that decide what is trained; the rest (steps, logging, evaluation, mesh, optimizer
 # schedule, checkpointing) may change when a run continues.
-TRAINED = ("model.", "data.", "population.", "federated.", "train.batch_size", "train.seed", "train.init_seed")
+TRAINED = ("model.", "data.", "population.", "federated.", "lora.", "train.batch_size", "train.seed",
+           "train.init_seed")
 NOT_TRAINED = ("model.remat", "model.layer_loop", "data.workers", "population.generations", "federated.delta")
 # keys added after runs were saved, at the value that means "off": a run that records none is the same run
-ADDED_OFF = {"model.from": ""}
+ADDED_OFF = {"model.from": "", "lora.rank": 0, "lora.alpha": 16.0, "lora.dropout": 0.0, "lora.targets": "q,v"}
 _QUIET_KEYS = ("out_dir", "train.resume")  # differ on resume without a note
 FRESH_HINT = ("use another out_dir, or start over with --fresh (fresh=True from Python; the old run is moved to "
               "out_dir/previous/)")

@@ -72,6 +72,22 @@ class DataConfig:
     truncate: bool = False  # cut an example longer than seq_len + 1 tokens (else an error)
 
 
+LORA_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (:func:`shardml.lora`): ``rank`` > 0 freezes the transformer (``model.from``'s
+    weights, or a random base from a fixed seed) and trains only rank-``rank`` adapters on the
+    ``targets`` projections (comma-separated roles: q, k, v, o, gate, up, down), scaled by
+    ``alpha / rank``, their input dropped out with ``dropout``. 0 trains every weight."""
+
+    rank: int = setting(0, minimum=0, hint="0: no adapters, every weight trains")
+    alpha: float = setting(16.0, above=0.0, hint="the adapters' scale is alpha / rank")
+    dropout: float = setting(0.0, minimum=0.0, below=1.0, hint="dropout on the adapters' input")
+    targets: str = setting("q,v", hint="comma-separated roles: q, k, v, o, gate, up, down")
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints of the whole train state in ``out_dir/checkpoints`` (see :mod:`shardml.run.checkpoint`)."""
@@ -192,6 +208,7 @@ class Config:
     pipeline: PipelineConfig = PipelineConfig()
     population: PopulationConfig = PopulationConfig()
     federated: FederatedConfig = FederatedConfig()
+    lora: LoRAConfig = LoRAConfig()
     out_dir: str = "runs/default{experiment}"
 
 

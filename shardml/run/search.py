@@ -37,6 +37,12 @@ def move_search(data: dict, base: Config) -> dict:
       ConfigError: a searched key that shapes the compiled step, or a space that cannot be read.
     """
     data = move_models(data, base)
+    lora = data.get("lora")
+    for name, value in (lora.items() if isinstance(lora, dict) else ()):
+        if isinstance(value, list) or is_search_spec(value) and not isinstance(value, str):
+            raise ConfigError(f"lora.{name}={value!r}: every member of a population of adapters shares the lora.* "
+                              f"settings (they shape the compiled step); members can differ by {', '.join(SEARCHABLE)}",
+                              subject=f"lora.{name}", value=value)
     optim = data.get("optim")
     if not isinstance(optim, dict) or not any(is_search_spec(v) for v in optim.values()):
         return data

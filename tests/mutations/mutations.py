@@ -475,3 +475,22 @@ MUTATIONS += [
       'out["mask"][row, :n] = flags[1:]', 'out["mask"][row, :n] = flags[:-1]',
       ("tests/test_benchmarks.py::test_bench_lora_demo_holds_functions_out_by_name_and_learns_only_their_names",)),
 ]
+
+LORA_CLI = "tests/test_lora_cli.py"
+LORA_BASE = f"{LORA_CLI}::test_only_adapters_train_and_the_base_is_the_checkpoint"
+MUTATIONS += [
+    # ------------------------------------------------------------------ run: LoRA from the config and the CLI
+    M("lora-cli-export-unmerged", "run", "export --merge writes the base without its adapters",
+      "save_hf(*merge_lora(run.parts.model, params), out)",
+      "save_hf(run.parts.model.config.base, params[\"base\"], out)",
+      (f"{LORA_CLI}::test_merged_export_matches_the_lora_model_in_transformers",)),
+    M("lora-cli-optimizer-on-base", "run", "a lora.rank run's optimizer updates (and keeps state for) the base",
+      "return lora_optimizer(optimizer) if cfg.lora.rank else optimizer", "return optimizer", (LORA_BASE,)),
+    M("lora-cli-random-base", "run", "a model.from LoRA run starts from its random base, not the checkpoint's",
+      "params={**state.params, BASE: base})", "params=state.params)", (LORA_BASE,)),
+    M("lora-cli-decode-unmerged", "run", "generate and the end-of-run samples decode the base without its adapters",
+      "return jax.jit(merged_params, static_argnums=0, out_shardings=shardings)(parts.model, natural)",
+      "return natural[BASE]", (f"{LORA_CLI}::test_generate_decodes_the_merged_weights",)),
+    M("lora-rank-off-by-one", "models", "a rank equal to the narrowest targeted width is refused",
+      "if not 0 < rank <= width:", "if not 0 < rank < width:", (f"{LORA_CLI}::test_the_widest_rank_builds",)),
+]
