@@ -184,6 +184,109 @@ def test_a_resume_from_another_base_is_refused(lora_run, checkpoint, tmp_path, c
     assert code == 2 and "model.from" in err, err
 
 
+# ------------------------------------------------------------------------- adapter-only checkpoints
+def last_step_dir(run):
+    steps = sorted(int(n) for n in os.listdir(os.path.join(run, "checkpoints")) if n.isdigit())
+    return os.path.join(run, "checkpoints", str(steps[-1]))
+
+
+def dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(path) for f in names)
+
+
+def test_checkpoints_hold_the_adapters_and_name_the_base(lora_run, checkpoint):
+    """No base array in the checkpoint (its record, its files); model.from recorded by path and by the
+    exact checksums of its weights, computed here from the checkpoint files independently."""
+    from shardml.run.run_dir import read_meta
+    from shardml.run.store import checksums
+
+    step_dir = last_step_dir(lora_run[0])
+    meta = read_meta(step_dir)
+    assert not [n for n in meta.arrays if n.startswith("params/base")], "the checkpoint still holds the base"
+    assert sorted({n.split("/")[1] for n in meta.arrays if n.startswith("params/")}) == ["adapters"], meta.arrays
+    assert meta.frozen["source"] == {"model.from": os.path.abspath(checkpoint[0])}, meta.frozen["source"]
+    _, base = load_hf(checkpoint[0])
+    assert meta.frozen["checksums"] == checksums({"base": base}), "the recorded fingerprint is not the base's weights'"
+    assert len(meta.frozen["fingerprint"]) == 64
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(host(base)))
+    held = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in meta.arrays.values())
+    assert held < base_bytes / 4, f"the checkpoint's arrays take {held:,} bytes; the base alone {base_bytes:,}"
+    on_disk = dir_bytes(os.path.join(step_dir, "params"))  # the adapters with Orbax's own files
+    assert on_disk < base_bytes / 2, f"the params item takes {on_disk:,} bytes on disk; the base {base_bytes:,}"
+
+
+def test_only_a_lora_run_from_model_from_leaves_its_base_out(checkpoint, no_compile):
+    """A random base (no model.from) and a full fine-tune are saved whole."""
+    corpus = f"data.corpus={checkpoint[1]}"
+    adapters = build(load_config("tiny", [f"model.from={checkpoint[0]}", corpus, *LORA]))
+    assert adapters.frozen.entries == ("base",)
+    assert build(load_config("tiny", [*SMALL, *LORA])).frozen is None, "a random base must be saved"
+    assert build(load_config("tiny", [f"model.from={checkpoint[0]}", corpus])).frozen is None
+
+
+def test_killed_and_resumed_it_ends_bitwise_equal_to_the_uninterrupted_run(lora_run, checkpoint, tmp_path,
+                                                                           monkeypatch):
+    """Killed after saving step 2 (adapters only), the same command reads the base from model.from
+    again: its step 3 equals the uninterrupted run's (lora_run) array for array, the base included."""
+    from shardml.run import recipe
+    from shardml.run.run_dir import read_meta
+
+    out = str(tmp_path / "run")
+    original = recipe.data_source
+
+    class Killed:
+        def __init__(self, data):
+            self.data = data
+
+        def __getattr__(self, name):
+            return getattr(self.data, name)
+
+        def batch(self, step):
+            if step == 2:
+                raise KeyboardInterrupt("killed")
+            return self.data.batch(step)
+
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(recipe, "data_source", lambda cfg: Killed(original(cfg)))
+        main(list(train_args(*checkpoint, out, *LORA, "checkpoint.every=1")))
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["1", "2"]
+    overrides = [a for a in train_args(*checkpoint, out, *LORA, "checkpoint.every=1") if "=" in a]
+    summary = train(load_config(None, overrides), verbose=False)  # the same command again
+    assert summary.resumed_from == 2
+    want, got = read_meta(last_step_dir(lora_run[0])), read_meta(last_step_dir(out))
+    assert got.step == want.step == 3
+    differ = sorted(n for n in want.checksums if got.checksums.get(n) != want.checksums[n])
+    assert not differ and got.checksums.keys() == want.checksums.keys(), f"the resumed run differs: {differ}"
+    _, base = load_hf(checkpoint[0])
+    for got_b, want_b in zip(jax.tree.leaves(host(summary.state.params["base"])), jax.tree.leaves(host(base))):
+        np.testing.assert_array_equal(got_b, want_b, err_msg="the resumed run's base is not model.from's")
+
+
+def test_a_changed_or_missing_base_is_refused_naming_it(lora_run, checkpoint, tmp_path, capsys):
+    """eval / export of a run whose model.from changed (other weights of the same shapes) or is gone
+    exit 2 naming the path and the fix, before anything is evaluated."""
+    import shutil
+
+    changed, run = tmp_path / "changed", tmp_path / "run"
+    torch.manual_seed(1)
+    config = transformers.AutoConfig.from_pretrained(checkpoint[0])
+    transformers.LlamaForCausalLM(config).save_pretrained(changed)
+    shutil.copytree(lora_run[0], run)
+
+    def based_on(path):
+        for meta in run.glob("checkpoints/*/meta/metadata"):
+            record = json.loads(meta.read_text())
+            record["frozen"]["source"]["model.from"] = str(path)
+            meta.write_text(json.dumps(record))
+
+    based_on(changed)
+    code, _, err = shardml(capsys, "eval", str(run))
+    assert code == 2 and f"model.from={changed} has changed" in err and "original files back" in err, err
+    based_on(tmp_path / "gone")
+    code, _, err = shardml(capsys, "export", str(run), "--format", "peft", str(tmp_path / "out"))
+    assert code == 2 and f"model.from={tmp_path / 'gone'}" in err and "put the base model back" in err, err
+
+
 BAD = [
     (("lora.rank=4", "model.kind=mlp", "data.corpus=digits"), "model.kind=mlp"),
     (("lora.rank=4", "lora.targets=q,x"), "lora.targets=q,x"),

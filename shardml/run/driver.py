@@ -132,7 +132,7 @@ def drive(cfg: config_lib.Config, parts: Parts, mode: Mode, settings: LoopSettin
     for line in mode.lines:
         say(line)
     summary = run_loop(parts.trainer, parts.data, settings, parts.eval_batches(), config=config_lib.to_dict(cfg),
-                       policy=mode.policy, init=parts.initial)
+                       policy=mode.policy, init=parts.initial, frozen=parts.frozen)
     if not summary.preempted:
         for line in mode.report(summary):
             say(line)

@@ -33,7 +33,7 @@ from shardml.core.step import Trainer, TrainState
 from shardml.run import distributed
 from shardml.run.library_log import LibraryLog
 from shardml.run.metrics import MetricsWriter, Recorder, progress
-from shardml.run.run_dir import RunDir, Start, identity
+from shardml.run.run_dir import Frozen, RunDir, Start, identity
 from shardml.run.store import read_iterator_state
 from shardml.run.throughput import Throughput
 
@@ -210,7 +210,7 @@ class _Run:
     """One run of the loop: the state, where it started, its writers, what was saved."""
 
     def __init__(self, trainer: Trainer, data: Any, settings: LoopSettings, eval_data, config, policy: Policy,
-                 init: Callable[[int], TrainState] | None = None):
+                 init: Callable[[int], TrainState] | None = None, frozen: Frozen | None = None):
         self.trainer, self.settings, self.policy = trainer, settings, policy
         self.init = init or trainer.init
         self.source = as_source(data)
@@ -218,7 +218,7 @@ class _Run:
         self.eval_batches = list(eval_data) if eval_data is not None else None
         self.start = time.perf_counter()
         self.run_dir = RunDir(settings.out_dir, settings.resume, settings.fresh, settings.checkpoint_keep,
-                              settings.async_checkpoint, notice)
+                              settings.async_checkpoint, notice, frozen)
         self.begin = _open_run(self.run_dir, trainer, self.source, self.feeder, config)
         try:
             self._open(settings)
@@ -324,17 +324,18 @@ class _Run:
 
 def run_loop(trainer: Trainer, data: Any, settings: LoopSettings, eval_data: Iterable[dict] | None = None,
              config: dict | None = None, policy: Policy | None = None,
-             init: Callable[[int], TrainState] | None = None) -> TrainSummary:
+             init: Callable[[int], TrainState] | None = None, frozen: Frozen | None = None) -> TrainSummary:
     """Trains ``trainer`` on ``data`` (any source :func:`shardml.core.data.as_source` takes) for
     ``settings.steps`` steps; see :func:`fit`. ``config`` is recorded in the run and checkpoints;
     ``policy`` acts between steps (populations); ``init`` (seed -> state) starts a new run instead
-    of ``trainer.init`` (e.g. from imported weights)."""
+    of ``trainer.init`` (e.g. from imported weights); ``frozen`` parameters (a LoRA run's base) are
+    left out of checkpoints and read again on resume (:class:`shardml.run.run_dir.Frozen`)."""
     if policy is None:
         policy = Policy()
         policy.max_bad_steps = settings.max_bad_steps
     name = "library.log" if distributed.primary() else f"library-{distributed.process_index()}.log"
     with LibraryLog(settings.out_dir, name):  # what the libraries say about failures shardml handles
-        return _run(_Run(trainer, data, settings, eval_data, config, policy, init), settings)
+        return _run(_Run(trainer, data, settings, eval_data, config, policy, init, frozen), settings)
 
 
 def _run(run: _Run, settings: LoopSettings) -> TrainSummary:

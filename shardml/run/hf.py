@@ -14,6 +14,7 @@ prompts of ``shardml generate``. The run keeps ``config.json`` and the tokenizer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 
@@ -26,8 +27,9 @@ from shardml.core.tokenizer import BPE, load_tokenizer
 from shardml.core.update import state_of
 from shardml.models.hf_io import checkpoint_config, load_hf
 from shardml.models.lora import BASE, shared_params
-from shardml.run import distributed
+from shardml.run import distributed, store
 from shardml.run.errors import ConfigError
+from shardml.run.run_dir import Frozen
 from shardml.run.schema import RUN_MODEL_KEYS, Config, ModelConfig
 
 # what a checkpoint's tokenizer is made of (transformers' AutoTokenizer reads them back)
@@ -118,6 +120,43 @@ def imported_state(trainer: Trainer, cfg: Config, seed: int) -> TrainState:
     if cfg.out_dir and distributed.primary():
         copy_files(_checkpoint(cfg)[0], os.path.join(cfg.out_dir, RUN_COPY), ("config.json", *TOKENIZER_FILES))
     return state
+
+
+def base_from(trainer: Trainer, cfg: Config) -> Frozen | None:
+    """A LoRA run on ``model.from``'s weights: its checkpoints leave the frozen base out, record
+    ``model.from`` (absolute, for a directory) and the base's fingerprint, and read it again from
+    there on restore (:class:`shardml.run.run_dir.Frozen`). None for every other run: a random
+    base (no ``model.from``) or a full fine-tune is saved whole.
+
+        parts.frozen.source          # {"model.from": "/abs/ckpt"}
+    """
+    if not (cfg.model.from_ and shared_params(trainer.model)):
+        return None
+    path = cfg.model.from_
+    source = {"model.from": os.path.abspath(path) if os.path.isdir(path) else path}
+    return Frozen(shared_params(trainer.model), source, functools.partial(_read_base, trainer, cfg.model.dtype))
+
+
+def _read_base(trainer: Trainer, dtype: str, source: dict, abstract: dict) -> dict:
+    """``{"base": ...}`` read from the recorded ``model.from`` into the shardings and dtype of
+    ``abstract`` (as :func:`imported_state` placed it at step 0), or as read when its shapes differ
+    (the fingerprint check that follows names the change)."""
+    path = source["model.from"]
+    try:
+        _, params = load_hf(path, mesh=trainer.mesh, rules=trainer.rules, dtype=dtype)
+    except ShardmlError as err:
+        raise ConfigError(f"model.from={path} is the frozen base of this LoRA run, whose checkpoints hold only the "
+                          f"adapters, and it cannot be read ({err}); put the base model back at {path} (the "
+                          "checkpoint's fingerprint of it must match)", subject="model.from", value=path) from None
+    want = abstract[BASE]
+    shapes = {name: shape for name, (shape, _) in store.describe(want).items()}
+    if {name: shape for name, (shape, _) in store.describe(params).items()} != shapes:
+        return {BASE: params}
+    shardings = jax.tree.map(lambda a: a.sharding, want)
+    cast = jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, want), out_shardings=shardings,
+                   donate_argnums=0)
+    with jax.set_mesh(trainer.mesh):
+        return {BASE: cast(params)}
 
 
 def _under_adapters(trainer: Trainer):

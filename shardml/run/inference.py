@@ -134,7 +134,7 @@ def restore_parts(parts: Parts, step_dir: str, meta: rd.Meta) -> LoadedRun:
     their shapes against the model's (before reading any array)."""
     target = parts.trainer.abstract_state().params
     rd.check_params(meta, target, step_dir)
-    params = rd.load_params(step_dir, target)
+    params = rd.load_params(step_dir, target, parts.frozen)  # a LoRA run's base: read again from model.from
     return LoadedRun(parts.cfg, parts, params, meta.step, step_dir)
 
 

@@ -39,7 +39,8 @@ from shardml.run.config import Config, pipeline_microbatches, validate
 from shardml.run.rules import lora_targets
 from shardml.run.errors import config_errors, keyed
 from shardml.run.federated import algorithm_of, client_data, privacy_of
-from shardml.run.hf import checkpoint_tokenizer, from_checkpoint, imported_state
+from shardml.run.hf import base_from, checkpoint_tokenizer, from_checkpoint, imported_state
+from shardml.run.run_dir import Frozen
 from shardml.run.sft_data import sft_source
 
 ARRAY_DATASETS = {"digits": load_digits}
@@ -58,6 +59,7 @@ class Parts:
     schedule: Schedule | None
     members: list[Member] | None = None  # a population's members (None: one model)
     initial: Callable | None = None  # seed -> the state of step 0 (model.from's weights); None: trainer.init
+    frozen: Frozen | None = None  # what checkpoints leave out and read again: a LoRA run's model.from base
 
 
     def eval_batches(self) -> list[dict]:
@@ -199,7 +201,7 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None, device
         trainer = build_trainer(model, mesh, optimizer, loss=loss, microbatches=cfg.train.microbatches,
                                 schedule=schedule)
         initial = functools.partial(imported_state, trainer, cfg) if cfg.model.from_ else None
-        return Parts(cfg, sizes, model, loss, data, trainer, schedule, initial=initial)
+        return Parts(cfg, sizes, model, loss, data, trainer, schedule, initial=initial, frozen=base_from(trainer, cfg))
     members = members or plan_members(pop.kind, pop.size, pop.search, cfg.train.seed, cfg.train.init_seed,
                                       pop.bootstrap)
     if pop.bootstrap:
@@ -207,7 +209,7 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None, device
     trainer = build_population(model, mesh, optimizer, pop.size, loss=loss, microbatches=cfg.train.microbatches,
                                hyperparams=hyperparam_arrays(members), per_member_data=pop.bootstrap)
     initial = functools.partial(imported_state, trainer, cfg) if cfg.model.from_ else None  # LoRA adapters only
-    return Parts(cfg, sizes, model, loss, data, trainer, None, members, initial=initial)
+    return Parts(cfg, sizes, model, loss, data, trainer, None, members, initial=initial, frozen=base_from(trainer, cfg))
 
 
 def federated_parts(cfg: Config, sizes: dict, devices) -> Parts:

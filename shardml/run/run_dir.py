@@ -122,11 +122,13 @@ class Meta:
     mesh: dict[str, int]
     arrays: dict[str, list]  # name -> [shape, dtype]
     checksums: dict[str, int]
+    frozen: dict | None = None  # parameters left out and where they are read from (:func:`frozen_record`)
 
     def to_json(self) -> dict:
-        return {"format": self.version, "step": self.step, "run": self.run.to_json() if self.run else None,
-                "data": {"position": self.data_position, "state": self.data_state}, "mesh": self.mesh,
-                "arrays": self.arrays, "checksums": self.checksums}
+        out = {"format": self.version, "step": self.step, "run": self.run.to_json() if self.run else None,
+               "data": {"position": self.data_position, "state": self.data_state}, "mesh": self.mesh,
+               "arrays": self.arrays, "checksums": self.checksums}
+        return {**out, "frozen": self.frozen} if self.frozen else out
 
     @classmethod
     def from_json(cls, raw: Any, where: str) -> Meta:
@@ -138,11 +140,93 @@ class Meta:
                               "move the old run to out_dir/previous/")
         data = raw.get("data") or {}
         return cls(VERSION, int(raw["step"]), Identity.from_json(raw.get("run")), data.get("position"),
-                   data.get("state"), raw.get("mesh") or {}, raw.get("arrays") or {}, raw.get("checksums") or {})
+                   data.get("state"), raw.get("mesh") or {}, raw.get("arrays") or {}, raw.get("checksums") or {},
+                   raw.get("frozen"))
 
     def params(self, values: dict) -> dict:
         """The ``params/`` entries of ``arrays`` or ``checksums``, without the prefix."""
         return {name[len("params/"):]: v for name, v in values.items() if name.startswith("params/")}
+
+
+# ----------------------------------------------------------------------------- frozen parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """Parameters that checkpoints leave out because they never change and can be read again from
+    where they came from: a LoRA run's base, from ``model.from``. Each checkpoint records ``source``
+    and the entries' fingerprint (:func:`frozen_record`); a restore reads them with ``load`` and
+    refuses them when their fingerprint is not the recorded one.
+
+        frozen = Frozen(("base",), {"model.from": "/ckpt"}, read_base)   # read_base(source, abstract)
+        Checkpointer("runs/x/checkpoints", frozen=frozen).save(step, state)  # no base arrays written
+        state, meta = restore(step_dir, trainer.abstract_state(), frozen)    # the base read again
+
+    Attributes:
+      entries: the top-level ``params`` keys left out.
+      source: JSON naming where they are read from (recorded in every checkpoint).
+      load: ``(source as recorded, {entry: abstract arrays with shardings}) -> {entry: arrays}`` in
+        those shardings; raises a ConfigError naming the source when it cannot read them.
+    """
+
+    entries: tuple[str, ...]
+    source: dict
+    load: Callable[[dict, Any], Any]
+
+
+def held(params: Any, entries) -> Any:
+    """``params`` less the top-level ``entries``: what a checkpoint that leaves them out holds."""
+    return {k: v for k, v in params.items() if k not in entries} if entries else params
+
+
+def _held_state(state, entries):
+    return dataclasses.replace(state, params=held(state.params, entries)) if entries else state
+
+
+def fingerprint(tree: Any) -> tuple[dict, dict, str]:
+    """``(shapes, checksums, sha256)`` of a tree of arrays: :func:`shardml.run.store.describe`,
+    :func:`shardml.run.store.checksums` (exact, the same on every layout; any one changed element
+    changes its array's) and a sha256 hex digest over both."""
+    arrays, sums = store.describe(tree), store.checksums(tree)
+    return arrays, sums, hashlib.sha256(json.dumps([arrays, sums], sort_keys=True).encode()).hexdigest()
+
+
+def frozen_record(state: TrainState, frozen: Frozen) -> dict:
+    """What a checkpoint records of the parameters it leaves out: their ``source``, and the
+    :func:`fingerprint` of the arrays as the run holds them (in the compute dtype)."""
+    arrays, sums, digest = fingerprint({k: state.params[k] for k in frozen.entries})
+    return {"entries": list(frozen.entries), "source": frozen.source, "arrays": arrays, "checksums": sums,
+            "fingerprint": digest}
+
+
+def _entries(meta: Meta) -> tuple[str, ...]:
+    return tuple(meta.frozen["entries"]) if meta.frozen else ()
+
+
+def read_frozen(meta: Meta, target_params: Any, frozen: Frozen | None, step_dir: str) -> dict:
+    """The entries ``meta`` left out, read by ``frozen.load`` from the recorded source onto the
+    shardings of ``target_params``, once their fingerprint is the recorded one.
+
+    Raises:
+      ConfigError: no reader (the message names the source and how to restore), or entries that
+        changed since the checkpoint was saved (naming the source, the first array and the fix).
+    """
+    record, names = meta.frozen, _entries(meta)
+    where = ", ".join(f"{key}={value}" for key, value in record["source"].items())
+    if frozen is None:
+        raise ConfigError(f"checkpoint {step_dir} holds no {', '.join(names)} parameters: they are read from "
+                          f"{where}. Restore it through its run (shardml eval / generate / export, or train to "
+                          "resume), or pass the run's Frozen reader")
+    loaded = frozen.load(record["source"], {name: target_params[name] for name in names})
+    arrays, sums, digest = fingerprint(loaded)
+    if digest != record["fingerprint"]:
+        saved = {name: (record["arrays"].get(name), record["checksums"].get(name)) for name in record["arrays"]}
+        differ = sorted(n for n in set(arrays) | set(saved) if (arrays.get(n), sums.get(n)) != saved.get(n))
+        raise ConfigError(f"{where} has changed since checkpoint {step_dir} was saved: {len(differ)} of its arrays "
+                          f"differ from the fingerprint recorded there (first: {differ[0] if differ else '?'}), and "
+                          f"the checkpoint holds only what was trained on the old {', '.join(names)}. Put the "
+                          f"original files back ({where}), or train anew from the new ones: {FRESH_HINT}")
+    return loaded
 
 
 def differing(saved: dict, expected: dict) -> list[str]:
@@ -163,7 +247,7 @@ def read_meta(step_dir: str) -> Meta:
 
 def check_params(meta: Meta, target: Any, step_dir: str) -> None:
     """Refuses a checkpoint whose parameters have other shapes than ``target``'s (before reading any)."""
-    saved, expected = meta.params(meta.arrays), store.describe(target)
+    saved, expected = meta.params(meta.arrays), store.describe(held(target, _entries(meta)))
     differ = differing(saved, expected)
     if differ:
         raise ConfigError(f"checkpoint {step_dir} holds parameters of other shapes than this layout's model "
@@ -174,26 +258,32 @@ def check_params(meta: Meta, target: Any, step_dir: str) -> None:
 # ----------------------------------------------------------------------------- restore
 
 
-def restore(step_dir: str, target: TrainState) -> tuple[TrainState, Meta]:
+def restore(step_dir: str, target: TrainState, frozen: Frozen | None = None) -> tuple[TrainState, Meta]:
     """Restores one checkpoint onto the shardings of ``target`` (ShapeDtypeStructs, e.g.
-    ``trainer.abstract_state()``), whatever mesh it was saved on, and verifies it.
+    ``trainer.abstract_state()``), whatever mesh it was saved on, and verifies it. Parameters the
+    checkpoint left out (a LoRA run's base) are read by ``frozen`` (:func:`read_frozen`).
 
     Raises:
       CheckpointError: if it is unfinished, unreadable, or an array does not match its checksum.
-      ConfigError: if it holds a state of other shapes than ``target`` (another model).
+      ConfigError: if it holds a state of other shapes than ``target`` (another model), or left out
+        parameters that cannot be read again unchanged.
     """
     step_dir = os.path.abspath(step_dir)
     meta = read_meta(step_dir)
-    expected = store.describe(target)
+    held_target = _held_state(target, _entries(meta))
+    expected = store.describe(held_target)
     differ = differing(meta.arrays, expected)
     if differ:
         raise ConfigError(f"checkpoint {step_dir} holds a state of other shapes than this model ({len(differ)} "
                           f"arrays differ; {_first(differ, meta.arrays, expected, 'saved as', 'this model has')})")
-    state = store.read_state(step_dir, target)
+    state = store.read_state(step_dir, held_target)
     store.verify(state, meta.checksums)
     steps_held = np.unique(np.asarray(state.step))  # a population holds one step per member
     if steps_held.tolist() != [meta.step]:
         raise CheckpointError(f"its state is at step {steps_held.tolist()}, not {meta.step}")
+    if meta.frozen:
+        state = dataclasses.replace(state, params={**state.params,
+                                                   **read_frozen(meta, target.params, frozen, step_dir)})
     return state, meta
 
 
@@ -217,8 +307,10 @@ def latest(path: str) -> tuple[str, Meta]:
     return step_dir, read_meta(step_dir)
 
 
-def load_params(path: str, target: Any = None) -> Any:
+def load_params(path: str, target: Any = None, frozen: Frozen | None = None) -> Any:
     """The parameters of a checkpoint, for evaluation or fine-tuning; verified against checksums.
+    A checkpoint that left parameters out (a LoRA run's base: :class:`Frozen`) gives only those it
+    holds without ``target``; with one, ``frozen`` reads the others again.
 
     Args:
       path: a run directory, its ``checkpoints`` directory (the latest step is used) or one step
@@ -240,16 +332,17 @@ def load_params(path: str, target: Any = None) -> Any:
     if target is None:
         target = nest({name: np.empty(shape, jnp.dtype(dtype))
                        for name, (shape, dtype) in meta.params(meta.arrays).items()})
-    params = store.read_params(step_dir, target)
+    params = store.read_params(step_dir, held(target, _entries(meta)))
     try:
         store.verify(params, meta.params(meta.checksums))
     except CheckpointError as err:
         raise CheckpointError(f"{step_dir}: {err}") from None
-    return params
+    missing = [name for name in _entries(meta) if name in target]
+    return {**params, **read_frozen(meta, target, frozen, step_dir)} if missing else params
 
 
 def restore_latest(directory: str, target: TrainState, check: Callable[[Meta], None] = lambda meta: None,
-                   report: Callable[[str], None] = print, set_aside: bool = False):
+                   report: Callable[[str], None] = print, set_aside: bool = False, frozen: Frozen | None = None):
     """The newest checkpoint in ``directory`` that restores and verifies; damaged ones are skipped.
 
     Args:
@@ -258,6 +351,7 @@ def restore_latest(directory: str, target: TrainState, check: Callable[[Meta], N
       report: receives one line per unfinished or damaged checkpoint.
       set_aside: move damaged checkpoints to ``<directory>-damaged/`` (never deleted), so that
         the same step can be saved again.
+      frozen: reads the parameters a checkpoint left out (:func:`restore`).
 
     Returns:
       ``(state, meta, step)``, or None when ``directory`` holds no finalized checkpoint.
@@ -273,7 +367,7 @@ def restore_latest(directory: str, target: TrainState, check: Callable[[Meta], N
         step_dir = os.path.join(directory, str(step))
         try:
             check(read_meta(step_dir))
-            state, meta = restore(step_dir, target)
+            state, meta = restore(step_dir, target, frozen)
         except CheckpointError as err:
             damaged.append(step)
             where = f"; moved to {store.set_aside_damaged(step_dir)}" if set_aside else ""
@@ -300,9 +394,10 @@ class Checkpointer:
         state, meta = restore(ckpt.step_dir(step), trainer.abstract_state())
     """
 
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True, frozen: Frozen | None = None):
         self._writer = store.ArrayWriter(directory, keep, async_save)
         self.directory = self._writer.directory
+        self._frozen, self._frozen_record = frozen, None
 
     def step_dir(self, step: int) -> str:
         return self._writer.step_dir(step)
@@ -313,16 +408,21 @@ class Checkpointer:
 
         ``run``, ``data_state``, ``mesh``: what the checkpoint records beside the arrays (``meta``,
         a dict of :func:`checkpoint_meta`, gives them the older way). ``iterator_state``: this
-        process's grain iterator state. Blocks until ``state`` is computed and on the host.
+        process's grain iterator state. Blocks until ``state`` is computed and on the host. The
+        ``frozen`` parameters are not written: their source and fingerprint are recorded instead.
         """
         meta = meta or {}
         run = run or meta.get("run")
         if isinstance(run, dict):
             run = Identity.from_json(run)
         data = meta.get("data") or {"position": step if run else None, "state": data_state}
+        if self._frozen is not None and self._frozen_record is None:  # frozen: the same in every checkpoint
+            self._frozen_record = frozen_record(state, self._frozen)
+        state = _held_state(state, self._frozen.entries if self._frozen else ())
         sums = store.checksums(state)  # waits for the step, as the host copy would anyway
         record = Meta(VERSION, int(step), run, data["position"], data["state"],
-                      {k: int(v) for k, v in (mesh or meta.get("mesh") or {}).items()}, store.describe(state), sums)
+                      {k: int(v) for k, v in (mesh or meta.get("mesh") or {}).items()}, store.describe(state), sums,
+                      self._frozen_record)
         return self._writer.save(step, state, record.to_json(), iterator_state)
 
     def wait(self) -> None:
@@ -495,18 +595,18 @@ def _config_notes(saved: dict | None, ident: Identity) -> list[str]:
             if old[key] != new[key] and key not in _QUIET_KEYS]
 
 
-def _restore_named(directory: str, step: int, target, check, resume: str):
+def _restore_named(directory: str, step: int, target, check, resume: str, frozen: Frozen | None = None):
     """One checkpoint named by ``resume``: it must be usable."""
     step_dir = os.path.join(directory, str(step))
     try:
         check(read_meta(step_dir))
-        state, meta = restore(step_dir, target)
+        state, meta = restore(step_dir, target, frozen)
     except CheckpointError as err:
         raise CheckpointError(f"resume={resume}: {err}") from None
     return state, meta, step
 
 
-def _found(out_dir: str, resume: str, trainer, ident: Identity, notice, primary: bool):
+def _found(out_dir: str, resume: str, trainer, ident: Identity, notice, primary: bool, frozen: Frozen | None):
     """``(state, meta, step, directory)`` of the checkpoint ``resume`` asks for, or None."""
     own_dir = os.path.join(out_dir, "checkpoints")
     directory, step = store.resolve(own_dir if resume == "auto" else resume)
@@ -516,20 +616,21 @@ def _found(out_dir: str, resume: str, trainer, ident: Identity, notice, primary:
         for tmp in store.unfinished(own_dir):
             notice(f"ignoring an unfinished checkpoint write (the process stopped while saving): {tmp}")
     if step is not None:
-        return (*_restore_named(directory, step, target, check, resume), directory)
+        return (*_restore_named(directory, step, target, check, resume, frozen), directory)
     if resume != "auto" and not store.steps(directory):
         raise ConfigError(f"resume={resume}: no checkpoint there; give a run directory, its checkpoints "
                           "directory or one step directory (e.g. runs/x/checkpoints/100)")
-    found = restore_latest(directory, target, check, report=notice, set_aside=directory == own_dir and primary)
+    found = restore_latest(directory, target, check, report=notice, set_aside=directory == own_dir and primary,
+                           frozen=frozen)
     return None if found is None else (*found, directory)
 
 
 def resume_point(out_dir: str, resume: str, trainer, ident: Identity, notice: Callable[[str], None] = print,
-                 primary: bool = True) -> Start:
+                 primary: bool = True, frozen: Frozen | None = None) -> Start:
     """Where the run starts: restores the checkpoint ``resume`` asks for (``auto``: the latest valid
     one of ``out_dir``; or a path) onto ``trainer``'s mesh, or step 0. Damaged checkpoints of
     ``out_dir`` are reported and moved to ``checkpoints-damaged/`` (by the ``primary`` process);
-    a damaged one named explicitly is an error.
+    a damaged one named explicitly is an error. ``frozen`` reads what checkpoints left out.
 
     Raises:
       ConfigError: the checkpoint holds another model, trains something else or another data
@@ -539,7 +640,7 @@ def resume_point(out_dir: str, resume: str, trainer, ident: Identity, notice: Ca
     out_dir = os.path.abspath(out_dir)
     if resume == "never":
         return NEW
-    found = _found(out_dir, resume, trainer, ident, notice, primary)
+    found = _found(out_dir, resume, trainer, ident, notice, primary, frozen)
     if found is None:
         if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
             notice(f"no checkpoint in {os.path.join(out_dir, 'checkpoints')}; starting the run in {out_dir} from "
@@ -595,11 +696,13 @@ class RunDir:
       path: the ``out_dir``; None keeps nothing (no checkpoints, no resume).
       resume: ``auto`` (the latest valid checkpoint of ``path``), ``never``, or a checkpoint path.
       fresh: move a run found in ``path`` to ``path/previous/`` and start over.
+      frozen: parameters its checkpoints leave out and read again (:class:`Frozen`); None saves all.
     """
 
     def __init__(self, path: str | None, resume: str = "auto", fresh: bool = False, keep: int = 3,
-                 async_save: bool = True, notice: Callable[[str], None] = print):
+                 async_save: bool = True, notice: Callable[[str], None] = print, frozen: Frozen | None = None):
         self.path = None if path is None else os.path.abspath(path)
+        self.frozen = frozen
         self.resume, self.fresh, self.notice = resume, fresh, notice
         self.primary = distributed.primary()
         self._keep, self._async = keep, async_save
@@ -633,8 +736,9 @@ class RunDir:
         after it, once damaged checkpoints are set aside and unfinished writes reported."""
         if self.path is None:
             return NEW
-        begin = resume_point(self.path, self.resume, trainer, self.ident, notice=self.notice, primary=self.primary)
-        self._writer = Checkpointer(os.path.join(self.path, "checkpoints"), self._keep, self._async)
+        begin = resume_point(self.path, self.resume, trainer, self.ident, notice=self.notice, primary=self.primary,
+                             frozen=self.frozen)
+        self._writer = Checkpointer(os.path.join(self.path, "checkpoints"), self._keep, self._async, self.frozen)
         return begin
 
     @property
