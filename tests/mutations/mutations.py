@@ -493,4 +493,16 @@ MUTATIONS += [
       "return natural[BASE]", (f"{LORA_CLI}::test_generate_decodes_the_merged_weights",)),
     M("lora-rank-off-by-one", "models", "a rank equal to the narrowest targeted width is refused",
       "if not 0 < rank <= width:", "if not 0 < rank < width:", (f"{LORA_CLI}::test_the_widest_rank_builds",)),
+    # ------------------------------------------------------------------ run: adapter-only checkpoints
+    M("lora-ckpt-saves-base", "run", "the driver hands the loop no Frozen: a model.from LoRA run's checkpoints "
+      "still write the base", "policy=mode.policy, init=parts.initial, frozen=parts.frozen)",
+      "policy=mode.policy, init=parts.initial, frozen=None)",
+      (f"{LORA_CLI}::test_checkpoints_hold_the_adapters_and_name_the_base",)),
+    M("lora-ckpt-fingerprint-shapes-only", "run", "a restored base is checked by its shapes only, so other "
+      "weights of the same shapes pass", 'if digest != record["fingerprint"]:', 'if arrays != record["arrays"]:',
+      (f"{LORA_CLI}::test_a_changed_or_missing_base_is_refused_naming_it",)),
+    M("lora-ckpt-resume-without-base", "run", "a resume does not read the base the checkpoints left out",
+      "primary=self.primary,\n                             frozen=self.frozen)",
+      "primary=self.primary,\n                             frozen=None)",
+      (f"{LORA_CLI}::test_killed_and_resumed_it_ends_bitwise_equal_to_the_uninterrupted_run",)),
 ]
