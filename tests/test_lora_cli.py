@@ -344,6 +344,10 @@ def test_each_member_of_a_sweep_of_adapters_equals_it_trained_alone(checkpoint, 
     summary = train(load_config("tiny", [*POP, *corpus, "population.kind=sweep", "population.size=2", "optim.lr=[3e-3,3e-2]",
                                          "mesh.members=2", "mesh.data=4", f"out_dir={out}"]), verbose=False)
     report = json.loads((out / "population.json").read_text())
+    from shardml.run.run_dir import read_meta
+
+    saved = read_meta(last_step_dir(str(out))).arrays
+    assert not [n for n in saved if n.startswith("params/base")], "the population's checkpoint holds the base"
     stacked = host(summary.state.params)
     _, base = load_hf(checkpoint[0])
     for got, want in zip(jax.tree.leaves(stacked["base"]), jax.tree.leaves(host(base))):
