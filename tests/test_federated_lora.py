@@ -122,11 +122,11 @@ def _carried(jaxpr, out):
 def test_the_base_is_stored_once_and_never_stacked_per_client():
     """The state holds one base and no optimizer state for it; the clients' local loop carries
     their adapters stacked per slot, not the base (every client reads the one copy)."""
-    tr = trainer("fedavg")
+    tr = trainer("fedprox")  # its clients' optimizer holds state (the proximal anchor): none may be the base's
     state = tr.init(0)
     base_shapes = [tuple(x.shape) for x in jax.tree.leaves(model().abstract_params["base"])]
     assert [tuple(x.shape) for x in jax.tree.leaves(state.params["base"])] == base_shapes
-    assert not jax.tree.leaves(state.opt_state), "fedavg keeps no optimizer state (sgd, and none for the base)"
+    assert not jax.tree.leaves(state.opt_state), "the server's sgd keeps no state; clients start theirs each round"
     batch = tr.put(clients(tr.slots).batch(0))
     with jax.set_mesh(tr.mesh):
         carried = _carried(jax.make_jaxpr(tr.program.step)(state, batch).jaxpr, set())
@@ -134,6 +134,19 @@ def test_the_base_is_stored_once_and_never_stacked_per_client():
     assert not stacked, f"base leaves {stacked} are carried per client slot through the local steps"
     adapters = [tuple(x.shape) for x in jax.tree.leaves(model().abstract_params["adapters"])]
     assert all((tr.slots, *s) in carried for s in adapters), "the adapters should be carried per slot"
+
+
+def test_the_bytes_sent_are_the_adapters_counted_from_their_shapes():
+    from shardml.run.federated import communication_of
+
+    rank, layers, d, heads, head, ff = 4, CFG.layers, CFG.d_model, CFG.heads, CFG.d_model // CFG.heads, CFG.d_ff
+    adapters = layers * ((d * rank + rank * heads * head) * 2 + (ff * rank + rank * d))  # q, v (A, B); down (A, B)
+    comm = communication_of(model(), cohort=3, rounds=5, local_steps=H)
+    assert comm["values"] == adapters and comm["bytes_per_round_per_client"] == 2 * 4 * adapters, comm
+    assert comm["bytes_total"] == 2 * 4 * adapters * 3 * 5, comm
+    assert comm["model_bytes_per_round_per_client"] == 2 * 4 * model().num_params, comm
+    assert comm["model_bytes_per_round_per_client"] > 8 * comm["bytes_per_round_per_client"], comm
+    assert comm["sent"].startswith("adapters only"), comm
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -110,7 +110,7 @@ def sent(model) -> dict:
         return {"sent": "weights", "values": model.num_params, "model_values": model.num_params}
     trained = {k: v for k, v in model.abstract_params.items() if k not in shared}
     values = sum(math.prod(x.shape) for x in jax.tree.leaves(trained))
-    return {"sent": f"adapters only (the frozen {', '.join(shared)} is shared, not sent)", "values": values,
+    return {"sent": f"adapters only; the frozen {', '.join(shared)} is shared, not sent", "values": values,
             "model_values": model.num_params}
 
 
@@ -167,7 +167,9 @@ def describe_run(parts, counts: np.ndarray, comm: dict, privacy: dict | None) ->
              f"communication ({comm['sent']}): {_bytes(comm['bytes_per_round_per_client'])} per client per round, "
              f"{_bytes(comm['bytes_per_round'])} per round, {_bytes(comm['bytes_total'])} in total; synchronous "
              f"data-parallel training at equal compute: {_bytes(comm['sync_bytes_equal_compute'])} "
-             f"({f.local_steps}x)"]
+             f"({f.local_steps}x)" + ("" if comm["values"] == comm["model_values"] else
+                                      f"; the whole model would be {_bytes(comm['model_bytes_per_round_per_client'])}"
+                                      " per client per round")]
     for kind, what in (("dp_fedavg", "client-level (DP-FedAvg)"), ("dp_sgd", "example-level (DP-SGD)")):
         if privacy and kind in privacy:
             lines.append(f"privacy: {what} epsilon {privacy[kind]['epsilon']:.3g} at delta {privacy['delta']:g}")
