@@ -16,6 +16,11 @@ server optimizer takes Δ as a gradient: ``w_{t+1} = w_t + server.update(Δ)``.
 - ``diloco``: inner AdamW on every client (its state kept across rounds), outer SGD with Nesterov
   momentum on Δ. Outer lr 1 without momentum is fedavg.
 
+LoRA (:func:`shardml.lora`): the clients train and send only the adapters. The frozen base is
+stored once in the state and read by every client (closed over by the local steps, not stacked per
+slot, not aggregated); the server averages the adapters (FedAvg's weights as above) and FedProx's
+term pulls each client's adapters towards the round's global adapters.
+
 Privacy (``Privacy``): DP-FedAvg clips every Δ_k to ``update_clip``, weights the clients equally
 and adds ``N(0, (update_noise · update_clip)²)`` once to their sum at the server (the mean then
 divides by the cohort); DP-SGD inside clients is :func:`shardml.core.privacy.private_accumulator`.
