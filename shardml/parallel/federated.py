@@ -16,6 +16,11 @@ server optimizer takes Δ as a gradient: ``w_{t+1} = w_t + server.update(Δ)``.
 - ``diloco``: inner AdamW on every client (its state kept across rounds), outer SGD with Nesterov
   momentum on Δ. Outer lr 1 without momentum is fedavg.
 
+LoRA (:func:`shardml.lora`): the clients train and send only the adapters. The frozen base is
+stored once in the state and read by every client (closed over by the local steps, not stacked per
+slot, not aggregated); the server averages the adapters (FedAvg's weights as above) and FedProx's
+term pulls each client's adapters towards the round's global adapters.
+
 Privacy (``Privacy``): DP-FedAvg clips every Δ_k to ``update_clip``, weights the clients equally
 and adds ``N(0, (update_noise · update_clip)²)`` once to their sum at the server (the mean then
 divides by the cohort); DP-SGD inside clients is :func:`shardml.core.privacy.private_accumulator`.
@@ -56,6 +61,7 @@ from shardml.core.sharding import Rules, use_rules
 from shardml.core.step import (Program, Shardings, Trainer, compile_trainer, gradient_strategy, opt_state_shardings,
                                step_program)
 from shardml.core.update import TrainState, advance, train_step
+from shardml.models.lora import lora_optimizer, shared_params
 from shardml.parallel.members import MEMBERS, check_stackable, over_members, stacked
 
 ALGORITHMS = ("fedavg", "fedprox", "fedopt", "diloco")
@@ -267,27 +273,57 @@ class FederatedTrainer(Trainer):
 
 
 def federated_round(state: TrainState, batch: dict, *, update, client_init, algorithm: Algorithm, privacy: Privacy,
-                    rules: Rules, logical: Any, slots: int, client_params_sh: Any) -> tuple[TrainState, dict]:
+                    rules: Rules, logical: Any, slots: int, client_params_sh: Any,
+                    shared: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
     """One round (the federated trainer's step): every slot runs ``update`` (the clients' H local
     steps, vmapped over the members axis) from the server weights, the server aggregates their
     updates and applies its optimizer; a non-finite round leaves the state as it was (the guard of
     every step, :func:`shardml.core.update.advance`). ``client_init`` starts a client's optimizer
-    state when clients do not keep theirs."""
+    state when clients do not keep theirs. ``shared`` entries of the parameters (a frozen LoRA
+    base) are neither stacked per slot nor aggregated: every client reads the one copy, and only
+    the rest (the adapters) is trained, sent and averaged."""
     weight, client = batch["weight"], batch["client"]
     data = {k: v for k, v in batch.items() if k not in ("weight", "client")}
-    w, keep = state.params, algorithm.keep_client_state
+    base, w = _split(state.params, shared)
+    keep = algorithm.keep_client_state
     start = jax.tree.map(lambda p, sh: jax.lax.with_sharding_constraint(jnp.broadcast_to(p, (slots, *p.shape)), sh),
                          w, client_params_sh)
-    opt = state.opt_state.clients if keep else jax.vmap(client_init)(start)
+    opt = state.opt_state.clients if keep else jax.vmap(lambda p: client_init(_join(p, base)))(start)
     keys = jax.vmap(lambda c: client_key(state.rng, state.step, c))(client)
-    finals, metrics_SH = update(start, opt, data, keys)
+    finals, metrics_SH = update(start, opt, data, keys, base)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), _SERVER_TAG), state.step)
     with use_rules(rules):
         delta, server_metrics = aggregate(w, finals.params, weight, privacy, key, logical)
     updates, server_opt = algorithm.server.update(delta, state.opt_state.server, w)
     metrics = {**_round_metrics(metrics_SH, weight), **server_metrics, "update_norm": tree_norms(updates)}
     opt_state = FederatedOptState(server_opt, finals.opt_state if keep else ())
-    return advance(state, optax.apply_updates(w, updates), opt_state, jnp.isfinite(metrics["update_norm"]), metrics)
+    params = _join(optax.apply_updates(w, updates), base)
+    return advance(state, params, opt_state, jnp.isfinite(metrics["update_norm"]), metrics)
+
+
+def _split(params: Any, shared: tuple[str, ...]) -> tuple[dict, Any]:
+    """``(shared entries, the rest)`` of the parameters (``({}, params)`` when nothing is shared)."""
+    if not shared:
+        return {}, params
+    return {k: params[k] for k in shared}, {k: v for k, v in params.items() if k not in shared}
+
+
+def _join(params: Any, base: dict) -> Any:
+    return {**params, **base} if base else params
+
+
+def client_round(params: Any, opt_state: Any, batches: dict, rng: jax.Array, base: dict, *, step,
+                 shared: tuple[str, ...]) -> tuple[TrainState, dict]:
+    """:func:`client_update` of a client that holds ``params`` (its trained entries) over ``base``
+    (the shared entries: closed over by every local step, so not carried, stacked or sent back)."""
+    if not shared:
+        return client_update(params, opt_state, batches, rng, step=step)
+
+    def local(state, batch):
+        new, metrics = step(dataclasses.replace(state, params=_join(state.params, base)), batch)
+        return dataclasses.replace(new, params=_split(new.params, shared)[1]), metrics
+
+    return client_update(params, opt_state, batches, rng, step=local)
 
 
 def round_slots(cohort: int, mesh) -> int:
@@ -315,11 +351,13 @@ def check_round(algorithm: Algorithm, clients: int, cohort: int, local_steps: in
 
 def round_shardings(program: Program, algorithm: Algorithm) -> Shardings:
     """Where a round keeps its arrays: the server weights as the clients' parameters, the server
-    optimizer's state following them, the clients' optimizer states (kept by DiLoCo) stacked on
-    the slot axis, every round batch leaf's slot axis over ``members``."""
+    optimizer's state following the trained entries (not a shared LoRA base), the clients'
+    optimizer states (kept by DiLoCo) stacked on the slot axis, every round batch leaf's slot axis
+    over ``members``."""
     inner, parts = program.shardings, program.parts
-    abstract = jax.eval_shape(parts.strategy.layout, parts.model.abstract_params)
-    server = opt_state_shardings(algorithm.server, abstract, inner.state.params, parts.mesh)
+    shared = shared_params(parts.model)
+    abstract = _split(jax.eval_shape(parts.strategy.layout, parts.model.abstract_params), shared)[1]
+    server = opt_state_shardings(algorithm.server, abstract, _split(inner.state.params, shared)[1], parts.mesh)
     clients = jax.tree.map(stacked, inner.state.opt_state) if algorithm.keep_client_state else ()
     state = dataclasses.replace(inner.state, opt_state=FederatedOptState(server=server, clients=clients))
     return inner._replace(state=state, batch=NamedSharding(parts.mesh, P(MEMBERS)))
@@ -332,6 +370,8 @@ def federated_rounds(program: Program, algorithm: Algorithm, *, clients: int, lo
     axis, ``local_steps`` steps of ``program`` each (a ``lax.scan``), then the server's
     aggregation (DP-FedAvg by ``privacy.update_clip`` / ``update_noise``; DP-SGD is the program's
     strategy, :func:`client_strategy`) and optimizer. The state's ``params`` are the server's.
+    A LoRA model's frozen base (:func:`shardml.models.lora.shared_params`) is stored once and read
+    by every client; only the adapters are stacked per slot, sent and aggregated.
 
     Raises:
       SettingError: before anything compiles (:func:`check_stackable`, :func:`check_round`).
@@ -340,19 +380,21 @@ def federated_rounds(program: Program, algorithm: Algorithm, *, clients: int, lo
     check_stackable(program, "clients")
     check_round(algorithm, clients, cohort, local_steps)
     slots, keep, inner_init = round_slots(cohort, program.parts.mesh), algorithm.keep_client_state, program.init
-    shardings = round_shardings(program, algorithm)
+    shardings, shared = round_shardings(program, algorithm), shared_params(program.parts.model)
 
     def init(seed):
         # The clients' stacked optimizer states are the one client's, every slot starting alike.
         state = inner_init(seed)
         clients_opt = jax.tree.map(lambda x: jnp.broadcast_to(x, (slots, *x.shape)), state.opt_state) if keep else ()
-        return dataclasses.replace(state, opt_state=FederatedOptState(algorithm.server.init(state.params), clients_opt))
+        server_opt = algorithm.server.init(_split(state.params, shared)[1])
+        return dataclasses.replace(state, opt_state=FederatedOptState(server_opt, clients_opt))
 
+    update = functools.partial(client_round, step=program.step, shared=shared)
     step = functools.partial(
-        federated_round, update=over_members(functools.partial(client_update, step=program.step)),
+        federated_round, update=over_members(update, in_axes=(0, 0, 0, 0, None)),
         client_init=program.parts.optimizer.init, algorithm=algorithm, privacy=privacy, rules=program.parts.rules,
-        logical=program.parts.strategy.param_logical, slots=slots,
-        client_params_sh=jax.tree.map(stacked, program.shardings.state.params))
+        logical=_split(program.parts.strategy.param_logical, shared)[1], slots=slots,
+        client_params_sh=jax.tree.map(stacked, _split(program.shardings.state.params, shared)[1]), shared=shared)
     return dataclasses.replace(program, init=init, step=step, shardings=shardings,
                                examples=program.examples.under("slots", "local_steps"))
 
@@ -362,7 +404,8 @@ def build_federated(model: Model, mesh, algorithm: Algorithm, *, clients: int, l
                     rules: Rules | None = None, privacy: Privacy = Privacy()) -> FederatedTrainer:
     """A :class:`FederatedTrainer`: ``clients`` simulated clients, ``cohort`` (default all) per
     round, ``local_steps`` local steps each, in one compiled round (:func:`federated_rounds` of the
-    clients' step).
+    clients' step). A LoRA model (:func:`shardml.lora`) trains its adapters only: the clients'
+    optimizer is ``algorithm.client`` under :func:`shardml.lora_optimizer`, the base is shared.
 
     The round's slots are stacked on the ``members`` mesh axis (slots / mesh.members per device
     group); the ``data``, ``fsdp`` and ``tensor`` axes work inside each client as in a single run.
@@ -371,7 +414,9 @@ def build_federated(model: Model, mesh, algorithm: Algorithm, *, clients: int, l
       ShardmlError: before anything compiles.
     """
     rules = rules or Rules.default()
-    program = step_program(model, mesh, algorithm.client, loss=loss, microbatches=microbatches, rules=rules,
+    # A LoRA model's clients update (and keep optimizer state for) the adapters only.
+    client = lora_optimizer(algorithm.client) if shared_params(model) else algorithm.client
+    program = step_program(model, mesh, client, loss=loss, microbatches=microbatches, rules=rules,
                            strategy=client_strategy(model, loss, mesh, microbatches, privacy),
                            uses_rng=client_uses_rng(model, privacy))
     cohort = cohort or clients

@@ -15,14 +15,17 @@ whole classes per client); a text corpus is cut into windows of ``data.seq_len``
 from __future__ import annotations
 
 import json
+import math
 import os
 
+import jax
 import numpy as np
 import optax
 
 from shardml.core.mesh import describe
 from shardml.core.optim import default_optimizer
 from shardml.core.privacy import dp_fedavg_epsilon, dp_sgd_epsilon
+from shardml.models.lora import shared_params
 from shardml.parallel.federated import Algorithm, Privacy, proximal, server_optimizer
 from shardml.parallel.partition import (ClientBatches, cohort_size, format_label_report, label_counts, label_report,
                                         partition, text_examples)
@@ -98,6 +101,27 @@ def communication(num_params: int, cohort: int, rounds: int, local_steps: int,
     return out
 
 
+def sent(model) -> dict:
+    """What a client downloads and uploads each round: the whole model's weights, or with LoRA
+    only the adapters (the frozen base, :func:`shardml.models.lora.shared_params`, every client
+    already holds and never sends). ``values``: how many go each way; ``model_values``: the model's."""
+    shared = shared_params(model)
+    if not shared:
+        return {"sent": "weights", "values": model.num_params, "model_values": model.num_params}
+    trained = {k: v for k, v in model.abstract_params.items() if k not in shared}
+    values = sum(math.prod(x.shape) for x in jax.tree.leaves(trained))
+    return {"sent": f"adapters only; the frozen {', '.join(shared)} is shared, not sent", "values": values,
+            "model_values": model.num_params}
+
+
+def communication_of(model, cohort: int, rounds: int, local_steps: int) -> dict:
+    """:func:`communication` of what clients of ``model`` send (:func:`sent`), with what sending
+    the whole model would cost (``model_bytes_per_round_per_client``) beside it."""
+    what = sent(model)
+    return {**communication(what["values"], cohort, rounds, local_steps), **what,
+            "model_bytes_per_round_per_client": 2 * what["model_values"] * BYTES_PER_VALUE}
+
+
 def privacy_report(cfg: config_lib.Config, data: ClientBatches) -> dict | None:
     """ε at ``federated.delta`` from ``dp-accounting``'s RDP accountant: client-level for DP-FedAvg
     (cohorts accounted as Poisson sampling), example-level for DP-SGD inside clients (each local
@@ -140,10 +164,12 @@ def describe_run(parts, counts: np.ndarray, comm: dict, privacy: dict | None) ->
              f"{trainer.mesh.shape.get('members', 1)}), {f.local_steps} local steps of {data.batch_size} rows; "
              f"train.steps={cfg.train.steps} rounds",
              format_label_report(counts),
-             f"communication: {_bytes(comm['bytes_per_round_per_client'])} per client per round, "
+             f"communication ({comm['sent']}): {_bytes(comm['bytes_per_round_per_client'])} per client per round, "
              f"{_bytes(comm['bytes_per_round'])} per round, {_bytes(comm['bytes_total'])} in total; synchronous "
              f"data-parallel training at equal compute: {_bytes(comm['sync_bytes_equal_compute'])} "
-             f"({f.local_steps}x)"]
+             f"({f.local_steps}x)" + ("" if comm["values"] == comm["model_values"] else
+                                      f"; the whole model would be {_bytes(comm['model_bytes_per_round_per_client'])}"
+                                      " per client per round")]
     for kind, what in (("dp_fedavg", "client-level (DP-FedAvg)"), ("dp_sgd", "example-level (DP-SGD)")):
         if privacy and kind in privacy:
             lines.append(f"privacy: {what} epsilon {privacy[kind]['epsilon']:.3g} at delta {privacy['delta']:g}")
@@ -155,7 +181,7 @@ def federated_mode(parts) -> Mode:
     communication and privacy before; ``OUT_DIR/federated.json`` (written by process 0) after."""
     cfg, trainer, data = parts.cfg, parts.trainer, parts.data
     counts = data.counts
-    comm = communication(parts.model.num_params, data.cohort, cfg.train.steps, cfg.federated.local_steps)
+    comm = communication_of(parts.model, data.cohort, cfg.train.steps, cfg.federated.local_steps)
     privacy = privacy_report(cfg, data)
 
     def report(summary: TrainSummary) -> list[str]:

@@ -47,12 +47,14 @@ def _checkpoint(cfg: Config) -> tuple[str, ModelConfig]:
 
 
 def _check_run(cfg: Config) -> None:
-    """``model.from`` trains one transformer (or a population of its adapters)."""
+    """``model.from`` trains one transformer (or a population or federated clients of its adapters)."""
     adapters = cfg.lora.rank > 0 and cfg.population.kind in ("sweep", "ensemble")
     for wrong, what in ((cfg.model.kind != "transformer", f"model.kind={cfg.model.kind}"),
                         (cfg.population.size > 1 and not adapters, f"population.size={cfg.population.size} (only "
                          "adapters, lora.rank > 0, train as a sweep or ensemble over one imported base)"),
-                        (cfg.federated.algorithm != "none", f"federated.algorithm={cfg.federated.algorithm}"),
+                        (cfg.federated.algorithm != "none" and not cfg.lora.rank,
+                         f"federated.algorithm={cfg.federated.algorithm} without lora.rank (federated clients of "
+                         "an imported base train adapters: set lora.rank=R)"),
                         (cfg.data.tokenizer != "byte", f"data.tokenizer={cfg.data.tokenizer}")):
         if wrong:
             raise ConfigError(f"model.from={cfg.model.from_} trains one transformer with the checkpoint's own "

@@ -223,7 +223,8 @@ def federated_parts(cfg: Config, sizes: dict, devices) -> Parts:
                               cohort=cohort_size(f.clients, f.fraction), loss=loss,
                               microbatches=cfg.train.microbatches, privacy=privacy_of(cfg))
     data = client_data(cfg, source, trainer.slots)
-    return Parts(cfg, sizes, model, loss, data, trainer, None)
+    initial = functools.partial(imported_state, trainer, cfg) if cfg.model.from_ else None  # the base, with LoRA
+    return Parts(cfg, sizes, model, loss, data, trainer, None, initial=initial)
 
 
 def trainer_from_config(cfg: Config, devices=None) -> Trainer:

@@ -182,6 +182,9 @@ def _lora_off(cfg: Config) -> None:
                           "(e.g. lora.rank=8) to train adapters, or drop it", subject="lora.rank", value=0)
 
 
+LORA_FEDERATED = ("fedavg", "fedprox")  # the federated algorithms tested with adapters over a shared base
+
+
 def _lora(cfg: Config, sizes: dict[str, int]) -> None:
     """``lora.rank`` > 0: adapters on a transformer's projections (the rank against the layers'
     widths is checked where the model is built, by :func:`shardml.lora`)."""
@@ -197,8 +200,13 @@ def _lora(cfg: Config, sizes: dict[str, int]) -> None:
                 "LoRA adapts a transformer's projections; use model.kind=transformer or lora.rank=0"),
                (sizes["pipeline"] > 1, "mesh.pipeline", sizes["pipeline"],
                 "a LoRA model is not cut into pipeline stages; use mesh.pipeline=1 (fsdp or tensor split it instead)"),
-               (cfg.federated.algorithm != "none", "federated.algorithm", cfg.federated.algorithm,
-                "federated rounds train every weight; use lora.rank=0"),
+               (cfg.federated.algorithm not in ("none", *LORA_FEDERATED), "federated.algorithm",
+                cfg.federated.algorithm, "federated LoRA runs fedavg or fedprox (clients train and send adapters "
+                "only); use federated.algorithm=fedavg or fedprox, or lora.rank=0"),
+               (cfg.federated.algorithm != "none" and bool(cfg.federated.update_clip or cfg.federated.example_clip),
+                "federated.update_clip" if cfg.federated.update_clip else "federated.example_clip",
+                cfg.federated.update_clip or cfg.federated.example_clip,
+                "differential privacy is not supported for federated adapters yet; set it to 0, or use lora.rank=0"),
                (cfg.population.kind == "pbt" and cfg.population.size > 1, "population.kind", "pbt",
                 "a population of adapters trains as population.kind=sweep or ensemble (pbt copies whole models)"),
                (bool(cfg.population.models), "population.models", sorted(cfg.population.models),

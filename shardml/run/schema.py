@@ -175,6 +175,8 @@ class FederatedConfig:
     server settings at ``auto`` / 0 / -1 take the algorithm's defaults. Privacy: ``update_clip`` > 0
     is DP-FedAvg (noise ``update_noise`` x clip at the server), ``example_clip`` > 0 DP-SGD inside
     the clients (noise ``example_noise`` x clip per local step); ε is reported at ``delta``.
+    With ``lora.rank`` > 0 (fedavg, fedprox) the clients train and send only adapters over one
+    shared frozen base.
     """
 
     algorithm: str = setting("none", choices=("none", *FED_ALGORITHMS))

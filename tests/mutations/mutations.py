@@ -47,6 +47,9 @@ ENSEMBLE = f"{POP}::test_ensemble_metrics_equal_numpy_written_here"
 PER_EXAMPLE = f"{POP}::test_per_example_ensemble_and_classifier_metrics_equal_numpy_written_here"
 FEDOPT = f"{SO}::test_fedopt_server_optimizers_follow_their_update_rules"
 FED = "tests/test_federated.py"
+FED_LORA = "tests/test_federated_lora.py"
+FED_LORA_STACK = f"{FED_LORA}::test_the_base_is_stored_once_and_never_stacked_per_client"
+FED_LORA_ROUND = f"{FED_LORA}::test_a_round_averages_the_clients_adapters_trained_by_plain_sgd_and_leaves_the_base"
 OUT = "tests/test_run_output.py"
 GROUPS = "tests/test_groups.py"
 TRIALS = "tests/test_group_trials.py"
@@ -233,6 +236,15 @@ MUTATIONS: list[Mutation] = [
     M("fedavg-unweighted-divisor", "parallel", "client updates summed by examples but divided by clients",
       "total = jnp.maximum(jnp.sum(weight), 1e-30)", "total = jnp.maximum(jnp.sum(real), 1e-30)",
       (f"{FED}::test_unequal_clients_weigh_by_examples_and_empty_slots_count_nothing",)),
+    M("fedlora-base-per-client", "parallel", "federated LoRA clients each get (and the server averages) a copy of the base",
+      "shardings, shared = round_shardings(program, algorithm), shared_params(program.parts.model)",
+      "shardings, shared = round_shardings(program, algorithm), ()", (FED_LORA_STACK,)),
+    M("fedlora-client-optimizer-on-base", "parallel", "federated LoRA clients' optimizer holds state for the base",
+      "client = lora_optimizer(algorithm.client) if shared_params(model) else algorithm.client",
+      "client = algorithm.client", (FED_LORA_STACK,)),
+    M("fedprox-anchor-zero", "parallel", "FedProx pulls the clients towards zero, not the round's global weights",
+      'return {"anchor": jax.tree.map(jnp.asarray, params)}', 'return {"anchor": jax.tree.map(jnp.zeros_like, params)}',
+      (f"{FED_LORA_ROUND}[fedprox-0.7]",)),
     M("dirichlet-concentration", "parallel", "the Dirichlet split drawn with 1/alpha",
       "rng.dirichlet(np.full(clients, alpha))", "rng.dirichlet(np.full(clients, 1.0 / alpha))",
       (f"{FED}::test_partitions_dirichlet_skew_minimum_size_iid_and_natural",)),
@@ -491,6 +503,9 @@ MUTATIONS += [
     M("lora-cli-decode-unmerged", "run", "generate and the end-of-run samples decode the base without its adapters",
       "return jax.jit(merged_params, static_argnums=0, out_shardings=shardings)(parts.model, natural)",
       "return natural[BASE]", (f"{LORA_CLI}::test_generate_decodes_the_merged_weights",)),
+    M("fedlora-bytes-whole-model", "run", "federated.json counts the whole model as sent by federated LoRA clients",
+      "values = sum(math.prod(x.shape) for x in jax.tree.leaves(trained))", "values = model.num_params",
+      (f"{FED_LORA}::test_the_bytes_sent_are_the_adapters_counted_from_their_shapes",)),
     M("lora-rank-off-by-one", "models", "a rank equal to the narrowest targeted width is refused",
       "if not 0 < rank <= width:", "if not 0 < rank < width:", (f"{LORA_CLI}::test_the_widest_rank_builds",)),
     # ------------------------------------------------------------------ run: adapter-only checkpoints
