@@ -9,12 +9,14 @@ weights are scaled up so that the choices differ from token to token.
 """
 
 import json
+import re
 
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.numpy import load_file
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import shardml
@@ -88,7 +90,6 @@ def test_moe_logits_equal_transformers_on_one_device_and_expert_data_tensor(chec
     assert_close(jax.jit(model.apply)(params, TOKENS), want, f"{family} on {LAYOUT}")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_moe_export_loads_in_transformers_with_the_same_logits(checkpoints, family, tmp_path):
     model, params = shardml.load_hf(checkpoints[family][0], mesh=make_mesh(LAYOUT))
@@ -127,3 +128,53 @@ def test_qwen2_moe_and_unwritable_experts_are_refused_with_the_reason(checkpoint
     with pytest.raises(shardml.ModelError, match=r"shared_experts > 0 cannot be written"):
         shardml.save_hf(transformer(cfg, 8), None, str(tmp_path))  # refused before any tensor is read
     assert not list(tmp_path.iterdir())
+
+
+def _as_checkpoint_names(family, torch_grads):
+    """Torch's gradients under the checkpoint's names: transformers 5 holds each layer's experts
+    fused (``experts.gate_up_proj`` [N, 2F, D], gate rows first; ``experts.down_proj`` [N, D, F])
+    and Mixtral's block as ``mlp``, but writes each expert apart under the legacy names."""
+    moe, (gate, up, down) = (("block_sparse_moe", ("w1", "w3", "w2")) if family == "mixtral"
+                             else ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    out = {}
+    for name, g in torch_grads.items():
+        layer = re.match(r"model\.layers\.(\d+)\.mlp\.", name)
+        if not layer:
+            out[name] = g
+            continue
+        prefix = f"model.layers.{layer.group(1)}.{moe}."
+        if name.endswith("gate.weight"):
+            out[prefix + "gate.weight"] = g
+        for e in range(g.shape[0]) if "experts" in name else []:
+            if name.endswith("gate_up_proj"):
+                half = g.shape[1] // 2
+                out[f"{prefix}experts.{e}.{gate}.weight"], out[f"{prefix}experts.{e}.{up}.weight"] = g[e, :half], g[e, half:]
+            else:
+                out[f"{prefix}experts.{e}.{down}.weight"] = g[e]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_gradients_equal_torch_on_one_device(checkpoints, family, tmp_path):
+    """The next-token loss's gradient of every tensor, router and each expert included (written
+    in the checkpoint's names by save_hf), equals PyTorch's."""
+    directory, reference = checkpoints[family]
+    model, params = shardml.load_hf(directory, mesh=one_device())
+
+    def loss(p):
+        logp = jax.nn.log_softmax(model.apply(p, TOKENS)[:, :-1])
+        return -jax.numpy.take_along_axis(logp, TOKENS[:, 1:, None], -1).sum() / np.float32(TOKENS[:, 1:].size)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    reference.zero_grad()
+    logits = reference(torch.tensor(TOKENS)).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                      torch.tensor(TOKENS[:, 1:]).reshape(-1)).backward()
+    want = _as_checkpoint_names(family, {n: p.grad.numpy() for n, p in reference.named_parameters()})
+    shardml.save_hf(model, grads, str(tmp_path))
+    got = load_file(str(tmp_path / "model.safetensors"))
+    assert set(got) == set(want)
+    for name, g in got.items():
+        err = np.abs(g - want[name]).max() / np.abs(want[name]).max()
+        assert err < 1e-4, f"{family} {name}: gradient differs from torch's by {err:.2e} of its largest"
