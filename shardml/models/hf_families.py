@@ -215,7 +215,7 @@ def family_for(cfg: TransformerConfig) -> str:
 
 def _moe_family(cfg: TransformerConfig) -> str:
     family = "qwen3_moe" if cfg.qk_norm else "mixtral"
-    problem = ("shared_experts > 0" if cfg.shared_experts else "moe_gate='sigmoid'" if cfg.moe_gate != "softmax"
+    problem = ("shared_experts > 0" if cfg.shared_experts else "capacity_factor > 0" if cfg.capacity_factor else "moe_gate='sigmoid'" if cfg.moe_gate != "softmax"
                else "norm_topk=False without qk_norm (Mixtral always renormalises)" if not (cfg.norm_topk or cfg.qk_norm)
                else "qkv_bias without qk_norm" if cfg.qkv_bias and not cfg.qk_norm
                else "sliding_window with qk_norm" if cfg.sliding_window and cfg.qk_norm
