@@ -126,7 +126,7 @@ def test_bad_moe_input_is_a_clear_error_before_compiling():
         transformer(TransformerConfig(**{**CFG.__dict__, "top_k": 5}), 8)
     with pytest.raises(SettingError, match=r"capacity_factor=-1.0 must be >= 0"):
         transformer(TransformerConfig(**{**CFG.__dict__, "capacity_factor": -1.0}), 8)
-    with pytest.raises(ModelError, match=r"capacity_factor=1.5 needs experts > 0"):
+    with pytest.raises(ModelError, match=r"capacity_factor=1.5 does nothing with experts=0"):
         transformer(TransformerConfig(**{**CFG.__dict__, "experts": 0, "capacity_factor": 1.5}), 8)
     model = transformer(TransformerConfig(**{**CFG.__dict__, "experts": 3, "top_k": 1}), 8)
     with pytest.raises(LayoutError, match=r"'layers/we_\w+' has size 3 along 'experts'.*expert=2 = 2 does not"):

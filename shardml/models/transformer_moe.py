@@ -45,8 +45,8 @@ def check_moe(cfg) -> None:
         raise ModelError(f"top_k={cfg.top_k} must be between 1 and experts={cfg.experts}: each token picks top_k "
                          "different experts", subject="top_k", value=cfg.top_k)
     if cfg.capacity_factor and not cfg.experts:
-        raise ModelError(f"capacity_factor={cfg.capacity_factor} needs experts > 0 (a dense MLP drops no tokens); "
-                         "set experts or capacity_factor=0", subject="capacity_factor", value=cfg.capacity_factor)
+        raise ModelError(f"capacity_factor={cfg.capacity_factor} does nothing with experts={cfg.experts} (a dense MLP "
+                         "drops no tokens); set experts > 0 or capacity_factor=0", subject="capacity_factor", value=cfg.capacity_factor)
 
 
 def route(h_TD, router_DN, cfg):
