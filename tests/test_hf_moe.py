@@ -76,14 +76,32 @@ def one_device():
     return make_mesh({"data": 1}, jax.devices()[:1])
 
 
+def hf_logits_and_aux(model, tokens):
+    """Logits, and transformers' load-balancing loss of each (layer, sequence) alone [L, B]."""
+    with torch.no_grad():
+        out = model(torch.tensor(tokens), output_router_logits=True)
+    B, S = tokens.shape
+    aux = [[float(load_balancing_loss_func((layer[b * S:(b + 1) * S],), 4, 2)) for b in range(B)]
+           for layer in out.router_logits]
+    return out.logits.float().numpy(), np.array(aux)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_moe_logits_equal_transformers_on_one_device_and_expert_data_tensor(checkpoints, family):
+def test_moe_logits_and_aux_equal_transformers_on_one_device_and_expert_data_tensor(checkpoints, family):
+    """Logits 1e-4 on one device and on expert x data x tensor. The load-balancing loss:
+    transformers' counts each of the k choices (k x shardml's) and pools every layer and row of a
+    batch, shardml's ``moe_aux`` is per sequence and layer, summed over tokens, averaged over layers:
+    so ``moe_aux`` = mean over layers of sum over sequences of S x transformers' (layer, sequence) / k."""
     directory, reference = checkpoints[family]
-    want = hf_logits(reference, TOKENS)
+    want, hf_aux_LB = hf_logits_and_aux(reference, TOKENS)
     model, params = shardml.load_hf(directory, mesh=one_device())
     cfg = model.config
     assert (cfg.experts, cfg.top_k, cfg.expert_d_ff, cfg.norm_topk) == (4, 2, 32, family == "mixtral"), cfg
-    assert_close(jax.jit(model.apply)(params, TOKENS), want, f"{family} on one device")
+    logits, extra = jax.jit(model.outputs_and_sums)(params, TOKENS)
+    assert_close(logits, want, f"{family} on one device")
+    S = TOKENS.shape[1]
+    np.testing.assert_allclose(float(extra["moe_aux"]), np.mean(np.sum(S * hf_aux_LB / 2, axis=1)), rtol=1e-5)
+    assert cfg.aux_loss_weight == pytest.approx(2 * reference.config.router_aux_loss_coef)
     model, params = shardml.load_hf(directory, mesh=make_mesh(LAYOUT))
     assert params["layers"]["we_gate"].sharding.spec[1] == "expert"
     assert params["layers"]["we_gate"].addressable_shards[0].data.shape[:2] == (2, 2)  # 2 layers x 4/2 experts
@@ -101,22 +119,6 @@ def test_moe_export_loads_in_transformers_with_the_same_logits(checkpoints, fami
     assert_close(jax.jit(model.apply)(params, TOKENS), hf_logits(exported, TOKENS), f"{family} exported")
     again, _ = shardml.load_hf(str(tmp_path), mesh=one_device())
     assert again.config == model.config
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_moe_aux_is_transformers_load_balancing_loss_over_top_k(checkpoints, family):
-    """Transformers' load-balancing loss counts each of the k choices (k times shardml's
-    ``moe_aux``) and pools all layers and rows; shardml averages per sequence and layer. For one
-    sequence, transformers' loss of each layer alone, averaged, is top_k x ``moe_aux``."""
-    directory, reference = checkpoints[family]
-    tokens = TOKENS[:1]
-    with torch.no_grad():
-        router_logits = reference(torch.tensor(tokens), output_router_logits=True).router_logits
-    want = np.mean([float(load_balancing_loss_func((logits,), 4, 2)) for logits in router_logits]) / 2
-    model, params = shardml.load_hf(directory, mesh=one_device())
-    _, extra = jax.jit(model.outputs_and_sums)(params, tokens)
-    np.testing.assert_allclose(float(extra["moe_aux"]) / tokens.size, want, rtol=1e-5)  # a sum over tokens
-    assert model.config.aux_loss_weight == pytest.approx(2 * reference.config.router_aux_loss_coef)
 
 
 def test_qwen2_moe_and_unwritable_experts_are_refused_with_the_reason(checkpoints, tmp_path):

@@ -65,7 +65,7 @@ HFCLI = "tests/test_hf_cli.py"
 HF_LOGITS = f"{HF}::test_logits_equal_transformers_on_data_fsdp_tensor"
 MOE = "tests/test_moe.py"
 HF_MOE = "tests/test_hf_moe.py"
-HF_MOE_LOGITS = f"{HF_MOE}::test_moe_logits_equal_transformers_on_one_device_and_expert_data_tensor"
+HF_MOE_LOGITS = f"{HF_MOE}::test_moe_logits_and_aux_equal_transformers_on_one_device_and_expert_data_tensor"
 MOE_DENSE = f"{MOE}::test_moe_layer_equals_dense_loop_values_and_gradients"
 MOE_HAND = f"{MOE}::test_routing_counts_and_aux_losses_by_hand"
 
