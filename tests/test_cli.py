@@ -94,6 +94,8 @@ def test_bad_override_exits_2_with_suggestion(capsys):
     (["mesh.data=2", "mesh.tensor=4", "model.d_ff=66"], "has size 66 along 'mlp'"),
     (["optim.lr=-1"], "optim.lr=-1.0 must be > 0.0"),
     (["model.kv_heads=3"], "model.heads=4 is not divisible by model.kv_heads=3"),
+    (["model.experts=4", "model.capacity_factor=-1"], "model.capacity_factor=-1.0 must be >= 0"),
+    (["model.capacity_factor=1.5"], "model.capacity_factor=1.5 does nothing with model.experts=0"),
     # Library errors (argument names) reworded in config keys by the run layer.
     (["data.seq_len=600000"], "data.seq_len=600000 is longer than the training text"),
     (["mesh.pipeline=4", "mesh.data=2", "model.layers=6"],

@@ -37,6 +37,44 @@ def dense_reference(h_BSD, layer, cfg):
     return out + shared
 
 
+def capacity_reference(h_BSD, layer, cfg):
+    """A loop over each sequence's tokens in order, each expert taking the first
+    ceil(c x S x top_k / N) tokens that choose it; a dropped choice adds nothing (NumPy, float64)."""
+    h = np.asarray(h_BSD, np.float64)
+    w = {k: np.asarray(v, np.float64) for k, v in layer.items()}
+    B, S, _ = h.shape
+    cap = int(np.ceil(cfg.capacity_factor * S * cfg.top_k / cfg.experts))
+    out = np.zeros_like(h)
+    silu = lambda x: x / (1 + np.exp(-x))  # noqa: E731
+    for b in range(B):
+        taken = np.zeros(cfg.experts, int)
+        for s in range(S):
+            logits = h[b, s] @ w["router"]
+            scores = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            top = np.argsort(-scores)[:cfg.top_k]
+            gates = scores[top] / scores[top].sum()
+            for n, g in zip(top, gates):
+                if taken[n] < cap:
+                    out[b, s] += g * (silu(h[b, s] @ w["we_gate"][n]) * (h[b, s] @ w["we_up"][n])) @ w["we_down"][n]
+                taken[n] += 1
+            out[b, s] += (silu(h[b, s] @ w["ws_gate"]) * (h[b, s] @ w["ws_up"])) @ w["ws_down"]
+    return out
+
+
+def test_capacity_drops_the_later_tokens_like_a_loop_in_order():
+    layer = jax.tree.map(lambda w: w[0], init_params(transformer_specs(CFG), jax.random.key(0))["layers"])
+    h = jax.random.normal(jax.random.key(1), (3, 5, CFG.d_model))
+    h = jnp.concatenate([h, h[:, :2]], axis=1)  # S=7, repeated tokens: the same choices, later, are dropped
+    layers = jax.jit(lambda layer, h, factors: [feed_forward(h, layer, TransformerConfig(
+        **{**CFG.__dict__, "capacity_factor": f}))[0] for f in factors], static_argnums=2)
+    dropless, *got = layers(layer, h, (0.0, 0.5, 1.0, float(CFG.experts)))  # the last: C >= S x top_k
+    for factor, out in zip((0.5, 1.0), got):
+        want = capacity_reference(h, layer, TransformerConfig(**{**CFG.__dict__, "capacity_factor": factor}))
+        np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5, err_msg=f"capacity_factor={factor}")
+        assert np.abs(np.asarray(dropless) - want).max() > 1e-3, f"capacity_factor={factor} dropped nothing"
+    np.testing.assert_allclose(got[-1], dropless, atol=1e-6)
+
+
 @pytest.fixture(scope="module", params=["softmax", "sigmoid"])
 def case(request):
     cfg = TransformerConfig(**{**CFG.__dict__, "moe_gate": request.param})
@@ -86,6 +124,10 @@ def test_routing_counts_and_aux_losses_by_hand(case):
 def test_bad_moe_input_is_a_clear_error_before_compiling():
     with pytest.raises(ModelError, match=r"top_k=5 must be between 1 and experts=4"):
         transformer(TransformerConfig(**{**CFG.__dict__, "top_k": 5}), 8)
+    with pytest.raises(SettingError, match=r"capacity_factor=-1.0 must be >= 0"):
+        transformer(TransformerConfig(**{**CFG.__dict__, "capacity_factor": -1.0}), 8)
+    with pytest.raises(ModelError, match=r"capacity_factor=1.5 does nothing with experts=0"):
+        transformer(TransformerConfig(**{**CFG.__dict__, "experts": 0, "capacity_factor": 1.5}), 8)
     model = transformer(TransformerConfig(**{**CFG.__dict__, "experts": 3, "top_k": 1}), 8)
     with pytest.raises(LayoutError, match=r"'layers/we_\w+' has size 3 along 'experts'.*expert=2 = 2 does not"):
         build_trainer(model, make_mesh({"expert": 2, "data": 4}), optax.sgd(1.0))
@@ -93,8 +135,8 @@ def test_bad_moe_input_is_a_clear_error_before_compiling():
         build_population(model, make_mesh({"members": 2, "data": 4}), optax.sgd(1.0), members=2)
 
 
-def _step(sizes, batch, microbatches=1):
-    model = transformer(CFG, 8)
+def _step(sizes, batch, microbatches=1, cfg=CFG):
+    model = transformer(cfg, 8)
     devices = jax.devices()[:int(np.prod(list(sizes.values())))]
     trainer = build_trainer(model, make_mesh(sizes, devices), optax.sgd(1.0), microbatches=microbatches)
     state, metrics = trainer.step(trainer.init(0), trainer.put(batch))
@@ -132,3 +174,18 @@ def test_the_weighted_aux_losses_are_added_to_the_loss_sums(case):
                                * extra["moe_z"], rtol=1e-6)
     np.testing.assert_allclose(sums["loss"], plain["loss"] + extra["loss"], rtol=1e-6)
     np.testing.assert_allclose(sums["moe_aux"] / sums["count"], extra["moe_aux"] / 16, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_capacity_drops_the_same_tokens_on_an_expert_layout():
+    """The capacity is per sequence: an expert x data x tensor layout with microbatches drops what
+    one device drops (same loss and SGD update; that capacity 0.5 drops pairs is held by the cheap
+    test above)."""
+    cfg = TransformerConfig(**{**CFG.__dict__, "capacity_factor": 0.5})
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab, (8, 9))
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+    want_params, want = _step({"data": 1}, batch, cfg=cfg)
+    params, got = _step({"expert": 2, "data": 2, "tensor": 2}, batch, 2, cfg=cfg)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)

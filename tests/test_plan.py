@@ -48,7 +48,7 @@ SMALL = parse_bytes("64KiB")
 # shards the model dimension over fsdp; Megatron splits heads, MLP hidden and vocabulary; the
 # pipeline splits the stacked layers).
 THEORY_AXIS = {"layers": "pipeline", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
-               "vocab": "tensor"}
+               "vocab": "tensor", "experts": "expert"}
 
 
 # The plans and audits read each layer's collectives in the layer loop: the layers scanned, with the
@@ -102,6 +102,41 @@ def theory_batch_bytes(cfg, mesh):
 
 def config_of(layout):
     return compiled_layout(layout)[0].cfg
+
+
+# Mixture of experts on an expert axis: 4 experts (and a shared one), 2 per device.
+EXPERTS = "mesh.expert=2,mesh.fsdp=2,mesh.tensor=2,model.experts=4,model.shared_experts=1,model.expert_d_ff=48,model.layers=2"
+
+
+def test_theory_counts_expert_parameters_per_device_as_written_here():
+    """No compile: :mod:`shardml.analysis.theory`'s parameter bytes of a mixture-of-experts config on
+    expert layouts equal the count written here from the model's own shapes."""
+    from shardml.analysis.theory import layout_theory  # noqa: PLC0415
+    from shardml.run.planning import workload  # noqa: PLC0415
+
+    cfg = build(layout_config(load_config("tiny", SCANNED), EXPERTS), jax.devices()[:8]).cfg
+    for sizes in ({"expert": 2, "fsdp": 2, "tensor": 2}, {"expert": 4, "data": 2}, {"expert": 1, "data": 8}):
+        mesh = {"members": 1, "pipeline": 1, "data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **sizes}
+        expected = theory_param_bytes(cfg, mesh)
+        assert layout_theory(workload(cfg), mesh).params_bytes == expected, f"{sizes}: theory vs {expected}"
+
+
+@pytest.mark.slow
+def test_expert_layout_parameter_bytes_match_theory_and_the_oracle():
+    """The compiled step's parameter (and moment) bytes per device on expert=2 x fsdp=2 x tensor=2
+    equal the count written here and :mod:`shardml.analysis.theory`'s (experts / expert per device)."""
+    from shardml.analysis.theory import layout_theory  # noqa: PLC0415
+    from shardml.run.planning import workload  # noqa: PLC0415
+
+    parts, step = compiled_layout(EXPERTS)
+    p = plan_of(step, device_memory=SMALL, label="expert=2")
+    expected = theory_param_bytes(parts.cfg, p.mesh)
+    assert p.params_bytes == expected, f"parameters {p.params_bytes} B/device, written here {expected}"
+    assert theory_param_bytes(parts.cfg, p.mesh, only="expert") * 2 == theory_param_bytes(
+        parts.cfg, {**p.mesh, "expert": 1}, only="expert"), "the experts must be split over expert"
+    theory = layout_theory(workload(parts.cfg), dict(p.mesh))
+    assert (theory.params_bytes, theory.opt_state_bytes) == (expected, 2 * expected), theory
+    assert 0 <= p.opt_state_bytes - 2 * expected <= 64
 
 
 @pytest.mark.parametrize("name", [*LAYOUTS, pytest.param("pipeline=2", marks=pytest.mark.slow)])

@@ -4,9 +4,11 @@ communication by the scaling-book formulas, to hold the compiled program against
 Nothing here reads shardml's sharding rules, the model code or a compiled program; the weights
 and the mesh axes that divide them are written out again from the architecture (ZeRO-3 divides
 the model dimension over ``fsdp``; Megatron divides heads, MLP hidden and vocabulary over
-``tensor``; the pipeline divides the stacked layers; norm scales are replicated). Shape letters:
-B global batch, S sequence, D model, H query heads, K key/value heads, E head dim, F MLP hidden,
-V vocabulary, L layers; N_x is the size of mesh axis x.
+``tensor``; the pipeline divides the stacked layers; the ``expert`` axis divides the experts of a
+mixture-of-experts layer, which the batch is split over too; norm scales and the router's expert
+dimension are replicated). Shape letters: B global batch, S sequence, D model, H query heads, K
+key/value heads, E head dim, F MLP hidden (Fe each expert's), V vocabulary, L layers, X experts;
+N_x is the size of mesh axis x.
 
 Communication per device and step (bytes a device *sends*, ring algorithms on a group of N):
 
@@ -31,8 +33,10 @@ Communication per device and step (bytes a device *sends*, ring algorithms on a 
   forward and its cotangent as many backward: 2 m (v p - 1) sends per pass, k passes per step;
   per device that is the total over the p stages / p (sends = the array, no ring factor).
 
-Memory per device: every weight's f32 bytes / the product of the mesh sizes dividing it; AdamW
-keeps two f32 moments like the parameters (its two step counters are left out).
+Memory per device: every weight's f32 bytes / the product of the mesh sizes dividing it (an
+expert layer's X experts / N_expert per device); AdamW keeps two f32 moments like the parameters
+(its two step counters are left out). Not modelled yet: the dispatch and combine traffic of the
+experts over ``expert`` (the partitioner's choice, see :mod:`shardml.models.transformer_moe`).
 
     work = Workload(d_model=512, heads=8, kv_heads=8, d_ff=2048, vocab=256, layers=4, dtype="bfloat16",
                     remat="full", seq_len=256, batch_size=32)
@@ -53,7 +57,7 @@ from shardml.core.errors import SettingError
 from shardml.core.mesh import MESH_AXES
 
 SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,9 @@ class Workload:
     pipeline_microbatches: int = 0
     repeats: int = 1
     head_dim: int = 0  # E; 0: d_model / heads (Qwen3 and Gemma set it apart)
+    experts: int = 0  # X; 0: a dense MLP in each layer
+    expert_d_ff: int = 0  # Fe; 0: d_ff
+    shared_experts: int = 0  # experts every token passes through: a dense MLP of shared_experts x Fe
 
     def __post_init__(self):
         if self.remat not in ("none", "full", "dots"):
@@ -116,10 +123,27 @@ def weights(w: Workload) -> list[Weight]:
         Weight("attn_norm", (D,), norm, True), Weight("wq", (D, H * E), col, True),
         Weight("wk", (D, K * E), col, True), Weight("wv", (D, K * E), col, True),
         Weight("wo", (H * E, D), row, True), Weight("mlp_norm", (D,), norm, True),
-        Weight("w_gate", (D, F), col, True), Weight("w_up", (D, F), col, True),
-        Weight("w_down", (F, D), row, True),
+        *(_mlp_weights(w) if w.experts else _dense_mlp("w_", F, D)),
         Weight("final_norm", (D,), norm, False), Weight("unembed", (D, V), col, False),
     ]
+
+
+def _dense_mlp(prefix: str, width: int, D: int) -> list[Weight]:
+    """A SwiGLU MLP of hidden ``width``: gate and up column-parallel, down row-parallel."""
+    return [Weight(f"{prefix}gate", (D, width), ("fsdp", "tensor"), True),
+            Weight(f"{prefix}up", (D, width), ("fsdp", "tensor"), True),
+            Weight(f"{prefix}down", (width, D), ("tensor", "fsdp"), True)]
+
+
+def _mlp_weights(w: Workload) -> list[Weight]:
+    """A mixture-of-experts layer: the router [D, X] (its expert dimension whole: every token
+    scores every expert), X SwiGLU experts split over ``expert`` and the shared experts' MLP."""
+    D, X, Fe = w.d_model, w.experts, w.expert_d_ff or w.d_ff
+    out = [Weight("router", (D, X), ("fsdp", None), True),
+           Weight("we_gate", (X, D, Fe), ("expert", "fsdp", "tensor"), True),
+           Weight("we_up", (X, D, Fe), ("expert", "fsdp", "tensor"), True),
+           Weight("we_down", (X, Fe, D), ("expert", "tensor", "fsdp"), True)]
+    return out + (_dense_mlp("ws_", w.shared_experts * Fe, D) if w.shared_experts else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +196,7 @@ def _ordered(axes) -> tuple[str, ...]:
 
 
 def _divisor(w: Weight, sizes: dict[str, int], skip: tuple[str, ...] = ()) -> int:
-    return math.prod(sizes[a] for a in w.axes if a is not None and a not in skip)
+    return math.prod(sizes.get(a, 1) for a in w.axes if a is not None and a not in skip)
 
 
 def _copies(w: Weight, work: Workload, sizes: dict[str, int]) -> int:
@@ -202,7 +226,7 @@ def activation_estimate(work: Workload, sizes: dict[str, int]) -> int:
     per_token = {"full": m.d_model,
                  "dots": 3 * m.d_model + (H + 2 * K) * E // t + 2 * m.d_ff // t}
     per_token["none"] = per_token["dots"] + 2 * m.d_model + (H // t) * S * (item + 4) // item + m.d_ff // t
-    rows = work.batch_size // (sizes["data"] * sizes["fsdp"] * work.microbatches)
+    rows = work.batch_size // (batch_split(sizes) * work.microbatches)
     p = sizes["pipeline"]
     layers = m.layers // p
     logits = 4 * rows * S * m.vocab // t
@@ -214,18 +238,26 @@ def activation_estimate(work: Workload, sizes: dict[str, int]) -> int:
     return (held * rows * S * m.d_model + layers * rows * S * per_token[m.remat]) * item + logits // micro
 
 
+def batch_split(sizes: dict[str, int]) -> int:
+    """How many ways the batch is split: over ``data``, ``fsdp`` and ``expert``."""
+    return math.prod(sizes.get(a, 1) for a in BATCH_AXES)
+
+
 def _gradient_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
     out = []
-    fsdp, data = sizes["fsdp"], sizes["data"]
+    fsdp = sizes["fsdp"]
     for w in weights(work):
         copies = _copies(w, work, sizes)
         grad = copies * math.prod(w.shape) // _divisor(w, sizes, skip=("fsdp",))  # before any fsdp scatter
+        # the batch axes that do not divide the weight (an expert's gradient stays on its experts' devices)
+        rest = [a for a in BATCH_AXES if a != "fsdp" and sizes.get(a, 1) > 1 and a not in w.axes]
         if "fsdp" in w.axes and fsdp > 1:
             out.append(Traffic("reduce-scatter", ("fsdp",), "f32 gradients", copies, grad, "float32", fsdp))
-            if data > 1:
-                out.append(Traffic("all-reduce", ("data",), "f32 gradients", copies, grad // fsdp, "float32", data))
+            if rest:
+                out.append(Traffic("all-reduce", _ordered(rest), "f32 gradients", copies, grad // fsdp, "float32",
+                                   math.prod(sizes[a] for a in rest)))
             continue
-        axes = [a for a in BATCH_AXES if sizes[a] > 1]
+        axes = [a for a in BATCH_AXES if sizes.get(a, 1) > 1 and a not in w.axes]
         if not w.per_layer and sizes["pipeline"] > 1:
             axes.append("pipeline")  # shared weights are replicated on every stage
         if axes:
@@ -257,7 +289,7 @@ def _tensor_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
         return []
     m, p = work, sizes["pipeline"]
     passes = work.microbatches * pipeline_microbatches(work, sizes["pipeline"])
-    rows = work.batch_size // (sizes["data"] * sizes["fsdp"])
+    rows = work.batch_size // batch_split(sizes)
     act = rows * work.seq_len * m.d_model  # one activation of every row this device holds
     per_layer = 2 + 5 + (1 if m.remat == "full" else 0)
     layers = m.layers // p
@@ -279,7 +311,7 @@ def _pipeline_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
     if p == 1:
         return []
     micro, k = pipeline_microbatches(work, sizes["pipeline"]), work.microbatches
-    rows = work.batch_size // (sizes["data"] * sizes["fsdp"] * k * micro)
+    rows = work.batch_size // (batch_split(sizes) * k * micro)
     sends = 2 * micro * (work.repeats * p - 1) * k  # per pipeline (one set of p stages)
     act = rows * work.seq_len * work.d_model  # replicated over tensor: every device sends it
     return [Traffic("collective-permute", ("pipeline",), f"{SHORT[work.dtype]} activations and cotangents",

@@ -1,8 +1,9 @@
 """Open-weights families: a Hugging Face ``config.json`` as a :class:`TransformerConfig`, and where
 each of its parameters lives in the checkpoint's tensors.
 
-Llama (3.x, with its RoPE scaling), Qwen2 / Qwen2.5 (q/k/v biases), Qwen3 (QK-norm) and Mistral
-(sliding-window attention) are the reference transformer with a few settings on
+Llama (3.x, with its RoPE scaling), Qwen2 / Qwen2.5 (q/k/v biases), Qwen3 (QK-norm), Mistral
+(sliding-window attention), and the mixtures of experts Mixtral and Qwen3-MoE
+(:mod:`shardml.models.transformer_moe`; each expert a tensor of its own in the checkpoint) are the reference transformer with a few settings on
 (:mod:`shardml.models.transformer_layers`), so every layout, microbatch count and the KV-cache
 decoder serve them as they serve the built-in model. Reading and writing the tensors is
 :mod:`shardml.models.hf_io`'s job; this module only knows names, shapes and settings.
@@ -29,7 +30,13 @@ FAMILIES = {
     "MistralForCausalLM": "mistral",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+MOES = ("mixtral", "qwen3_moe")
+# Architectures refused with the reason (rather than the plain "not supported").
+REFUSED = {"Qwen2MoeForCausalLM": "its shared expert is scaled by a learned sigmoid gate (shared_expert_gate), "
+                                  "which shardml's shared experts do not have"}
 GEMMAS = ("gemma2", "gemma3_text")
 # The context save_hf declares for a model that came from no checkpoint (TransformerConfig.max_positions=0).
 DEFAULT_MAX_POSITIONS = 4096
@@ -46,6 +53,9 @@ def family_of(hf: dict[str, Any]) -> str:
     for arch in archs:
         if arch in FAMILIES:
             return FAMILIES[arch]
+        if arch in REFUSED:
+            raise ModelError(f"{arch} is not supported: {REFUSED[arch]}; shardml loads {', '.join(FAMILIES)}",
+                             subject="architectures", value=archs)
     raise ModelError(f"architectures={archs} is not supported; shardml loads {', '.join(FAMILIES)}",
                      subject="architectures", value=archs)
 
@@ -62,8 +72,10 @@ def _unsupported(hf: dict[str, Any], family: str) -> str | None:
         return "mlp_bias=true"
     if family == "llama" and hf.get("attention_bias"):
         return "attention_bias=true (a Llama output-projection bias)"
-    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+    if family in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
         return "use_sliding_window=true (Qwen's per-layer windows)"
+    if family == "qwen3_moe" and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
+        return "dense layers among the sparse ones (mlp_only_layers / decoder_sparse_step != 1)"
     for rope in _ropes(hf).values():
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
@@ -124,8 +136,24 @@ def _gemma_settings(hf: dict[str, Any], family: str) -> dict[str, Any]:
                 global_every=_global_every(hf, family))
 
 
+def _moe_settings(hf: dict[str, Any], family: str) -> dict[str, Any]:
+    """The experts of Mixtral (``intermediate_size`` is each expert's width, gates always
+    renormalised) and Qwen3-MoE (``moe_intermediate_size``, ``norm_topk_prob``). Transformers'
+    load-balancing loss is ``top_k`` times shardml's ``moe_aux`` (for one sequence and one layer;
+    transformers pools every layer and row of the batch, shardml averages sequences and layers),
+    hence the weight's factor; neither family has a z-loss."""
+    if family not in MOES:
+        return {}
+    top_k = hf.get("num_experts_per_tok", 2)
+    # Qwen3-MoE files name it num_experts; transformers >= 5 writes num_local_experts for both families
+    experts = hf.get("num_local_experts") or hf["num_experts"]
+    return dict(experts=experts, top_k=top_k, norm_topk=family == "mixtral" or bool(hf.get("norm_topk_prob")),
+                expert_d_ff=hf["intermediate_size"] if family == "mixtral" else hf["moe_intermediate_size"],
+                aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.0)) * top_k, z_loss_weight=0.0)
+
+
 def _window(hf: dict[str, Any], family: str) -> int:
-    if family == "mistral" or family in GEMMAS and any(t == "sliding_attention" for t in hf.get("layer_types") or
+    if family in ("mistral", "mixtral") or family in GEMMAS and any(t == "sliding_attention" for t in hf.get("layer_types") or
                                                        ["sliding_attention"]):
         return hf.get("sliding_window") or 0
     return 0
@@ -158,17 +186,24 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> TransformerCon
         vocab=hf["vocab_size"], layers=hf["num_hidden_layers"], d_model=hf["hidden_size"], heads=heads,
         kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"], dtype=dtype,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        qkv_bias=family == "qwen2" or (family == "qwen3" and bool(hf.get("attention_bias"))),
-        qk_norm=family in ("qwen3", "gemma3_text"), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        qkv_bias=family == "qwen2" or (family in ("qwen3", "qwen3_moe") and bool(hf.get("attention_bias"))),
+        qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embed=bool(hf.get("tie_word_embeddings", family in GEMMAS)), sliding_window=_window(hf, family),
         max_positions=int(hf.get("max_position_embeddings") or 0), export_dtype=_checkpoint_dtype(hf),
-        **_rope_settings(hf), **_gemma_settings(hf, family))
+        **_rope_settings(hf), **_gemma_settings(hf, family), **_moe_settings(hf, family))
     check_transformer(cfg)
     return cfg
 
 
 def family_for(cfg: TransformerConfig) -> str:
-    """The family that writes ``cfg`` back to Hugging Face (the plainest that holds every setting)."""
+    """The family that writes ``cfg`` back to Hugging Face (the plainest that holds every setting).
+
+    Raises:
+      ModelError: experts no family here holds (shared experts, sigmoid gates, Mixtral's gates
+        not renormalised).
+    """
+    if cfg.experts:
+        return _moe_family(cfg)
     if cfg.post_norms:
         return "gemma3_text" if cfg.qk_norm else "gemma2"
     if cfg.qk_norm:
@@ -176,6 +211,32 @@ def family_for(cfg: TransformerConfig) -> str:
     if cfg.qkv_bias:
         return "qwen2"
     return "mistral" if cfg.sliding_window else "llama"
+
+
+def _moe_family(cfg: TransformerConfig) -> str:
+    family = "qwen3_moe" if cfg.qk_norm else "mixtral"
+    problem = ("shared_experts > 0" if cfg.shared_experts else "capacity_factor > 0" if cfg.capacity_factor else "moe_gate='sigmoid'" if cfg.moe_gate != "softmax"
+               else "norm_topk=False without qk_norm (Mixtral always renormalises)" if not (cfg.norm_topk or cfg.qk_norm)
+               else "qkv_bias without qk_norm" if cfg.qkv_bias and not cfg.qk_norm
+               else "sliding_window with qk_norm" if cfg.sliding_window and cfg.qk_norm
+               else "post_norms" if cfg.post_norms else None)
+    if problem:
+        raise ModelError(f"experts with {problem} cannot be written as a Hugging Face checkpoint: Mixtral and "
+                         "Qwen3-MoE (the MoE families shardml writes) have no such setting", subject="model",
+                         value=problem)
+    return family
+
+
+def _moe_config(cfg: TransformerConfig, family: str) -> dict[str, Any]:
+    if family not in MOES:
+        return {}
+    out = {"num_experts_per_tok": cfg.top_k, "router_aux_loss_coef": cfg.aux_loss_weight / cfg.top_k,
+           "intermediate_size": cfg.expert_d_ff or cfg.d_ff}
+    if family == "mixtral":
+        return out | {"num_local_experts": cfg.experts, "sliding_window": cfg.sliding_window or None}
+    return out | {"num_experts": cfg.experts, "num_local_experts": cfg.experts, "norm_topk_prob": cfg.norm_topk, "moe_intermediate_size":
+                  cfg.expert_d_ff or cfg.d_ff, "intermediate_size": cfg.d_ff, "decoder_sparse_step": 1,
+                  "mlp_only_layers": []}
 
 
 def hf_config(cfg: TransformerConfig) -> dict[str, Any]:
@@ -199,13 +260,13 @@ def hf_config(cfg: TransformerConfig) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_embed, "max_position_embeddings": cfg.max_positions or DEFAULT_MAX_POSITIONS,
         # both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta / rope_scaling
         "rope_parameters": rope, "rope_theta": cfg.rope_base, "torch_dtype": cfg.export_dtype, "dtype": cfg.export_dtype,
-        "attention_bias": cfg.qkv_bias if family == "qwen3" else False, "mlp_bias": False,
+        "attention_bias": cfg.qkv_bias if family in ("qwen3", "qwen3_moe") else False, "mlp_bias": False,
     }
     if cfg.rope_scaling_factor:
         out["rope_scaling"] = rope
     if family == "mistral":
         out["sliding_window"] = cfg.sliding_window
-    return out | _gemma_config(cfg, family, rope)
+    return out | _gemma_config(cfg, family, rope) | _moe_config(cfg, family)
 
 
 def _gemma_config(cfg: TransformerConfig, family: str, rope: dict[str, Any]) -> dict[str, Any]:
@@ -238,19 +299,22 @@ class Source:
       groups: how many consecutive dimensions of shardml's (per-layer) shape make each of the
         tensor's dimensions (``wq`` [D, H, E] from q_proj [H*E, D]: ``(1, 2)``, transposed).
       transpose: the tensor is the transpose of those groups (a torch Linear stores [out, in]).
+      experts: the (per-layer) parameter's leading dimension is the experts, one tensor each;
+        ``{e}`` in ``name`` stands for the expert and ``groups`` describe one expert's shape.
     """
 
     path: tuple[str, ...]
     name: str
     groups: tuple[int, ...]
     transpose: bool = False
+    experts: bool = False
 
     @property
     def stacked(self) -> bool:
         return self.path[0] == "layers"
 
-    def hf_name(self, layer: int | None = None) -> str:
-        return self.name.format(i=layer)
+    def hf_name(self, layer: int | None = None, expert: int | None = None) -> str:
+        return self.name.format(i=layer, e=expert)
 
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The tensor's shape for a shardml (per-layer) shape."""
@@ -277,7 +341,10 @@ def weight_sources(cfg: TransformerConfig) -> list[Source]:
                 Source(("layers", "mlp_post_norm"), _LAYER + "post_feedforward_layernorm.weight", (1,))]
     else:
         out.append(Source(("layers", "mlp_norm"), _LAYER + "post_attention_layernorm.weight", (1,)))
+    if cfg.experts:
+        linear = {key: value for key, value in linear.items() if not key.startswith("w_")}
     out += [Source(("layers", key), f"{_LAYER}{module}.weight", groups, True) for key, (module, groups) in linear.items()]
+    out += _expert_sources(cfg)
     if cfg.qkv_bias:
         out += [Source(("layers", f"b{x}"), f"{_LAYER}self_attn.{x}_proj.bias", (2,)) for x in "qkv"]
     if cfg.qk_norm:
@@ -285,3 +352,18 @@ def weight_sources(cfg: TransformerConfig) -> list[Source]:
     if not cfg.tie_embed:
         out.append(Source(("unembed",), "lm_head.weight", (1, 1), True))
     return out
+
+
+def _expert_sources(cfg: TransformerConfig) -> list[Source]:
+    """The router and each expert's three linears: Mixtral's ``block_sparse_moe.gate`` and
+    ``experts.{e}.w1/w3/w2`` (gate, up, down), Qwen3-MoE's ``mlp.gate`` and
+    ``mlp.experts.{e}.gate_proj/up_proj/down_proj``."""
+    if not cfg.experts:
+        return []
+    if not cfg.qk_norm:  # Mixtral (as family_for names it, without its checks: LoRA reads these too)
+        moe, names = _LAYER + "block_sparse_moe.", {"we_gate": "w1", "we_up": "w3", "we_down": "w2"}
+    else:
+        moe, names = _LAYER + "mlp.", {"we_gate": "gate_proj", "we_up": "up_proj", "we_down": "down_proj"}
+    return [Source(("layers", "router"), moe + "gate.weight", (1, 1), True),
+            *(Source(("layers", key), moe + "experts.{e}." + name + ".weight", (1, 1), True, experts=True)
+              for key, name in names.items())]

@@ -100,18 +100,28 @@ def _check_tensors(sources: list[Source], shapes: dict, reader: _Reader, cfg: Tr
     """Every tensor the config implies is present with the shape it implies, before any is read."""
     for source in sources:
         shape = shapes[source.path]
-        per_layer = shape[1:] if source.stacked else shape
-        for layer in range(shape[0]) if source.stacked else [None]:
-            name = source.hf_name(layer)
+        per_tensor = shape[int(source.stacked) + int(source.experts):]
+        for layer, expert in _tensor_keys(source, shape):
+            name = source.hf_name(layer, expert)
             if name not in reader.files:
                 raise DataError(f"tensor {name} is missing from the checkpoint, though config.json implies it",
                                 subject="path", value=name)
-            found, want = tuple(reader.slice(name).get_shape()), source.hf_shape(per_layer)
+            found, want = tuple(reader.slice(name).get_shape()), source.hf_shape(per_tensor)
             if found != want:
                 raise ModelError(f"tensor {name} has shape {found} but config.json (layers={cfg.layers}, "
                                  f"d_model={cfg.d_model}, heads={cfg.heads}, kv_heads={cfg.kv_heads}, d_ff={cfg.d_ff}, "
-                                 f"vocab={cfg.vocab}) implies {want}; the config and the weights disagree",
+                                 f"experts={cfg.experts}, expert_d_ff={cfg.expert_d_ff}, vocab={cfg.vocab}) implies "
+                                 f"{want}; the config and the weights disagree",
                                  subject="config.json", value=found)
+
+
+def _tensor_keys(source: Source, shape: tuple[int, ...]) -> list[tuple[int | None, int | None]]:
+    """(layer, expert) of each checkpoint tensor a parameter of ``shape`` is made of (None: no such
+    dimension)."""
+    layers = range(shape[0]) if source.stacked else [None]
+    if not source.experts:
+        return [(layer, None) for layer in layers]
+    return [(layer, expert) for layer in layers for expert in range(shape[1])]
 
 
 def read_block(reader: _Reader, source: Source, name: str, shape: tuple[int, ...], index: tuple[slice, ...]):
@@ -141,14 +151,23 @@ def _load_param(reader: _Reader, source: Source, shape: tuple[int, ...], shardin
     arrays = []
     for key, devices in holders.items():
         index = tuple(slice(start, stop) for start, stop in key)
-        if source.stacked:
-            block = np.stack([read_block(reader, source, source.hf_name(layer), shape[1:], index[1:])
-                              for layer in range(index[0].start, index[0].stop)])
-        else:
-            block = read_block(reader, source, source.hf_name(), shape, index)
+        block = _read_stacked(reader, source, shape, index)
         arrays += [jax.device_put(block, device) for device in devices]
         del block
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _read_stacked(reader: _Reader, source: Source, shape: tuple[int, ...], index: tuple[slice, ...], layer=None):
+    """The block [index] of a parameter of ``shape``, stacked from the tensors of the layers (and
+    experts) it covers: a stacked parameter's leading dimension is the layers, an expert one's next
+    the experts (one tensor each)."""
+    if source.stacked and layer is None:
+        return np.stack([_read_stacked(reader, source, shape[1:], index[1:], layer)
+                         for layer in range(index[0].start, index[0].stop)])
+    if source.experts:
+        return np.stack([read_block(reader, source, source.hf_name(layer, expert), shape[1:], index[1:])
+                         for expert in range(index[0].start, index[0].stop)])
+    return read_block(reader, source, source.hf_name(layer), shape, index)
 
 
 def _put(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -239,10 +258,11 @@ def _hf_tensors(cfg: TransformerConfig, params: Any):
     dtype = jax.numpy.dtype(cfg.export_dtype)  # bfloat16 through ml_dtypes, which NumPy and safetensors take
     for source in weight_sources(cfg):
         param = _at(params, source.path)
-        for layer in range(param.shape[0]) if source.stacked else [None]:
-            value = np.asarray(jax.device_get(param[layer] if source.stacked else param), np.float32)
+        for layer, expert in _tensor_keys(source, param.shape):
+            value = param[layer] if source.stacked else param
+            value = np.asarray(jax.device_get(value if expert is None else value[expert]), np.float32)
             value = value.reshape(source.hf_shape(value.shape)[::-1] if source.transpose else source.hf_shape(value.shape))
-            yield source.hf_name(layer), np.ascontiguousarray(value.T if source.transpose else value).astype(dtype, copy=False)
+            yield source.hf_name(layer, expert), np.ascontiguousarray(value.T if source.transpose else value).astype(dtype, copy=False)
 
 
 def save_hf(model: Model, params: Any, out_dir: str, *, max_shard_bytes: int = 2**31) -> None:
@@ -256,12 +276,14 @@ def save_hf(model: Model, params: Any, out_dir: str, *, max_shard_bytes: int = 2
         # transformers.AutoModelForCausalLM.from_pretrained("out/")
 
     Raises:
-      ModelError: a model that is not a transformer (no TransformerConfig to describe it).
+      ModelError: a model that is not a transformer (no TransformerConfig to describe it), or
+        settings no Hugging Face family here holds (e.g. shared experts), before any file is written.
     """
     cfg = model.config
     if not isinstance(cfg, TransformerConfig):
         raise ModelError(f"{model.name} is not a transformer; save_hf writes shardml.transformer and load_hf "
                          "models only", subject="model", value=model.name)
+    config = hf_config(cfg)  # before any file: it refuses settings no family can hold
     writer = _safetensors().numpy
     os.makedirs(out_dir, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -281,7 +303,7 @@ def save_hf(model: Model, params: Any, out_dir: str, *, max_shard_bytes: int = 2
     flush()
     _write_index(out_dir, files, weight_map)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(cfg), f, indent=2)
+        json.dump(config, f, indent=2)
 
 
 def _write_index(out_dir: str, files: list[str], weight_map: dict[str, int]) -> None:

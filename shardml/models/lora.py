@@ -96,7 +96,7 @@ def linear_sources(cfg: TransformerConfig) -> dict[str, Source]:
     """Role (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``) -> its stacked linear weight's
     source; the role is the Hugging Face module's name (``q_proj``) less ``_proj``."""
     return {s.name.split(".")[-2].removesuffix("_proj"): s for s in weight_sources(cfg)
-            if s.stacked and s.transpose and s.name.endswith("_proj.weight")}
+            if s.stacked and s.transpose and not s.experts and s.name.endswith("_proj.weight")}
 
 
 def _check(model: Model, rank: int, dropout: float, targets: Sequence[str]) -> dict[str, Source]:

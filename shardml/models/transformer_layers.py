@@ -108,6 +108,8 @@ class TransformerConfig:
     shared_experts: int = setting(0, minimum=0, hint="experts every token also passes through (DeepSeek, Qwen-MoE)")
     aux_loss_weight: float = setting(0.01, minimum=0.0, hint="weight of the load-balancing loss in the loss")
     z_loss_weight: float = setting(0.001, minimum=0.0, hint="weight of the router z-loss in the loss")
+    capacity_factor: float = setting(0.0, minimum=0.0, hint="0: dropless; c: each expert takes at most "
+                                     "ceil(c x seq_len x top_k / experts) tokens of a sequence, earliest first")
     # What a loaded checkpoint declares and save_hf writes back; the model itself does not use them.
     max_positions: int = setting(0, minimum=0, hint="the checkpoint's max_position_embeddings; 0: unknown "
                                  "(save_hf writes 4096)")

@@ -5,7 +5,12 @@ Each token picks ``top_k`` of ``experts`` SwiGLU experts by its router scores (s
 gates, renormalised over the chosen k by default). The (token, choice) pairs are sorted by expert
 and the experts run as three grouped products (``jax.lax.ragged_dot``) over the sorted rows: no
 token is dropped and no capacity padding is computed, so the layer equals a dense loop over
-experts exactly. Shape letters as in :mod:`~shardml.models.transformer_layers`, plus N experts,
+experts exactly. With ``capacity_factor`` c > 0 each expert takes at most
+C = ceil(c x S x top_k / N) of each sequence's (token, choice) pairs, the earliest positions first;
+a dropped pair's gate is zeroed (the token keeps its other choices and its residual). The capacity
+is per sequence, like the load-balancing loss, so which pairs are dropped does not depend on how
+rows are split over devices or microbatches; the dropped pairs are still computed, then zeroed (the
+capacity bounds what each expert contributes, not yet the FLOPs). Shape letters as in :mod:`~shardml.models.transformer_layers`, plus N experts,
 A = T x top_k (token, choice) pairs and T = B x S tokens.
 
     out_BSD, (aux_sum, z_sum) = moe_ffn(h_BSD, layer, cfg, act=jax.nn.silu)
@@ -19,6 +24,8 @@ communication-optimal form.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +44,9 @@ def check_moe(cfg) -> None:
     if cfg.experts and not 1 <= cfg.top_k <= cfg.experts:
         raise ModelError(f"top_k={cfg.top_k} must be between 1 and experts={cfg.experts}: each token picks top_k "
                          "different experts", subject="top_k", value=cfg.top_k)
+    if cfg.capacity_factor and not cfg.experts:
+        raise ModelError(f"capacity_factor={cfg.capacity_factor} does nothing with experts={cfg.experts} (a dense MLP "
+                         "drops no tokens); set experts > 0 or capacity_factor=0", subject="capacity_factor", value=cfg.capacity_factor)
 
 
 def route(h_TD, router_DN, cfg):
@@ -47,6 +57,24 @@ def route(h_TD, router_DN, cfg):
     if cfg.norm_topk:
         top_TK = top_TK / jnp.sum(top_TK, axis=-1, keepdims=True)
     return logits_TN, scores_TN, expert_TK, top_TK
+
+
+def capacity(seq_len: int, cfg) -> int:
+    """Each expert's capacity in (token, choice) pairs per sequence: ceil(c x S x top_k / N).
+
+        capacity(8, cfg)   # capacity_factor=1, top_k=2, experts=4: 4
+    """
+    return math.ceil(cfg.capacity_factor * seq_len * cfg.top_k / cfg.experts)
+
+
+def within_capacity(expert_BSK, cfg):
+    """Which (token, choice) pairs [B, S, K] fit their expert's capacity: a pair's place in its
+    expert's queue is the number of earlier pairs of the sequence (earlier position; at one
+    position earlier choice, though a token never picks an expert twice) sent to the same expert."""
+    B, S, K = expert_BSK.shape
+    onehot_BAN = jax.nn.one_hot(expert_BSK.reshape(B, S * K), cfg.experts, dtype=jnp.int32)
+    place_BA = jnp.sum((jnp.cumsum(onehot_BAN, axis=1) - 1) * onehot_BAN, axis=-1)
+    return (place_BA < capacity(S, cfg)).reshape(B, S, K)
 
 
 def aux_sums(logits_BSN, scores_BSN, expert_BSK, experts: int):
@@ -107,6 +135,8 @@ def moe_ffn(h_BSD, layer, cfg, act):
     B, S, D = h_BSD.shape
     h_TD = h_BSD.reshape(B * S, D)
     logits_TN, scores_TN, expert_TK, gates_TK = route(h_TD, layer["router"], cfg)
+    if cfg.capacity_factor:
+        gates_TK = gates_TK * within_capacity(expert_TK.reshape(B, S, -1), cfg).reshape(B * S, -1)
     out_TD = local_moe(h_TD, expert_TK, gates_TK, layer["we_gate"], layer["we_up"], layer["we_down"], act)
     sums = aux_sums(logits_TN.reshape(B, S, -1), scores_TN.reshape(B, S, -1),
                     expert_TK.reshape(B, S, -1), cfg.experts)

@@ -43,7 +43,8 @@ def workload(cfg: Config) -> Workload:
     return Workload(d_model=m.d_model, heads=m.heads, kv_heads=m.kv_heads, d_ff=m.d_ff, vocab=m.vocab,
                     layers=m.layers, dtype=m.dtype, remat=m.remat, seq_len=cfg.data.seq_len,
                     batch_size=t.batch_size, microbatches=t.microbatches, schedule=p.schedule,
-                    pipeline_microbatches=p.microbatches, repeats=p.repeats, head_dim=m.head_dim)
+                    pipeline_microbatches=p.microbatches, repeats=p.repeats, head_dim=m.head_dim,
+                    experts=m.experts, expert_d_ff=m.expert_d_ff, shared_experts=m.shared_experts)
 
 
 def config_theory(cfg: Config, sizes: dict[str, int]) -> LayoutTheory:

@@ -67,6 +67,8 @@ HF = "tests/test_hf.py"
 HFCLI = "tests/test_hf_cli.py"
 HF_LOGITS = f"{HF}::test_logits_equal_transformers_on_data_fsdp_tensor"
 MOE = "tests/test_moe.py"
+HF_MOE = "tests/test_hf_moe.py"
+HF_MOE_LOGITS = f"{HF_MOE}::test_moe_logits_and_aux_equal_transformers_on_one_device_and_expert_data_tensor"
 MOE_DENSE = f"{MOE}::test_moe_layer_equals_dense_loop_values_and_gradients"
 MOE_HAND = f"{MOE}::test_routing_counts_and_aux_losses_by_hand"
 
@@ -449,6 +451,21 @@ MUTATIONS: list[Mutation] = [
       "sums | {k: sums.get(k, 0.0) + jnp.asarray(v, jnp.float32) for k, v in extra.items()}",
       "{k: jnp.asarray(v, jnp.float32) for k, v in extra.items() if k != 'loss'} | sums",
       (f"{MOE}::test_the_weighted_aux_losses_are_added_to_the_loss_sums",)),
+    M("hf-mixtral-w1-w3-swapped", "models", "Mixtral's w1 (gate) and w3 (up) are read into each other's place",
+      '{"we_gate": "w1", "we_up": "w3", "we_down": "w2"}', '{"we_gate": "w3", "we_up": "w1", "we_down": "w2"}',
+      (f"{HF_MOE_LOGITS}[mixtral]",)),
+    M("hf-qwen3moe-norm-topk-ignored", "models", "Qwen3-MoE's norm_topk_prob=false is ignored: gates renormalised",
+      'norm_topk=family == "mixtral" or bool(hf.get("norm_topk_prob"))', "norm_topk=True",
+      (f"{HF_MOE_LOGITS}[qwen3_moe]",)),
+    M("hf-moe-expert-block-from-zero", "models", "each device's block of experts is read from expert 0, not its own",
+      "for expert in range(index[0].start, index[0].stop)])", "for expert in range(index[0].stop - index[0].start)])",
+      (f"{HF_MOE_LOGITS}[mixtral]",)),
+    M("hf-moe-export-one-expert", "models", "save_hf writes expert 0's weights under every expert's name",
+      "value if expert is None else value[expert]", "value if expert is None else value[0]",
+      (f"{HF_MOE}::test_moe_export_loads_in_transformers_with_the_same_logits[mixtral]",)),
+    M("moe-capacity-off-by-one", "models", "each expert takes one pair more than its capacity",
+      "return (place_BA < capacity(S, cfg))", "return (place_BA <= capacity(S, cfg))",
+      (f"{MOE}::test_capacity_drops_the_later_tokens_like_a_loop_in_order",)),
     # ------------------------------------------------------------------ models / parallel: LoRA
     M("lora-base-gets-gradient", "models", "the frozen base is differentiated (its gradient computed, reduced and "
       "counted in grad_norm) though set_to_zero drops its update",
