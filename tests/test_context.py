@@ -156,3 +156,14 @@ def test_bad_context_input_exits_2_before_compiling(capsys, no_compile, args, me
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and "Traceback" not in err, err
+
+
+def test_the_kv_cache_is_split_over_context():
+    """Generation's cache [L, B, T, K, E] has its slots T over ``context`` (decoding equals the plain
+    decode on a context layout: tests/test_inference.py's LAYOUTS)."""
+    from shardml.core.sharding import Rules
+    from shardml.parallel.inference import decoder
+
+    mesh = make_mesh({"context": 2, "data": 2, "tensor": 2})
+    spec = decoder(CFG, mesh, Rules.default()).cache_sharding().spec
+    assert tuple(spec)[2] == "context" and "data" in tuple(spec)[1], spec
