@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 
+from shardml.analysis.audit import memory
+from shardml.analysis.plan import compiled_step
 from shardml.core.losses import token_cross_entropy
 from shardml.core.mesh import make_mesh
 from shardml.core.step import build_trainer
@@ -92,14 +94,7 @@ def reference():
     # The trainer's initial parameters (its init(0)), taken from a one-device trainer; the step below is plain JAX.
     one = build_trainer(transformer(CFG, S), make_mesh({"data": 1}, jax.devices()[:1]), optax.sgd(1.0))
     params = jax.device_get(one.init(0).params)
-
-    def loss(p):
-        logits = transformer_apply(p, batch["inputs"], CFG)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1))
-
-    value, grads = jax.value_and_grad(loss)(params)
-    return batch, params, float(value), jax.tree.map(lambda p, g: p - g, params, grads)
+    return batch, params, *_reference_step(batch, params)
 
 
 def _context_step(sizes, batch, attention, microbatches=1):
@@ -109,6 +104,18 @@ def _context_step(sizes, batch, attention, microbatches=1):
                             loss=token_cross_entropy, microbatches=microbatches)
     state, metrics = trainer.step(trainer.init(0), trainer.put(batch))
     return jax.device_get(state.params), float(metrics["loss"])
+
+
+def _reference_step(batch, params):
+    """Loss and one SGD(1) step of plain ``jax.grad`` (mean over the mask's tokens), one device."""
+    def loss(p):
+        logits = transformer_apply(p, batch["inputs"], CFG)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), batch["targets"][..., None], axis=-1)[..., 0]
+        mask = batch.get("mask", jnp.ones_like(nll))
+        return jnp.sum(nll * mask) / jnp.sum(mask)
+
+    value, grads = jax.value_and_grad(loss)(params)
+    return float(value), jax.tree.map(lambda p, g: p - g, params, grads)
 
 
 def _assert_equal_step(reference, sizes, attention, microbatches=1):
@@ -167,3 +174,36 @@ def test_the_kv_cache_is_split_over_context():
     mesh = make_mesh({"context": 2, "data": 2, "tensor": 2})
     spec = decoder(CFG, mesh, Rules.default()).cache_sharding().spec
     assert tuple(spec)[2] == "context" and "data" in tuple(spec)[1], spec
+
+
+@pytest.mark.slow
+def test_packed_rows_on_ring_attention_equal_one_device_jax_grad(reference):
+    """Packed SFT rows (segments, positions restarting per example, a loss mask) through ring attention."""
+    _, params, _, _ = reference
+    rng = np.random.default_rng(3)
+    segments = np.repeat([[1] * 5 + [2] * 8 + [3] * 3, [1] * 11 + [2] * 5], 4, axis=0)
+    positions = np.concatenate([np.arange(n) for n in (5, 8, 3)] * 4 + [np.arange(n) for n in (11, 5)] * 4)
+    inputs = {"tokens": jnp.asarray(rng.integers(0, CFG.vocab, (8, S))), "segments": jnp.asarray(segments),
+              "positions": jnp.asarray(positions.reshape(8, S))}
+    batch = {"inputs": inputs, "targets": jnp.asarray(rng.integers(0, CFG.vocab, (8, S))),
+             "mask": jnp.asarray(rng.random((8, S)) < 0.7, jnp.float32)}
+    want_loss, want_params = _reference_step(batch, params)
+    _assert_equal_step((batch, params, want_loss, want_params), {"context": 2, "data": 2, "tensor": 2}, "ring")
+
+
+@pytest.mark.parametrize("attention", ["allgather", "ring"])
+def test_activation_memory_per_device_falls_with_context(attention):
+    """XLA's compiled temporaries per device (activations, their gradients) at context=4 are well under
+    half of one device's, at a sequence long enough for activations to dominate."""
+    cfg = dataclasses.replace(CFG, context_attention=attention)
+    seq = 256
+    tokens = jnp.zeros((2, seq), jnp.int32)
+    batch = {"inputs": tokens, "targets": tokens}
+
+    def temporaries(context):
+        mesh = make_mesh({"context": context, "data": 1}, jax.devices()[:context])
+        trainer = build_trainer(transformer(cfg, seq), mesh, optax.sgd(1.0), loss=token_cross_entropy)
+        return memory(compiled_step(trainer, batch).compiled).temporaries
+
+    one, four = temporaries(1), temporaries(4)
+    assert four < one / 2.5, f"{attention}: temporaries per device {four} at context=4 vs {one} on one device"
