@@ -92,10 +92,16 @@ def ring_local(q_BSHE, k_BTKE, v_BTKE, idx_S, seg_BS, *, axis, shards, scale, so
     block = (k_BTKE, v_BTKE, idx_S, seg_BS)
     # Shard i sends to i + 1, so in step s it holds the block of shard i - s.
     ring = [(i, (i + 1) % shards) for i in range(shards)]
-    for step in range(shards):
-        k, v, k_idx, k_seg = block
+
+    # Rematerialised: the backward keeps only each step's carry and block, and recomputes the block's
+    # S x T scores, so no device stores more than O(S x E) per step (without it, C blocks of scores).
+    @jax.checkpoint
+    def fold(carry, k, v, k_idx, k_seg):
         scores, visible = block_scores(q_BSKGE, k, idx_S, k_idx, seg_BS, k_seg, scale, softcap, window)
-        carry = online_update(carry, scores, visible, v)
+        return online_update(carry, scores, visible, v)
+
+    for step in range(shards):
+        carry = fold(carry, *block)
         if step < shards - 1:
             block = jax.tree.map(lambda x: jax.lax.ppermute(x, axis, ring), block)
     _, l, acc = carry
@@ -138,8 +144,10 @@ def ring_attention(q_BSHE, k_BSKE, v_BSKE, index_S, segments_BS=None, *, axis: s
     seq = P(None, axis)
     # Manual over the ring's axis only (the batch and heads stay automatic); axes an enclosing vmap
     # places (the accumulator's per-data-shard loop) must be manual too: the vmap adds them to the specs.
+    # check_vma=False: under that vmap, the rematerialised fold's backward trips JAX's varying-axes
+    # check (JAX 0.10.2); nothing here reduces over a manual axis, so the check guards nothing.
     fn = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, P(axis), seq), out_specs=seq,
-                       axis_names={axis} | set(transform_owned_axes()))
+                       axis_names={axis} | set(transform_owned_axes()), check_vma=False)
     return fn(q_BSHE, k_BSKE, v_BSKE, jnp.asarray(index_S, jnp.int32), segments_BS)
 
 
