@@ -18,8 +18,9 @@ from shardml.core.sharding import Rules
 
 def test_mesh_axes_in_canonical_order_and_fill():
     mesh = make_mesh({"fsdp": 2, "data": -1})
-    assert mesh.axis_names == ("members", "pipeline", "data", "fsdp", "expert", "tensor")
-    assert dict(mesh.shape) == {"members": 1, "pipeline": 1, "data": 4, "fsdp": 2, "expert": 1, "tensor": 1}
+    assert mesh.axis_names == ("members", "pipeline", "data", "fsdp", "expert", "context", "tensor")
+    assert dict(mesh.shape) == {"members": 1, "pipeline": 1, "data": 4, "fsdp": 2, "expert": 1, "context": 1,
+                                "tensor": 1}
     assert layout_name(mesh.shape) == "data=4 x fsdp=2"
 
 

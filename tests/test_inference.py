@@ -30,7 +30,9 @@ POPULATION_RUN = ["model.kind=mlp", "data.corpus=digits", "model.d_ff=32", "mode
                   "train.steps=2", "train.batch_size=32", "train.eval_batches=0", "checkpoint.every=0",
                   "population.kind=ensemble", "population.size=4", "mesh.members=2", "mesh.data=2", "mesh.tensor=2"]
 PROMPTS = [[7], [200, 13, 55, 1, 99, 42, 17, 250, 3, 64, 128, 9, 31], [100, 101, 102, 103, 104]]  # lengths 1, 13, 5
-LAYOUTS = [{"data": 1}, {"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 2, "tensor": 4}]
+# The last: the KV cache's slots split over context (KV_CACHE_LOGICAL's act_seq), decoding gathers what it needs.
+LAYOUTS = [{"data": 1}, {"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 2, "tensor": 4},
+           {"context": 2, "data": 2, "tensor": 2}]
 MIXED = LAYOUTS[2]
 
 

@@ -81,7 +81,7 @@ def test_a_member_s_overrides_train_it_alone_on_the_same_devices(tmp_path):
     assert {o.split("=")[0] for o in overrides} >= {f"mesh.{axis}" for axis in shardml.MESH_AXES}, overrides
     assert f"out_dir={tmp_path / 'pop' / 'member-1'}" in overrides
     alone = train(load_config(command[0], [*command[1:], *overrides]), verbose=False)  # as README says
-    assert alone.mesh == {"members": 1, "pipeline": 1, "data": 4, "fsdp": 1, "expert": 1, "tensor": 2}, alone.mesh
+    assert alone.mesh == {"members": 1, "pipeline": 1, "data": 4, "fsdp": 1, "expert": 1, "context": 1, "tensor": 2}, alone.mesh
     member = jax.tree.map(lambda x: np.asarray(x)[1], jax.device_get(population.state.params))
     for got, want in zip(jax.tree.leaves(jax.device_get(alone.state.params)), jax.tree.leaves(member)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

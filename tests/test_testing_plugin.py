@@ -230,7 +230,7 @@ def test_layouts_are_read_as_written():
     with pytest.raises(ConfigError, match="cannot read layout 'data:2'"):
         parse_layout("data:2")
     assert dict(mesh_of("fsdp=4 x tensor=2").shape) == {"members": 1, "pipeline": 1, "data": 1, "fsdp": 4,
-                                                        "expert": 1, "tensor": 2}
+                                                        "expert": 1, "context": 1, "tensor": 2}
     assert mesh_of("tensor=2").devices.size == 2 and mesh_of(None).devices.size == 8
     with pytest.raises(ConfigError, match="layout data=16 needs 16 devices but 8 are available"):
         mesh_of("data=16")

@@ -1,4 +1,4 @@
-"""The device mesh: six named axes in one canonical order, and their sizes.
+"""The device mesh: seven named axes in one canonical order, and their sizes.
 
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     layout_name(mesh.shape)   # 'data=2 x fsdp=2 x tensor=2'
@@ -14,11 +14,12 @@ import numpy as np
 
 from shardml.core.errors import LayoutError, SettingError
 
-# The canonical axes, outermost first. Every mesh has all six (size 1 where unused), so shardings
+# The canonical axes, outermost first. Every mesh has all seven (size 1 where unused), so shardings
 # and rules never depend on which axes a layout happens to use. ``expert`` splits the experts of a
-# mixture-of-experts layer (and the batch everywhere else); ``tensor`` stays innermost, the axis with
-# the most traffic per step.
-MESH_AXES = ("members", "pipeline", "data", "fsdp", "expert", "tensor")
+# mixture-of-experts layer (and the batch everywhere else); ``context`` splits the sequence of every
+# activation (attention gathers the keys and values, or passes them round a ring); ``tensor`` stays
+# innermost, the axis with the most traffic per step.
+MESH_AXES = ("members", "pipeline", "data", "fsdp", "expert", "context", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     expert: int = 1
+    context: int = 1
     tensor: int = 1
 
 
@@ -78,7 +80,7 @@ def resolve_mesh_sizes(mesh: MeshConfig | Mapping[str, int], n_devices: int) -> 
 
 
 def make_mesh(sizes: MeshConfig | Mapping[str, int] | None = None, devices: Sequence | None = None):
-    """Builds a ``jax.sharding.Mesh`` with all six canonical axes (size 1 where unused).
+    """Builds a ``jax.sharding.Mesh`` with all seven canonical axes (size 1 where unused).
 
     Args:
       sizes: axis sizes by name, a ``MeshConfig``, or None (all devices on ``data``); ``-1`` fills.
@@ -87,7 +89,7 @@ def make_mesh(sizes: MeshConfig | Mapping[str, int] | None = None, devices: Sequ
     Example:
       >>> mesh = make_mesh({"data": -1})
       >>> mesh.axis_names
-      ('members', 'pipeline', 'data', 'fsdp', 'expert', 'tensor')
+      ('members', 'pipeline', 'data', 'fsdp', 'expert', 'context', 'tensor')
     """
     import jax
 

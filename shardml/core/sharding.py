@@ -31,7 +31,9 @@ from shardml.core.errors import LayoutError, ModelError
 # on meshes without a pipeline axis). Activations: the batch is split over every batch-parallel axis;
 # "act_*" names are the activation twins of the weight dimensions. The experts of a mixture-of-experts
 # layer are split over ``expert``, which outside those layers is one more batch axis (each device
-# holds its tokens and 1/expert of the experts; the tokens travel to their experts and back).
+# holds its tokens and 1/expert of the experts; the tokens travel to their experts and back). The
+# sequence of every activation is split over ``context`` (the batch is not: each context shard holds
+# a slice of every row).
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp", "expert"),
     "members": "members",
@@ -46,7 +48,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "experts": "expert",
     "norm": None,
     "classes": None,
-    "act_seq": None,
+    "act_seq": "context",
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
@@ -152,6 +154,12 @@ def axes_owned_by_transform(*axes: str):
         _SKIPPED_AXES.reset(token)
 
 
+def transform_owned_axes() -> frozenset[str]:
+    """The mesh axes an enclosing ``vmap`` places (:func:`axes_owned_by_transform`): a ``shard_map``
+    under that vmap must name them manual too, since the vmap's batching adds them to its specs."""
+    return _SKIPPED_AXES.get()
+
+
 def current_rules() -> Rules | None:
     """The rules activated by the innermost :func:`use_rules`, if any."""
     return _ACTIVE_RULES.get()
@@ -192,6 +200,21 @@ def shards_of(logical: str) -> int:
         return 1
     skip = _unavailable_axes()
     return math.prod(mesh.shape[a] for a in rules.mesh_axes(logical) if a not in skip)
+
+
+def split_axes(logical: str) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split the logical axis ``logical`` here, for code that
+    communicates over them by hand (ring attention's ``ppermute`` over ``act_seq``'s axis); ``()``
+    outside :func:`use_rules` or a mesh, and for axes that are manual or an enclosing transform owns.
+
+        split_axes("act_seq")   # ('context',) on a mesh with context=4
+    """
+    rules = _ACTIVE_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return ()
+    skip = _unavailable_axes()
+    return tuple(a for a in rules.mesh_axes(logical) if a not in skip and mesh.shape[a] > 1)
 
 
 def flax_rules() -> tuple[tuple[str, Any], ...]:

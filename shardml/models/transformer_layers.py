@@ -24,11 +24,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from shardml.core.errors import ModelError
 from shardml.core.model import ParamSpec
 from shardml.core.settings import check_settings, setting
-from shardml.core.sharding import constrain
+from shardml.core.sharding import constrain, split_axes
+from shardml.models.ring_attention import balanced_order, ring_attention
 from shardml.models.transformer_moe import GATES, check_moe, moe_ffn
 
 # none: keep every activation; full: recompute the whole layer in the backward; dots: keep matmul
@@ -52,6 +54,11 @@ AUTO = "auto"
 # operands costs 5-11 % of the step (benchmarks/README.md, bench_step.py).
 GRAD_DTYPES = ("compute", "float32")
 COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
+# With the sequence split over the ``context`` mesh axis: "allgather" lets the partitioner gather each
+# layer's keys and values whole on every device (simple; K/V memory is the whole sequence's);
+# "ring" passes K/V blocks round the context devices with ppermute and accumulates an online
+# softmax (shardml.models.ring_attention), so no device ever holds more than two blocks.
+CONTEXT_ATTENTIONS = ("allgather", "ring")
 # The MLP's gate: SwiGLU (silu) or Gemma's GeGLU (gelu, tanh approximation).
 MLP_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
@@ -76,6 +83,8 @@ class TransformerConfig:
     remat: str = setting(AUTO, choices=(AUTO, *REMAT_POLICIES))
     layer_loop: str = setting(AUTO, choices=(AUTO, *LAYER_LOOPS))
     grad_dtype: str = setting("compute", choices=GRAD_DTYPES)
+    context_attention: str = setting("allgather", choices=CONTEXT_ATTENTIONS,
+                                     hint="how attention reaches the keys of other context shards")
     rope_base: float = setting(10000.0, above=0.0)
     # What open-weights families need (shardml.models.hf_families); each default keeps the reference model.
     head_dim: int = setting(0, minimum=0, hint="0 means d_model / heads")
@@ -360,23 +369,66 @@ def attend(q_BSHE, k_BTKE, v_BTKE, visible, layer, cfg: TransformerConfig):
     return project("bshe,hed->bsd", o_BSHE, layer["wo"], grad_dtype=cfg.grad_dtype)
 
 
-def attention(h_BSD, layer, cfg: TransformerConfig, local=True, packing=None):
+def attention(h_BSD, layer, cfg: TransformerConfig, local=True, packing=None, order=None):
     """Causal self-attention of a whole sequence (the training path). ``packing``: None, or
     ``(segments_BS, positions_BS)`` of packed rows (:func:`split_inputs`): a query sees only the
-    keys of its own segment, and each token is rotated at its position within its example."""
+    keys of its own segment, and each token is rotated at its position within its example.
+    ``order``: None, or the global index of each place of a sequence laid out for ring attention
+    (:func:`sequence_order`; ``packing`` already in that order), which then runs it."""
     S = h_BSD.shape[1]
-    index_S = jnp.arange(S)
+    index_S = jnp.arange(S) if order is None else jnp.asarray(order)
+    positions_BS = index_S[None, :] if packing is None else packing[1]
+    q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_BS, cfg, local)
+    if order is not None:
+        return ring_block(q_BSHE, k_BSKE, v_BSKE, index_S, packing, layer, cfg, local)
     # Causality (and the window) by index: within one segment the positions rise with the index.
     visible = visible_keys(index_S[:, None], index_S[None, :], cfg, local)
-    positions_BS = index_S[None, :]
     if packing is not None:
         # RoPE scores depend on position differences only, so the positions restarting per example matter
         # for what reads absolute positions (decoding an example alone), not for these scores.
-        segments_BS, positions_BS = packing
+        segments_BS = packing[0]
         same_BST = segments_BS[:, :, None] == segments_BS[:, None, :]
         visible = (visible[None] & same_BST)[:, None, None]  # [B, 1, 1, S, T] against [B, K, G, S, T]
-    q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_BS, cfg, local)
     return attend(q_BSHE, k_BSKE, v_BSKE, visible, layer, cfg)
+
+
+def ring_block(q_BSHE, k_BSKE, v_BSKE, index_S, packing, layer, cfg: TransformerConfig, local=True):
+    """:func:`~shardml.models.ring_attention.ring_attention` over the context axis, then the output
+    projection: [B, S, D]. A traced ``local`` (``global_every``) runs both masks and picks one."""
+    (axis,) = split_axes("act_seq")
+    segments_BS = None if packing is None else packing[0]
+    scale = 1.0 / math.sqrt(cfg.query_scale or q_BSHE.shape[-1])
+
+    def ring(window):
+        return ring_attention(q_BSHE, k_BSKE, v_BSKE, index_S, segments_BS, axis=axis, scale=scale,
+                              softcap=cfg.attn_softcap, window=window)
+
+    if not cfg.sliding_window or local is True:
+        o_BSHE = ring(cfg.sliding_window)
+    else:
+        o_BSHE = jnp.where(local, ring(cfg.sliding_window), ring(0))
+    o_BSHE = constrain(o_BSHE, ("batch", "act_seq", "act_heads", None))
+    return project("bshe,hed->bsd", o_BSHE, layer["wo"], grad_dtype=cfg.grad_dtype)
+
+
+def sequence_order(seq_len: int, cfg: TransformerConfig):
+    """The layout of the sequence for ring attention: :func:`~shardml.models.ring_attention.balanced_order`
+    over the context shards here, or None (the natural order, attention as usual) without
+    ``context_attention="ring"`` or where the sequence is not split.
+
+    Raises:
+      ModelError: the sequence split over several mesh axes (ring attention passes blocks over one).
+    """
+    if cfg.context_attention != "ring":
+        return None
+    axes = split_axes("act_seq")
+    if len(axes) > 1:
+        raise ModelError(f"context_attention=ring passes key/value blocks round one mesh axis, but the rules split "
+                         f"'act_seq' over {axes}; map act_seq to one axis", subject="context_attention",
+                         value="ring")
+    if not axes:
+        return None
+    return balanced_order(seq_len, jax.sharding.get_abstract_mesh().shape[axes[0]])
 
 
 # A packed batch's inputs: several examples per row (shardml.core.sft.pack_examples).
@@ -456,14 +508,14 @@ def embed_tokens(params, tokens_BS, cfg: TransformerConfig):
     return constrain(embedded_BSD, ACT_LOGICAL)
 
 
-def run_layers(layers, x_BSD, cfg: TransformerConfig, first=None, packing=None):
+def run_layers(layers, x_BSD, cfg: TransformerConfig, first=None, packing=None, order=None):
     """Applies a stack of layers (every leaf has a leading layer axis, of any length) with ``lax.scan``;
     ``first``: the model-wide index of the stack's first layer (a pipeline stage's), where layers
-    differ by it (``global_every``); ``packing``: see :func:`attention`."""
-    return run_layers_sums(layers, x_BSD, cfg, first, packing)[0]
+    differ by it (``global_every``); ``packing`` and ``order``: see :func:`attention`."""
+    return run_layers_sums(layers, x_BSD, cfg, first, packing, order)[0]
 
 
-def run_layers_sums(layers, x_BSD, cfg: TransformerConfig, first=None, packing=None):
+def run_layers_sums(layers, x_BSD, cfg: TransformerConfig, first=None, packing=None, order=None):
     """:func:`run_layers` that also returns the auxiliary-loss sums of every layer: ``(x, (aux_L, z_L))``."""
     dtype = jnp.dtype(cfg.dtype)
 
@@ -472,7 +524,7 @@ def run_layers_sums(layers, x_BSD, cfg: TransformerConfig, first=None, packing=N
         # Weights stay f32 here: `project` casts them (norm scales are cast by rms_norm).
         local = is_local(i, cfg)
         x_BSD, _, sums = residual_block_sums(x_BSD, layer, cfg,
-                                             lambda h: (attention(h, layer, cfg, local, packing), None))
+                                             lambda h: (attention(h, layer, cfg, local, packing, order), None))
         return x_BSD, sums
 
     if cfg.remat != "none":
@@ -525,9 +577,15 @@ def transformer_apply_sums(params, inputs, cfg: TransformerConfig):
     (the two auxiliary losses by their weights), ``moe_aux`` and ``moe_z`` (each the mean over
     the layers; divided by the token count, the means the step reports)."""
     tokens_BS, packing = split_inputs(inputs)
+    order = sequence_order(tokens_BS.shape[1], cfg)
+    if order is not None:  # ring attention's balanced layout: everything but attention works per position
+        tokens_BS = tokens_BS[:, order]
+        packing = None if packing is None else tuple(a[:, order] for a in packing)
     x_BSD = embed_tokens(params, tokens_BS, cfg)
-    x_BSD, (aux_L, z_L) = run_layers_sums(params["layers"], x_BSD, cfg, packing=packing)
+    x_BSD, (aux_L, z_L) = run_layers_sums(params["layers"], x_BSD, cfg, packing=packing, order=order)
     logits_BSV = output_logits(params, x_BSD, cfg)
+    if order is not None:  # back to the natural order the targets are in
+        logits_BSV = constrain(logits_BSV[:, np.argsort(order)], ("batch", "act_seq", "act_vocab"))
     if not cfg.experts:
         return logits_BSV, {}
     aux, z = jnp.mean(aux_L), jnp.mean(z_L)

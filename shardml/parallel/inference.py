@@ -421,14 +421,14 @@ def check_sampling(temperature: float, top_k: int, top_p: float, stop_tokens: Se
 
 
 def check_decoding_mesh(mesh) -> None:
-    """Generation runs on the data, fsdp and tensor axes only.
+    """Generation runs on the data, fsdp, expert, context (the KV cache's slots) and tensor axes only.
 
     Raises:
       LayoutError: a mesh with ``pipeline`` or ``members`` > 1 (``subject`` ``"mesh"``).
     """
     pipeline, members = mesh.shape.get("pipeline", 1), mesh.shape.get("members", 1)
     if pipeline > 1 or members > 1:
-        raise LayoutError(f"generation runs on the data, fsdp and tensor axes; this mesh has pipeline={pipeline}, "
+        raise LayoutError(f"generation runs on the data, fsdp, expert, context and tensor axes; this mesh has pipeline={pipeline}, "
                           f"members={members}: give a mesh with pipeline=1 and members=1 (the parameters "
                           "reshard onto any layout)", subject="mesh", value=dict(mesh.shape))
 

@@ -57,6 +57,29 @@ def _vmapped_pipeline(cfg: Config, sizes: dict[str, int]) -> None:
                           subject="mesh.pipeline", value=sizes["pipeline"])
 
 
+def _context(cfg: Config, sizes: dict[str, int]) -> None:
+    """``mesh.context`` splits the sequence: a transformer's, into equal parts (ring attention's
+    causal balancing into 2 x context chunks), not yet with a pipeline."""
+    c = sizes["context"]
+    if c == 1:
+        return
+    if cfg.model.kind != "transformer":
+        raise ConfigError(f"mesh.context={c} splits the sequence, and model.kind={cfg.model.kind} has none; "
+                          "use mesh.context=1", subject="mesh.context", value=c)
+    if sizes["pipeline"] > 1:
+        raise ConfigError(f"mesh.context={c} with mesh.pipeline={sizes['pipeline']}: context parallelism does not run "
+                          "inside the pipeline's stages yet; use one of them", subject="mesh.context", value=c)
+    ring = cfg.model.context_attention == "ring"
+    parts = 2 * c if ring else c
+    if cfg.data.seq_len % parts:
+        why = (f"model.context_attention=ring gives each of the {c} context shards one early and one late chunk, "
+               f"so 2 x mesh.context = {parts}" if ring else f"mesh.context={c}")
+        lower = cfg.data.seq_len // parts * parts
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by {why}: each context shard holds an "
+                          f"equal part of the sequence; use data.seq_len={lower or parts} or {lower + parts}, or "
+                          f"another mesh.context", subject="data.seq_len", value=cfg.data.seq_len)
+
+
 def _population(cfg: Config, sizes: dict[str, int]) -> None:
     pop, members = cfg.population, sizes["members"]
     if cfg.federated.algorithm != "none":
@@ -216,7 +239,7 @@ def _lora(cfg: Config, sizes: dict[str, int]) -> None:
             raise ConfigError(f"lora.rank={cfg.lora.rank} with {key}={value}: {why}", subject=key, value=value)
 
 
-RULES = (_paths, _pipeline, _vmapped_pipeline, _population, _federated, _architectures, _lora)
+RULES = (_paths, _pipeline, _vmapped_pipeline, _context, _population, _federated, _architectures, _lora)
 
 
 def validate(cfg: Config, n_devices: int) -> dict[str, int]:

@@ -538,3 +538,23 @@ MUTATIONS += [
       "primary=self.primary,\n                             frozen=None)",
       (f"{LORA_CLI}::test_killed_and_resumed_it_ends_bitwise_equal_to_the_uninterrupted_run",)),
 ]
+
+CTX = "tests/test_context.py"
+RING_FN = f"{CTX}::test_ring_attention_equals_plain_masked_attention_values_and_gradients"
+CTX_STEP = f"{CTX}::test_context_step_equals_one_device_jax_grad"
+MUTATIONS += [
+    # ------------------------------------------------------------------ context parallelism, ring attention
+    M("ring-skips-last-block", "models", "the ring stops one step early: each shard misses the last visiting block",
+      "for step in range(shards):", "for step in range(shards - 1):", (RING_FN,)),
+    M("ring-causal-within-block", "models", "the causal mask by place within a block, not by global index",
+      "visible_ST = k_idx_T[None, :] <= q_idx_S[:, None]",
+      "visible_ST = jnp.arange(k_idx_T.shape[0])[None, :] <= jnp.arange(q_idx_S.shape[0])[:, None]", (RING_FN,)),
+    M("ring-softmax-not-rescaled", "models", "the online softmax keeps old sums when the running maximum grows",
+      "rescale = jnp.exp(m - m_new)", "rescale = jnp.ones_like(m)", (RING_FN,)),
+    M("ring-order-not-undone", "models", "the logits stay in the balanced layout, misaligned with the targets",
+      "logits_BSV[:, np.argsort(order)]", "logits_BSV[:, np.arange(len(order))]", (CTX_STEP,)),
+    M("ring-rope-at-layout-positions", "models", "tokens rotated at their place in the balanced layout, "
+      "not at their position in the sequence",
+      "positions_BS = index_S[None, :] if packing is None else packing[1]",
+      "positions_BS = jnp.arange(S)[None, :] if packing is None else packing[1]", (CTX_STEP,)),
+]

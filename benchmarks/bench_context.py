@@ -1,0 +1,104 @@
+"""Context parallelism: ring attention vs all-gathered keys/values as the sequence grows.
+
+For each sequence length, attention variant and ``context`` size: the training step's compiled
+memory per device (XLA's memory analysis: temporaries, i.e. activations and their gradients, and
+the peak estimate) and its measured step time; then, for a per-device memory budget, the longest
+sequence (doubling) whose compiled step fits, with and without context.
+
+    python benchmarks/bench_context.py                       # small: seq 256..1024, context 1, 2, 4
+    python benchmarks/bench_context.py --seq-lens 1024 4096 --budget 64MiB
+
+On emulated CPU devices the times say little about accelerators (8 fake devices share the host's
+cores); the memory figures are what XLA plans per device.
+"""
+
+import shardml
+
+shardml.emulate_cpu_devices(8)  # before any other JAX use
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from shardml.analysis import compiled_step, format_bytes, memory, parse_bytes  # noqa: E402
+
+CFG = shardml.TransformerConfig(vocab=256, layers=2, d_model=64, heads=4, d_ff=128, dtype="float32", remat="none",
+                                layer_loop="scan")
+
+
+def step_for(seq_len: int, attention: str, context: int, rows: int):
+    """The trainer of CFG with ``context_attention=attention`` on ``context`` devices, and a batch."""
+    cfg = dataclasses.replace(CFG, context_attention=attention)
+    mesh = shardml.make_mesh({"context": context, "data": 1}, devices=jax.devices()[:context])
+    trainer = shardml.build_trainer(shardml.transformer(cfg, seq_len), mesh, optax.sgd(0.1),
+                                    loss=shardml.token_cross_entropy)
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab, (rows, seq_len + 1))
+    batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+    return trainer, batch
+
+
+def measure(seq_len: int, attention: str, context: int, rows: int, steps: int) -> dict:
+    """Compiled memory per device and the median step time (``steps`` timed after one warm-up)."""
+    trainer, batch = step_for(seq_len, attention, context, rows)
+    mem = memory(compiled_step(trainer, batch).compiled)
+    times = []
+    if steps:
+        state, placed = trainer.init(0), trainer.put(batch)
+        state, metrics = trainer.step(state, placed)
+        jax.block_until_ready(metrics)
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, metrics = trainer.step(state, placed)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+    return {"temp": mem.temporaries, "peak": mem.peak_estimate, "ms": 1e3 * float(np.median(times)) if times else 0}
+
+
+def longest_fitting(attention: str, context: int, rows: int, budget: int, start: int, limit: int) -> int:
+    """The longest power-of-two multiple of ``start`` (up to ``limit``) whose step's peak fits ``budget``."""
+    best, seq = 0, start
+    while seq <= limit:
+        trainer, batch = step_for(seq, attention, context, rows)
+        if memory(compiled_step(trainer, batch).compiled).peak_estimate > budget:
+            break
+        best, seq = seq, seq * 2
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--rows", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row (0: memory only)")
+    parser.add_argument("--budget", default="16MiB", help="per-device memory for the longest-sequence table")
+    parser.add_argument("--fit-limit", type=int, default=8192)
+    args = parser.parse_args()
+    print(f"{CFG.layers} layers, d_model {CFG.d_model}, {CFG.heads} heads, f32, {args.rows} rows; "
+          f"{len(jax.devices())} emulated {jax.devices()[0].platform} devices\n")
+    print(f"{'seq':>6} {'attention':>10} {'context':>7} {'temp/device':>12} {'peak/device':>12} {'step ms':>8}")
+    for seq in args.seq_lens:
+        for attention in ("allgather", "ring"):
+            for context in args.contexts:
+                if attention == "ring" and context == 1:
+                    continue  # one shard: ring attention is the plain attention
+                r = measure(seq, attention, context, args.rows, args.steps)
+                print(f"{seq:>6} {attention:>10} {context:>7} {format_bytes(r['temp']):>12} "
+                      f"{format_bytes(r['peak']):>12} {r['ms']:>8.1f}")
+    budget = parse_bytes(args.budget)
+    print(f"\nlongest sequence (powers of 2 from 256, up to {args.fit_limit}) whose step fits {args.budget} per device")
+    for attention in ("allgather", "ring"):
+        for context in args.contexts:
+            if attention == "ring" and context == 1:
+                continue
+            print(f"  {attention:>10} context={context}: "
+                  f"{longest_fitting(attention, context, args.rows, budget, 256, args.fit_limit)}")
+
+
+if __name__ == "__main__":
+    main()
