@@ -296,7 +296,7 @@ BAD = [
     (("lora.alpha=8",), "lora.rank=0"),
     (("lora.rank=-1",), "lora.rank"),
     (("lora.rank=4", "population.kind=pbt", "population.size=2", "population.ready_every=2"), "population.kind=pbt"),
-    (("lora.rank=4", "optim.lr=[1e-3,1e-2]", "population.size=2", "population.kind=sweep", "lora.alpha=[8,16]"),
+    (("lora.rank=4", "optim.lr=[1e-3,1e-2]", "population.size=2", "population.kind=sweep", "lora.rank=[4,8]"),
      "members can differ by optim.lr"),
 ]
 SMALL = ("model.layers=2", "model.d_model=32", "model.d_ff=64", "data.seq_len=16", "train.batch_size=8")

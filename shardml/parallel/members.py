@@ -39,7 +39,7 @@ from shardml.core.model import Model
 from shardml.core.pipeline import PIPE
 from shardml.core.sharding import Rules, axes_owned_by_transform
 from shardml.core.step import Program, Shardings, Trainer, compile_trainer, step_program
-from shardml.models.lora import shared_params
+from shardml.models.lora import MEMBER_SETTINGS, check_member_settings, shared_params, with_member_settings
 
 MEMBERS = "members"
 GATE = "member_active"  # the injected multiplier of a member's updates: 1 trains it, 0 freezes it
@@ -182,7 +182,8 @@ def over_population(program: Program, members: int, *, hyperparams: Mapping[str,
     data); otherwise every member trains on the same global batch. Evaluation batches are shared.
     Frozen entries the model shares (:func:`shardml.models.lora.shared_params`: a LoRA base) are
     stored once, laid out by the model's rules and not over ``members``; only the rest (the
-    adapters) is stacked.
+    adapters) is stacked. ``hyperparams`` named ``lora_alpha`` / ``lora_dropout`` go to the
+    parameters instead, for a model built with :func:`shardml.lora`'s ``per_member``.
 
     Raises:
       ShardmlError: before anything compiles (:func:`check_stackable`, :func:`check_members`,
@@ -191,13 +192,16 @@ def over_population(program: Program, members: int, *, hyperparams: Mapping[str,
     check_stackable(program, "members")
     check_members(members, program.parts.mesh)
     values = member_values(hyperparams, members)
+    own = {k: values.pop(k) for k in list(values) if k in MEMBER_SETTINGS}  # held in the parameters, not optax's
+    check_member_settings(program.parts.model, own)
     shared = shared_params(program.parts.model)
     one_init = program.init
 
     def init(seed):
         state = jax.vmap(lambda s: _without(one_init(s), shared))(member_seeds(seed, members))
         state = _with(state, {k: one_init(seed).params[k] for k in shared})
-        return dataclasses.replace(state, opt_state=set_hyperparams(state.opt_state, values))
+        return dataclasses.replace(state, params=with_member_settings(state.params, own),
+                                   opt_state=set_hyperparams(state.opt_state, values))
 
     sh = program.shardings
     data = stacked(sh.batch) if per_member_data else sh.batch

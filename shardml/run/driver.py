@@ -66,7 +66,10 @@ def lora_lines(parts: Parts) -> list[str]:
         return []
     adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(parts.model.abstract_params["adapters"]))
     base = f"model.from={parts.cfg.model.from_}" if parts.cfg.model.from_ else "a random base (fixed seed)"
-    return [f"lora: rank {lo.rank} on {lo.targets} (alpha {lo.alpha:g}, dropout {lo.dropout:g}): {adapters:,} "
+    own = parts.model.config.per_member  # searched: each member's value is in population.json
+    alpha = "per member" if "lora_alpha" in own else f"{lo.alpha:g}"
+    dropout = "per member" if "lora_dropout" in own else f"{lo.dropout:g}"
+    return [f"lora: rank {lo.rank} on {lo.targets} (alpha {alpha}, dropout {dropout}): {adapters:,} "
             f"adapter parameters train; {base} is frozen"]
 
 

@@ -24,12 +24,13 @@ import jax
 import numpy as np
 
 from shardml.core.step import TrainState
+from shardml.models.lora import member_settings_of
 from shardml.parallel.members import GATE, hyperparams_of
 from shardml.parallel.population import (Distribution, Member, active, ensemble_metrics, exploit_explore, freeze,
                                         parse_space)
 from shardml.run import distributed
 from shardml.run.engine import Mode, NonFiniteError, Policy, TrainSummary, notice
-from shardml.run.search import member_overrides
+from shardml.run.search import member_overrides, search_key
 
 
 class PopulationPolicy(Policy):
@@ -98,7 +99,7 @@ def member_report(members: Sequence[Member], summary: TrainSummary, policy: Popu
                   ensemble: dict | None) -> dict:
     """What ``population.json`` holds (see the module docstring)."""
     state = summary.state
-    hyper = jax.device_get(hyperparams_of(state.opt_state))
+    hyper = jax.device_get({**hyperparams_of(state.opt_state), **member_settings_of(state.params)})
     last = {}
     for record in summary.records:
         last[record.get("member", 0)] = record
@@ -192,7 +193,7 @@ def optuna_distributions(search: dict) -> dict:
 
     out = {}
     for name, spec in sorted(search.items()):
-        space = parse_space(f"optim.{name}", spec)
+        space = parse_space(search_key(name), spec)
         if isinstance(space, Distribution):
             out[name] = optuna.distributions.FloatDistribution(space.low, space.high, log=space.kind == "loguniform")
         else:

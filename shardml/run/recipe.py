@@ -37,6 +37,7 @@ from shardml.parallel.partition import cohort_size
 from shardml.parallel.population import Member, hyperparam_arrays, plan_members
 from shardml.run.config import Config, pipeline_microbatches, validate
 from shardml.run.rules import lora_targets
+from shardml.run.search import LORA_SEARCH
 from shardml.run.errors import config_errors, keyed
 from shardml.run.federated import algorithm_of, client_data, privacy_of
 from shardml.run.hf import base_from, checkpoint_tokenizer, from_checkpoint, imported_state
@@ -132,7 +133,8 @@ def adapted(cfg: Config, model: Model) -> Model:
     """``lora.rank`` > 0: ``model`` frozen under adapters (:func:`shardml.lora`). Without
     ``model.from`` the base is ``model``'s init from a fixed seed, not ``train.seed``, so every
     seed and every member of a population adapts the same base; ``model.from``'s weights replace
-    it at step 0 (:func:`shardml.run.hf.imported_state`).
+    it at step 0 (:func:`shardml.run.hf.imported_state`). A population searching ``lora.alpha`` or
+    ``lora.dropout`` holds them per member (``per_member``).
 
     Raises:
       ConfigError: a rank above a targeted layer's width, a role the model lacks (``lora.*`` named).
@@ -140,14 +142,15 @@ def adapted(cfg: Config, model: Model) -> Model:
     base = dataclasses.replace(model, init=lambda key: model.init(jax.random.key(LORA_BASE_SEED)))
     with keyed(cfg, LORA_KEYS):
         return lora(base, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                    targets=lora_targets(cfg))
+                    targets=lora_targets(cfg), per_member=tuple(n for n in cfg.population.search if n in LORA_SEARCH))
 
 
-def optimizer_of(cfg: Config):
+def optimizer_of(cfg: Config, model: Model | None = None):
     """The run's optax optimizer (:func:`default_optimizer`); with ``lora.rank`` > 0 it updates the
-    adapters only (:func:`shardml.lora_optimizer`: the base gets no update and no state)."""
+    adapters only (:func:`shardml.lora_optimizer`: the base, and ``model``'s per-member settings,
+    get no update and no state)."""
     optimizer = default_optimizer(cfg.optim, cfg.train.steps)
-    return lora_optimizer(optimizer) if cfg.lora.rank else optimizer
+    return lora_optimizer(optimizer, model) if cfg.lora.rank else optimizer
 
 
 def schedule_of(cfg: Config, stages: int) -> Schedule | None:
@@ -195,7 +198,7 @@ def build(cfg: Config, devices=None, members: list[Member] | None = None, device
     data = data_source(cfg)
     model, loss = model_of(cfg, data)
     mesh = make_mesh(MeshConfig(**sizes), devices=devices)
-    optimizer = optimizer_of(cfg)
+    optimizer = optimizer_of(cfg, model)
     pop = cfg.population
     if pop.size == 1:
         trainer = build_trainer(model, mesh, optimizer, loss=loss, microbatches=cfg.train.microbatches,

@@ -1,5 +1,7 @@
 """Search spaces written in place: an ``optim.*`` value that is a list or a distribution moves to
-``population.search`` (the members of a sweep differ by it).
+``population.search`` (the members of a sweep differ by it), and so does a ``lora.alpha`` or
+``lora.dropout`` one (as ``lora_alpha`` / ``lora_dropout``: a population of adapters holds them
+per member, see :mod:`shardml.models.lora`).
 
     move_search({"optim": {"lr": [1e-3, 3e-3]}}, Config())
     # {"optim": {}, "population": {"search": {"lr": [0.001, 0.003]}}}
@@ -24,7 +26,8 @@ from shardml.parallel.population import Distribution, Member, is_search_spec, pa
 from shardml.run.errors import ConfigError, keyed
 from shardml.run.schema import Config, ModelConfig
 
-SEARCHABLE = tuple(f"optim.{name}" for name in INJECTED)
+LORA_SEARCH = {"lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout"}  # search name -> config key
+SEARCHABLE = (*(f"optim.{name}" for name in INJECTED), *LORA_SEARCH.values())
 # What stays one value for every architecture: the kind decides the data and the loss.
 FIXED_MODEL_KEYS = ("kind",)
 
@@ -37,34 +40,39 @@ def move_search(data: dict, base: Config) -> dict:
       ConfigError: a searched key that shapes the compiled step, or a space that cannot be read.
     """
     data = move_models(data, base)
-    lora = data.get("lora")
-    for name, value in (lora.items() if isinstance(lora, dict) else ()):
-        if isinstance(value, list) or is_search_spec(value) and not isinstance(value, str):
-            raise ConfigError(f"lora.{name}={value!r}: every member of a population of adapters shares the lora.* "
-                              f"settings (they shape the compiled step); members can differ by {', '.join(SEARCHABLE)}",
-                              subject=f"lora.{name}", value=value)
-    optim = data.get("optim")
-    if not isinstance(optim, dict) or not any(is_search_spec(v) for v in optim.values()):
-        return data
     search = dict(base.population.search)
-    for name, value in list(optim.items()):
-        if is_search_spec(value):
-            space = _space(name, value)
-            search[name] = space if isinstance(space, list) else value
+    for section in ("lora", "optim"):
+        values = data.get(section)
+        if not isinstance(values, dict) or not any(is_search_spec(v) for v in values.values()):
+            continue
+        for name, value in values.items():
+            if is_search_spec(value):
+                searched = f"lora_{name}" if section == "lora" else name
+                space = _space(searched, value, f"{section}.{name}")
+                search[searched] = space if isinstance(space, list) else value
+        data = {**data, section: {k: v for k, v in values.items() if not is_search_spec(v)}}
+    if search == base.population.search:
+        return data
     population = dict(data.get("population") or {})
     population["search"] = {**search, **(population.get("search") or {})}
-    return {**data, "optim": {k: v for k, v in optim.items() if not is_search_spec(v)}, "population": population}
+    return {**data, "population": population}
 
 
-def _space(name: str, value: Any) -> list[float] | Distribution:
-    """The search space of ``optim.<name>``, parsed.
+def search_key(name: str) -> str:
+    """The config key of a ``population.search`` name: ``lr`` -> ``optim.lr``, ``lora_alpha`` ->
+    ``lora.alpha``."""
+    return LORA_SEARCH.get(name, f"optim.{name}")
+
+
+def _space(name: str, value: Any, key: str | None = None) -> list[float] | Distribution:
+    """The search space of ``population.search``'s ``name`` (given as config ``key``), parsed.
 
     Raises:
       ConfigError: ``name`` is not searchable, or ``value`` is no list or distribution.
     """
-    key = f"optim.{name}"
-    if key not in SEARCHABLE:
-        raise ConfigError(f"{key}={value!r}: only {', '.join(SEARCHABLE)} can differ between members "
+    key = key or search_key(name)
+    if key not in SEARCHABLE or search_key(name) != key:
+        raise ConfigError(f"{key}={value!r}: members can differ by {', '.join(SEARCHABLE)} only "
                           "(the others shape the compiled step or the schedule)", subject=key, value=value)
     with keyed(keys={name: key}):
         return parse_space(name, value)
@@ -79,9 +87,13 @@ def check_search(cfg: Config) -> None:
     """
     for name, spec in cfg.population.search.items():
         space = _space(name, spec)
+        section, field = search_key(name).split(".")
+        if section == "lora" and not cfg.lora.rank:
+            raise ConfigError(f"{search_key(name)}={spec!r} with lora.rank=0: rank 0 trains every weight and has no "
+                              "adapters to scale; set lora.rank=R (e.g. lora.rank=8)", subject="lora.rank", value=0)
         for value in space if isinstance(space, list) else (space.low, space.high):
             with keyed(cfg):
-                check_settings(dataclasses.replace(cfg.optim, **{name: value}), "optim")
+                check_settings(dataclasses.replace(getattr(cfg, section), **{field: value}), section)
 
 
 def member_overrides(member: Member, sizes: Mapping[str, int], out_dir: str | None = None) -> list[str]:
@@ -94,7 +106,7 @@ def member_overrides(member: Member, sizes: Mapping[str, int], out_dir: str | No
     alone = {**sizes, "members": 1, "data": sizes["data"] * sizes["members"]}
     out = [f"mesh.{axis}={alone[axis]}" for axis in MESH_AXES]
     out += ["population.size=1", "population.search={}"]
-    out += [f"optim.{name}={value!r}" for name, value in sorted(member.hyperparams.items())]
+    out += [f"{search_key(name)}={value!r}" for name, value in sorted(member.hyperparams.items())]
     out.append(f"train.init_seed={member.init_seed}")
     if member.resample >= 0:
         out.append(f"data.resample={member.resample}")
