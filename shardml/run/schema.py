@@ -132,7 +132,8 @@ class PopulationConfig:
 
     ``size`` members of ``kind``: ``ensemble`` (members differ by initialisation; ``bootstrap``
     resamples the data per member), ``sweep`` (members differ by the hyperparameters in
-    ``search``, filled from ``optim.*`` keys given a list or a distribution), or ``pbt`` (a sweep
+    ``search``, filled from ``optim.*`` keys, and ``lora.alpha`` / ``lora.dropout`` as ``lora_alpha`` /
+    ``lora_dropout``, given a list or a distribution), or ``pbt`` (a sweep
     whose worst ``exploit_fraction`` copy a better member every ``ready_every`` steps). A sweep
     stops its worst ``prune_fraction`` of members every ``prune_every`` steps. ``sampler=optuna``
     asks Optuna for ``size`` trials per generation, ``generations`` times.

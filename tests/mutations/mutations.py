@@ -476,9 +476,23 @@ MUTATIONS: list[Mutation] = [
       "transposed", "np.ascontiguousarray(b[layer].reshape(b.shape[1], -1).T)",
       "np.ascontiguousarray(b[layer].reshape(-1, b.shape[1]))", (LORA_EXPORT,)),
     M("lora-merge-unscaled", "models", "the merged export adds A B without the alpha / rank scale",
-      "out[name] = settings.scale * product", "out[name] = product", (LORA_EXPORT,)),
+      "out[name] = scale * product", "out[name] = product", (LORA_EXPORT,)),
     M("lora-base-per-member", "parallel", "a population of adapters stacks a copy of the base per member",
       "shared = shared_params(program.parts.model)", "shared = ()", (LORA_POP,)),
+]
+
+LORA_SWEEP = "tests/test_lora_sweep.py"
+LORA_SWEEP_MEMBERS = f"{LORA_SWEEP}::test_each_member_of_an_alpha_and_dropout_sweep_equals_its_plain_lora_model"
+MUTATIONS += [
+    # ------------------------------------------------------------------ sweeps of adapters over lora.alpha / dropout
+    M("lora-sweep-static-alpha", "models", "every member of a sweep scales its adapters by the model's default alpha, "
+      "not its own", 'out["scale"] = own["lora_alpha"] / settings.rank', 'out["scale"] = jnp.float32(settings.scale)',
+      (LORA_SWEEP_MEMBERS,)),
+    M("lora-sweep-dropout-ignored", "models", "a member's own dropout rate is ignored (the model's static rate used)",
+      'per_member = "dropout" in (self.member or {})', "per_member = False", (LORA_SWEEP_MEMBERS,)),
+    M("lora-sweep-overrides-optim-key", "run", "population.json's overrides give a member's alpha as optim.lora_alpha, "
+      "which its plain run cannot take", 'out += [f"{search_key(name)}={value!r}"',
+      'out += [f"optim.{name}={value!r}"', (f"{LORA_SWEEP}::test_a_member_s_overrides_give_its_own_alpha_and_dropout",)),
 ]
 
 SFT = "tests/test_sft.py"
@@ -514,7 +528,7 @@ MUTATIONS += [
       "save_hf(run.parts.model.config.base, params[\"base\"], out)",
       (f"{LORA_CLI}::test_merged_export_matches_the_lora_model_in_transformers",)),
     M("lora-cli-optimizer-on-base", "run", "a lora.rank run's optimizer updates (and keeps state for) the base",
-      "return lora_optimizer(optimizer) if cfg.lora.rank else optimizer", "return optimizer", (LORA_BASE,)),
+      "return lora_optimizer(optimizer, model) if cfg.lora.rank else optimizer", "return optimizer", (LORA_BASE,)),
     M("lora-cli-random-base", "run", "a model.from LoRA run starts from its random base, not the checkpoint's",
       "params={**state.params, BASE: base})", "params=state.params)", (LORA_BASE,)),
     M("lora-cli-decode-unmerged", "run", "generate and the end-of-run samples decode the base without its adapters",
