@@ -336,13 +336,14 @@ def test_a_population_of_adapters_stores_the_base_once():
 
 @pytest.mark.slow
 def test_each_member_of_a_sweep_of_adapters_equals_it_trained_alone(checkpoint, tmp_path):
-    """20 steps of a sweep over optim.lr of adapters on the imported checkpoint, on the members axis;
-    each member's overrides from population.json train it alone (no members axis) to the same
-    adapters, and the population's base is the checkpoint's, stored once."""
+    """20 steps of a sweep of 8 adapters (optim.lr x lora.alpha) on the imported checkpoint, on the
+    members axis; each member's overrides from population.json train it alone (no members axis) to
+    the same adapters, and the population's base is the checkpoint's, stored once."""
     corpus = (f"model.from={checkpoint[0]}", f"data.corpus={checkpoint[1]}")  # token ids: no samples at the end
     out = tmp_path / "sweep"
-    summary = train(load_config("tiny", [*POP, *corpus, "population.kind=sweep", "population.size=2", "optim.lr=[3e-3,3e-2]",
-                                         "mesh.members=2", "mesh.data=4", f"out_dir={out}"]), verbose=False)
+    summary = train(load_config("tiny", [*POP, *corpus, "population.kind=sweep", "population.size=8",
+                                         "optim.lr=[1e-3,3e-3,1e-2,3e-2]", "lora.alpha=[8,32]", "mesh.members=8",
+                                         "mesh.data=1", f"out_dir={out}"]), verbose=False)
     report = json.loads((out / "population.json").read_text())
     from shardml.run.run_dir import read_meta
 
