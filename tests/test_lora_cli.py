@@ -359,6 +359,8 @@ def test_each_member_of_a_sweep_of_adapters_equals_it_trained_alone(checkpoint, 
         mine = host(alone.state.params)
         for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(mine["adapters"]),
                                      jax.tree.leaves(stacked["adapters"])):
-            np.testing.assert_allclose(got, want[member], rtol=1e-5, atol=1e-6,
+            # 1e-5 absolute: the member computes on one device, its plain run on data=8 (another reduction
+            # order), and 20 Adam steps carry the last-bit differences into the 6th decimal
+            np.testing.assert_allclose(got, want[member], rtol=1e-5, atol=1e-5,
                                        err_msg=f"member {member} ({entry['overrides']}): {jax.tree_util.keystr(path)}")
         assert np.abs(mine["adapters"]["layers"]["wq"]["b"]).max() > 1e-3, "the adapters did not train"
