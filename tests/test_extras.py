@@ -16,8 +16,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXTRAS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-KNOWN_GAP = "shardml does not name the extra yet (reported to the owner of shardml/; remove this mark when fixed)"
-
 # (extra, hidden modules, command line arguments after `shardml`)
 CLI_CASES = [
     pytest.param("examples", ["sklearn", "sklearn.datasets"],
@@ -28,7 +26,7 @@ CLI_CASES = [
                   "federated.update_noise=1.0", "train.steps=1"],
                  id="dp-epsilon"),
     pytest.param("text", ["tokenizers"], ["train", "tiny", "data.tokenizer=bpe", "model.vocab=1024", "train.steps=1"],
-                 id="bpe", marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAP)),
+                 id="bpe"),
     pytest.param("search", ["optuna"],
                  ["train", str(ROOT / "configs" / "digits.yaml"), "population.kind=sweep", "population.size=8",
                   "optim.lr=loguniform(1e-4,1e-1)", "population.sampler=optuna", "train.steps=1"],

@@ -31,7 +31,7 @@ def _require():
     try:
         import tokenizers
     except ImportError:
-        raise SettingError("a BPE tokenizer needs the tokenizers library: pip install tokenizers",
+        raise SettingError("a BPE tokenizer needs the tokenizers library: pip install 'shardml[text]'",
                            subject="tokenizer", value="bpe") from None
     return tokenizers
 
