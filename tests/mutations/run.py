@@ -17,6 +17,10 @@ The JAX compilation cache (``JAX_COMPILATION_CACHE_DIR``, one temporary director
 shared by every pytest process, so a program that a mutation does not touch compiles once. Each job
 plants its bugs in its own copy of the checkout; most of a mutation's time is XLA compiling on one
 thread, so two jobs on two cores take about half the time of one.
+
+Each pytest run is a process forked from a server that has imported the third-party libraries once
+(JAX, Flax, Optax, PyTorch, ...; never shardml or the tests, which the bug changes): a fresh
+interpreter would spend 2.5-5 s importing them again for each of the ~160 bugs.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import multiprocessing
 import os
 import queue
 import shlex
 import shutil
-import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -41,8 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mutations import AREAS, MUTATIONS, Mutation  # noqa: E402
 
 SKIP = {".git", ".venv", ".venv-newest", "__pycache__", ".pytest_cache", ".ipynb_checkpoints", "build", "dist"}
-PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rN",
+PYTEST = ["-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rN",
           "-n", "0"]  # a mutation runs a few tests: no workers (the jobs run side by side instead)
+# What the fork server imports once: libraries the bugs never touch (a missing one is skipped).
+PRELOAD = ["__main__", "numpy", "jax", "jax.numpy", "flax", "flax.linen", "flax.nnx", "optax", "orbax.checkpoint",
+           "optuna", "grain", "pytest", "xdist", "torch", "transformers", "peft", "safetensors", "tokenizers",
+           "jinja2", "huggingface_hub", "sklearn", "dp_accounting", "scipy"]
 
 
 @dataclasses.dataclass
@@ -76,22 +85,51 @@ def copy_checkout(dest: Path) -> None:
     shutil.copytree(ROOT, dest, ignore=ignore, symlinks=True)
 
 
+def pytest_in(copy: str, args: list[str], log: str) -> None:
+    """In a process forked from the server: pytest on ``args`` in ``copy``, its output in ``log``,
+    its exit code the process's."""
+    os.setpgrp()  # so a timeout can end the tests' own subprocesses with it
+    assert "shardml" not in sys.modules, "the fork server imported shardml: the bug would not be seen"
+    os.chdir(copy)
+    sys.path.insert(0, copy)
+    sys.dont_write_bytecode = True
+    os.environ.update(PYTHONPATH=copy, PYTHONDONTWRITEBYTECODE="1")
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    import pytest
+    code = pytest.main(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))
+
+
+def forked_pytest(copy: Path, args: list[str], timeout: float) -> tuple[int | None, str]:
+    """(pytest's exit code or None after ``timeout`` seconds, its output's last line)."""
+    log = copy.parent / f"{copy.name}.log"
+    process = multiprocessing.get_context("forkserver").Process(target=pytest_in, args=(str(copy), args, str(log)))
+    process.start()
+    process.join(timeout)
+    if process.exitcode is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.join()
+        return None, ""
+    lines = log.read_text(errors="replace").strip().splitlines()
+    return process.exitcode, (lines[-1:] or [""])[0]
+
+
 def run_tests(copy: Path, selections: tuple[str, ...], timeout: float) -> tuple[str, str]:
     """('caught' | 'survived' | 'error', detail) of running each selection in turn in ``copy``."""
-    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
     for selection in selections:
-        try:
-            done = subprocess.run([*PYTEST, *shlex.split(selection)], cwd=copy, env=env, capture_output=True,
-                                  text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
+        code, tail = forked_pytest(copy, [*PYTEST, *shlex.split(selection)], timeout)
+        if code is None:
             return "error", f"{selection}: still running after {timeout:.0f} s"
-        tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
-        if done.returncode == 1:
-            return "caught", f"{selection}: {tail[0]}"
-        if done.returncode == 5:
+        if code == 1:
+            return "caught", f"{selection}: {tail}"
+        if code == 5:
             return "error", f"{selection}: selects no test (renamed or moved?)"
-        if done.returncode != 0:
-            return "error", f"{selection}: pytest exit {done.returncode}: {tail[0]}"
+        if code != 0:
+            return "error", f"{selection}: pytest exit {code}: {tail}"
     return "survived", "every named test passed"
 
 
@@ -182,6 +220,11 @@ def main(argv=None) -> int:
             print(f"{m.id:<40} {m.area:<9} {path or why}")
         return 0
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="shardml-mutations-jax-cache-"))
+    # Set before the server imports JAX, which reads them then (tests/conftest.py sets the same).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    multiprocessing.set_forkserver_preload(PRELOAD)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="shardml-mutations-") as tmp:
         outcomes = check_all(chosen, Path(tmp), sources, args)
