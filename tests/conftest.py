@@ -7,6 +7,7 @@ compiled step.
 """
 
 import atexit
+import collections
 import functools
 import os
 import shutil
@@ -146,6 +147,21 @@ def no_compile(monkeypatch):
     monkeypatch.setattr(compiler, "compile_or_get_cached", refuse)
     with pytest.raises(AssertionError, match="compiled before"):
         jax.jit(lambda x: x * 3.0 + 1.0)(jnp.float32(np.random.default_rng().random()))
+
+
+# Files of a few tests that take minutes each (the README walk, the notebooks, two-process runs; from
+# the slow step's durations in CI): given to the workers first, so that none of them starts last and
+# runs alone while the other workers idle.
+LONGEST_FIRST = ("test_readme_walk.py", "test_notebooks.py", "test_multihost.py")
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` deselected: counts what runs
+def pytest_collection_modifyitems(config, items):
+    """Files in the order the workers take them (pyproject's addopts turn off pytest-xdist's own
+    order, the files with the most tests first): LONGEST_FIRST, then xdist's order."""
+    count = collections.Counter(item.path for item in items)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -count[item.path], str(item.path)))
 
 
 def pytest_xdist_auto_num_workers(config):
