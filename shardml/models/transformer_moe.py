@@ -16,11 +16,29 @@ A = T x top_k (token, choice) pairs and T = B x S tokens.
     out_BSD, (aux_sum, z_sum) = moe_ffn(h_BSD, layer, cfg, act=jax.nn.silu)
 
 Expert parallelism: the expert weights' leading dimension is the logical axis ``experts``
-(``expert`` in the default rules, which also split the batch over ``expert``), and the partitioner
-(GSPMD) places the dispatch and the products. On XLA:CPU (JAX 0.10.2) it does so with
-all-gathers and all-reduces over ``expert`` (``shardml plan`` lists them), not with the two
-all-to-alls of a hand-written ``shard_map`` dispatch: exact on every layout, not yet the
-communication-optimal form.
+(``expert`` in the default rules, which also split the batch over ``expert``). With that axis > 1
+and ``moe_dispatch="all_to_all"`` (the default) the dispatch is written by hand
+(:func:`all_to_all_moe`): a ``shard_map`` manual over the batch's, the sequence's and the expert
+axes, in which each device routes its own tokens, sends each kept (token, choice) pair's row to
+the shard owning its expert with one ``jax.lax.all_to_all`` (and the rows per local expert, int32,
+with a second, tiny one), runs its N / N_e experts with ``ragged_dot`` on what it received and
+sends the results back with a third; the gates combine them where the tokens live. The backward
+is two more all-to-alls (the rows' and results' cotangents), and under remat the forward's three
+are recomputed (:func:`~shardml.analysis.theory.layout_theory` counts them; ``shardml plan`` lists
+them). Weights sharded over ``fsdp`` are gathered at the ``shard_map``'s boundary (as the
+partitioner gathers them for any layer); ``tensor`` stays automatic inside.
+
+The buffers are padded: ``jax.lax.ragged_all_to_all`` would send only the rows each shard needs,
+but XLA:CPU cannot compile it (JAX 0.10.2: "HLO opcode ragged-all-to-all is not supported by
+XLA:CPU ThunkEmitter"). Dropless with static shapes, a device's block for each destination must
+hold the worst case, all its A_l = rows x S x top_k pairs: each row all-to-all carries
+[N_e, A_l, D] in the compute dtype, N_e times what the pairs need when routing is balanced. A
+capacity bounds the block by rows x (N / N_e) x C; pairs over capacity are not sent at all.
+
+``moe_dispatch="gspmd"`` (or experts not split, split over several axes, or over an axis that does
+not split the batch) leaves the placement to the partitioner: on XLA:CPU (JAX 0.10.2) all-gathers
+and all-reduces over ``expert``, several times the all-to-all's bytes on the tiny preset (see
+``benchmarks/README.md``); kept as the A/B reference.
 """
 
 from __future__ import annotations
@@ -184,6 +202,10 @@ def all_to_all_moe(h_BSD, expert_BSK, gates_BSK, keep_BSK, w_gate, w_up, w_down,
     shards = mesh.shape[expert]
     rows = math.prod(mesh.shape[a] for a in batch)
     B, S = h_BSD.shape[:2]
+    if B % rows:
+        raise ModelError(f"{B} rows do not split over the batch's mesh axes {batch} = {rows} (the all-to-all expert "
+                         f"dispatch sends each device's own rows); use a batch (per microbatch) divisible by {rows}, "
+                         "or moe_dispatch='gspmd'", subject="batch_size", value=B)
     # Dropless: a shard may send all its pairs to one shard. A capacity of C pairs per expert and
     # sequence bounds what one shard's rows send to the N / shards experts of another.
     local_pairs = (B // rows) * (S // math.prod(mesh.shape[a] for a in seq)) * expert_BSK.shape[-1]
