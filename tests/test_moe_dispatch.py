@@ -31,7 +31,8 @@ def _on_mesh(cfg, fn):
 
     def run(*args):
         with jax.set_mesh(make_mesh(MESH)), use_rules(Rules.default()):
-            assert dispatch_axes(cfg) == ("expert", ("fsdp", "expert"), ()), "not the all-to-all path"
+            assert dispatch_axes(cfg, 4) == ("expert", ("fsdp", "expert"), ()), "not the all-to-all path"
+            assert dispatch_axes(cfg, 2) is None, "2 rows do not split over fsdp x expert = 4"
             return jax.jit(fn)(*args)
 
     return run

@@ -35,10 +35,10 @@ hold the worst case, all its A_l = rows x S x top_k pairs: each row all-to-all c
 [N_e, A_l, D] in the compute dtype, N_e times what the pairs need when routing is balanced. A
 capacity bounds the block by rows x (N / N_e) x C; pairs over capacity are not sent at all.
 
-``moe_dispatch="gspmd"`` (or experts not split, split over several axes, or over an axis that does
-not split the batch) leaves the placement to the partitioner: on XLA:CPU (JAX 0.10.2) all-gathers
-and all-reduces over ``expert``, several times the all-to-all's bytes on the tiny preset (see
-``benchmarks/README.md``); kept as the A/B reference.
+``moe_dispatch="gspmd"`` (or experts not split, split over several axes, over an axis that does
+not split the batch, or rows that do not split evenly over the batch's axes) leaves the placement to the partitioner: on XLA:CPU (JAX 0.10.2) all-gathers
+and all-reduces over ``expert`` (about 4x the all-to-all's bytes per device on a small 8-expert
+shape, expert=4 x data=2), kept as the A/B reference: ``model.moe_dispatch=gspmd``.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def moe_ffn(h_BSD, layer, cfg, act):
         keep_TK = within_capacity(expert_TK.reshape(B, S, -1), cfg).reshape(B * S, -1)
         gates_TK = gates_TK * keep_TK
     weights = (layer["we_gate"], layer["we_up"], layer["we_down"])
-    axes = dispatch_axes(cfg)
+    axes = dispatch_axes(cfg, B)
     if axes is None:
         out_TD = local_moe(h_TD, expert_TK, gates_TK, *weights, act)
     else:
@@ -176,13 +176,21 @@ def moe_ffn(h_BSD, layer, cfg, act):
     return out_TD.reshape(B, S, D), sums
 
 
-def dispatch_axes(cfg):
-    """``(expert_axis, batch_axes, seq_axes)`` for the all-to-all dispatch here, or None where
-    the partitioner places the experts: ``moe_dispatch="gspmd"``, the experts not split, split over
-    more than one axis, or their axis not splitting the batch (each shard must own its tokens)."""
+def dispatch_axes(cfg, rows: int):
+    """``(expert_axis, batch_axes, seq_axes)`` for the all-to-all dispatch of ``rows`` rows here, or
+    None where the partitioner places the experts: ``moe_dispatch="gspmd"``, the experts not split,
+    split over more than one axis, or their axis not splitting the batch (each shard must own its
+    tokens), or rows that do not split evenly over the batch's axes (a training batch always
+    does, ``check_batch``; a decoding batch of one row need not).
+
+        dispatch_axes(cfg, 16)   # ('expert', ('fsdp', 'expert'), ()) inside the accumulator's vmap
+    """
     expert = split_axes("experts")
     batch = split_axes("batch")
     if cfg.moe_dispatch != "all_to_all" or len(expert) != 1 or expert[0] not in batch:
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if rows % math.prod(mesh.shape[a] for a in batch):
         return None
     return expert[0], batch, split_axes("act_seq")
 
@@ -202,10 +210,6 @@ def all_to_all_moe(h_BSD, expert_BSK, gates_BSK, keep_BSK, w_gate, w_up, w_down,
     shards = mesh.shape[expert]
     rows = math.prod(mesh.shape[a] for a in batch)
     B, S = h_BSD.shape[:2]
-    if B % rows:
-        raise ModelError(f"{B} rows do not split over the batch's mesh axes {batch} = {rows} (the all-to-all expert "
-                         f"dispatch sends each device's own rows); use a batch (per microbatch) divisible by {rows}, "
-                         "or moe_dispatch='gspmd'", subject="batch_size", value=B)
     # Dropless: a shard may send all its pairs to one shard. A capacity of C pairs per expert and
     # sequence bounds what one shard's rows send to the N / shards experts of another.
     local_pairs = (B // rows) * (S // math.prod(mesh.shape[a] for a in seq)) * expert_BSK.shape[-1]
