@@ -35,8 +35,14 @@ Communication per device and step (bytes a device *sends*, ring algorithms on a 
 
 Memory per device: every weight's f32 bytes / the product of the mesh sizes dividing it (an
 expert layer's X experts / N_expert per device); AdamW keeps two f32 moments like the parameters
-(its two step counters are left out). Not modelled yet: the dispatch and combine traffic of the
-experts over ``expert`` (the partitioner's choice, see :mod:`shardml.models.transformer_moe`).
+(its two step counters are left out).
+
+* Experts (``moe_dispatch="all_to_all"``, N_e = N_expert > 1): per MoE layer and microbatch,
+  all-to-alls over ``expert`` of [N_e, room, D] (room: a device's B S top_k / (N_batch N_context k)
+  pairs, dropless, or with a capacity at most rows x X / N_e x C): rows and results forward, their
+  cotangents backward, and under remat the forward's two again; plus the int32 counts [X] forward
+  (and recomputed). (N_e - 1) / N_e of each is sent. With ``gspmd`` the partitioner's choice is
+  not modelled (see :mod:`shardml.models.transformer_moe`).
 
     work = Workload(d_model=512, heads=8, kv_heads=8, d_ff=2048, vocab=256, layers=4, dtype="bfloat16",
                     remat="full", seq_len=256, batch_size=32)
@@ -96,6 +102,9 @@ class Workload:
     experts: int = 0  # X; 0: a dense MLP in each layer
     expert_d_ff: int = 0  # Fe; 0: d_ff
     shared_experts: int = 0  # experts every token passes through: a dense MLP of shared_experts x Fe
+    top_k: int = 2  # experts each token is sent to
+    capacity_factor: float = 0.0  # 0: dropless; c: at most ceil(c S top_k / X) pairs per expert and sequence
+    moe_dispatch: str = "all_to_all"  # all_to_all: the hand-written dispatch over expert; gspmd: not modelled
 
     def __post_init__(self):
         if self.remat not in ("none", "full", "dots"):
@@ -167,7 +176,7 @@ class Traffic:
     def sent_elements(self) -> float:
         n = self.group
         factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n,
-                  "reduce-scatter": (n - 1) / n}.get(self.kind, 1.0)
+                  "reduce-scatter": (n - 1) / n, "all-to-all": (n - 1) / n}.get(self.kind, 1.0)
         return factor * self.elements
 
     @property
@@ -318,10 +327,43 @@ def _pipeline_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
                     sends / p, sends * act / p, work.dtype, p)]
 
 
+def expert_room(work: Workload, sizes: dict[str, int]) -> int:
+    """Rows of each destination's block in one expert all-to-all: all of a device's (token,
+    choice) pairs of one microbatch (dropless: they may all go to one shard), or with a capacity
+    C = ceil(c S top_k / X) per expert and sequence at most rows x (X / N_expert) x C."""
+    rows = work.batch_size // (batch_split(sizes) * work.microbatches)
+    pairs = rows * (work.seq_len // sizes.get("context", 1)) * work.top_k
+    if not work.capacity_factor:
+        return pairs
+    cap = math.ceil(work.capacity_factor * work.seq_len * work.top_k / work.experts)
+    return min(pairs, rows * (work.experts // sizes["expert"]) * cap)
+
+
+def _expert_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
+    """The all-to-all dispatch of :mod:`shardml.models.transformer_moe` over ``expert`` (N_e
+    shards), per layer and microbatch: forward the int32 counts [N_e, X / N_e] (X elements), the
+    routed rows and the experts' results, each [N_e, room, D] in the compute dtype; backward the
+    rows' and results' cotangents; with remat (``dots`` or ``full``) the forward's three again."""
+    e = sizes.get("expert", 1)
+    if not work.experts or e == 1 or work.moe_dispatch != "all_to_all":
+        return []
+    passes = work.microbatches * pipeline_microbatches(work, sizes["pipeline"])
+    layers = work.layers // sizes["pipeline"]
+    again = 0 if work.remat == "none" else 1
+    rows = e * expert_room(work, sizes) * work.d_model
+    dtype = SHORT[work.dtype]
+    recomputed = " + 2 recomputed (remat)" if again else ""
+    n_rows, n_counts = (4 + 2 * again) * layers * passes, (1 + again) * layers * passes
+    return [Traffic("all-to-all", ("expert",), f"{dtype} routed rows and results: 2 forward + 2 backward{recomputed}",
+                    n_rows, n_rows * rows, work.dtype, e),
+            Traffic("all-to-all", ("expert",), "int32 rows per (shard, expert)", n_counts, n_counts * work.experts,
+                    "int32", e)]
+
+
 def layout_theory(work: Workload, sizes: dict[str, int]) -> LayoutTheory:
     """Closed-form memory and communication of the workload ``work`` on the resolved mesh ``sizes``."""
     params = 4 * param_elements(work, sizes)
     traffic = (_gradient_traffic(work, sizes) + _fsdp_traffic(work, sizes) + _tensor_traffic(work, sizes)
-               + _pipeline_traffic(work, sizes))
+               + _pipeline_traffic(work, sizes) + _expert_traffic(work, sizes))
     return LayoutTheory(sizes=dict(sizes), params_bytes=params, opt_state_bytes=2 * params,
                         activation_bytes=activation_estimate(work, sizes), traffic=tuple(traffic))

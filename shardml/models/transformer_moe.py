@@ -16,23 +16,47 @@ A = T x top_k (token, choice) pairs and T = B x S tokens.
     out_BSD, (aux_sum, z_sum) = moe_ffn(h_BSD, layer, cfg, act=jax.nn.silu)
 
 Expert parallelism: the expert weights' leading dimension is the logical axis ``experts``
-(``expert`` in the default rules, which also split the batch over ``expert``), and the partitioner
-(GSPMD) places the dispatch and the products. On XLA:CPU (JAX 0.10.2) it does so with
-all-gathers and all-reduces over ``expert`` (``shardml plan`` lists them), not with the two
-all-to-alls of a hand-written ``shard_map`` dispatch: exact on every layout, not yet the
-communication-optimal form.
+(``expert`` in the default rules, which also split the batch over ``expert``). With that axis > 1
+and ``moe_dispatch="all_to_all"`` (the default) the dispatch is written by hand
+(:func:`all_to_all_moe`): a ``shard_map`` manual over the batch's, the sequence's and the expert
+axes, in which each device routes its own tokens, sends each kept (token, choice) pair's row to
+the shard owning its expert with one ``jax.lax.all_to_all`` (and the rows per local expert, int32,
+with a second, tiny one), runs its N / N_e experts with ``ragged_dot`` on what it received and
+sends the results back with a third; the gates combine them where the tokens live. The backward
+is two more all-to-alls (the rows' and results' cotangents), and under remat the forward's three
+are recomputed (:func:`~shardml.analysis.theory.layout_theory` counts them; ``shardml plan`` lists
+them). Weights sharded over ``fsdp`` are gathered at the ``shard_map``'s boundary (as the
+partitioner gathers them for any layer); ``tensor`` stays automatic inside.
+
+The buffers are padded: ``jax.lax.ragged_all_to_all`` would send only the rows each shard needs,
+but XLA:CPU cannot compile it (JAX 0.10.2: "HLO opcode ragged-all-to-all is not supported by
+XLA:CPU ThunkEmitter"). Dropless with static shapes, a device's block for each destination must
+hold the worst case, all its A_l = rows x S x top_k pairs: each row all-to-all carries
+[N_e, A_l, D] in the compute dtype, N_e times what the pairs need when routing is balanced. A
+capacity bounds the block by rows x (N / N_e) x C; pairs over capacity are not sent at all.
+
+``moe_dispatch="gspmd"`` (or experts not split, split over several axes, over an axis that does
+not split the batch, or rows that do not split evenly over the batch's axes) leaves the placement to the partitioner: on XLA:CPU (JAX 0.10.2) all-gathers
+and all-reduces over ``expert`` (about 4x the all-to-all's bytes per device on a small 8-expert
+shape, expert=4 x data=2), kept as the A/B reference: ``model.moe_dispatch=gspmd``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from shardml.core.errors import ModelError
+from shardml.core.sharding import split_axes, transform_owned_axes
 
 GATES = ("softmax", "sigmoid")
+# How the (token, choice) pairs reach experts on other ``expert`` shards: "all_to_all" is the
+# hand-written shard_map dispatch (:func:`all_to_all_moe`); "gspmd" leaves it to the partitioner.
+MOE_DISPATCHES = ("all_to_all", "gspmd")
 
 
 def check_moe(cfg) -> None:
@@ -135,9 +159,119 @@ def moe_ffn(h_BSD, layer, cfg, act):
     B, S, D = h_BSD.shape
     h_TD = h_BSD.reshape(B * S, D)
     logits_TN, scores_TN, expert_TK, gates_TK = route(h_TD, layer["router"], cfg)
+    keep_TK = jnp.ones(expert_TK.shape, bool)
     if cfg.capacity_factor:
-        gates_TK = gates_TK * within_capacity(expert_TK.reshape(B, S, -1), cfg).reshape(B * S, -1)
-    out_TD = local_moe(h_TD, expert_TK, gates_TK, layer["we_gate"], layer["we_up"], layer["we_down"], act)
+        keep_TK = within_capacity(expert_TK.reshape(B, S, -1), cfg).reshape(B * S, -1)
+        gates_TK = gates_TK * keep_TK
+    weights = (layer["we_gate"], layer["we_up"], layer["we_down"])
+    axes = dispatch_axes(cfg, B)
+    if axes is None:
+        out_TD = local_moe(h_TD, expert_TK, gates_TK, *weights, act)
+    else:
+        K = expert_TK.shape[-1]
+        pairs = (expert_TK.reshape(B, S, K), gates_TK.reshape(B, S, K), keep_TK.reshape(B, S, K))
+        out_TD = all_to_all_moe(h_BSD, *pairs, *weights, act, axes=axes, cfg=cfg).reshape(B * S, D)
     sums = aux_sums(logits_TN.reshape(B, S, -1), scores_TN.reshape(B, S, -1),
                     expert_TK.reshape(B, S, -1), cfg.experts)
     return out_TD.reshape(B, S, D), sums
+
+
+def dispatch_axes(cfg, rows: int):
+    """``(expert_axis, batch_axes, seq_axes)`` for the all-to-all dispatch of ``rows`` rows here, or
+    None where the partitioner places the experts: ``moe_dispatch="gspmd"``, the experts not split,
+    split over more than one axis, or their axis not splitting the batch (each shard must own its
+    tokens), or rows that do not split evenly over the batch's axes (a training batch always
+    does, ``check_batch``; a decoding batch of one row need not).
+
+        dispatch_axes(cfg, 16)   # ('expert', ('fsdp', 'expert'), ()) inside the accumulator's vmap
+    """
+    expert = split_axes("experts")
+    batch = split_axes("batch")
+    if cfg.moe_dispatch != "all_to_all" or len(expert) != 1 or expert[0] not in batch:
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if rows % math.prod(mesh.shape[a] for a in batch):
+        return None
+    return expert[0], batch, split_axes("act_seq")
+
+
+def all_to_all_moe(h_BSD, expert_BSK, gates_BSK, keep_BSK, w_gate, w_up, w_down, act, *, axes, cfg):
+    """Dispatch, experts and combine with the experts split over mesh axis ``axes[0]``: [B, S, D].
+
+    A ``shard_map`` manual over the batch's and sequence's mesh axes (each device owns its tokens,
+    so nothing is resharded on the way in) and the expert axis; the weights' other dimensions (fsdp
+    gathered at the boundary, tensor automatic inside) stay the partitioner's. Inside,
+    :func:`exchange_local` sends each kept pair to the shard owning its expert and back.
+
+        out_BSD = all_to_all_moe(h, expert, gates, keep, wg, wu, wd, jax.nn.silu, axes=dispatch_axes(cfg), cfg=cfg)
+    """
+    expert, batch, seq = axes
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = mesh.shape[expert]
+    rows = math.prod(mesh.shape[a] for a in batch)
+    B, S = h_BSD.shape[:2]
+    # Dropless: a shard may send all its pairs to one shard. A capacity of C pairs per expert and
+    # sequence bounds what one shard's rows send to the N / shards experts of another.
+    local_pairs = (B // rows) * (S // math.prod(mesh.shape[a] for a in seq)) * expert_BSK.shape[-1]
+    room = local_pairs
+    if cfg.capacity_factor:
+        room = min(room, (B // rows) * (cfg.experts // shards) * capacity(S, cfg))
+    tokens = P(batch, seq or None)
+    local = functools.partial(exchange_local, act=act, axis=expert, room=room)
+    # The enclosing vmap's axes (the accumulator's data shards, members) must be manual too.
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 4 + (P(expert),) * 3, out_specs=tokens,
+                       axis_names=set(batch) | set(seq) | {expert} | set(transform_owned_axes()), check_vma=False)
+    return fn(h_BSD, expert_BSK, gates_BSK, keep_BSK, w_gate, w_up, w_down)
+
+
+def send_slots(dest_A, shards: int):
+    """Each pair's slot in its destination's send buffer (pairs sorted by expert keep their order):
+    the number of earlier pairs for the same destination; ``dest`` = ``shards`` marks a pair not
+    sent (its one-hot row is zero).
+
+        send_slots(jnp.array([0, 0, 1, 2, 1]), 2)   # [0, 1, 0, 0, 0]
+    """
+    onehot_AE = jax.nn.one_hot(dest_A, shards, dtype=jnp.int32)
+    return jnp.sum((jnp.cumsum(onehot_AE, axis=0) - 1) * onehot_AE, axis=-1)
+
+
+def exchange_local(h_BSD, expert_BSK, gates_BSK, keep_BSK, w_gate, w_up, w_down, *, act, axis, room):
+    """One device's part (inside ``shard_map``): its kept (token, choice) pairs, sorted by expert,
+    go into a [shards, room, D] buffer (block j for shard j, which owns experts j n .. j n + n - 1
+    of n = N / shards), and the per-(shard, local expert) counts with them; the received rows run
+    through this shard's n experts, go back by a second all-to-all, and the gates combine them."""
+    B, S, D = h_BSD.shape
+    K = expert_BSK.shape[-1]
+    n = w_gate.shape[0]
+    shards = jax.lax.axis_size(axis)
+    x_TD = h_BSD.reshape(B * S, D)
+    expert_A = expert_BSK.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)
+    sorted_A = expert_A[order_A]
+    dest_A = jnp.where(keep_BSK.reshape(-1)[order_A], sorted_A // n, shards)
+    slot_A = send_slots(dest_A, shards)
+    send_ERD = jnp.zeros((shards, room, D), x_TD.dtype).at[dest_A, slot_A].set(x_TD[order_A // K], mode="drop")
+    counts_EN = jnp.zeros((shards, n), jnp.int32).at[dest_A, sorted_A % n].add(1, mode="drop")
+    got_ERD = jax.lax.all_to_all(send_ERD, axis, 0, 0, tiled=True)
+    got_EN = jax.lax.all_to_all(counts_EN, axis, 0, 0, tiled=True)
+    y_ERD = local_experts(got_ERD, got_EN, w_gate, w_up, w_down, act)
+    back_ERD = jax.lax.all_to_all(y_ERD, axis, 0, 0, tiled=True)
+    y_A = back_ERD.at[dest_A, slot_A].get(mode="fill", fill_value=0)  # a pair not sent: zeros
+    y_TKD = jnp.zeros_like(y_A).at[order_A].set(y_A).reshape(B * S, K, D)
+    out_TD = jnp.einsum("tkd,tk->td", y_TKD, gates_BSK.reshape(B * S, K).astype(y_TKD.dtype))
+    return out_TD.reshape(B, S, D)
+
+
+def local_experts(got_ERD, counts_EN, w_gate, w_up, w_down, act):
+    """This shard's n experts on the rows received from each shard (block e: ``counts[e]`` rows of
+    each local expert in order, then padding): [shards, room, D], padding rows zero."""
+    E, R, D = got_ERD.shape
+    n = counts_EN.shape[1]
+    # Each received row's local expert (n for padding), from the counts: rows are grouped by expert.
+    ends_EN = jnp.cumsum(counts_EN, axis=1)
+    local_ER = jnp.sum(jnp.arange(R)[None, :, None] >= ends_EN[:, None, :], axis=-1)
+    order = jnp.argsort(local_ER.reshape(-1), stable=True)
+    sizes_N = jnp.sum(counts_EN, axis=0)
+    # ragged_dot leaves rows past the groups' total zero, so the padding costs no expert's weights.
+    y = grouped_experts(got_ERD.reshape(E * R, D)[order], sizes_N, w_gate, w_up, w_down, act)
+    return jnp.zeros_like(y).at[order].set(y).reshape(E, R, D)

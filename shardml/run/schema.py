@@ -28,7 +28,7 @@ from shardml.parallel.population import KINDS
 
 MODEL_KINDS = ("transformer", "mlp")
 # model.* keys a Hugging Face checkpoint's config.json does not set: how (and which) model runs, not its shape
-RUN_MODEL_KEYS = ("kind", "from", "dtype", "remat", "layer_loop", "grad_dtype", "context_attention")
+RUN_MODEL_KEYS = ("kind", "from", "dtype", "remat", "layer_loop", "grad_dtype", "context_attention", "moe_dispatch")
 RESUME_MODES = ("auto", "never")
 
 

@@ -70,6 +70,9 @@ MOE = "tests/test_moe.py"
 HF_MOE = "tests/test_hf_moe.py"
 HF_MOE_LOGITS = f"{HF_MOE}::test_moe_logits_and_aux_equal_transformers_on_one_device_and_expert_data_tensor"
 MOE_DENSE = f"{MOE}::test_moe_layer_equals_dense_loop_values_and_gradients"
+A2A = "tests/test_moe_dispatch.py"
+A2A_LAYER = f"{A2A}::test_all_to_all_layer_equals_dense_loop_values_and_gradients"
+A2A_CAPACITY = f"{A2A}::test_all_to_all_layer_with_capacity_equals_the_loop_in_order"
 MOE_HAND = f"{MOE}::test_routing_counts_and_aux_losses_by_hand"
 
 M = Mutation
@@ -466,6 +469,23 @@ MUTATIONS: list[Mutation] = [
     M("moe-capacity-off-by-one", "models", "each expert takes one pair more than its capacity",
       "return (place_BA < capacity(S, cfg))", "return (place_BA <= capacity(S, cfg))",
       (f"{MOE}::test_capacity_drops_the_later_tokens_like_a_loop_in_order",)),
+    M("moe-a2a-combine-without-gates", "models", "the all-to-all dispatch adds the experts' results up without "
+      "their gates", 'out_TD = jnp.einsum("tkd,tk->td", y_TKD, gates_BSK.reshape(B * S, K).astype(y_TKD.dtype))',
+      "out_TD = jnp.sum(y_TKD, axis=1)", (A2A_LAYER,)),
+    M("moe-a2a-results-to-wrong-shard", "models", "the experts' results come back from the next shard's block, not "
+      "from the shard the rows went to", "back_ERD = jax.lax.all_to_all(y_ERD, axis, 0, 0, tiled=True)",
+      "back_ERD = jnp.roll(jax.lax.all_to_all(y_ERD, axis, 0, 0, tiled=True), 1, axis=0)", (A2A_LAYER,)),
+    M("moe-a2a-expert-offset-from-zero", "models", "a shard counts its rows by global expert index, as if its "
+      "experts started at 0", ".at[dest_A, sorted_A % n].add(1, mode=\"drop\")",
+      ".at[dest_A, jnp.minimum(sorted_A, n - 1)].add(1, mode=\"drop\")", (A2A_LAYER,)),
+    M("moe-a2a-capacity-room-one-expert", "models", "the capacity bound on the send buffer counts one expert per "
+      "shard, not N / shards: kept pairs fall off the buffer",
+      "room = min(room, (B // rows) * (cfg.experts // shards) * capacity(S, cfg))",
+      "room = min(room, (B // rows) * capacity(S, cfg))", (A2A_CAPACITY,)),
+    M("theory-a2a-without-top-k", "run", "the theory's all-to-all blocks count tokens, not (token, choice) pairs",
+      'pairs = rows * (work.seq_len // sizes.get("context", 1)) * work.top_k',
+      'pairs = rows * (work.seq_len // sizes.get("context", 1))',
+      (f"{A2A}::test_compiled_all_to_alls_are_the_theory",)),
     # ------------------------------------------------------------------ models / parallel: LoRA
     M("lora-base-gets-gradient", "models", "the frozen base is differentiated (its gradient computed, reduced and "
       "counted in grad_norm) though set_to_zero drops its update",
