@@ -96,6 +96,7 @@ class Workload:
     experts: int = 0  # X; 0: a dense MLP in each layer
     expert_d_ff: int = 0  # Fe; 0: d_ff
     shared_experts: int = 0  # experts every token passes through: a dense MLP of shared_experts x Fe
+    context_attention: str = "allgather"  # attention over a sequence split over ``context``: allgather | ring
 
     def __post_init__(self):
         if self.remat not in ("none", "full", "dots"):
@@ -215,17 +216,22 @@ def activation_estimate(work: Workload, sizes: dict[str, int]) -> int:
     Per layer and token, in the compute dtype: ``full`` keeps the block input (D); ``dots`` also
     the matmul outputs q, k, v, the attention projection, gate, up and down (3D + (H + 2K) E / N_t
     + 2F / N_t); ``none`` also the norms, attention probabilities and the SwiGLU product. Tokens:
-    one accumulation microbatch of this device's rows. Plus the f32 logits of that microbatch.
+    one accumulation microbatch of this device's rows, of its S / N_context positions (``none``
+    keeps each local query's probabilities over all S keys under ``allgather``; ring attention
+    recomputes each block's scores and keeps instead the f32 running sums (E + 2 per query head)
+    of each of its N_context steps). Plus the f32 logits of that microbatch (also S / N_context).
     Under a pipeline: the stage inputs a schedule keeps (GPipe and circular v m + p - 1, 1F1B
     2p - 1 pipeline microbatches) plus one pipeline microbatch's residuals of this stage's layers.
     """
-    m, t = work, sizes["tensor"]
+    m, t, c = work, sizes["tensor"], sizes.get("context", 1)
     item = jnp.dtype(m.dtype).itemsize
     H, K, E = m.heads, m.kv_heads or m.heads, head_dim(m)
-    S = work.seq_len
+    S = work.seq_len // c  # the positions this device holds: context splits every activation's sequence
     per_token = {"full": m.d_model,
                  "dots": 3 * m.d_model + (H + 2 * K) * E // t + 2 * m.d_ff // t}
-    per_token["none"] = per_token["dots"] + 2 * m.d_model + (H // t) * S * (item + 4) // item + m.d_ff // t
+    attention = ((H // t) * c * (E + 2) * 4 // item if m.context_attention == "ring" and c > 1
+                 else (H // t) * work.seq_len * (item + 4) // item)
+    per_token["none"] = per_token["dots"] + 2 * m.d_model + attention + m.d_ff // t
     rows = work.batch_size // (batch_split(sizes) * work.microbatches)
     p = sizes["pipeline"]
     layers = m.layers // p
@@ -290,7 +296,7 @@ def _tensor_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
     m, p = work, sizes["pipeline"]
     passes = work.microbatches * pipeline_microbatches(work, sizes["pipeline"])
     rows = work.batch_size // batch_split(sizes)
-    act = rows * work.seq_len * m.d_model  # one activation of every row this device holds
+    act = rows * work.seq_len // sizes.get("context", 1) * m.d_model  # one activation of the rows and positions here
     per_layer = 2 + 5 + (1 if m.remat == "full" else 0)
     layers = m.layers // p
     dtype = SHORT[m.dtype]
@@ -322,6 +328,49 @@ def layout_theory(work: Workload, sizes: dict[str, int]) -> LayoutTheory:
     """Closed-form memory and communication of the workload ``work`` on the resolved mesh ``sizes``."""
     params = 4 * param_elements(work, sizes)
     traffic = (_gradient_traffic(work, sizes) + _fsdp_traffic(work, sizes) + _tensor_traffic(work, sizes)
-               + _pipeline_traffic(work, sizes))
+               + _pipeline_traffic(work, sizes) + _context_traffic(work, sizes))
     return LayoutTheory(sizes=dict(sizes), params_bytes=params, opt_state_bytes=2 * params,
                         activation_bytes=activation_estimate(work, sizes), traffic=tuple(traffic))
+
+
+def _context_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
+    """The ``context`` axis (C shards of the sequence), per pass (accumulation microbatch) of this
+    device's rows; a whole K (or V) is [rows, S, K / N_t, E] in the compute dtype, a block S / C of it.
+
+    Ring attention: each layer's forward passes the K and V blocks C - 1 times round the ring
+    (collective-permutes; each device sends its block), the backward sends dK and dV back as many
+    times and, under ``remat`` (full or dots), first recomputes the forward's permutes; the int32
+    global indices of the blocks travel too (C - 1: the same in every layer, so hoisted out of the
+    layer loop, plus C - 1 per recomputed layer). Restoring the natural order of the f32 logits
+    [rows, S, V / N_t] all-gathers them over context; its backward all-reduces their gradient.
+    All-gathered attention gathers K and V per layer forward, again when remat recomputes the
+    layer, and reduce-scatters dK and dV in the backward. Either way every weight's f32 gradient
+    is summed over context on its own (an all-reduce apart from the batch axes').
+
+        _context_traffic(work, {**sizes, "context": 4})
+    """
+    c, t = sizes.get("context", 1), sizes["tensor"]
+    if c == 1:
+        return []
+    passes, L, dtype = work.microbatches, work.layers, work.dtype
+    rows = work.batch_size // (batch_split(sizes) * passes)
+    K = work.kv_heads or work.heads
+    kv = rows * work.seq_len * (K // t if K % t == 0 else K) * head_dim(work)  # one whole K (or V)
+    redo = 0 if work.remat == "none" else 1  # the layer's forward runs again for its backward
+    grads = Traffic("all-reduce", ("context",), "f32 gradients", 1, param_elements(work, sizes), "float32", c)
+    if work.context_attention != "ring":
+        gathers = 2 * (1 + redo) * L * passes
+        return [Traffic("all-gather", ("context",), f"{SHORT[dtype]} K and V per layer: forward{', recomputed' * redo}",
+                        gathers, gathers * kv, dtype, c),
+                Traffic("reduce-scatter", ("context",), f"{SHORT[dtype]} dK and dV per layer", 2 * L * passes,
+                        2 * L * passes * kv, dtype, c), grads]
+    sends = 2 * (2 + redo) * (c - 1) * L * passes  # K and V: forward, backward, recomputed forward
+    index_sends = (c - 1) * (1 + redo * L * passes)
+    logits = rows * work.seq_len * work.vocab // t
+    return [Traffic("collective-permute", ("context",), f"{SHORT[dtype]} K and V blocks: forward, dK and dV back"
+                    f"{', recomputed forward' * redo}", sends, sends * kv / c, dtype, c),
+            Traffic("collective-permute", ("context",), "int32 block indices", index_sends,
+                    index_sends * work.seq_len / c, "int32", c),
+            Traffic("all-gather", ("context",), "f32 logits to the natural order", passes, passes * logits, "float32",
+                    c),
+            Traffic("all-reduce", ("context",), "f32 logits' gradient", passes, passes * logits, "float32", c), grads]

@@ -381,6 +381,10 @@ def attention(h_BSD, layer, cfg: TransformerConfig, local=True, packing=None, or
     q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_BS, cfg, local)
     if order is not None:
         return ring_block(q_BSHE, k_BSKE, v_BSKE, index_S, packing, layer, cfg, local)
+    # Where the sequence is split (context_attention=allgather), gather the whole K and V to every
+    # shard: said here, the partitioner does just that (forward all-gathers, backward reduce-scatters
+    # of dK and dV); left to itself it splits the scores over keys and all-reduces softmax sums instead.
+    k_BSKE, v_BSKE = (constrain(x, ("batch", None, "act_kv_heads", None)) for x in (k_BSKE, v_BSKE))
     # Causality (and the window) by index: within one segment the positions rise with the index.
     visible = visible_keys(index_S[:, None], index_S[None, :], cfg, local)
     if packing is not None:

@@ -44,7 +44,8 @@ def workload(cfg: Config) -> Workload:
                     layers=m.layers, dtype=m.dtype, remat=m.remat, seq_len=cfg.data.seq_len,
                     batch_size=t.batch_size, microbatches=t.microbatches, schedule=p.schedule,
                     pipeline_microbatches=p.microbatches, repeats=p.repeats, head_dim=m.head_dim,
-                    experts=m.experts, expert_d_ff=m.expert_d_ff, shared_experts=m.shared_experts)
+                    experts=m.experts, expert_d_ff=m.expert_d_ff, shared_experts=m.shared_experts,
+                    context_attention=m.context_attention)
 
 
 def config_theory(cfg: Config, sizes: dict[str, int]) -> LayoutTheory:
