@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from shardml.analysis.audit import collectives, memory
-from shardml.analysis.plan import compiled_step
+from shardml.analysis.plan import compiled_step, format_bytes, format_plan, plan_of
 from shardml.run.config import load_config
 from shardml.run.planning import abstract_batch, config_theory, layout_config
 from shardml.run.recipe import build
@@ -91,3 +91,41 @@ def test_gradients_are_summed_over_context_once_per_weight(layout):
     measured = sum(op.bytes * op.trips for op in report.select("all-reduce") if op.axes(report.mesh) == ("context",)
                    and "bkgst,btke->bskge" not in op.op_name)
     assert expected > 0 and abs(measured / expected - 1) < 0.01, f"{measured} B vs theory {expected} B\n{report.table()}"
+
+
+def _activations(context: int, attention: str = "ring", remat: str = "full", seq_len: int = 64) -> int:
+    cfg = load_config("tiny", BASE + [f"model.remat={remat}", f"model.context_attention={attention}",
+                                      f"data.seq_len={seq_len}"])
+    sizes = {"members": 1, "pipeline": 1, "data": 1, "fsdp": 1, "expert": 1, "context": context, "tensor": 1}
+    return config_theory(cfg, sizes).activation_bytes
+
+
+@pytest.mark.parametrize("attention", ["ring", "allgather"])
+def test_the_activation_estimate_falls_as_one_over_context(attention):
+    """Closed form, no compile: the positions a device holds are S / C, so what remat keeps halves."""
+    one, two, four = (_activations(c, attention) for c in (1, 2, 4))
+    assert (one, two) == (2 * two, 2 * four), (one, two, four)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention,remat", [("allgather", "none"), ("ring", "full")])
+def test_the_activation_estimate_falls_in_step_with_the_compiled_temporaries(attention, remat):
+    """XLA's temporaries (activations, gradients, working buffers: more than the estimate counts) over
+    the estimate stay within a factor 1.3 of each other on context 1, 2 and 4 (measured: allgather/none
+    1.7 to 1.9, ring/full 7.3 to 8.2 at S=128; ring under remat=none is not claimed: its compiled
+    temporaries fall slower than the block-wise estimate, see the module docstring of theory)."""
+    ratios = []
+    for c in (1, 2, 4):
+        parts, step, _, theory = compiled(f"mesh.context={c},model.context_attention={attention},model.remat={remat},"
+                                          "data.seq_len=64,train.batch_size=4", c)
+        ratios.append(memory(step.compiled).temporaries / theory.activation_bytes)
+    assert max(ratios) / min(ratios) < 1.3, f"compiled temporaries / estimate at context 1, 2, 4: {ratios}"
+
+
+def test_the_plan_prints_the_context_theory_beside_the_compiled_rows():
+    """``shardml plan``'s report of a ring layout: the audit's permutes over context and the theory's."""
+    _, step, report, theory = compiled(RING)
+    text = format_plan(plan_of(step, theory=theory))
+    assert "activations kept for the backward (theory)" in text and format_bytes(theory.activation_bytes) in text
+    permutes = [line for line in text.splitlines() if line.lstrip().startswith("collective-permute")]
+    assert len(permutes) >= 3 and any("K and V blocks" in line for line in permutes), text

@@ -68,7 +68,8 @@ def compile_step(cfg: Config, devices=None, device_memory: int | None = None) ->
 @config_errors
 def make_plan(cfg: Config, device_memory: int | None = None, label: str = "") -> Plan:
     """The :class:`Plan` of ``cfg`` on the current devices (nothing trained, nothing allocated)."""
-    return plan_of(compile_step(cfg, device_memory=device_memory), device_memory, label)
+    parts = build(cfg, device_memory=device_memory)
+    return plan_of(compiled_step(parts.trainer, abstract_batch(parts)), device_memory, label, _theory(parts))
 
 
 @config_errors
@@ -114,5 +115,10 @@ def compare_layouts(base: Config, layouts: list[str], device_memory: int | None 
             message = str(err)
             raise ConfigError(message if message.startswith("--compare") else
                               f"--compare layout '{layout}': {message}") from None
-    return [plan_of(compiled_step(parts.trainer, abstract_batch(parts)), device_memory, label=layout)
+    return [plan_of(compiled_step(parts.trainer, abstract_batch(parts)), device_memory, layout, _theory(parts))
             for layout, parts in zip(layouts, built)]
+
+
+def _theory(parts: Parts) -> LayoutTheory | None:
+    """The closed-form theory of a built run, where it models the model (a transformer, the theory's decoder)."""
+    return config_theory(parts.cfg, parts.sizes) if parts.cfg.model.kind == "transformer" else None
