@@ -64,9 +64,9 @@ def test_ring_permutes_match_the_theory(layout, devices):
     assert sent == sum(op.bytes * op.trips for op in report.select("collective-permute")), "permutes: sent = result"
 
 
-def test_ring_restores_the_logits_order_by_gathering_them_over_context():
+def test_ring_restores_the_natural_order_by_gathering_the_output_over_context():
     _, _, report, theory = compiled(RING)
-    assert _compiled(report, "all-gather", "f32") == _theory(theory, "all-gather", "logits"), report.table()
+    assert _compiled(report, "all-gather", "f32") == _theory(theory, "all-gather", "natural order"), report.table()
 
 
 def test_allgather_attention_gathers_k_and_v_and_sums_their_gradients_over_context():
@@ -85,7 +85,7 @@ def test_allgather_attention_gathers_k_and_v_and_sums_their_gradients_over_conte
 @pytest.mark.parametrize("layout", [RING, GATHER], ids=["ring", "allgather"])
 def test_gradients_are_summed_over_context_once_per_weight(layout):
     """Every weight's f32 gradient all-reduced over context (apart from the data axis's reduction), plus
-    the ring's logits gradient: bytes per device within 1 % (the loss's scalar sums ride along)."""
+    the ring's output gradient: bytes per device within 1 % (the loss's scalar sums ride along)."""
     _, _, report, theory = compiled(layout)
     expected = sum(t.elements * 4 for t in theory.traffic if t.kind == "all-reduce" and t.axes == ("context",))
     measured = sum(op.bytes * op.trips for op in report.select("all-reduce") if op.axes(report.mesh) == ("context",)

@@ -341,8 +341,9 @@ def _context_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
     (collective-permutes; each device sends its block), the backward sends dK and dV back as many
     times and, under ``remat`` (full or dots), first recomputes the forward's permutes; the int32
     global indices of the blocks travel too (C - 1: the same in every layer, so hoisted out of the
-    layer loop, plus C - 1 per recomputed layer). Restoring the natural order of the f32 logits
-    [rows, S, V / N_t] all-gathers them over context; its backward all-reduces their gradient.
+    layer loop, plus C - 1 per recomputed layer). Restoring the natural order of the last layer's
+    output [rows, S, D] (before the unembedding) all-gathers it over context; its backward
+    all-reduces its gradient.
     All-gathered attention gathers K and V per layer forward, again when remat recomputes the
     layer, and reduce-scatters dK and dV in the backward. Either way every weight's f32 gradient
     is summed over context on its own (an all-reduce apart from the batch axes').
@@ -366,11 +367,10 @@ def _context_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
                         2 * L * passes * kv, dtype, c), grads]
     sends = 2 * (2 + redo) * (c - 1) * L * passes  # K and V: forward, backward, recomputed forward
     index_sends = (c - 1) * (1 + redo * L * passes)
-    logits = rows * work.seq_len * work.vocab // t
+    out = rows * work.seq_len * work.d_model * passes  # the last layer's output, whole
     return [Traffic("collective-permute", ("context",), f"{SHORT[dtype]} K and V blocks: forward, dK and dV back"
                     f"{', recomputed forward' * redo}", sends, sends * kv / c, dtype, c),
             Traffic("collective-permute", ("context",), "int32 block indices", index_sends,
                     index_sends * work.seq_len / c, "int32", c),
-            Traffic("all-gather", ("context",), "f32 logits to the natural order", passes, passes * logits, "float32",
-                    c),
-            Traffic("all-reduce", ("context",), "f32 logits' gradient", passes, passes * logits, "float32", c), grads]
+            Traffic("all-gather", ("context",), f"{SHORT[dtype]} output to the natural order", passes, out, dtype, c),
+            Traffic("all-reduce", ("context",), f"{SHORT[dtype]} output's gradient", passes, out, dtype, c), grads]

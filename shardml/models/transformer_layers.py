@@ -587,9 +587,10 @@ def transformer_apply_sums(params, inputs, cfg: TransformerConfig):
         packing = None if packing is None else tuple(a[:, order] for a in packing)
     x_BSD = embed_tokens(params, tokens_BS, cfg)
     x_BSD, (aux_L, z_L) = run_layers_sums(params["layers"], x_BSD, cfg, packing=packing, order=order)
+    if order is not None:  # back to the natural order the targets are in; before the unembedding, as
+        # the partitioner moves the whole sequence for this gather: D values per position, not V logits
+        x_BSD = constrain(x_BSD[:, np.argsort(order)], ACT_LOGICAL)
     logits_BSV = output_logits(params, x_BSD, cfg)
-    if order is not None:  # back to the natural order the targets are in
-        logits_BSV = constrain(logits_BSV[:, np.argsort(order)], ("batch", "act_seq", "act_vocab"))
     if not cfg.experts:
         return logits_BSV, {}
     aux, z = jnp.mean(aux_L), jnp.mean(z_L)
