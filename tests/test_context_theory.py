@@ -108,18 +108,23 @@ def test_the_activation_estimate_falls_as_one_over_context(attention):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention,remat", [("allgather", "none"), ("ring", "full")])
-def test_the_activation_estimate_falls_in_step_with_the_compiled_temporaries(attention, remat):
-    """XLA's temporaries (activations, gradients, working buffers: more than the estimate counts) over
-    the estimate stay within a factor 1.3 of each other on context 1, 2 and 4 (measured: allgather/none
-    1.7 to 1.9, ring/full 7.3 to 8.2 at S=128; ring under remat=none is not claimed: its compiled
-    temporaries fall slower than the block-wise estimate, see the module docstring of theory)."""
-    ratios = []
+def test_the_activation_estimate_falls_in_step_with_the_compiled_temporaries():
+    """All-gathered attention, remat=none, S=64, context 1, 2, 4: what XLA's temporaries lose from C to
+    2C (activations; the f32 gradients and update buffers stay) against what the estimate loses, the
+    same multiple at both steps within 1.25 (measured 1.49 and 1.53: the estimate leaves out the
+    gradients' working buffers that also go with the tokens). Not claimed for ring attention on so
+    small a model: there the same ratios measure 1.3 and 2.4 (remat=none) as XLA's buffer reuse
+    and the fixed buffers outweigh the 1/C part."""
+    temps, estimates = [], []
     for c in (1, 2, 4):
-        parts, step, _, theory = compiled(f"mesh.context={c},model.context_attention={attention},model.remat={remat},"
-                                          "data.seq_len=64,train.batch_size=4", c)
-        ratios.append(memory(step.compiled).temporaries / theory.activation_bytes)
-    assert max(ratios) / min(ratios) < 1.3, f"compiled temporaries / estimate at context 1, 2, 4: {ratios}"
+        _, step, _, theory = compiled(f"mesh.context={c},model.context_attention=allgather,model.remat=none,"
+                                      "data.seq_len=64,train.batch_size=4", c)
+        temps.append(memory(step.compiled).temporaries)
+        estimates.append(theory.activation_bytes)
+    assert estimates[0] == 2 * estimates[1] == 4 * estimates[2], estimates
+    ratios = [(temps[i] - temps[i + 1]) / (estimates[i] - estimates[i + 1]) for i in (0, 1)]
+    assert max(ratios) / min(ratios) < 1.25 and all(1 <= r <= 2 for r in ratios), \
+        f"compiled temporaries {temps} B vs estimates {estimates} B at context 1, 2, 4: ratios {ratios}"
 
 
 def test_the_plan_prints_the_context_theory_beside_the_compiled_rows():
