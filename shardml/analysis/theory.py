@@ -32,11 +32,16 @@ Communication per device and step (bytes a device *sends*, ring algorithms on a 
 * Pipeline: each microbatch's activation [rows / (k m), S, D] crosses v·p - 1 stage boundaries
   forward and its cotangent as many backward: 2 m (v p - 1) sends per pass, k passes per step;
   per device that is the total over the p stages / p (sends = the array, no ring factor).
+* Context (the sequence split over C shards, :func:`_context_traffic`): ring attention permutes
+  each layer's K and V blocks C - 1 times forward, dK and dV as often backward (and the forward's
+  again where remat recomputes the layer); all-gathered attention gathers K and V per layer and
+  reduce-scatters their gradients. Every weight's gradient is all-reduced over context apart.
 
-Memory per device: every weight's f32 bytes / the product of the mesh sizes dividing it (an
-expert layer's X experts / N_expert per device); AdamW keeps two f32 moments like the parameters
-(its two step counters are left out). Not modelled yet: the dispatch and combine traffic of the
-experts over ``expert`` (the partitioner's choice, see :mod:`shardml.models.transformer_moe`).
+Memory per device (activations: of the S / N_context positions a device holds): every weight's f32
+bytes / the product of the mesh sizes dividing it (an expert layer's X experts / N_expert per
+device); AdamW keeps two f32 moments like the parameters (its two step counters are left out). Not
+modelled yet: the dispatch and combine traffic of the experts over ``expert`` (the partitioner's
+choice, see :mod:`shardml.models.transformer_moe`).
 
     work = Workload(d_model=512, heads=8, kv_heads=8, d_ff=2048, vocab=256, layers=4, dtype="bfloat16",
                     remat="full", seq_len=256, batch_size=32)
