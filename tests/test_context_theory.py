@@ -14,6 +14,8 @@ import pytest
 
 from shardml.analysis.audit import collectives, memory
 from shardml.analysis.plan import compiled_step, format_bytes, format_plan, plan_of
+from shardml.analysis.theory import Workload
+from shardml.core.errors import SettingError
 from shardml.run.config import load_config
 from shardml.run.planning import abstract_batch, config_theory, layout_config
 from shardml.run.recipe import build
@@ -134,3 +136,9 @@ def test_the_plan_prints_the_context_theory_beside_the_compiled_rows():
     assert "activations kept for the backward (theory)" in text and format_bytes(theory.activation_bytes) in text
     permutes = [line for line in text.splitlines() if line.lstrip().startswith("collective-permute")]
     assert len(permutes) >= 3 and any("K and V blocks" in line for line in permutes), text
+
+
+def test_the_theory_refuses_an_unknown_context_attention():
+    with pytest.raises(SettingError, match=r"context_attention='flash': the theory knows allgather and ring"):
+        Workload(d_model=8, heads=2, kv_heads=2, d_ff=16, vocab=32, layers=2, dtype="float32", remat="none",
+                 seq_len=4, batch_size=8, context_attention="flash")

@@ -107,6 +107,9 @@ class Workload:
         if self.remat not in ("none", "full", "dots"):
             raise SettingError(f"remat={self.remat!r}: the theory needs none, full or dots (an 'auto' choice "
                                "resolved first)", subject="remat", value=self.remat)
+        if self.context_attention not in ("allgather", "ring"):
+            raise SettingError(f"context_attention={self.context_attention!r}: the theory knows allgather and ring",
+                               subject="context_attention", value=self.context_attention)
 
 
 def pipeline_microbatches(w: Workload, stages: int) -> int:
