@@ -2,8 +2,11 @@
 
 For each sequence length, attention variant and ``context`` size: the training step's compiled
 memory per device (XLA's memory analysis: temporaries, i.e. activations and their gradients, and
-the peak estimate) and its measured step time; then, for a per-device memory budget, the longest
-sequence (doubling) whose compiled step fits, with and without context.
+the peak estimate) beside the closed-form theory's activation estimate (what ``shardml plan``
+prints), and its measured step time; then, for a per-device memory budget, the longest sequence
+(doubling) that fits by the theory (f32 parameters and their gradients plus the activation
+estimate), checked by compiling the step at that length and at twice it (and, where the plan was
+optimistic, at halves of it until one fits).
 
     python benchmarks/bench_context.py                       # small: seq 256..1024, context 1, 2, 4
     python benchmarks/bench_context.py --seq-lens 1024 4096 --budget 64MiB
@@ -25,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from shardml.analysis import compiled_step, format_bytes, memory, parse_bytes  # noqa: E402
+from shardml.analysis import Workload, compiled_step, format_bytes, layout_theory, memory, parse_bytes  # noqa: E402
 
 CFG = shardml.TransformerConfig(vocab=256, layers=2, d_model=64, heads=4, d_ff=128, dtype="float32", remat="none",
                                 layer_loop="scan")
@@ -42,6 +45,21 @@ def step_for(seq_len: int, attention: str, context: int, rows: int):
     return trainer, batch
 
 
+def theory(seq_len: int, attention: str, context: int, rows: int):
+    """The closed-form theory of CFG's step on ``context`` devices (nothing compiled)."""
+    work = Workload(d_model=CFG.d_model, heads=CFG.heads, kv_heads=CFG.kv_heads, d_ff=CFG.d_ff, vocab=CFG.vocab,
+                    layers=CFG.layers, dtype=CFG.dtype, remat=CFG.remat, seq_len=seq_len, batch_size=rows,
+                    head_dim=CFG.head_dim, context_attention=attention)
+    sizes = {"members": 1, "pipeline": 1, "data": 1, "fsdp": 1, "expert": 1, "context": context, "tensor": 1}
+    return layout_theory(work, sizes)
+
+
+def planned_bytes(seq_len: int, attention: str, context: int, rows: int) -> int:
+    """What the theory says one device needs: f32 parameters, their gradients (SGD: no moments), activations."""
+    t = theory(seq_len, attention, context, rows)
+    return 2 * t.params_bytes + t.activation_bytes
+
+
 def measure(seq_len: int, attention: str, context: int, rows: int, steps: int) -> dict:
     """Compiled memory per device and the median step time (``steps`` timed after one warm-up)."""
     trainer, batch = step_for(seq_len, attention, context, rows)
@@ -56,18 +74,21 @@ def measure(seq_len: int, attention: str, context: int, rows: int, steps: int) -
             state, metrics = trainer.step(state, placed)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
-    return {"temp": mem.temporaries, "peak": mem.peak_estimate, "ms": 1e3 * float(np.median(times)) if times else 0}
+    return {"temp": mem.temporaries, "peak": mem.peak_estimate, "ms": 1e3 * float(np.median(times)) if times else 0,
+            "theory": theory(seq_len, attention, context, rows).activation_bytes}
 
 
-def longest_fitting(attention: str, context: int, rows: int, budget: int, start: int, limit: int) -> int:
-    """The longest power-of-two multiple of ``start`` (up to ``limit``) whose step's peak fits ``budget``."""
+def longest_planned(attention: str, context: int, rows: int, budget: int, start: int, limit: int) -> int:
+    """The longest power-of-two multiple of ``start`` (up to ``limit``) the theory fits in ``budget`` (0: none)."""
     best, seq = 0, start
-    while seq <= limit:
-        trainer, batch = step_for(seq, attention, context, rows)
-        if memory(compiled_step(trainer, batch).compiled).peak_estimate > budget:
-            break
+    while seq <= limit and planned_bytes(seq, attention, context, rows) <= budget:
         best, seq = seq, seq * 2
     return best
+
+
+def compiled_peak(seq_len: int, attention: str, context: int, rows: int) -> int:
+    trainer, batch = step_for(seq_len, attention, context, rows)
+    return memory(compiled_step(trainer, batch).compiled).peak_estimate
 
 
 def main():
@@ -77,11 +98,13 @@ def main():
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per row (0: memory only)")
     parser.add_argument("--budget", default="16MiB", help="per-device memory for the longest-sequence table")
+    parser.add_argument("--fit-start", type=int, default=256)
     parser.add_argument("--fit-limit", type=int, default=8192)
     args = parser.parse_args()
     print(f"{CFG.layers} layers, d_model {CFG.d_model}, {CFG.heads} heads, f32, {args.rows} rows; "
           f"{len(jax.devices())} emulated {jax.devices()[0].platform} devices\n")
-    print(f"{'seq':>6} {'attention':>10} {'context':>7} {'temp/device':>12} {'peak/device':>12} {'step ms':>8}")
+    print(f"{'seq':>6} {'attention':>10} {'context':>7} {'temp/device':>12} {'peak/device':>12} "
+          f"{'theory act':>12} {'step ms':>8}")
     for seq in args.seq_lens:
         for attention in ("allgather", "ring"):
             for context in args.contexts:
@@ -89,15 +112,23 @@ def main():
                     continue  # one shard: ring attention is the plain attention
                 r = measure(seq, attention, context, args.rows, args.steps)
                 print(f"{seq:>6} {attention:>10} {context:>7} {format_bytes(r['temp']):>12} "
-                      f"{format_bytes(r['peak']):>12} {r['ms']:>8.1f}")
+                      f"{format_bytes(r['peak']):>12} {format_bytes(r['theory']):>12} {r['ms']:>8.1f}")
     budget = parse_bytes(args.budget)
-    print(f"\nlongest sequence (powers of 2 from 256, up to {args.fit_limit}) whose step fits {args.budget} per device")
+    print(f"\nlongest sequence (powers of 2 from {args.fit_start}, up to {args.fit_limit}) that fits {args.budget} "
+          "per device by the theory, and the compiled peak there and at twice it")
     for attention in ("allgather", "ring"):
         for context in args.contexts:
             if attention == "ring" and context == 1:
                 continue
-            print(f"  {attention:>10} context={context}: "
-                  f"{longest_fitting(attention, context, args.rows, budget, 256, args.fit_limit)}")
+            seq = longest_planned(attention, context, args.rows, budget, args.fit_start, args.fit_limit)
+            checks = [(n, compiled_peak(n, attention, context, args.rows)) for n in (seq, 2 * seq)
+                      if n and n % (2 * context) == 0]
+            while checks and checks[0][1] > budget and checks[0][0] // 2 >= max(args.fit_start, 2 * context):
+                half = checks[0][0] // 2  # the theory was optimistic: halve until the compiled step fits
+                checks.insert(0, (half, compiled_peak(half, attention, context, args.rows)))
+            print(f"  {attention:>10} context={context}: plan {seq:>6}; " + ", ".join(
+                f"compiled at {n}: {format_bytes(peak)} ({'fits' if peak <= budget else 'does not fit'})"
+                for n, peak in checks))
 
 
 if __name__ == "__main__":

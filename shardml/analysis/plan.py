@@ -96,6 +96,7 @@ class Plan:
     comm: tuple[CommRow, ...]
     compile_s: float
     device_memory: int | None = None
+    theory: Any = None  # the layout's closed-form LayoutTheory, where the planner had one (shardml plan does)
 
     @property
     def peak_bytes(self) -> int:
@@ -198,13 +199,15 @@ def compiled_step(trainer, batch: dict) -> CompiledStep:
     return CompiledStep(trainer, state, batch, compiled, time.perf_counter() - start)
 
 
-def plan_of(step: CompiledStep, device_memory: int | None = None, label: str = "") -> Plan:
+def plan_of(step: CompiledStep, device_memory: int | None = None, label: str = "", theory=None) -> Plan:
     """Measures a compiled step: memory per device and communication per step.
 
     Args:
       step: from :func:`compiled_step`.
       device_memory: bytes one device has; sets :attr:`Plan.fits`.
       label: a name for tables (default: the mesh layout).
+      theory: the layout's :class:`~shardml.analysis.theory.LayoutTheory`, printed beside the compiled
+        figures (its activation estimate and its context traffic).
     """
     from shardml.analysis.audit import collectives, memory
 
@@ -218,7 +221,7 @@ def plan_of(step: CompiledStep, device_memory: int | None = None, label: str = "
         arguments_bytes=mem.arguments, outputs_bytes=mem.outputs, aliased_bytes=mem.aliased,
         temporaries_bytes=mem.temporaries, generated_code_bytes=mem.generated_code,
         comm=comm_rows(collectives(step.compiled.as_text(), mesh), mesh), compile_s=step.compile_s,
-        device_memory=device_memory,
+        device_memory=device_memory, theory=theory,
     )
 
 
@@ -250,6 +253,8 @@ def format_plan(p: Plan) -> str:
             ("estimated peak", p.peak_bytes)]
     if p.device_memory is not None:
         rows.append(("device memory (--device-memory)", p.device_memory))
+    if p.theory is not None:
+        rows.append(("activations kept for the backward (theory)", p.theory.activation_bytes))
     lines += [f"  {name:<46} {format_bytes(value):>11}" for name, value in rows]
     lines += ["", "communication per step (bytes: result x executions, one device; sent: ring estimate)",
               (f"  {'collective':<19} {'axes':<16} {'where':<5} {'ops':>4} {'runs':>5} {'bytes':>11} "
@@ -261,6 +266,7 @@ def format_plan(p: Plan) -> str:
         lines.append("  (none)")
     lines.append(f"  {'total':<19} {'':<16} {'':<5} {'':>4} {'':>5} {format_bytes(p.comm_bytes()):>11} "
                  f"{format_bytes(p.sent_bytes):>11}")
+    lines += _theory_rows(p.theory, "context")
     if p.platform == "cpu":
         lines += ["", ("note: compiled by XLA:CPU; TPU/GPU compilers fuse, schedule and pick collectives "
                        "differently, so temporaries and collective forms there can differ")]
@@ -268,6 +274,17 @@ def format_plan(p: Plan) -> str:
     if warning:
         lines += ["", warning]
     return "\n".join(lines)
+
+
+def _theory_rows(theory, axis: str) -> list[str]:
+    """The closed-form traffic over ``axis`` (none without a theory or traffic there): a check on the audit's rows."""
+    rows = [t for t in (theory.traffic if theory is not None else ()) if axis in t.axes]
+    if not rows:
+        return []
+    lines = ["", f"theory over {axis} per step (closed form, one device; sent: ring estimate)"]
+    for t in rows:
+        lines.append(f"  {t.kind:<19} {'+'.join(t.axes):<16} {t.count:>10g} {format_bytes(t.sent_bytes):>11}  {t.what}")
+    return lines
 
 
 def format_comparison(plans: list[Plan]) -> str:
@@ -282,6 +299,9 @@ def format_comparison(plans: list[Plan]) -> str:
              ("optimizer state / device", [format_bytes(p.opt_state_bytes) for p in plans]),
              ("temporaries / device", [format_bytes(p.temporaries_bytes) for p in plans]),
              ("estimated peak / device", [format_bytes(p.peak_bytes) for p in plans])]
+    if any(p.theory is not None for p in plans):
+        table.append(("activations / device (theory)",
+                      [format_bytes(p.theory.activation_bytes) if p.theory else "-" for p in plans]))
     if any(p.device_memory is not None for p in plans):
         table.append(("fits --device-memory", ["yes" if p.fits else "NO" for p in plans]))
     for kind, axes, in_loop in keys:

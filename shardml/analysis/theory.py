@@ -32,17 +32,20 @@ Communication per device and step (bytes a device *sends*, ring algorithms on a 
 * Pipeline: each microbatch's activation [rows / (k m), S, D] crosses v·p - 1 stage boundaries
   forward and its cotangent as many backward: 2 m (v p - 1) sends per pass, k passes per step;
   per device that is the total over the p stages / p (sends = the array, no ring factor).
-
-Memory per device: every weight's f32 bytes / the product of the mesh sizes dividing it (an
-expert layer's X experts / N_expert per device); AdamW keeps two f32 moments like the parameters
-(its two step counters are left out).
-
+* Context (the sequence split over C shards, :func:`_context_traffic`): ring attention permutes
+  each layer's K and V blocks C - 1 times forward, dK and dV as often backward (and the forward's
+  again where remat recomputes the layer); all-gathered attention gathers K and V per layer and
+  reduce-scatters their gradients. Every weight's gradient is all-reduced over context apart.
 * Experts (``moe_dispatch="all_to_all"``, N_e = N_expert > 1): per MoE layer and microbatch,
   all-to-alls over ``expert`` of [N_e, room, D] (room: a device's B S top_k / (N_batch N_context k)
   pairs, dropless, or with a capacity at most rows x X / N_e x C): rows and results forward, their
   cotangents backward, and under remat the forward's two again; plus the int32 counts [X] forward
   (and recomputed). (N_e - 1) / N_e of each is sent. With ``gspmd`` the partitioner's choice is
   not modelled (see :mod:`shardml.models.transformer_moe`).
+
+Memory per device (activations: of the S / N_context positions a device holds): every weight's f32
+bytes / the product of the mesh sizes dividing it (an expert layer's X experts / N_expert per
+device); AdamW keeps two f32 moments like the parameters (its two step counters are left out).
 
     work = Workload(d_model=512, heads=8, kv_heads=8, d_ff=2048, vocab=256, layers=4, dtype="bfloat16",
                     remat="full", seq_len=256, batch_size=32)
@@ -105,11 +108,15 @@ class Workload:
     top_k: int = 2  # experts each token is sent to
     capacity_factor: float = 0.0  # 0: dropless; c: at most ceil(c S top_k / X) pairs per expert and sequence
     moe_dispatch: str = "all_to_all"  # all_to_all: the hand-written dispatch over expert; gspmd: not modelled
+    context_attention: str = "allgather"  # attention over a sequence split over ``context``: allgather | ring
 
     def __post_init__(self):
         if self.remat not in ("none", "full", "dots"):
             raise SettingError(f"remat={self.remat!r}: the theory needs none, full or dots (an 'auto' choice "
                                "resolved first)", subject="remat", value=self.remat)
+        if self.context_attention not in ("allgather", "ring"):
+            raise SettingError(f"context_attention={self.context_attention!r}: the theory knows allgather and ring",
+                               subject="context_attention", value=self.context_attention)
 
 
 def pipeline_microbatches(w: Workload, stages: int) -> int:
@@ -224,17 +231,22 @@ def activation_estimate(work: Workload, sizes: dict[str, int]) -> int:
     Per layer and token, in the compute dtype: ``full`` keeps the block input (D); ``dots`` also
     the matmul outputs q, k, v, the attention projection, gate, up and down (3D + (H + 2K) E / N_t
     + 2F / N_t); ``none`` also the norms, attention probabilities and the SwiGLU product. Tokens:
-    one accumulation microbatch of this device's rows. Plus the f32 logits of that microbatch.
+    one accumulation microbatch of this device's rows, of its S / N_context positions (``none``
+    keeps each local query's probabilities over all S keys under ``allgather``; ring attention
+    recomputes each block's scores and keeps instead the f32 running sums (E + 2 per query head)
+    of each of its N_context steps). Plus the f32 logits of that microbatch (also S / N_context).
     Under a pipeline: the stage inputs a schedule keeps (GPipe and circular v m + p - 1, 1F1B
     2p - 1 pipeline microbatches) plus one pipeline microbatch's residuals of this stage's layers.
     """
-    m, t = work, sizes["tensor"]
+    m, t, c = work, sizes["tensor"], sizes.get("context", 1)
     item = jnp.dtype(m.dtype).itemsize
     H, K, E = m.heads, m.kv_heads or m.heads, head_dim(m)
-    S = work.seq_len
+    S = work.seq_len // c  # the positions this device holds: context splits every activation's sequence
     per_token = {"full": m.d_model,
                  "dots": 3 * m.d_model + (H + 2 * K) * E // t + 2 * m.d_ff // t}
-    per_token["none"] = per_token["dots"] + 2 * m.d_model + (H // t) * S * (item + 4) // item + m.d_ff // t
+    attention = ((H // t) * c * (E + 2) * 4 // item if m.context_attention == "ring" and c > 1
+                 else (H // t) * work.seq_len * (item + 4) // item)
+    per_token["none"] = per_token["dots"] + 2 * m.d_model + attention + m.d_ff // t
     rows = work.batch_size // (batch_split(sizes) * work.microbatches)
     p = sizes["pipeline"]
     layers = m.layers // p
@@ -299,7 +311,7 @@ def _tensor_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
     m, p = work, sizes["pipeline"]
     passes = work.microbatches * pipeline_microbatches(work, sizes["pipeline"])
     rows = work.batch_size // batch_split(sizes)
-    act = rows * work.seq_len * m.d_model  # one activation of every row this device holds
+    act = rows * work.seq_len // sizes.get("context", 1) * m.d_model  # one activation of the rows and positions here
     per_layer = 2 + 5 + (1 if m.remat == "full" else 0)
     layers = m.layers // p
     dtype = SHORT[m.dtype]
@@ -364,6 +376,49 @@ def layout_theory(work: Workload, sizes: dict[str, int]) -> LayoutTheory:
     """Closed-form memory and communication of the workload ``work`` on the resolved mesh ``sizes``."""
     params = 4 * param_elements(work, sizes)
     traffic = (_gradient_traffic(work, sizes) + _fsdp_traffic(work, sizes) + _tensor_traffic(work, sizes)
-               + _pipeline_traffic(work, sizes) + _expert_traffic(work, sizes))
+               + _pipeline_traffic(work, sizes) + _expert_traffic(work, sizes) + _context_traffic(work, sizes))
     return LayoutTheory(sizes=dict(sizes), params_bytes=params, opt_state_bytes=2 * params,
                         activation_bytes=activation_estimate(work, sizes), traffic=tuple(traffic))
+
+
+def _context_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
+    """The ``context`` axis (C shards of the sequence), per pass (accumulation microbatch) of this
+    device's rows; a whole K (or V) is [rows, S, K / N_t, E] in the compute dtype, a block S / C of it.
+
+    Ring attention: each layer's forward passes the K and V blocks C - 1 times round the ring
+    (collective-permutes; each device sends its block), the backward sends dK and dV back as many
+    times and, under ``remat`` (full or dots), first recomputes the forward's permutes; the int32
+    global indices of the blocks travel too (C - 1: the same in every layer, so hoisted out of the
+    layer loop, plus C - 1 per recomputed layer). Restoring the natural order of the last layer's
+    output [rows, S, D] (before the unembedding) all-gathers it over context; its backward
+    all-reduces its gradient.
+    All-gathered attention gathers K and V per layer forward, again when remat recomputes the
+    layer, and reduce-scatters dK and dV in the backward. Either way every weight's f32 gradient
+    is summed over context on its own (an all-reduce apart from the batch axes').
+
+        _context_traffic(work, {**sizes, "context": 4})
+    """
+    c, t = sizes.get("context", 1), sizes["tensor"]
+    if c == 1:
+        return []
+    passes, L, dtype = work.microbatches, work.layers, work.dtype
+    rows = work.batch_size // (batch_split(sizes) * passes)
+    K = work.kv_heads or work.heads
+    kv = rows * work.seq_len * (K // t if K % t == 0 else K) * head_dim(work)  # one whole K (or V)
+    redo = 0 if work.remat == "none" else 1  # the layer's forward runs again for its backward
+    grads = Traffic("all-reduce", ("context",), "f32 gradients", 1, param_elements(work, sizes), "float32", c)
+    if work.context_attention != "ring":
+        gathers = 2 * (1 + redo) * L * passes
+        return [Traffic("all-gather", ("context",), f"{SHORT[dtype]} K and V per layer: forward{', recomputed' * redo}",
+                        gathers, gathers * kv, dtype, c),
+                Traffic("reduce-scatter", ("context",), f"{SHORT[dtype]} dK and dV per layer", 2 * L * passes,
+                        2 * L * passes * kv, dtype, c), grads]
+    sends = 2 * (2 + redo) * (c - 1) * L * passes  # K and V: forward, backward, recomputed forward
+    index_sends = (c - 1) * (1 + redo * L * passes)
+    out = rows * work.seq_len * work.d_model * passes  # the last layer's output, whole
+    return [Traffic("collective-permute", ("context",), f"{SHORT[dtype]} K and V blocks: forward, dK and dV back"
+                    f"{', recomputed forward' * redo}", sends, sends * kv / c, dtype, c),
+            Traffic("collective-permute", ("context",), "int32 block indices", index_sends,
+                    index_sends * work.seq_len / c, "int32", c),
+            Traffic("all-gather", ("context",), f"{SHORT[dtype]} output to the natural order", passes, out, dtype, c),
+            Traffic("all-reduce", ("context",), f"{SHORT[dtype]} output's gradient", passes, out, dtype, c), grads]

@@ -383,6 +383,10 @@ def attention(h_BSD, layer, cfg: TransformerConfig, local=True, packing=None, or
     q_BSHE, k_BSKE, v_BSKE = qkv(h_BSD, layer, positions_BS, cfg, local)
     if order is not None:
         return ring_block(q_BSHE, k_BSKE, v_BSKE, index_S, packing, layer, cfg, local)
+    # Where the sequence is split (context_attention=allgather), gather the whole K and V to every
+    # shard: said here, the partitioner does just that (forward all-gathers, backward reduce-scatters
+    # of dK and dV); left to itself it splits the scores over keys and all-reduces softmax sums instead.
+    k_BSKE, v_BSKE = (constrain(x, ("batch", None, "act_kv_heads", None)) for x in (k_BSKE, v_BSKE))
     # Causality (and the window) by index: within one segment the positions rise with the index.
     visible = visible_keys(index_S[:, None], index_S[None, :], cfg, local)
     if packing is not None:
@@ -585,9 +589,10 @@ def transformer_apply_sums(params, inputs, cfg: TransformerConfig):
         packing = None if packing is None else tuple(a[:, order] for a in packing)
     x_BSD = embed_tokens(params, tokens_BS, cfg)
     x_BSD, (aux_L, z_L) = run_layers_sums(params["layers"], x_BSD, cfg, packing=packing, order=order)
+    if order is not None:  # back to the natural order the targets are in; before the unembedding, as
+        # the partitioner moves the whole sequence for this gather: D values per position, not V logits
+        x_BSD = constrain(x_BSD[:, np.argsort(order)], ACT_LOGICAL)
     logits_BSV = output_logits(params, x_BSD, cfg)
-    if order is not None:  # back to the natural order the targets are in
-        logits_BSV = constrain(logits_BSV[:, np.argsort(order)], ("batch", "act_seq", "act_vocab"))
     if not cfg.experts:
         return logits_BSV, {}
     aux, z = jnp.mean(aux_L), jnp.mean(z_L)

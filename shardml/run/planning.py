@@ -45,7 +45,8 @@ def workload(cfg: Config) -> Workload:
                     batch_size=t.batch_size, microbatches=t.microbatches, schedule=p.schedule,
                     pipeline_microbatches=p.microbatches, repeats=p.repeats, head_dim=m.head_dim,
                     experts=m.experts, expert_d_ff=m.expert_d_ff, shared_experts=m.shared_experts,
-                    top_k=m.top_k, capacity_factor=m.capacity_factor, moe_dispatch=m.moe_dispatch)
+                    top_k=m.top_k, capacity_factor=m.capacity_factor, moe_dispatch=m.moe_dispatch,
+                    context_attention=m.context_attention)
 
 
 def config_theory(cfg: Config, sizes: dict[str, int]) -> LayoutTheory:
@@ -68,7 +69,8 @@ def compile_step(cfg: Config, devices=None, device_memory: int | None = None) ->
 @config_errors
 def make_plan(cfg: Config, device_memory: int | None = None, label: str = "") -> Plan:
     """The :class:`Plan` of ``cfg`` on the current devices (nothing trained, nothing allocated)."""
-    return plan_of(compile_step(cfg, device_memory=device_memory), device_memory, label)
+    parts = build(cfg, device_memory=device_memory)
+    return plan_of(compiled_step(parts.trainer, abstract_batch(parts)), device_memory, label, _theory(parts))
 
 
 @config_errors
@@ -114,5 +116,10 @@ def compare_layouts(base: Config, layouts: list[str], device_memory: int | None 
             message = str(err)
             raise ConfigError(message if message.startswith("--compare") else
                               f"--compare layout '{layout}': {message}") from None
-    return [plan_of(compiled_step(parts.trainer, abstract_batch(parts)), device_memory, label=layout)
+    return [plan_of(compiled_step(parts.trainer, abstract_batch(parts)), device_memory, layout, _theory(parts))
             for layout, parts in zip(layouts, built)]
+
+
+def _theory(parts: Parts) -> LayoutTheory | None:
+    """The closed-form theory of a built run, where it models the model (a transformer, the theory's decoder)."""
+    return config_theory(parts.cfg, parts.sizes) if parts.cfg.model.kind == "transformer" else None

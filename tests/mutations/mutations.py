@@ -585,10 +585,30 @@ MUTATIONS += [
       "visible_ST = jnp.arange(k_idx_T.shape[0])[None, :] <= jnp.arange(q_idx_S.shape[0])[:, None]", (RING_FN,)),
     M("ring-softmax-not-rescaled", "models", "the online softmax keeps old sums when the running maximum grows",
       "rescale = jnp.exp(m - m_new)", "rescale = jnp.ones_like(m)", (RING_FN,)),
-    M("ring-order-not-undone", "models", "the logits stay in the balanced layout, misaligned with the targets",
-      "logits_BSV[:, np.argsort(order)]", "logits_BSV[:, np.arange(len(order))]", (CTX_STEP,)),
+    M("ring-order-not-undone", "models", "the last layer's output stays in the balanced layout, misaligned with the targets",
+      "x_BSD[:, np.argsort(order)]", "x_BSD[:, np.arange(len(order))]", (CTX_STEP,)),
     M("ring-rope-at-layout-positions", "models", "tokens rotated at their place in the balanced layout, "
       "not at their position in the sequence",
       "positions_BS = index_S[None, :] if packing is None else packing[1]",
       "positions_BS = jnp.arange(S)[None, :] if packing is None else packing[1]", (CTX_STEP,)),
+]
+
+CTX_THEORY = "tests/test_context_theory.py"
+RING_PERMUTES = f"{CTX_THEORY}::test_ring_permutes_match_the_theory[context=2xdata=2,remat=dots]"
+MUTATIONS += [
+    # ------------------------------------------------------------------ the context axis in the theory and audit
+    M("ctx-theory-permutes-k-only", "run", "the theory counts the ring's K blocks and forgets the V blocks",
+      "sends = 2 * (2 + redo) * (c - 1) * L * passes", "sends = (2 + redo) * (c - 1) * L * passes", (RING_PERMUTES,)),
+    M("ctx-theory-no-recomputed-permutes", "run", "the theory forgets that remat recomputes the ring's forward "
+      "permutes for the backward", 'redo = 0 if work.remat == "none" else 1', "redo = 0", (RING_PERMUTES,)),
+    M("ctx-activations-ignore-context", "run", "the activation estimate keeps the whole sequence on every "
+      "context shard", "S = work.seq_len // c  # the positions", "S = work.seq_len  # the positions",
+      (f"{CTX_THEORY}::test_the_activation_estimate_falls_as_one_over_context",)),
+    M("audit-ignores-trip-counts", "run", "the audit counts an op in a loop body once, not once per iteration",
+      "trip = int(found.group(1)) if found else 1", "trip = 1", (RING_PERMUTES,)),
+    M("allgather-kv-left-to-the-partitioner", "models", "all-gathered attention no longer gathers K and V: "
+      "the partitioner splits the scores over keys and all-reduces softmax sums",
+      'k_BSKE, v_BSKE = (constrain(x, ("batch", None, "act_kv_heads", None)) for x in (k_BSKE, v_BSKE))',
+      "k_BSKE, v_BSKE = k_BSKE, v_BSKE",
+      (f"{CTX_THEORY}::test_allgather_attention_gathers_k_and_v_and_sums_their_gradients_over_context",)),
 ]
