@@ -57,9 +57,10 @@ def test_ring_permutes_match_the_theory(layout, devices):
         expected = _theory(theory, "collective-permute", what)
         assert _compiled(report, "collective-permute", dtype) == expected, \
             f"{dtype} permutes over context (executions, bytes) vs theory {expected}:\n{report.table()}"
-    # The K/V permutes run in the layer loop, counted there by its trip count (the layers).
+    # The K/V permutes run in the ring's loop of C - 1 steps inside the layer loop, counted there by
+    # both trip counts.
     in_loop = [op for op in report.select("collective-permute", in_loop=True) if op.dtype == "f32"]
-    assert in_loop and all(op.trips == layers for op in in_loop), [(op.name, op.trips) for op in in_loop]
+    assert in_loop and all(op.trips == layers * (c - 1) for op in in_loop), [(op.name, op.trips) for op in in_loop]
     redo = parts.cfg.model.remat != "none"
     assert sum(op.trips for op in in_loop) == 2 * (2 + redo) * (c - 1) * layers
     sent = sum(t.sent_bytes for t in theory.traffic if t.kind == "collective-permute")

@@ -100,11 +100,14 @@ def ring_local(q_BSHE, k_BTKE, v_BTKE, idx_S, seg_BS, *, axis, shards, scale, so
         scores, visible = block_scores(q_BSKGE, k, idx_S, k_idx, seg_BS, k_seg, scale, softcap, window)
         return online_update(carry, scores, visible, v)
 
-    for step in range(shards):
-        carry = fold(carry, *block)
-        if step < shards - 1:
-            block = jax.tree.map(lambda x: jax.lax.ppermute(x, axis, ring), block)
-    _, l, acc = carry
+    def fold_and_pass(state, _):
+        carry, block = state
+        return (fold(carry, *block), jax.tree.map(lambda x: jax.lax.ppermute(x, axis, ring), block)), None
+
+    # A loop, not unrolled steps: its backward runs the steps one after another, so one block's
+    # recomputed scores are live at a time (unrolled, XLA:CPU scheduled every block's at once).
+    (carry, block), _ = jax.lax.scan(fold_and_pass, (carry, block), None, length=shards - 1)
+    _, l, acc = fold(carry, *block)
     o_BKGSE = acc / l[..., None]  # every query sees at least itself: l > 0
     return jnp.einsum("bkgse->bskge", o_BKGSE).reshape(B, S, H, E).astype(q_BSHE.dtype)
 
