@@ -59,17 +59,20 @@ def _vmapped_pipeline(cfg: Config, sizes: dict[str, int]) -> None:
 
 def _context(cfg: Config, sizes: dict[str, int]) -> None:
     """``mesh.context`` splits the sequence: a transformer's, into equal parts (ring attention's
-    causal balancing into 2 x context chunks), not yet with a pipeline."""
+    causal balancing into 2 x context chunks); inside a pipeline's stages with all-gathered
+    attention only."""
     c = sizes["context"]
     if c == 1:
         return
     if cfg.model.kind != "transformer":
         raise ConfigError(f"mesh.context={c} splits the sequence, and model.kind={cfg.model.kind} has none; "
                           "use mesh.context=1", subject="mesh.context", value=c)
-    if sizes["pipeline"] > 1:
-        raise ConfigError(f"mesh.context={c} with mesh.pipeline={sizes['pipeline']}: context parallelism does not run "
-                          "inside the pipeline's stages yet; use one of them", subject="mesh.context", value=c)
     ring = cfg.model.context_attention == "ring"
+    if ring and sizes["pipeline"] > 1:  # all-gathered attention runs inside the stages: the partitioner splits it
+        raise ConfigError(f"mesh.context={c} with mesh.pipeline={sizes['pipeline']} and model.context_attention=ring: "
+                          "the pipeline's stages run the sequence in its natural order, not ring attention's balanced "
+                          "one, so ring attention does not run inside them yet; use model.context_attention=allgather "
+                          "or mesh.pipeline=1", subject="model.context_attention", value="ring")
     parts = 2 * c if ring else c
     if cfg.data.seq_len % parts:
         why = (f"model.context_attention=ring gives each of the {c} context shards one early and one late chunk, "
