@@ -68,6 +68,7 @@ def _context(cfg: Config, sizes: dict[str, int]) -> None:
         raise ConfigError(f"mesh.context={c} splits the sequence, and model.kind={cfg.model.kind} has none; "
                           "use mesh.context=1", subject="mesh.context", value=c)
     ring = cfg.model.context_attention == "ring"
+    _experts_in_1f1b(cfg, sizes)
     if ring and sizes["pipeline"] > 1:  # all-gathered attention runs inside the stages: the partitioner splits it
         raise ConfigError(f"mesh.context={c} with mesh.pipeline={sizes['pipeline']} and model.context_attention=ring: "
                           "the pipeline's stages run the sequence in its natural order, not ring attention's balanced "
@@ -81,6 +82,17 @@ def _context(cfg: Config, sizes: dict[str, int]) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by {why}: each context shard holds an "
                           f"equal part of the sequence; use data.seq_len={lower or parts} or {lower + parts}, or "
                           f"another mesh.context", subject="data.seq_len", value=cfg.data.seq_len)
+
+
+def _experts_in_1f1b(cfg: Config, sizes: dict[str, int]) -> None:
+    """1F1B runs each stage's forward and backward in a ``lax.cond`` that only that stage takes;
+    the experts' routing over context x expert shards exchanges tokens there by collective-permute,
+    which on XLA:CPU waits for every device: the step hangs (seen with JAX 0.10.2)."""
+    if cfg.model.experts and sizes["pipeline"] > 1 and cfg.pipeline.schedule == "1f1b" and sizes["expert"] > 1:
+        raise ConfigError(f"model.experts={cfg.model.experts} with pipeline.schedule=1f1b on mesh.context="
+                          f"{sizes['context']} x mesh.expert={sizes['expert']}: the experts' token exchanges inside "
+                          "1F1B's per-stage branches wait for every device and hang; use pipeline.schedule=gpipe or "
+                          "circular, or mesh.context=1 or mesh.expert=1", subject="pipeline.schedule", value="1f1b")
 
 
 def _population(cfg: Config, sizes: dict[str, int]) -> None:
