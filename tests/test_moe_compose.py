@@ -110,7 +110,8 @@ def test_moe_gpipe_and_circular_equal_one_device(schedule, sizes):
 @pytest.mark.slow
 def test_cli_sweep_of_experts_trains_each_member(tmp_path):
     """``shardml train tiny model.experts=4 ... population.kind=sweep`` on members x expert x data:
-    it runs, and the members' learning rates make their losses part."""
+    it runs, and the members' learning rates make their losses part (that each member equals its
+    own plain step: the cheap test above)."""
     import json
 
     from shardml.run.cli import main
@@ -121,6 +122,6 @@ def test_cli_sweep_of_experts_trains_each_member(tmp_path):
                  "train.log_every=1", "train.eval_batches=0", "checkpoint.every=0", f"out_dir={out}"])
     assert code == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    last = {r["member"]: r for r in records if r.get("member") is not None and "moe_aux" in r}
-    assert set(last) == {0, 1} and all(np.isfinite(r["loss"]) and r["moe_aux"] > 0.5 for r in last.values()), last
+    last = {r["member"]: r for r in records if r.get("member") is not None}
+    assert set(last) == {0, 1} and all(r["step"] == 3 and np.isfinite(r["loss"]) for r in last.values()), last
     assert abs(last[0]["loss"] - last[1]["loss"]) > 1e-4, "the two learning rates trained alike"
