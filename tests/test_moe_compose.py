@@ -15,6 +15,7 @@ import pytest
 from shardml.core.mesh import make_mesh
 from shardml.core.pipeline import Schedule
 from shardml.core.step import build_trainer
+from shardml.models.grouped_matmul import grouped_matmul
 from shardml.models.transformer import TransformerConfig, transformer
 from shardml.parallel.members import build_population
 
@@ -54,6 +55,33 @@ def assert_same_step(got, want, what):
         for key in path:
             w = w[key.key]
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"{what}: {jax.tree_util.keystr(path)}")
+
+
+def test_grouped_products_under_two_vmaps_equal_a_per_row_loop_values_and_gradients():
+    """Members (2) x shards (3) of rows sorted by group, the weights shared or per member: the
+    values and both gradients equal each row times its group's matrix written here (NumPy loop)."""
+    r = np.random.default_rng(0)
+    L, M, A, D, F, N = 2, 3, 10, 4, 5, 4
+    x, g = r.normal(size=(L, M, A, D)), r.normal(size=(L, M, A, F))
+    w = r.normal(size=(L, N, D, F))
+    sizes = np.array([r.multinomial(A - m, np.ones(N) / N) for m in range(L * M)]).reshape(L, M, N)  # some rows spare
+
+    def loss(x, w, sizes, g):  # per member: its shards' products against a fixed cotangent
+        return jnp.sum(jax.vmap(grouped_matmul, (0, None, 0))(x, w, sizes) * g)
+
+    val, (dx, dw) = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1))))(
+        *(jnp.asarray(a, jnp.float32) for a in (x, w)), jnp.asarray(sizes, jnp.int32), jnp.asarray(g, jnp.float32))
+    want_val, want_dx, want_dw = np.zeros(L), np.zeros_like(x), np.zeros_like(w)
+    for i in range(L):
+        for m in range(M):
+            group = np.repeat(np.arange(N + 1), [*sizes[i, m], A - sizes[i, m].sum()])  # N: a spare row (zero)
+            for a in range(A):
+                if group[a] < N:
+                    want_val[i] += x[i, m, a] @ w[i, group[a]] @ g[i, m, a]
+                    want_dx[i, m, a] = w[i, group[a]] @ g[i, m, a]
+                    want_dw[i, group[a]] += np.outer(x[i, m, a], g[i, m, a])
+    for name, got, want in (("values", val, want_val), ("dx", dx, want_dx), ("dw", dw, want_dw)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5, err_msg=name)
 
 
 def test_each_moe_member_of_a_sweep_equals_its_own_plain_step():

@@ -47,12 +47,13 @@ def _batchable(kind: str):
 
     @product.def_vmap
     def rule(axis_size, in_batched, lhs, rhs, sizes):
-        unbatched = sizes.ndim - 1 if in_batched[2] else sizes.ndim  # 0: no batch dimension yet
+        # The sizes of one example are [N], or [M, N] where an inner vmap has batched the product already.
+        has_batch = (sizes.ndim - 1 if in_batched[2] else sizes.ndim) == 2
         args = [x if b else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, b in zip((lhs, rhs, sizes), in_batched)]
-        if unbatched:  # fold [L, M, ...] into [L x M, ...], then split the result again
+        if has_batch:  # fold [L, M, ...] into [L x M, ...], then split the result again
             args = [x.reshape(axis_size * x.shape[1], *x.shape[2:]) for x in args]
         out = product(*args)  # itself a custom_vmap: an enclosing vmap folds its axis in the same way
-        return (out.reshape(axis_size, -1, *out.shape[1:]) if unbatched else out), True
+        return (out.reshape(axis_size, -1, *out.shape[1:]) if has_batch else out), True
 
     return product
 

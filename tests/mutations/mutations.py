@@ -574,13 +574,14 @@ MUTATIONS += [
 ]
 
 MOE_MEMBERS = "tests/test_moe_compose.py::test_each_moe_member_of_a_sweep_equals_its_own_plain_step"
+GROUPED = "tests/test_moe_compose.py::test_grouped_products_under_two_vmaps_equal_a_per_row_loop_values_and_gradients"
 MOE_1F1B = "tests/test_moe_compose.py::test_moe_1f1b_with_allgathered_context_equals_one_device"
 MUTATIONS += [
     # ------------------------------------------------------------------ experts with members and the pipeline
     M("grouped-dw-reshaped-not-transposed", "models", "the batched expert-weight gradient [N, M, ...] reshaped to "
       "[M, N, ...] instead of transposed: the members' and shards' expert gradients are scrambled",
       'jnp.swapaxes(out, 0, 1) if kind == "contract" else out',
-      'out.reshape(out.shape[1], out.shape[0], *out.shape[2:]) if kind == "contract" else out', (MOE_MEMBERS,)),
+      'out.reshape(out.shape[1], out.shape[0], *out.shape[2:]) if kind == "contract" else out', (GROUPED, MOE_MEMBERS)),
     M("1f1b-stage-sums-dropped", "core", "1F1B drops the experts' auxiliary losses a stage's layers add",
       "sums = _with_stage_sums(sums, extra, True)", "sums = sums", (MOE_1F1B,)),
     M("1f1b-aux-seeded-on-last-stage-only", "core", "1F1B seeds the loss on the last stage only, so the earlier "
