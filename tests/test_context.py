@@ -153,7 +153,10 @@ def test_more_context_layouts_equal_one_device_jax_grad(reference, sizes, attent
     (["mesh.context=4", "data.seq_len=30"], "data.seq_len=30 is not divisible by mesh.context=4"),
     (["mesh.context=2", "model.context_attention=ring", "data.seq_len=30"],
      "data.seq_len=30 is not divisible by model.context_attention=ring gives each of the 2 context shards one early"),
-    (["mesh.context=2", "mesh.pipeline=2"], "mesh.context=2 with mesh.pipeline=2"),
+    (["mesh.context=2", "mesh.pipeline=2", "model.context_attention=ring"],
+     "mesh.context=2 with mesh.pipeline=2 and model.context_attention=ring: the pipeline's stages run the sequence in"),
+    (["mesh.context=2", "mesh.pipeline=2", "mesh.expert=2", "model.experts=4"],
+     "model.experts=4 with pipeline.schedule=1f1b on mesh.context=2 x mesh.expert=2"),
 ])
 def test_bad_context_input_exits_2_before_compiling(capsys, no_compile, args, message):
     from shardml.run.cli import main

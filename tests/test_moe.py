@@ -16,7 +16,6 @@ from shardml.core.strategy import model_sums
 from shardml.models.transformer import TransformerConfig, transformer
 from shardml.models.transformer_layers import feed_forward, transformer_specs
 from shardml.models.transformer_moe import aux_sums, route
-from shardml.parallel.members import build_population
 
 CFG = TransformerConfig(vocab=32, layers=2, d_model=16, heads=2, d_ff=32, dtype="float32", experts=4, top_k=2,
                         shared_experts=1, remat="none", layer_loop="scan")
@@ -131,8 +130,6 @@ def test_bad_moe_input_is_a_clear_error_before_compiling():
     model = transformer(TransformerConfig(**{**CFG.__dict__, "experts": 3, "top_k": 1}), 8)
     with pytest.raises(LayoutError, match=r"'layers/we_\w+' has size 3 along 'experts'.*expert=2 = 2 does not"):
         build_trainer(model, make_mesh({"expert": 2, "data": 4}), optax.sgd(1.0))
-    with pytest.raises(SettingError, match=r"experts=3 with stacked members: .* train the members as separate runs"):
-        build_population(model, make_mesh({"members": 2, "data": 4}), optax.sgd(1.0), members=2)
 
 
 def _step(sizes, batch, microbatches=1, cfg=CFG):

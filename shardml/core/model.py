@@ -103,6 +103,10 @@ class Stages:
         attention): ``(layer_stack, activations, first) -> activations``, ``first`` the (traced)
         model-wide index of the stack's first layer; a pipeline stage calls it, where given,
         instead of ``layers``.
+      layers_sums: for layers that add to the loss sums (a mixture of experts' auxiliary losses):
+        ``(layer_stack, activations, first) -> (activations, sums)``, the sums this part of the
+        stack adds (the parts' sums add up to what ``Model.apply_sums`` adds); a pipeline stage
+        calls it, where given, instead of ``layers`` and ``layers_from``.
     """
 
     embed: Callable[[Any, jax.Array], jax.Array]
@@ -110,6 +114,7 @@ class Stages:
     head: Callable[[Any, jax.Array], jax.Array]
     key: str = "layers"
     layers_from: Callable[[Any, jax.Array, Any], jax.Array] | None = None
+    layers_sums: Callable[[Any, jax.Array, Any], tuple[jax.Array, dict]] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (its fields hold functions)

@@ -239,21 +239,32 @@ def _zero_sums(names: tuple[str, ...]):
     return _zeros({name: jax.ShapeDtypeStruct((), jnp.float32) for name in names})
 
 
-def _head_sums(stages, loss: Loss, shared, h, micro, index):
-    """The loss sums of microbatch ``index`` from the last stage's activations ``h``."""
+def _head_sums(stages, loss: Loss, names, shared, h, micro, index):
+    """The loss sums of microbatch ``index`` from the last stage's activations ``h`` (zero for the
+    ``names`` only the layers add)."""
     rows = jax.tree.map(lambda x: x[index], {k: v for k, v in micro.items() if k != "inputs"})
-    return check_sums(loss(stages.head(shared, h), rows), "the pipeline's loss")
+    return _zero_sums(names) | check_sums(loss(stages.head(shared, h), rows), "the pipeline's loss")
 
 
 # ----------------------------------------------------------------------------- the passes
 
 
 def _stage_layers(stages, layers, h, first):
-    """A stage's layers on ``h``; ``first``: the model-wide index of their first layer, for models
-    whose layers differ by it (``Stages.layers_from``)."""
+    """A stage's layers on ``h`` and the sums they add to the loss sums (``{}`` for most models);
+    ``first``: the model-wide index of their first layer, for models whose layers differ by it
+    (``Stages.layers_from``) or add sums (``Stages.layers_sums``: a mixture of experts' auxiliary
+    losses, added on the stage that runs the layers, where a pipeline stage differentiates them)."""
+    if stages.layers_sums is not None:
+        return stages.layers_sums(layers, h, first)
     if stages.layers_from is None:
-        return stages.layers(layers, h)
-    return stages.layers_from(layers, h, first)
+        return stages.layers(layers, h), {}
+    return stages.layers_from(layers, h, first), {}
+
+
+def _with_stage_sums(sums, extra, valid):
+    """The loss sums plus a stage's own (zero in an idle slot, selected so nothing it computed on
+    zeros reaches them)."""
+    return sums | {k: sums[k] + jnp.where(valid, jnp.asarray(v, jnp.float32), 0.0) for k, v in extra.items()}
 
 
 def forward_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, micro):
@@ -277,11 +288,12 @@ def forward_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, 
         first = (stage == 0) & (r == 0)
         h_in = jnp.where(first, stages.embed(shared, micro["inputs"][i]), h_recv)
         h_in = jnp.where(valid, h_in, jnp.zeros_like(h_in))  # idle slots compute on zeros, whatever they hold
-        h_out = _stage_layers(stages, jax.tree.map(lambda w: w[r], chunks), h_in, (r * p + stage) * per_chunk)
+        h_out, extra = _stage_layers(stages, jax.tree.map(lambda w: w[r], chunks), h_in,
+                                     (r * p + stage) * per_chunk)
         last = valid & (stage == p - 1) & (r == v - 1)
-        sums = jax.lax.cond(last, lambda: _head_sums(stages, loss, shared, h_out, micro, i),
+        sums = jax.lax.cond(last, lambda: _head_sums(stages, loss, names, shared, h_out, micro, i),
                             lambda: _zero_sums(names))
-        return h_out, sums
+        return h_out, _with_stage_sums(sums, extra, valid)
 
     def tick(carry, t, sends):
         h, sums = carry
@@ -303,23 +315,25 @@ def _one_f_one_b_stage(stages, loss: Loss, names, p: int, slots: int, layers, sh
         return _stage_layers(stages, layers, h_in, stage * jax.tree.leaves(layers)[0].shape[0])
 
     def forward_and_loss(layers, shared, h_in, index):
-        h_out = forward(layers, shared, h_in, index)
-        sums = jax.lax.cond(stage == p - 1, lambda: _head_sums(stages, loss, shared, h_out, micro, index),
+        h_out, extra = forward(layers, shared, h_in, index)
+        sums = jax.lax.cond(stage == p - 1, lambda: _head_sums(stages, loss, names, shared, h_out, micro, index),
                             lambda: _zero_sums(names))
+        sums = _with_stage_sums(sums, extra, True)  # backward runs only in valid slots
         return (h_out, sums["loss"]), sums
 
     def backward(stash, recv_b, index):
         fn = functools.partial(forward_and_loss, index=index)
         _, vjp_fn, sums = jax.vjp(fn, layers, shared, stash[index % slots], has_aux=True)
         last = stage == p - 1
-        # The last stage seeds the loss; the others receive the cotangent of their output. Selecting
-        # (not multiplying) keeps whatever an idle receive holds out of the gradients.
+        # Every stage seeds its own loss (the head's on the last, the layers' sums on each where the
+        # model adds them); the others receive the cotangent of their output. Selecting (not
+        # multiplying) keeps whatever an idle receive holds out of the gradients.
         ct_h = jnp.where(last, jnp.zeros_like(recv_b), recv_b)
-        ct_loss = _vary(jnp.where(last, 1.0, 0.0).astype(jnp.float32))
+        ct_loss = _vary(jnp.ones((), jnp.float32))
         g_layers, g_shared, d_h = vjp_fn((ct_h, ct_loss))
         return g_layers, g_shared, d_h, sums
 
-    return functools.partial(forward, layers, shared), backward
+    return (lambda h_in, index: forward(layers, shared, h_in, index)[0]), backward
 
 
 def one_f_one_b_pass(stages, loss: Loss, names, schedule: Schedule, chunks, shared, micro):
@@ -479,7 +493,8 @@ class Pipeline:
     def _sum_names(self, params, batch) -> tuple[str, ...]:
         """The names of the loss's sums (traced on global shapes, outside ``shard_map``)."""
         def sums(params, batch):
-            return check_sums(self.loss_fn(self.model(self.natural(params), batch["inputs"]), batch))
+            outputs, extra = self.model.outputs_and_sums(self.natural(params), batch["inputs"])
+            return check_sums(self.loss_fn(outputs, batch)) | extra
 
         return tuple(sorted(jax.eval_shape(sums, params, batch)))
 

@@ -52,6 +52,7 @@ from shardml.models.transformer_layers import (  # noqa: F401
     rms_norm,
     rotary,
     run_layers,
+    stage_sums,
     transformer_apply,
     transformer_apply_sums,
     transformer_specs,
@@ -78,14 +79,15 @@ def transformer(cfg: TransformerConfig, seq_len: int) -> Model:
         apply=functools.partial(transformer_apply, cfg=cfg),
         flops_per_example=transformer_flops_per_token(cfg, seq_len) * seq_len,
         tokens_per_example=seq_len,
-        # The experts' auxiliary losses are not carried between pipeline stages (yet): no stages.
-        stages=None if cfg.experts else Stages(
+        stages=Stages(
             embed=functools.partial(embed_tokens, cfg=cfg),
             layers=functools.partial(run_layers, cfg=cfg),
             head=functools.partial(output_logits, cfg=cfg),
             # local and global layers: a pipeline stage says where its layers sit in the model
             layers_from=(lambda stack, x_BSD, first: run_layers(stack, x_BSD, cfg, first)) if cfg.global_every
             else None,
+            # the experts' auxiliary losses: each stage adds its layers' share
+            layers_sums=functools.partial(stage_sums, cfg=cfg) if cfg.experts else None,
         ),
         name="transformer",
         compute_dtype=cfg.dtype,

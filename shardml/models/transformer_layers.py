@@ -593,7 +593,21 @@ def transformer_apply_sums(params, inputs, cfg: TransformerConfig):
         # the partitioner moves the whole sequence for this gather: D values per position, not V logits
         x_BSD = constrain(x_BSD[:, np.argsort(order)], ACT_LOGICAL)
     logits_BSV = output_logits(params, x_BSD, cfg)
-    if not cfg.experts:
-        return logits_BSV, {}
-    aux, z = jnp.mean(aux_L), jnp.mean(z_L)
-    return logits_BSV, {"loss": cfg.aux_loss_weight * aux + cfg.z_loss_weight * z, "moe_aux": aux, "moe_z": z}
+    return logits_BSV, expert_sums(aux_L, z_L, cfg) if cfg.experts else {}
+
+
+def expert_sums(aux_L, z_L, cfg: TransformerConfig) -> dict:
+    """The experts' additions to the loss sums from some of the layers' auxiliary-loss sums: each
+    layer's share of the mean over all ``cfg.layers`` (the shares of a pipeline's stages add up)."""
+    aux, z = jnp.sum(aux_L) / cfg.layers, jnp.sum(z_L) / cfg.layers
+    return {"loss": cfg.aux_loss_weight * aux + cfg.z_loss_weight * z, "moe_aux": aux, "moe_z": z}
+
+
+def stage_sums(layers, x_BSD, first, cfg: TransformerConfig):
+    """A pipeline stage's layers (model-wide index of the first: ``first``) and their expert sums:
+    ``(x, sums)``, see :func:`expert_sums`.
+
+        x_BSD, sums = stage_sums(stage_layers, x_BSD, first, cfg)
+    """
+    x_BSD, (aux_L, z_L) = run_layers_sums(layers, x_BSD, cfg, first)
+    return x_BSD, expert_sums(aux_L, z_L, cfg)

@@ -52,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardml.core.errors import ModelError
 from shardml.core.sharding import split_axes, transform_owned_axes
+from shardml.models.grouped_matmul import grouped_matmul
 
 GATES = ("softmax", "sigmoid")
 # How the (token, choice) pairs reach experts on other ``expert`` shards: "all_to_all" is the
@@ -118,21 +119,14 @@ def aux_sums(logits_BSN, scores_BSN, expert_BSK, experts: int):
 
 
 def grouped_experts(x_AD, sizes_N, w_gate, w_up, w_down, act):
-    """The SwiGLU experts on rows sorted by expert (``sizes_N`` rows each, in order): [A, D]."""
+    """The SwiGLU experts on rows sorted by expert (``sizes_N`` rows each, in order): [A, D].
+    :func:`~shardml.models.grouped_matmul.grouped_matmul` batches under the accumulator's ``vmap``
+    inside the members' one, where ``jax.lax.ragged_dot``'s own rule fails (JAX 0.10.2)."""
     dtype = x_AD.dtype
-    w_gate, w_up, w_down = (mapped_like(w.astype(dtype), sizes_N) for w in (w_gate, w_up, w_down))
-    gate_AF = jax.lax.ragged_dot(x_AD, w_gate, sizes_N)
-    up_AF = jax.lax.ragged_dot(x_AD, w_up, sizes_N)
-    return jax.lax.ragged_dot(act(gate_AF) * up_AF, w_down, sizes_N)
-
-
-def mapped_like(w, ref_N):
-    """``w`` itself, but mapped wherever ``ref`` is (under ``vmap``). ``ragged_dot``'s batching rule
-    (JAX 0.10.2) needs every operand mapped on axis 0, and the accumulator's ``vmap`` over data
-    shards maps the tokens, not the weights: indexing the weights by a zero computed from a mapped
-    value maps them too (one copy per data shard, where that shard's rows are)."""
-    zero = ref_N[0] * 0
-    return jax.lax.dynamic_index_in_dim(w[None], zero, 0, keepdims=False)
+    w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
+    gate_AF = grouped_matmul(x_AD, w_gate, sizes_N)
+    up_AF = grouped_matmul(x_AD, w_up, sizes_N)
+    return grouped_matmul(act(gate_AF) * up_AF, w_down, sizes_N)
 
 
 def sorted_by_expert(expert_TK, experts: int):

@@ -124,8 +124,7 @@ def check_stackable(program: Program, stacked_: str) -> None:
     "clients"): it trains one model, and no pipeline (its shard_map does not run under vmap).
 
     Raises:
-      SettingError: a program already stacked, a ``pipeline`` mesh axis > 1 (subject ``pipeline``),
-        or a mixture-of-experts model (subject ``experts``).
+      SettingError: a program already stacked, or a ``pipeline`` mesh axis > 1 (subject ``pipeline``).
     """
     if program.members > 1:
         raise SettingError(f"the program already trains {program.members} stacked members; stack {stacked_} over "
@@ -135,11 +134,6 @@ def check_stackable(program: Program, stacked_: str) -> None:
         raise SettingError(f"pipeline={stages} with stacked {stacked_}: {stacked_} are vmapped, and the pipeline's "
                            f"shard_map does not run under vmap; use pipeline=1 (data, fsdp and tensor work inside "
                            f"each of the {stacked_})", subject="pipeline", value=stages)
-    experts = getattr(program.parts.model.config, "experts", 0)
-    if experts:  # the accumulator's vmap inside the members' one: JAX 0.10.2's ragged_dot batching fails
-        raise SettingError(f"experts={experts} with stacked {stacked_}: the experts' grouped products cannot run "
-                           f"under two vmaps yet (JAX 0.10.2); train the {stacked_} as separate runs",
-                           subject="experts", value=experts)
 
 
 def check_members(members: int, mesh) -> None:

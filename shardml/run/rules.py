@@ -59,17 +59,21 @@ def _vmapped_pipeline(cfg: Config, sizes: dict[str, int]) -> None:
 
 def _context(cfg: Config, sizes: dict[str, int]) -> None:
     """``mesh.context`` splits the sequence: a transformer's, into equal parts (ring attention's
-    causal balancing into 2 x context chunks), not yet with a pipeline."""
+    causal balancing into 2 x context chunks); inside a pipeline's stages with all-gathered
+    attention only."""
     c = sizes["context"]
     if c == 1:
         return
     if cfg.model.kind != "transformer":
         raise ConfigError(f"mesh.context={c} splits the sequence, and model.kind={cfg.model.kind} has none; "
                           "use mesh.context=1", subject="mesh.context", value=c)
-    if sizes["pipeline"] > 1:
-        raise ConfigError(f"mesh.context={c} with mesh.pipeline={sizes['pipeline']}: context parallelism does not run "
-                          "inside the pipeline's stages yet; use one of them", subject="mesh.context", value=c)
     ring = cfg.model.context_attention == "ring"
+    _experts_in_1f1b(cfg, sizes)
+    if ring and sizes["pipeline"] > 1:  # all-gathered attention runs inside the stages: the partitioner splits it
+        raise ConfigError(f"mesh.context={c} with mesh.pipeline={sizes['pipeline']} and model.context_attention=ring: "
+                          "the pipeline's stages run the sequence in its natural order, not ring attention's balanced "
+                          "one, so ring attention does not run inside them yet; use model.context_attention=allgather "
+                          "or mesh.pipeline=1", subject="model.context_attention", value="ring")
     parts = 2 * c if ring else c
     if cfg.data.seq_len % parts:
         why = (f"model.context_attention=ring gives each of the {c} context shards one early and one late chunk, "
@@ -78,6 +82,17 @@ def _context(cfg: Config, sizes: dict[str, int]) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by {why}: each context shard holds an "
                           f"equal part of the sequence; use data.seq_len={lower or parts} or {lower + parts}, or "
                           f"another mesh.context", subject="data.seq_len", value=cfg.data.seq_len)
+
+
+def _experts_in_1f1b(cfg: Config, sizes: dict[str, int]) -> None:
+    """1F1B runs each stage's forward and backward in a ``lax.cond`` that only that stage takes;
+    the experts' routing over context x expert shards exchanges tokens there by collective-permute,
+    which on XLA:CPU waits for every device: the step hangs (seen with JAX 0.10.2)."""
+    if cfg.model.experts and sizes["pipeline"] > 1 and cfg.pipeline.schedule == "1f1b" and sizes["expert"] > 1:
+        raise ConfigError(f"model.experts={cfg.model.experts} with pipeline.schedule=1f1b on mesh.context="
+                          f"{sizes['context']} x mesh.expert={sizes['expert']}: the experts' token exchanges inside "
+                          "1F1B's per-stage branches wait for every device and hang; use pipeline.schedule=gpipe or "
+                          "circular, or mesh.context=1 or mesh.expert=1", subject="pipeline.schedule", value="1f1b")
 
 
 def _population(cfg: Config, sizes: dict[str, int]) -> None:

@@ -119,9 +119,9 @@ MUTATIONS: list[Mutation] = [
     M("pipeline-cotangent-sent-forward", "core", "GPipe's backward permute not reversed (swapped arguments)",
       "tuple((dst, src) for src, dst in pairs)", "tuple((src, dst) for src, dst in pairs)",
       ("tests/test_pipeline.py::test_schedule_matches_unpipelined_model[gpipe-2-4-fsdp=2]",)),
-    M("pipeline-1f1b-loss-seed-halved", "core", "1F1B seeds the last stage's backward with 0.5: every gradient halved",
-      "ct_loss = _vary(jnp.where(last, 1.0, 0.0).astype(jnp.float32))",
-      "ct_loss = _vary(jnp.where(last, 0.5, 0.0).astype(jnp.float32))",
+    M("pipeline-1f1b-loss-seed-halved", "core", "1F1B seeds every stage's loss with 0.5: every gradient halved",
+      "ct_loss = _vary(jnp.ones((), jnp.float32))",
+      "ct_loss = _vary(jnp.full((), 0.5, jnp.float32))",
       (f"{G}::test_pipelined_transformer_gradient_equals_jax_grad",)),
     M("privacy-clip-up", "core", "DP-SGD's clip factor also scales small gradients up",
       "factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))",
@@ -611,4 +611,25 @@ MUTATIONS += [
       'k_BSKE, v_BSKE = (constrain(x, ("batch", None, "act_kv_heads", None)) for x in (k_BSKE, v_BSKE))',
       "k_BSKE, v_BSKE = k_BSKE, v_BSKE",
       (f"{CTX_THEORY}::test_allgather_attention_gathers_k_and_v_and_sums_their_gradients_over_context",)),
+]
+
+MOE_MEMBERS = "tests/test_moe_compose.py::test_each_moe_member_of_a_sweep_equals_its_own_plain_step"
+GROUPED = "tests/test_moe_compose.py::test_grouped_products_under_two_vmaps_equal_a_per_row_loop_values_and_gradients"
+MOE_1F1B = "tests/test_moe_compose.py::test_moe_1f1b_with_allgathered_context_equals_one_device"
+MUTATIONS += [
+    # ------------------------------------------------------------------ experts with members and the pipeline
+    M("grouped-dw-reshaped-not-transposed", "models", "the batched expert-weight gradient [N, M, ...] reshaped to "
+      "[M, N, ...] instead of transposed: the members' and shards' expert gradients are scrambled",
+      'jnp.swapaxes(out, 0, 1) if kind == "contract" else out',
+      'out.reshape(out.shape[1], out.shape[0], *out.shape[2:]) if kind == "contract" else out', (GROUPED, MOE_MEMBERS)),
+    M("1f1b-stage-sums-dropped", "core", "1F1B drops the experts' auxiliary losses a stage's layers add",
+      "sums = _with_stage_sums(sums, extra, True)", "sums = sums", (MOE_1F1B,)),
+    M("1f1b-aux-seeded-on-last-stage-only", "core", "1F1B seeds the loss on the last stage only, so the earlier "
+      "stages' auxiliary losses add to the loss but get no gradient",
+      "ct_loss = _vary(jnp.ones((), jnp.float32))",
+      "ct_loss = _vary(jnp.where(last, 1.0, 0.0).astype(jnp.float32))", (MOE_1F1B,)),
+    M("expert-sums-mean-per-stage", "models", "each pipeline stage averages the auxiliary losses over its own "
+      "layers, so the stages' shares add up to p times the mean",
+      "aux, z = jnp.sum(aux_L) / cfg.layers, jnp.sum(z_L) / cfg.layers",
+      "aux, z = jnp.mean(aux_L), jnp.mean(z_L)", (MOE_1F1B,)),
 ]
