@@ -355,9 +355,10 @@ def _expert_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
     """The all-to-all dispatch of :mod:`shardml.models.transformer_moe` over ``expert`` (N_e
     shards), per layer and microbatch: forward the int32 counts [N_e, X / N_e] (X elements), the
     routed rows and the experts' results, each [N_e, room, D] in the compute dtype; backward the
-    rows' and results' cotangents; with remat (``dots`` or ``full``) the forward's three again."""
+    rows' and results' cotangents; with remat (``dots`` or ``full``) the forward's three again.
+    Not inside a pipeline's stages, where the partitioner places the experts (not modelled)."""
     e = sizes.get("expert", 1)
-    if not work.experts or e == 1 or work.moe_dispatch != "all_to_all":
+    if not work.experts or e == 1 or work.moe_dispatch != "all_to_all" or sizes["pipeline"] > 1:
         return []
     passes = work.microbatches * pipeline_microbatches(work, sizes["pipeline"])
     layers = work.layers // sizes["pipeline"]

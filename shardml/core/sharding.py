@@ -165,6 +165,12 @@ def current_rules() -> Rules | None:
     return _ACTIVE_RULES.get()
 
 
+def manual_axes() -> frozenset[str]:
+    """The mesh axes an enclosing ``shard_map`` made manual here (a pipeline's stages: ``pipeline``
+    and the axes it owns); empty outside one."""
+    return _manual_axes()
+
+
 def _manual_axes() -> frozenset[str]:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from shardml.core.errors import ModelError
-from shardml.core.sharding import split_axes, transform_owned_axes
+from shardml.core.sharding import manual_axes, split_axes, transform_owned_axes
 from shardml.models.grouped_matmul import grouped_matmul
 
 GATES = ("softmax", "sigmoid")
@@ -174,14 +174,15 @@ def dispatch_axes(cfg, rows: int):
     """``(expert_axis, batch_axes, seq_axes)`` for the all-to-all dispatch of ``rows`` rows here, or
     None where the partitioner places the experts: ``moe_dispatch="gspmd"``, the experts not split,
     split over more than one axis, or their axis not splitting the batch (each shard must own its
-    tokens), or rows that do not split evenly over the batch's axes (a training batch always
-    does, ``check_batch``; a decoding batch of one row need not).
+    tokens), rows that do not split evenly over the batch's axes (a training batch always does,
+    ``check_batch``; a decoding batch of one row need not), or inside a pipeline's stages (an
+    enclosing ``shard_map``: the nested one's cotangents fail JAX 0.10.2's varying-axes check).
 
         dispatch_axes(cfg, 16)   # ('expert', ('fsdp', 'expert'), ()) inside the accumulator's vmap
     """
     expert = split_axes("experts")
     batch = split_axes("batch")
-    if cfg.moe_dispatch != "all_to_all" or len(expert) != 1 or expert[0] not in batch:
+    if cfg.moe_dispatch != "all_to_all" or len(expert) != 1 or expert[0] not in batch or manual_axes():
         return None
     mesh = jax.sharding.get_abstract_mesh()
     if rows % math.prod(mesh.shape[a] for a in batch):
