@@ -20,8 +20,9 @@ from its optimized HLO (the op, or a fusion's fused ops) and its metadata:
 - by the Python stack that emitted the op (XLA's dumps keep it): ``optimizer update`` (any frame in
   optax or MaxText's optimizers: Adam, clipping, apply_updates), ``non-finite guard`` (``is-finite``
   and shardml's ``update.advance`` selects), ``loss`` (frames in ``losses.py`` or a cross-entropy
-  function, products excluded), ``one-hot embedding`` (shardml's ``embed_tokens``: the one-hot and
-  its product, forward and backward; MaxText embeds by a gather: ``gathers``);
+  function, or emitted by MaxText's ``loss_fn`` itself; products excluded), ``one-hot embedding``
+  (``one_hot`` in the op's name, and shardml's ``embed_tokens``: the one-hot and its product,
+  forward and backward);
 - then by content: ``matrix products`` (dot /
   convolution, also ragged dots), ``gathers`` (gather, dynamic-slice), ``scatters``,
   ``converts`` (fusions of converts only), ``copies / transposes``, ``reductions``, ``elementwise``
@@ -156,9 +157,10 @@ def category(instr: dict, instrs: dict) -> str:
         return "optimizer update"
     if "is-finite" in ops or "update.py:advance" in stack:  # shardml's guard: the selects in update.advance
         return "non-finite guard"
-    if re.search(r"losses\.py|cross_entropy|log_softmax", stack) and not has_dot:
+    inner = stack.split(" < ")[0]  # the frame that emitted it: MaxText's loss_fn body is the loss, its callees not
+    if (re.search(r"losses\.py|cross_entropy|log_softmax", stack) or inner.endswith(":loss_fn")) and not has_dot:
         return "loss"
-    if "one_hot" in meta or "embed_tokens" in stack:  # shardml's one-hot embedding: one_hot and its product
+    if "one_hot" in meta or "embed_tokens" in stack:  # shardml's embed_tokens: one_hot and its product
         return "one-hot embedding"
     if has_dot:
         return "matrix products"
