@@ -211,7 +211,10 @@ if sys.argv[1] == "shardml":
     out["package"] = os.path.dirname(shardml.__file__)
 else:
     import importlib.metadata, maxtext.trainers.pre_train.train
+    from maxtext.configs import pyconfig
     out["package"] = "maxtext " + importlib.metadata.version("maxtext")
+    if sys.argv[2:]:  # the race's MaxText command line: a key it rejects fails here, before any run
+        pyconfig.initialize(["train", *sys.argv[2:]])
 print("PROBE " + json.dumps(out))
 """
 
@@ -247,6 +250,7 @@ def maxtext_moe(shape: dict) -> list[str]:
     if not shape["experts"]:
         return []
     return ["decoder_block=mixtral", f"num_experts={shape['experts']}", f"num_experts_per_tok={shape['top_k']}",
+            f"base_moe_mlp_dim={shape['d_ff']}",  # each expert as wide as the dense MLP (shardml: expert_d_ff=0)
             "sparse_matmul=true", "megablox=false", "capacity_factor=-1", "load_balance_loss_weight=0.01"]
 
 
@@ -614,7 +618,9 @@ def main():
               "(create one with Python >= 3.12: `python3.12 -m venv DIR && DIR/bin/pip install "
               "\"maxtext[tpu]==0.2.5\"`, then pass --maxtext-venv DIR or set MAXTEXT_VENV=DIR)", file=sys.stderr)
     else:
-        info["maxtext"] = probe(python, "maxtext", bare, log_dir)
+        info["maxtext"] = probe(python, "maxtext", bare, log_dir, maxtext_command(
+            python, base_yml, parse_layout(args.layouts[0]), 1, args.maxtext_remat, os.path.join(log_dir, "probe"),
+            cache_dir="", extra=args.maxtext_set)[3:])
         info["maxtext"]["xla_env"] = _xla_text(xla) if args.xla_env == "same" else ""
         info["maxtext"]["cache"] = f"jax_cache_dir={args.maxtext_cache}, before the race " + cache_state(
             args.maxtext_cache)

@@ -145,6 +145,7 @@ def test_bench_maxtext_moe_race_gives_both_systems_the_same_experts_and_layout()
     mt = bench_maxtext.maxtext_command("py", "base.yml", sizes, 5, "full", "out", shape=shape, cache_dir="/c")
     for key in ("num_experts=8", "num_experts_per_tok=2", "sparse_matmul=true", "megablox=false", "capacity_factor=-1",
                 "ici_expert_parallelism=4", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=1", "jax_cache_dir=/c",
+                "base_moe_mlp_dim=1024",
                 "decoder_block=mixtral"):
         assert key in mt
     sm = bench_maxtext.shardml_command("py", "d.yaml", sizes, 5, [], "out", shape=shape)
