@@ -20,9 +20,10 @@ leaves the dispatch to the partitioner (all-gathers / all-reduces over ``expert`
 Warm caches: MaxText keeps a persistent compilation cache (its ``jax_cache_dir``, ``~/jax_cache`` by
 default; ``--maxtext-cache``), so shardml gets one too (``JAX_COMPILATION_CACHE_DIR``,
 ``--shardml-cache``, default ``~/jax_cache_shardml``), and before any timed run each system runs
-once per layout, untimed (``--short`` steps, ``--no-warmup`` skips it). Without that, whichever
+once per layout and run length, untimed (``--no-warmup`` skips it). Without that, whichever
 system's first timed run compiled cold paid the compile in one run of the long/short pair and not
-in the other, which biased its whole-process figure. The output prints both cache directories with
+in the other, which biased its whole-process figure. Both lengths: MaxText builds its learning-rate
+schedule from ``steps`` into the compiled step, so its long and short runs are different programs. The output prints both cache directories with
 their size before and after, the warm-up times, and the settings each side ran with: shardml's
 ``model.remat`` / ``model.layer_loop`` as its run resolves them, MaxText's ``remat_policy`` /
 ``scan_layers`` (and the MoE keys) from its ``Config param`` log lines.
@@ -382,27 +383,30 @@ def cache_state(path: str) -> str:
 
 
 def warm_up(layout: str, systems: list[System], args, log_dir: str, res: dict) -> None:
-    """One untimed run of each system (``--short`` steps) so that both compilation caches hold this
-    layout's programs before any timed run: otherwise the first timed run pays the compile and later
-    ones do not, which biases the long-minus-short difference of whichever system runs first."""
+    """Untimed runs of each system, one per run length (``--short`` and ``--long`` steps), so that both
+    compilation caches hold every program the timed runs will ask for: otherwise the first timed run
+    pays the compile and later ones do not, which biases the long-minus-short difference. Both lengths,
+    because MaxText builds its learning-rate schedule from ``steps`` into the step program (a
+    different program per length; shardml passes its schedule as data, one program)."""
     sizes = parse_layout(layout)
     for system in systems:
-        out = os.path.join(log_dir, f"{system.name}_{_slug(layout)}_warmup")
-        shutil.rmtree(out, ignore_errors=True)
-        wall, _, code = run_child(system.command(sizes, args.short, out), system.env, log_dir, out + ".log", args.timeout)
-        if code:
-            raise _fail(system.name, code, out + ".log", ", warm-up run")
-        res[system.name]["warmup"] = wall
-        res[system.name]["resolved"] = system.settings_of(out, out + ".log")
-        print(f"  {layout} warm-up (untimed): {system.name} {args.short} steps {wall:.1f}s; cache "
-              f"{cache_state(system.cache) if system.cache else '-'}", file=sys.stderr, flush=True)
+        for steps in (args.short, args.long):
+            out = os.path.join(log_dir, f"{system.name}_{_slug(layout)}_warmup{steps}")
+            shutil.rmtree(out, ignore_errors=True)
+            wall, _, code = run_child(system.command(sizes, steps, out), system.env, log_dir, out + ".log", args.timeout)
+            if code:
+                raise _fail(system.name, code, out + ".log", ", warm-up run")
+            res[system.name]["warmup"].append(wall)
+            res[system.name]["resolved"] = system.settings_of(out, out + ".log")
+            print(f"  {layout} warm-up (untimed): {system.name} {steps} steps {wall:.1f}s; cache "
+                  f"{cache_state(system.cache) if system.cache else '-'}", file=sys.stderr, flush=True)
 
 
 def race(layout: str, systems: list[System], args, log_dir: str, load: OtherLoad) -> dict:
     """Every system's long and short runs for ``layout``, ``args.rounds`` rounds; per system the
     per-round whole-process and in-loop seconds per step, CPU-seconds per step and first loss."""
     sizes = parse_layout(layout)
-    res = {s.name: {"wall": [], "cpu": [], "loop": [], "startup": [], "loss": None, "others": [], "warmup": None,
+    res = {s.name: {"wall": [], "cpu": [], "loop": [], "startup": [], "loss": None, "others": [], "warmup": [],
                     "resolved": ""} for s in systems}
     if args.warmup:
         warm_up(layout, systems, args, log_dir, res)
@@ -457,7 +461,7 @@ def table(layouts, results, systems, args, info, comparable: bool) -> str:
         (f"decoder ({args.shape}): {SHAPE['layers']} layers, d_model {SHAPE['d_model']}, {SHAPE['heads']} heads x "
          f"{SHAPE['head_dim']}, SwiGLU {SHAPE['d_ff']}{moe}, vocab {SHAPE['vocab']}, seq {SHAPE['seq_len']}, "
          f"global batch {SHAPE['batch']}, bf16 compute / f32 params; {DEVICES} emulated CPU devices; each system a "
-         f"child process; {'one untimed warm-up run of each system per layout, then ' if args.warmup else 'NO warm-up, '}"
+         f"child process; {'untimed warm-up runs of each system and length per layout, then ' if args.warmup else 'NO warm-up, '}"
          f"{args.rounds} rounds of {args.long}- and {args.short}-step runs (median round); "
          f"shardml {info['shardml']['settings']}{''.join(f', {o}' for o in args.set)}; MaxText "
          f"remat_policy={args.maxtext_remat}"),
@@ -491,8 +495,9 @@ def table(layouts, results, systems, args, info, comparable: bool) -> str:
                  + " ".join(f"{x:.1f}s" for x in r["startup"]) for n, r in res.items()]
         lines.append(f"per-round ms/step, {layout}: " + "; ".join(parts))
         if args.warmup:
-            lines.append(f"warm-up (untimed, {args.short} steps), {layout}: " + "; ".join(
-                f"{n} {r['warmup']:.1f}s" + (f" [{r['resolved']}]" if r["resolved"] else "") for n, r in res.items()))
+            lines.append(f"warm-up (untimed, {args.short} and {args.long} steps), {layout}: " + "; ".join(
+                f"{n} " + " ".join(f"{x:.1f}s" for x in r["warmup"]) + (f" [{r['resolved']}]" if r["resolved"] else "")
+                for n, r in res.items()))
     lines.append("first loss (sanity; ln 256 = 5.545): " + "; ".join(
         f"{layout}: " + ", ".join(f"{n} {results[layout][n]['loss']:.3f}" for n in results[layout])
         for layout in layouts))
