@@ -13,8 +13,9 @@ by expert and three ``jax.lax.ragged_dot`` products; load-balancing loss 0.01, n
 against MaxText's Mixtral block with ``num_experts`` / ``num_experts_per_tok``, ``sparse_matmul=true,
 megablox=false`` (its ``jax.lax.ragged_dot`` path; megablox' Pallas kernels only run interpreted off
 TPU) and ``capacity_factor=-1`` (dropless), ``load_balance_loss_weight=0.01``. Both gate by a softmax
-over the chosen experts' logits. The same algorithm on both sides, not the same dispatch: with an
-``expert`` axis MaxText shards the experts with ``shard_map`` and ``ragged_all_to_all``, shardml
+over the chosen experts' logits. With an ``expert`` axis MaxText's default dispatch
+(``ragged_all_to_all``) does not compile on XLA:CPU, so MaxText runs ``use_ring_of_experts=true``
+(tokens all-gathered over ``expert``, each shard's experts, outputs summed back; dropless); shardml
 leaves the dispatch to the partitioner (all-gathers / all-reduces over ``expert``).
 
 Warm caches: MaxText keeps a persistent compilation cache (its ``jax_cache_dir``, ``~/jax_cache`` by
@@ -242,17 +243,23 @@ def maxtext_base_config(venv: str) -> str | None:
     return str(found[0]) if found else None
 
 
-def maxtext_moe(shape: dict) -> list[str]:
+def maxtext_moe(shape: dict, sizes: dict[str, int]) -> list[str]:
     """MaxText's MoE keys for ``shape`` (none for a dense one). Its Mixtral block is the llama decoder
     with a routed MLP (softmax over the chosen experts' logits = softmax gates renormalised over top-k,
     as shardml's ``moe_gate=softmax, norm_topk=true``). ``sparse_matmul=true, megablox=false``: the
     tokens sorted by expert and three ``jax.lax.ragged_dot`` products, dropless (``capacity_factor=-1``)
-    -- the algorithm of shardml's ``moe_ffn``; megablox' Pallas kernels do not run on CPU."""
+    -- the algorithm of shardml's ``moe_ffn``; megablox' Pallas kernels do not run on CPU. Under an
+    ``expert`` axis MaxText's default dispatch is ``ragged_all_to_all``, which XLA:CPU cannot compile
+    ("HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter", JAX 0.12), so it runs
+    ``use_ring_of_experts=true``: tokens all-gathered over ``expert``, each shard's experts applied
+    to them (still dropless: no ragged buffer), the outputs summed back -- the same collectives as
+    shardml's partitioner-placed dispatch."""
     if not shape["experts"]:
         return []
+    ring = ["use_ring_of_experts=true"] if sizes.get("expert", 1) > 1 else []
     return ["decoder_block=mixtral", f"num_experts={shape['experts']}", f"num_experts_per_tok={shape['top_k']}",
             f"base_moe_mlp_dim={shape['d_ff']}",  # each expert as wide as the dense MLP (shardml: expert_d_ff=0)
-            "sparse_matmul=true", "megablox=false", "capacity_factor=-1", "load_balance_loss_weight=0.01"]
+            "sparse_matmul=true", "megablox=false", "capacity_factor=-1", "load_balance_loss_weight=0.01", *ring]
 
 
 def maxtext_command(python: str, base_yml: str, sizes: dict[str, int], steps: int, remat: str, out: str,
@@ -271,7 +278,7 @@ def maxtext_command(python: str, base_yml: str, sizes: dict[str, int], steps: in
         "dtype=bfloat16", "weight_dtype=float32", "logits_via_embedding=false",  # mlp_activations default: silu,linear
         "learning_rate=3e-3", "gradient_clipping_threshold=1.0", f"remat_policy={remat}",
         *(f"ici_{axis}_parallelism={sizes.get(axis, 1)}" for axis in AXES), f"steps={steps}",
-        *([f"jax_cache_dir={cache_dir}"] if cache_dir else []), *maxtext_moe(shape), *extra,
+        *([f"jax_cache_dir={cache_dir}"] if cache_dir else []), *maxtext_moe(shape, sizes), *extra,
     ]
 
 
@@ -361,7 +368,7 @@ class System:
 
 _CONFIG_LINE = re.compile(r"Config param (\w+): (.*)$")
 MAXTEXT_SHOWN = ("remat_policy", "scan_layers", "jax_cache_dir", "decoder_block", "num_experts", "num_experts_per_tok",
-                 "sparse_matmul", "megablox", "capacity_factor")
+                 "sparse_matmul", "megablox", "capacity_factor", "use_ring_of_experts")
 
 
 def maxtext_settings(log_path: str) -> str:
