@@ -48,6 +48,7 @@ import shutil
 import sys
 import tempfile
 
+import _readme
 import bench_maxtext as bm  # benchmarks/ (this script's folder) is on sys.path; it imports no JAX
 
 CATEGORIES = ("matrix products", "gathers", "scatters", "all-reduce", "all-gather", "reduce-scatter", "all-to-all",
@@ -325,6 +326,9 @@ def parse_args(argv=None):
     ap.add_argument("--top", type=int, default=0, help="also list each system's N costliest ops per step")
     ap.add_argument("--trace-dir", default=None, help="where traces, HLO dumps and logs go (default: a temporary folder)")
     ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--readme", default=None,
+                    help="also write the printed tables as this file's profile_steps section (an idle machine only: "
+                         "refused when the 1-minute load average is above 0.5 at the start)")
     args = ap.parse_args(argv)
     if not 0 <= args.skip < args.steps:
         raise SystemExit(f"--skip {args.skip} / --steps {args.steps}: need 0 <= skip < steps")
@@ -333,6 +337,17 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    load = _readme.load_average()
+    if args.readme and not load <= bm.IDLE_LOAD:
+        raise SystemExit(f"{args.readme} not written: the 1-minute load average is {load:.2f} (> {bm.IDLE_LOAD}); "
+                         "rerun on an idle machine, or without --readme")
+    section = bm.readme_section(args.shape, args.moe).replace("bench_maxtext", "profile_steps")
+    with _readme.printed_section(args.readme, section, "benchmarks/profile_steps.py", sys.argv[1:],
+                                 hidden=("--readme", "--trace-dir", "--shardml-python", "--maxtext-venv")):
+        profile_all(args)
+
+
+def profile_all(args):
     layouts = {layout: bm.parse_layout(layout) for layout in args.layouts}
     bm.SHAPE.clear()
     bm.SHAPE.update(bm.race_shape(args.shape, args.experts if args.moe else 0, args.top_k))
