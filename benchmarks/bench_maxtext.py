@@ -13,10 +13,12 @@ by expert and three ``jax.lax.ragged_dot`` products; load-balancing loss 0.01, n
 against MaxText's Mixtral block with ``num_experts`` / ``num_experts_per_tok``, ``sparse_matmul=true,
 megablox=false`` (its ``jax.lax.ragged_dot`` path; megablox' Pallas kernels only run interpreted off
 TPU) and ``capacity_factor=-1`` (dropless), ``load_balance_loss_weight=0.01``. Both gate by a softmax
-over the chosen experts' logits. With an ``expert`` axis MaxText's default dispatch
-(``ragged_all_to_all``) does not compile on XLA:CPU, so MaxText runs ``use_ring_of_experts=true``
-(tokens all-gathered over ``expert``, each shard's experts, outputs summed back; dropless); shardml
-leaves the dispatch to the partitioner (all-gathers / all-reduces over ``expert``).
+over the chosen experts' logits. That is the same algorithm on layouts without an ``expert`` axis.
+Under one, MaxText's sparse paths do not run on XLA:CPU (``ragged_all_to_all`` does not compile;
+``use_ring_of_experts`` fails with ragged_dot), so MaxText runs its dense path there
+(``sparse_matmul=false``: every expert on every token, the gates weighting the sum -- the same
+function, experts/top_k times the expert FLOPs), and the table says so; shardml keeps its dropless
+ragged_dot and leaves the dispatch to the partitioner (all-gathers / all-reduces over ``expert``).
 
 Warm caches: MaxText keeps a persistent compilation cache (its ``jax_cache_dir``, ``~/jax_cache`` by
 default; ``--maxtext-cache``), so shardml gets one too (``JAX_COMPILATION_CACHE_DIR``,
@@ -243,23 +245,38 @@ def maxtext_base_config(venv: str) -> str | None:
     return str(found[0]) if found else None
 
 
+def maxtext_moe_path(sizes: dict[str, int]) -> str:
+    """Which MoE path MaxText runs on layout ``sizes`` (see :func:`maxtext_moe`).
+
+    >>> maxtext_moe_path({"fsdp": 8})[:6]
+    'sparse'
+    """
+    if sizes.get("expert", 1) > 1:
+        return ("dense (sparse_matmul=false: every expert computes every token, gates weight the sum; dropless, "
+                "same function, experts/top_k x the expert FLOPs)")
+    return "sparse (sparse_matmul=true, megablox=false: sorted tokens, jax.lax.ragged_dot; dropless, as shardml)"
+
+
 def maxtext_moe(shape: dict, sizes: dict[str, int]) -> list[str]:
-    """MaxText's MoE keys for ``shape`` (none for a dense one). Its Mixtral block is the llama decoder
-    with a routed MLP (softmax over the chosen experts' logits = softmax gates renormalised over top-k,
-    as shardml's ``moe_gate=softmax, norm_topk=true``). ``sparse_matmul=true, megablox=false``: the
-    tokens sorted by expert and three ``jax.lax.ragged_dot`` products, dropless (``capacity_factor=-1``)
-    -- the algorithm of shardml's ``moe_ffn``; megablox' Pallas kernels do not run on CPU. Under an
-    ``expert`` axis MaxText's default dispatch is ``ragged_all_to_all``, which XLA:CPU cannot compile
-    ("HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter", JAX 0.12), so it runs
-    ``use_ring_of_experts=true``: tokens all-gathered over ``expert``, each shard's experts applied
-    to them (still dropless: no ragged buffer), the outputs summed back -- the same collectives as
-    shardml's partitioner-placed dispatch."""
+    """MaxText's MoE keys for ``shape`` on layout ``sizes`` (none for a dense shape).
+
+    Its Mixtral block is the llama decoder with a routed MLP (softmax over the chosen experts'
+    logits = softmax gates renormalised over top-k, as shardml's ``moe_gate=softmax, norm_topk=true``),
+    dropless (``capacity_factor=-1``). Without an ``expert`` axis: ``sparse_matmul=true, megablox=false``,
+    the tokens sorted by expert and three ``jax.lax.ragged_dot`` products -- the algorithm of
+    shardml's ``moe_ffn`` (megablox' Pallas kernels run only interpreted off TPU). Under an ``expert``
+    axis MaxText's sparse paths do not run on XLA:CPU with JAX 0.12: its default dispatch,
+    ``ragged_all_to_all``, does not compile ("HLO opcode `ragged-all-to-all` is not supported by
+    XLA:CPU ThunkEmitter") and ``use_ring_of_experts=true`` with ragged_dot fails in tracing ("expected
+    rhs group dimension size to be 8, got 2"), so there it runs its dense path (``sparse_matmul=false``).
+    """
     if not shape["experts"]:
         return []
-    ring = ["use_ring_of_experts=true"] if sizes.get("expert", 1) > 1 else []
+    sparse = sizes.get("expert", 1) == 1
     return ["decoder_block=mixtral", f"num_experts={shape['experts']}", f"num_experts_per_tok={shape['top_k']}",
             f"base_moe_mlp_dim={shape['d_ff']}",  # each expert as wide as the dense MLP (shardml: expert_d_ff=0)
-            "sparse_matmul=true", "megablox=false", "capacity_factor=-1", "load_balance_loss_weight=0.01", *ring]
+            f"sparse_matmul={'true' if sparse else 'false'}", "megablox=false", "capacity_factor=-1",
+            "load_balance_loss_weight=0.01"]
 
 
 def maxtext_command(python: str, base_yml: str, sizes: dict[str, int], steps: int, remat: str, out: str,
@@ -368,7 +385,7 @@ class System:
 
 _CONFIG_LINE = re.compile(r"Config param (\w+): (.*)$")
 MAXTEXT_SHOWN = ("remat_policy", "scan_layers", "jax_cache_dir", "decoder_block", "num_experts", "num_experts_per_tok",
-                 "sparse_matmul", "megablox", "capacity_factor", "use_ring_of_experts")
+                 "sparse_matmul", "megablox", "capacity_factor")
 
 
 def maxtext_settings(log_path: str) -> str:
@@ -473,6 +490,10 @@ def table(layouts, results, systems, args, info, comparable: bool) -> str:
          f"shardml {info['shardml']['settings']}{''.join(f', {o}' for o in args.set)}; MaxText "
          f"remat_policy={args.maxtext_remat}"),
     ]
+    if SHAPE["experts"]:
+        lines.append("MoE paths: shardml dropless top-k, tokens sorted by expert, jax.lax.ragged_dot (capacity_factor=0) "
+                     "on every layout; MaxText " + "; ".join(f"{layout}: {maxtext_moe_path(parse_layout(layout))}"
+                                                             for layout in layouts))
     if not comparable:
         lines.append(f"NOT COMPARABLE: shardml runs on JAX {info['shardml']['jax']}, MaxText on JAX "
                      f"{info['maxtext']['jax']}")

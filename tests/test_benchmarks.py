@@ -143,9 +143,9 @@ def test_bench_maxtext_moe_race_gives_both_systems_the_same_experts_and_layout()
     shape = bench_maxtext.race_shape("race", experts=8, top_k=2)
     sizes = bench_maxtext.parse_layout("expert=4,fsdp=2")
     mt = bench_maxtext.maxtext_command("py", "base.yml", sizes, 5, "full", "out", shape=shape, cache_dir="/c")
-    for key in ("num_experts=8", "num_experts_per_tok=2", "sparse_matmul=true", "megablox=false", "capacity_factor=-1",
+    for key in ("num_experts=8", "num_experts_per_tok=2", "sparse_matmul=false", "megablox=false", "capacity_factor=-1",
                 "ici_expert_parallelism=4", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=1", "jax_cache_dir=/c",
-                "base_moe_mlp_dim=1024", "use_ring_of_experts=true",
+                "base_moe_mlp_dim=1024",
                 "decoder_block=mixtral"):
         assert key in mt
     sm = bench_maxtext.shardml_command("py", "d.yaml", sizes, 5, [], "out", shape=shape)
@@ -158,7 +158,8 @@ def test_bench_maxtext_moe_race_gives_both_systems_the_same_experts_and_layout()
     dense = bench_maxtext.maxtext_command("py", "base.yml", sizes, 5, "full", "out", shape=bench_maxtext.SHAPES["4x"])
     assert "base_emb_dim=512" in dense and not any(a.startswith(("num_experts", "jax_cache_dir")) for a in dense)
     no_ep = bench_maxtext.maxtext_command("py", "base.yml", {"fsdp": 8}, 5, "full", "out", shape=shape)
-    assert "num_experts=8" in no_ep and "use_ring_of_experts=true" not in no_ep  # MaxText's own dispatch without EP
+    assert "sparse_matmul=true" in no_ep  # without an expert axis MaxText runs ragged_dot, as shardml
+    assert bench_maxtext.maxtext_moe_path(sizes).startswith("dense")
 
 
 def test_bench_maxtext_rejects_bad_shapes_and_layouts():
