@@ -11,7 +11,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchma
 import _readme
 import bench_hf
 import bench_lora
+import bench_maxtext
 import bench_mfu
+import profile_steps
 
 import shardml
 from shardml import load_config
@@ -135,3 +137,117 @@ def test_bench_lora_adapters_in_one_step_train_as_the_runs_one_after_another():
     result = bench_lora.population_vs_sequential(args, built, bench_lora.token_batches(args, args.steps + 1))
     np.testing.assert_allclose(result["pop_losses"], result["seq_losses"], rtol=1e-5)
     assert len(set(np.round(result["seq_losses"], 6))) > 1, "the members differ (seeds and learning rates)"
+
+
+def test_bench_maxtext_moe_race_gives_both_systems_the_same_experts_and_layout():
+    shape = bench_maxtext.race_shape("race", experts=8, top_k=2)
+    sizes = bench_maxtext.parse_layout("expert=4,fsdp=2")
+    mt = bench_maxtext.maxtext_command("py", "base.yml", sizes, 5, "full", "out", shape=shape, cache_dir="/c")
+    for key in ("num_experts=8", "num_experts_per_tok=2", "sparse_matmul=false", "megablox=false", "capacity_factor=-1",
+                "ici_expert_parallelism=4", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=1", "jax_cache_dir=/c",
+                "base_moe_mlp_dim=1024",
+                "decoder_block=mixtral"):
+        assert key in mt
+    sm = bench_maxtext.shardml_command("py", "d.yaml", sizes, 5, [], "out", shape=shape)
+    for key in ("model.experts=8", "model.top_k=2", "model.capacity_factor=0", "mesh.expert=4", "mesh.fsdp=2"):
+        assert key in sm
+    # shardml's own config accepts the race's MoE overrides on that layout (no compile)
+    cfg = load_config(None, [*bench_maxtext.shardml_overrides([], shape), "mesh.expert=4", "mesh.fsdp=2"])
+    shardml.validate(cfg, 8)
+    assert (cfg.model.experts, cfg.model.top_k) == (8, 2)
+    dense = bench_maxtext.maxtext_command("py", "base.yml", sizes, 5, "full", "out", shape=bench_maxtext.SHAPES["4x"])
+    assert "base_emb_dim=512" in dense and not any(a.startswith(("num_experts", "jax_cache_dir")) for a in dense)
+    no_ep = bench_maxtext.maxtext_command("py", "base.yml", {"fsdp": 8}, 5, "full", "out", shape=shape)
+    assert "sparse_matmul=true" in no_ep  # without an expert axis MaxText runs ragged_dot, as shardml
+    assert bench_maxtext.maxtext_moe_path(sizes).startswith("dense")
+
+
+def test_bench_maxtext_rejects_bad_shapes_and_layouts():
+    with pytest.raises(SystemExit, match="--top-k 3: must be between 1 and --experts 2"):
+        bench_maxtext.race_shape("race", experts=2, top_k=3)
+    with pytest.raises(SystemExit, match="--experts 3"):
+        bench_maxtext.race_shape("race", experts=3, top_k=1)
+    with pytest.raises(SystemExit, match="axis=size pairs over data, fsdp, expert, tensor"):
+        bench_maxtext.parse_layout("experts=8")
+    assert bench_maxtext.readme_section("race", False) == "bench_maxtext"
+    assert bench_maxtext.readme_section("4x", True) == "bench_maxtext_4x_moe"
+
+
+def test_bench_maxtext_reads_maxtext_resolved_settings_and_cache_state(tmp_path):
+    log = tmp_path / "mt.log"
+    log.write_text("I1206 Config param scan_layers: True\nI1206 Config param remat_policy: full\n"
+                   "Config param jax_cache_dir: ~/jax_cache\nConfig param num_experts: 1\nConfig param megablox: True\n")
+    assert bench_maxtext.maxtext_settings(str(log)) == "remat_policy=full, scan_layers=True, jax_cache_dir=~/jax_cache"
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "entry").write_bytes(b"x" * 2_000_000)
+    assert bench_maxtext.cache_state(str(tmp_path / "cache")).endswith(": 1 files, 2.0 MB")
+    assert bench_maxtext.cache_state(str(tmp_path / "none")).endswith(": 0 files, 0.0 MB")
+
+
+_HLO = """HloModule jit_train_step
+
+FileNames
+1 "/site-packages/optax/_src/transform.py"
+2 "/shardml/core/losses.py"
+3 "/shardml/models/transformer_layers.py"
+
+FunctionNames
+1 "update_fn"
+2 "cross_entropy"
+3 "project"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=3 end_line=3 column=1 end_column=1}
+2 {file_name_id=2 function_name_id=2 line=5 end_line=5 column=1 end_column=1}
+3 {file_name_id=3 function_name_id=3 line=7 end_line=7 column=1 end_column=1}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=1}
+3 {file_location_id=3 parent_frame_id=3}
+
+%fused_dot (p0: bf16[4,4], p1: bf16[4,4]) -> bf16[4,4] {
+  %p0 = bf16[4,4]{1,0} parameter(0)
+  %p1 = bf16[4,4]{1,0} parameter(1)
+  ROOT %d = bf16[4,4]{1,0} dot(bf16[4,4]{1,0} %p0, bf16[4,4]{1,0} %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_cvt (p0.1: f32[4]) -> bf16[4] {
+  %p0.1 = f32[4]{0} parameter(0)
+  ROOT %c = bf16[4]{0} convert(f32[4]{0} %p0.1)
+}
+
+ENTRY %main.1 (a: bf16[4,4], b: f32[4]) -> f32[4] {
+  %a = bf16[4,4]{1,0} parameter(0)
+  %b = f32[4]{0} parameter(1)
+  %dot_fusion = bf16[4,4]{1,0} fusion(%a, %a), kind=kOutput, calls=%fused_dot, metadata={op_name="jit(f)/dot_general" stack_frame_id=3}
+  %convert_fusion = bf16[4]{0} fusion(%b), kind=kLoop, calls=%fused_cvt
+  %all-reduce.1 = f32[4]{0} all-reduce(f32[4]{0} %b), replica_groups={}, to_apply=%add
+  %lse = f32[4]{0} exponential(f32[4]{0} %b), metadata={op_name="jit(f)/exp" stack_frame_id=2}
+  %ag-start = f32[8]{0} all-gather-start(f32[4]{0} %b), dimensions={0}
+  ROOT %upd = f32[4]{0} multiply(f32[4]{0} %b, f32[4]{0} %b), metadata={op_name="jit(f)/mul" stack_frame_id=1}
+}
+"""
+
+
+def test_profile_steps_puts_each_hlo_op_in_its_category():
+    instrs = profile_steps.parse_hlo(_HLO)
+    got = {name: profile_steps.category(instrs[name], instrs)
+           for name in ("dot_fusion", "convert_fusion", "all-reduce.1", "lse", "ag-start", "upd")}
+    assert got == {"dot_fusion": "matrix products", "convert_fusion": "converts", "all-reduce.1": "all-reduce",
+                   "lse": "loss", "ag-start": "all-gather", "upd": "optimizer update"}
+    assert instrs["lse"]["source"] == "/shardml/core/losses.py:cross_entropy"  # a root frame: parent printed as 1
+    assert instrs["dot_fusion"]["source"] == (  # frame 3's parent: printed 3, frame 2
+        "/shardml/models/transformer_layers.py:project < /shardml/core/losses.py:cross_entropy")
+
+
+def test_profile_steps_self_times_and_steady_steps():
+    events = [(0, 10, "r", "while"), (1, 4, "r", "dot"), (6, 2, "r", "add"), (20, 5, "r", "copy")]
+    assert profile_steps.self_times(events) == [(0, "r", "while", 4), (1, "r", "dot", 4), (6, "r", "add", 2),
+                                                (20, "r", "copy", 5)]
+    runs = {"jit_train_step": [{"dot": 100.0}, {"dot": 4.0}, {"dot": 6.0}], "jit_init": [{"rng": 50.0}]}
+    per_step, spread = profile_steps.steady_steps(runs, steps=3, skip=1)
+    assert per_step == {("jit_train_step", "dot"): 5.0} and spread == [4.0, 6.0]
+    table = profile_steps.side_by_side("fsdp=8", {"a": {c: 0.0 for c in profile_steps.CATEGORIES} | {"loss": 2.0},
+                                                  "b": {c: 0.0 for c in profile_steps.CATEGORIES} | {"loss": 1.0}})
+    assert "| loss | 2.0 | 100 % | 1.0 | 100 % |" in table
