@@ -86,13 +86,13 @@ def _context(cfg: Config, sizes: dict[str, int]) -> None:
 
 def _experts_in_1f1b(cfg: Config, sizes: dict[str, int]) -> None:
     """1F1B runs each stage's forward and backward in a ``lax.cond`` that only that stage takes;
-    the experts' routing over context x expert shards exchanges tokens there by collective-permute,
-    which on XLA:CPU waits for every device: the step hangs (seen with JAX 0.10.2)."""
+    experts split over ``expert`` exchange tokens there by collectives, which on XLA:CPU wait for
+    every device: seen to hang on context=2 x expert=2 (JAX 0.10.2), so refused on any expert axis."""
     if cfg.model.experts and sizes["pipeline"] > 1 and cfg.pipeline.schedule == "1f1b" and sizes["expert"] > 1:
-        raise ConfigError(f"model.experts={cfg.model.experts} with pipeline.schedule=1f1b on mesh.context="
-                          f"{sizes['context']} x mesh.expert={sizes['expert']}: the experts' token exchanges inside "
-                          "1F1B's per-stage branches wait for every device and hang; use pipeline.schedule=gpipe or "
-                          "circular, or mesh.context=1 or mesh.expert=1", subject="pipeline.schedule", value="1f1b")
+        raise ConfigError(f"model.experts={cfg.model.experts} with pipeline.schedule=1f1b on mesh.expert="
+                          f"{sizes['expert']}: the experts' token exchanges inside 1F1B's per-stage branches wait for "
+                          "every device and hang; use pipeline.schedule=gpipe or circular, or mesh.expert=1",
+                          subject="pipeline.schedule", value="1f1b")
 
 
 def _population(cfg: Config, sizes: dict[str, int]) -> None:
