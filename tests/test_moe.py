@@ -147,7 +147,8 @@ def test_expert_layouts_equal_one_device_loss_and_gradients():
     want_params, want = _step({"data": 1}, batch)
     assert want["moe_aux"] > 0.5 and want["moe_z"] > 0
     # The aux loss is per sequence, so microbatches (rows split within each shard) change nothing either.
-    for sizes, microbatches in (({"expert": 2, "data": 2, "tensor": 2}, 2), ({"expert": 4, "fsdp": 2}, 1)):
+    for sizes, microbatches in (({"expert": 2, "data": 2, "tensor": 2}, 2), ({"expert": 4, "fsdp": 2}, 1),
+                                ({"fsdp": 4, "tensor": 2}, 2)):  # experts not split: each device its own tokens
         params, got = _step(sizes, batch, microbatches)
         for name in ("loss", "moe_aux", "moe_z", "grad_norm"):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=f"{sizes} {name}")

@@ -26,13 +26,13 @@ from shardml.run.planning import config_theory
 MESH = {"expert": 2, "fsdp": 2, "tensor": 2}
 
 
-def _on_mesh(cfg, fn):
-    """``fn`` jitted and run under the mesh MESH and the default rules."""
+def _on_mesh(cfg, fn, mesh=None, path=("expert", ("fsdp", "expert"), ())):
+    """``fn`` jitted and run under ``mesh`` (MESH) and the default rules, asserting the dispatch path."""
 
     def run(*args):
-        with jax.set_mesh(make_mesh(MESH)), use_rules(Rules.default()):
-            assert dispatch_axes(cfg, 4) == ("expert", ("fsdp", "expert"), ()), "not the all-to-all path"
-            assert dispatch_axes(cfg, 2) is None, "2 rows do not split over fsdp x expert = 4"
+        with jax.set_mesh(make_mesh(mesh or MESH)), use_rules(Rules.default()):
+            assert dispatch_axes(cfg, 4) == path, "not the hand-written dispatch"
+            assert dispatch_axes(cfg, 2) is None, "2 rows do not split over 4 shards"
             return jax.jit(fn)(*args)
 
     return run
@@ -46,7 +46,12 @@ def layer_and_h():
     return layer, h
 
 
-def test_all_to_all_layer_equals_dense_loop_values_and_gradients(layer_and_h):
+@pytest.mark.parametrize("mesh,path", [(MESH, ("expert", ("fsdp", "expert"), ())),
+                                       ({"fsdp": 4, "tensor": 2}, (None, ("fsdp",), ()))],
+                         ids=["expert=2xfsdp=2xtensor=2", "fsdp=4xtensor=2-experts-not-split"])
+def test_all_to_all_layer_equals_dense_loop_values_and_gradients(layer_and_h, mesh, path):
+    """Over an expert axis, the pairs travel by all-to-all; with the experts not split, each device
+    sends its own tokens through every expert (no exchange, nothing sorted across devices)."""
     layer, h = layer_and_h
     cotangent = jax.random.normal(jax.random.key(2), h.shape)
 
@@ -54,7 +59,7 @@ def test_all_to_all_layer_equals_dense_loop_values_and_gradients(layer_and_h):
         return lambda layer, h: jnp.sum(fn(layer, h) * cotangent)
 
     ours = lambda layer, h: feed_forward(h, layer, CFG)[0]  # noqa: E731
-    got, grads = _on_mesh(CFG, lambda *a: (ours(*a), jax.grad(loss(ours), argnums=(0, 1))(*a)))(layer, h)
+    got, grads = _on_mesh(CFG, lambda *a: (ours(*a), jax.grad(loss(ours), argnums=(0, 1))(*a)), mesh, path)(layer, h)
     np.testing.assert_allclose(got, jax.jit(dense_reference, static_argnums=2)(h, layer, CFG), atol=1e-5, rtol=1e-5)
     want = jax.jit(jax.grad(loss(lambda layer, h: dense_reference(h, layer, CFG)), argnums=(0, 1)))(layer, h)
     for path, g, w in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads),

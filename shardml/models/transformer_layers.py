@@ -119,8 +119,8 @@ class TransformerConfig:
     z_loss_weight: float = setting(0.001, minimum=0.0, hint="weight of the router z-loss in the loss")
     capacity_factor: float = setting(0.0, minimum=0.0, hint="0: dropless; c: each expert takes at most "
                                      "ceil(c x seq_len x top_k / experts) tokens of a sequence, earliest first")
-    moe_dispatch: str = setting("all_to_all", choices=MOE_DISPATCHES, hint="with the experts split over a mesh "
-                                "axis: a hand-written all-to-all of the routed tokens, or the partitioner's choice")
+    moe_dispatch: str = setting("all_to_all", choices=MOE_DISPATCHES, hint="all_to_all: each device routes its own "
+                                "tokens (over an expert axis by a hand-written all-to-all); gspmd: the partitioner's choice")
     # What a loaded checkpoint declares and save_hf writes back; the model itself does not use them.
     max_positions: int = setting(0, minimum=0, hint="the checkpoint's max_position_embeddings; 0: unknown "
                                  "(save_hf writes 4096)")

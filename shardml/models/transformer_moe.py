@@ -35,8 +35,13 @@ hold the worst case, all its A_l = rows x S x top_k pairs: each row all-to-all c
 [N_e, A_l, D] in the compute dtype, N_e times what the pairs need when routing is balanced. A
 capacity bounds the block by rows x (N / N_e) x C; pairs over capacity are not sent at all.
 
-``moe_dispatch="gspmd"`` (or experts not split, split over several axes, over an axis that does
-not split the batch, or rows that do not split evenly over the batch's axes) leaves the placement to the partitioner: on XLA:CPU (JAX 0.10.2) all-gathers
+With the experts not split but the batch split (``fsdp`` alone, say) the same ``shard_map`` runs
+without an exchange: each device sends its own tokens through every expert (:func:`own_tokens`);
+left to the partitioner, every device sorted all devices' pairs (2.7x slower on fsdp=8).
+
+``moe_dispatch="gspmd"`` (or experts split over several axes, over an axis that does not split
+the batch, rows that do not split evenly over the batch's axes, or inside a pipeline's stages)
+leaves the placement to the partitioner: on XLA:CPU (JAX 0.10.2) all-gathers
 and all-reduces over ``expert`` (about 4x the all-to-all's bytes per device on a small 8-expert
 shape, expert=4 x data=2), kept as the A/B reference: ``model.moe_dispatch=gspmd``.
 """
@@ -171,23 +176,27 @@ def moe_ffn(h_BSD, layer, cfg, act):
 
 
 def dispatch_axes(cfg, rows: int):
-    """``(expert_axis, batch_axes, seq_axes)`` for the all-to-all dispatch of ``rows`` rows here, or
-    None where the partitioner places the experts: ``moe_dispatch="gspmd"``, the experts not split,
-    split over more than one axis, or their axis not splitting the batch (each shard must own its
-    tokens), rows that do not split evenly over the batch's axes (a training batch always does,
-    ``check_batch``; a decoding batch of one row need not), or inside a pipeline's stages (an
-    enclosing ``shard_map``: the nested one's cotangents fail JAX 0.10.2's varying-axes check).
+    """``(expert_axis, batch_axes, seq_axes)`` for the hand-written dispatch of ``rows`` rows here
+    (``expert_axis`` None where the experts are not split: each device then runs every expert on its
+    own tokens, no exchange), or None where the partitioner places the experts:
+    ``moe_dispatch="gspmd"``, experts split over more than one axis or over an axis not splitting
+    the batch (each shard must own its tokens), no axis splitting anything here, rows that do not
+    split evenly over the batch's axes (a training batch always does, ``check_batch``; a decoding
+    batch of one row need not), or inside a pipeline's stages (an enclosing ``shard_map``: the
+    nested one's cotangents fail JAX 0.10.2's varying-axes check).
 
         dispatch_axes(cfg, 16)   # ('expert', ('fsdp', 'expert'), ()) inside the accumulator's vmap
     """
     expert = split_axes("experts")
     batch = split_axes("batch")
-    if cfg.moe_dispatch != "all_to_all" or len(expert) != 1 or expert[0] not in batch or manual_axes():
+    if cfg.moe_dispatch != "all_to_all" or len(expert) > 1 or not batch or manual_axes():
+        return None
+    if expert and expert[0] not in batch:
         return None
     mesh = jax.sharding.get_abstract_mesh()
     if rows % math.prod(mesh.shape[a] for a in batch):
         return None
-    return expert[0], batch, split_axes("act_seq")
+    return (expert[0] if expert else None), batch, split_axes("act_seq")
 
 
 def all_to_all_moe(h_BSD, expert_BSK, gates_BSK, keep_BSK, w_gate, w_up, w_down, act, *, axes, cfg):
@@ -202,7 +211,9 @@ def all_to_all_moe(h_BSD, expert_BSK, gates_BSK, keep_BSK, w_gate, w_up, w_down,
     """
     expert, batch, seq = axes
     mesh = jax.sharding.get_abstract_mesh()
-    shards = mesh.shape[expert]
+    # Experts not split (e.g. fsdp alone): each device's own tokens through every expert. Left to
+    # the partitioner, the sort over every device's pairs ran whole on each (2.7x slower on fsdp=8).
+    shards = mesh.shape[expert] if expert else 1
     rows = math.prod(mesh.shape[a] for a in batch)
     B, S = h_BSD.shape[:2]
     # Dropless: a shard may send all its pairs to one shard. A capacity of C pairs per expert and
@@ -212,11 +223,23 @@ def all_to_all_moe(h_BSD, expert_BSK, gates_BSK, keep_BSK, w_gate, w_up, w_down,
     if cfg.capacity_factor:
         room = min(room, (B // rows) * (cfg.experts // shards) * capacity(S, cfg))
     tokens = P(batch, seq or None)
-    local = functools.partial(exchange_local, act=act, axis=expert, room=room)
+    local = (functools.partial(exchange_local, act=act, axis=expert, room=room) if expert
+             else functools.partial(own_tokens, act=act))
     # The enclosing vmap's axes (the accumulator's data shards, members) must be manual too.
     fn = jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 4 + (P(expert),) * 3, out_specs=tokens,
-                       axis_names=set(batch) | set(seq) | {expert} | set(transform_owned_axes()), check_vma=False)
+                       axis_names=set(batch) | set(seq) | {expert} - {None} | set(transform_owned_axes()),
+                       check_vma=False)
     return fn(h_BSD, expert_BSK, gates_BSK, keep_BSK, w_gate, w_up, w_down)
+
+
+def own_tokens(h_BSD, expert_BSK, gates_BSK, keep_BSK, w_gate, w_up, w_down, *, act):
+    """One device's part (inside ``shard_map``) with every expert here: its own tokens through them
+    (a dropped pair's gate is already zero, so ``keep`` is not needed): [B, S, D]."""
+    B, S, D = h_BSD.shape
+    K = expert_BSK.shape[-1]
+    out_TD = local_moe(h_BSD.reshape(B * S, D), expert_BSK.reshape(B * S, K), gates_BSK.reshape(B * S, K),
+                       w_gate, w_up, w_down, act)
+    return out_TD.reshape(B, S, D)
 
 
 def send_slots(dest_A, shards: int):
