@@ -37,7 +37,8 @@ capacity bounds the block by rows x (N / N_e) x C; pairs over capacity are not s
 
 With the experts not split but the batch split (``fsdp`` alone, say) the same ``shard_map`` runs
 without an exchange: each device sends its own tokens through every expert (:func:`own_tokens`);
-left to the partitioner, every device sorted all devices' pairs (2.7x slower on fsdp=8).
+left to the partitioner, the same step ran 2.7x slower on fsdp=8 (the global sort of the pairs is
+the likely cost; its HLO was not read).
 
 ``moe_dispatch="gspmd"`` (or experts split over several axes, over an axis that does not split
 the batch, rows that do not split evenly over the batch's axes, or inside a pipeline's stages)
@@ -212,7 +213,7 @@ def all_to_all_moe(h_BSD, expert_BSK, gates_BSK, keep_BSK, w_gate, w_up, w_down,
     expert, batch, seq = axes
     mesh = jax.sharding.get_abstract_mesh()
     # Experts not split (e.g. fsdp alone): each device's own tokens through every expert. Left to
-    # the partitioner, the sort over every device's pairs ran whole on each (2.7x slower on fsdp=8).
+    # the partitioner, the step ran 2.7x slower on fsdp=8 (likely its sort of every device's pairs).
     shards = mesh.shape[expert] if expert else 1
     rows = math.prod(mesh.shape[a] for a in batch)
     B, S = h_BSD.shape[:2]

@@ -479,7 +479,7 @@ MUTATIONS: list[Mutation] = [
       "experts started at 0", ".at[dest_A, sorted_A % n].add(1, mode=\"drop\")",
       ".at[dest_A, jnp.minimum(sorted_A, n - 1)].add(1, mode=\"drop\")", (A2A_LAYER,)),
     M("moe-unsplit-experts-left-to-partitioner", "models", "with the experts not split (fsdp alone), the "
-      "partitioner sorts every device's pairs whole on each device (2.7x slower on fsdp=8)",
+      "partitioner places them (2.7x slower on fsdp=8)",
       "if expert and expert[0] not in batch:", "if not expert or expert[0] not in batch:", (A2A_LAYER,)),
     M("moe-own-tokens-ungated", "models", "each device's own tokens leave the experts without their gates",
       "gates_BSK.reshape(B * S, K),\n                       w_gate", "jnp.ones_like(gates_BSK).reshape(B * S, K),\n"
