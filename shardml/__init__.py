@@ -40,6 +40,7 @@ Public: the names of ``shardml.__all__`` and of the ``__all__`` of :mod:`shardml
 
 # Devices and processes
 from shardml.core.devices import emulate_cpu_devices
+from shardml.core.host_memory import keep_freed_host_memory
 from shardml.run.distributed import start as start_distributed
 
 # Errors
@@ -106,7 +107,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     # devices and processes
-    "emulate_cpu_devices", "start_distributed",
+    "emulate_cpu_devices", "keep_freed_host_memory", "start_distributed",
     # errors
     "ConfigError", "DataError", "LayoutError", "ModelError", "SettingError", "ShardmlError",
     # configs and config-driven runs

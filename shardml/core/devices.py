@@ -20,6 +20,7 @@ import re
 import sys
 
 from shardml.core.errors import SettingError
+from shardml.core.host_memory import keep_freed_host_memory
 
 XLA_DEVICE_FLAG = "xla_force_host_platform_device_count"
 
@@ -189,7 +190,8 @@ def emulate_cpu_devices(n: int) -> None:
     """Makes JAX's CPU backend expose ``n`` devices, so every mesh axis can be exercised on one host.
 
     Must run before JAX initialises its backend (the first ``jax.devices()`` or array operation).
-    It also applies :func:`avoid_cpu_collective_deadlock`.
+    It also applies :func:`avoid_cpu_collective_deadlock` and keeps freed host memory for the next
+    step (:func:`shardml.core.host_memory.keep_freed_host_memory`).
 
     Raises:
       SettingError: ``n`` is not positive, another setting asks for a different count, or JAX's
@@ -214,6 +216,8 @@ def emulate_cpu_devices(n: int) -> None:
             raise SettingError(f"cannot emulate {n} CPU devices: {source} asks for {count}; "
                                "keep one of the two settings (or make them agree)", subject="n", value=n)
     avoid_cpu_collective_deadlock(n)
+    if cpu_only():
+        keep_freed_host_memory()
     jax.config.update("jax_num_cpu_devices", n)
 
 
@@ -234,6 +238,8 @@ def setup_cpu_devices(cli: int | None = None) -> tuple[int | None, str]:
         count, source = DEFAULT_CPU_DEVICES, "default on a CPU-only machine"
     if source.startswith("XLA_FLAGS"):
         avoid_cpu_collective_deadlock(count)  # XLA reads the flag itself
+        if cpu_only():
+            keep_freed_host_memory()
     else:
         emulate_cpu_devices(count)
     return count, source

@@ -74,6 +74,7 @@ A2A = "tests/test_moe_dispatch.py"
 A2A_LAYER = f"{A2A}::test_all_to_all_layer_equals_dense_loop_values_and_gradients"
 A2A_CAPACITY = f"{A2A}::test_all_to_all_layer_with_capacity_equals_the_loop_in_order"
 MOE_HAND = f"{MOE}::test_routing_counts_and_aux_losses_by_hand"
+HOST_MEMORY = "tests/test_host_memory.py"
 
 M = Mutation
 MUTATIONS: list[Mutation] = [
@@ -148,6 +149,18 @@ MUTATIONS: list[Mutation] = [
       (f"{UNITS}::test_default_optimizer_is_clipped_adamw_written_here",)),
     M("optim-b1-b2-swapped", "core", "AdamW's b1 and b2 swapped", "optax.scale_by_adam(b1=b1, b2=b2)",
       "optax.scale_by_adam(b1=b2, b2=b1)", (f"{UNITS}::test_default_optimizer_is_clipped_adamw_written_here",)),
+    # ------------------------------------------------------------------ core: the host allocator on XLA:CPU
+    M("host-memory-mmaps-large-blocks", "core", "large blocks still mmapped (and unmapped) at every step",
+      "(M_MMAP_MAX, 0)", "(M_MMAP_MAX, 65536)", (HOST_MEMORY,)),
+    M("host-memory-trims", "core", "freed memory at the heap's top handed back to the kernel",
+      "(M_TRIM_THRESHOLD, -1)", "(M_TRIM_THRESHOLD, 128 * 1024)", (HOST_MEMORY,)),
+    M("host-memory-arenas", "core", "a heap per thread, unmapped when empty", "(M_ARENA_MAX, 1)", "(M_ARENA_MAX, 8)",
+      (HOST_MEMORY,)),
+    M("host-memory-overrides-user", "core", "the user's own MALLOC_* settings overridden",
+      "own = sorted(k for k in environ if k.startswith(USER_MALLOC_ENV_PREFIX))", "own = []", (HOST_MEMORY,)),
+    M("host-memory-not-applied", "core", "emulated CPU devices leave glibc's allocator as it is",
+      "    avoid_cpu_collective_deadlock(n)\n    if cpu_only():\n        keep_freed_host_memory()\n",
+      "    avoid_cpu_collective_deadlock(n)\n", (HOST_MEMORY,)),
     # ------------------------------------------------------------------ models
     M("attention-scale", "models", "attention scores divided by E instead of sqrt(E)",
       "scores = scores / math.sqrt(cfg.query_scale or E)", "scores = scores / (cfg.query_scale or E)", (REF,)),

@@ -1,0 +1,78 @@
+"""The host allocator on XLA:CPU: freed memory is kept for the next step, not handed back to the kernel.
+
+XLA:CPU mallocs each program's temporary buffer (a train step's activations and gathered
+weights: 58 MB per emulated device for the race decoder of ``benchmarks/bench_maxtext.py`` at
+fsdp=8) at every execution and frees it at the end. glibc serves such a block with a fresh
+``mmap`` (its mmap threshold cannot exceed 32 MiB) or from a thread arena's heap, which it unmaps
+once the heap is empty; either way the next step writes into pages the kernel must fault in and
+zero again. For that step it was 120,000 page faults per step and a quarter of the process's CPU
+time in the kernel (``perf``), against 7 % for MaxText's step, whose smaller temporary buffer
+(18 MB, layers scanned and recomputed) stays in the heap. :func:`keep_freed_host_memory` makes
+glibc keep it: one arena (the main one, which grows and shrinks by ``brk`` only), no ``mmap``
+for large blocks, and no trimming. The price is that the process keeps its peak heap until it
+exits, which a training process reaches again every step anyway.
+
+It is applied where shardml sets up emulated CPU devices (:func:`shardml.emulate_cpu_devices`,
+the command line on a CPU-only machine), never on accelerators, and not where the user chose
+allocator settings of their own (any ``MALLOC_*`` variable, ``glibc.malloc`` tunables) or set
+``SHARDML_HOST_MALLOC=system``. Figures: ``benchmarks/bench_host_memory.py``.
+
+    keep_freed_host_memory()   # True where glibc now keeps freed memory
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+OPT_OUT_ENV = "SHARDML_HOST_MALLOC"
+OPT_OUT_VALUE = "system"
+# mallopt(3) parameters (malloc.h) and the values set: one arena, no mmap-served blocks, -1 (the
+# man page's "disables trimming completely").
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+# What says the user has tuned glibc's allocator already: then it is theirs to keep.
+USER_MALLOC_ENV_PREFIX = "MALLOC_"
+USER_TUNABLES = ("GLIBC_TUNABLES", "glibc.malloc")
+
+_applied: list[bool] = []  # the outcome of the first call; mallopt is process-wide and set once
+
+
+def user_chose_allocator(environ=None) -> str:
+    """The environment setting that leaves the allocator as it is, or "" (none)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(OPT_OUT_ENV, "").lower() == OPT_OUT_VALUE:
+        return f"{OPT_OUT_ENV}={OPT_OUT_VALUE}"
+    own = sorted(k for k in environ if k.startswith(USER_MALLOC_ENV_PREFIX))
+    if own:
+        return own[0]
+    name, marker = USER_TUNABLES
+    return name if marker in environ.get(name, "") else ""
+
+
+def glibc():
+    """The C library as a ``ctypes.CDLL`` where it is glibc (``mallopt`` exists), else None."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+        return ctypes.CDLL("libc.so.6")
+    except (ValueError, OSError, AttributeError):  # not glibc: musl, macOS, Windows
+        return None
+
+
+def keep_freed_host_memory(libc=None, environ=None) -> bool:
+    """Sets glibc's allocator to keep freed memory (see the module docstring); True when it did.
+    Does nothing off glibc or where :func:`user_chose_allocator` names a setting; once per process.
+    :func:`shardml.emulate_cpu_devices` calls it; call it yourself, before JAX starts, where you
+    set XLA:CPU's devices another way.
+
+        shardml.keep_freed_host_memory()   # False on macOS, or with SHARDML_HOST_MALLOC=system
+    """
+    if _applied:
+        return _applied[0]
+    libc = glibc() if libc is None else libc
+    ok = libc is not None and not user_chose_allocator(environ)
+    if ok:
+        ok = all(libc.mallopt(param, value) == 1 for param, value in SETTINGS)
+    _applied.append(ok)
+    return ok
