@@ -167,8 +167,8 @@ def _set_up(config: pytest.Config, when: str) -> None:
                     jax.config.update("jax_platforms", "cpu")  # fake devices are CPU devices
                 if source.startswith("XLA_FLAGS"):
                     devices.avoid_cpu_collective_deadlock(count)
-                else:
-                    devices.emulate_cpu_devices(count)
+                else:  # the allocator as it is: a test suite mostly compiles (shardml.core.host_memory)
+                    devices.emulate_cpu_devices(count, keep_host_memory=False)
         except ConfigError as err:
             raise pytest.UsageError(f"shardml: {err}") from None
     state.update(count=count, source=source, when=when)

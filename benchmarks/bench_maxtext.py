@@ -207,11 +207,12 @@ if sys.argv[1] == "shardml":
     cfg = shardml.load_config(None, sys.argv[2:])  # the race's overrides: a typo or a bad value fails here, before any run
     shardml.validate(cfg, devices)
     before = {k: os.environ.get(k) for k in ("XLA_FLAGS", "NPROC")}
-    shardml.emulate_cpu_devices(devices)  # the same count: only its XLA:CPU deadlock workaround changes anything
+    shardml.emulate_cpu_devices(devices)  # the same count: only its XLA:CPU settings change anything
     out["xla"] = {k: os.environ[k] for k in before if os.environ.get(k) != before[k]}
     model = shardml.run_parts(cfg).cfg.model  # "auto" settings as the run resolves them on these devices
     out["settings"] = (f"remat={model.remat}, layer_loop={model.layer_loop} (given: {cfg.model.remat}, "
-                       f"{cfg.model.layer_loop}), grad_dtype={model.grad_dtype}")
+                       f"{cfg.model.layer_loop}), grad_dtype={model.grad_dtype}, freed host memory "
+                       + ("kept" if shardml.keep_freed_host_memory() else "returned (glibc's default)"))
     out["package"] = os.path.dirname(shardml.__file__)
 else:
     import importlib.metadata, maxtext.trainers.pre_train.train
@@ -531,7 +532,7 @@ def table(layouts, results, systems, args, info, comparable: bool) -> str:
         for layout in layouts))
     for name, i in info.items():
         lines.append(f"{name}: Python {i['python']}, JAX {i['jax']}, {i['package']} ({i['executable']}); "
-                     f"XLA settings: {i['xla_env'] or 'JAX defaults'}; compilation cache {i.get('cache', '-')}")
+                     f"environment settings: {i['xla_env'] or 'JAX defaults'}; compilation cache {i.get('cache', '-')}")
     return "\n".join(lines)
 
 
@@ -591,6 +592,9 @@ def main():
     ap.add_argument("--maxtext-set", action="append", default=[], metavar="KEY=VALUE",
                     help="another MaxText override for every MaxText run (repeatable), e.g. scan_layers=false")
     ap.add_argument("--maxtext-remat", default="full", help="MaxText remat_policy (its default: full)")
+    ap.add_argument("--maxtext-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable for MaxText's runs (repeatable), e.g. the allocator setting "
+                         "shardml makes for itself: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...")
     ap.add_argument("--maxtext-venv", default=os.environ.get("MAXTEXT_VENV", str(REPO.parent / "maxtext-venv")),
                     help="MaxText's virtual environment (env MAXTEXT_VENV; default: ../maxtext-venv)")
     ap.add_argument("--xla-env", choices=("same", "own"), default="same",
@@ -654,7 +658,9 @@ def main():
         info["maxtext"] = probe(python, "maxtext", bare, log_dir, maxtext_command(
             python, base_yml, parse_layout(args.layouts[0]), 1, args.maxtext_remat, os.path.join(log_dir, "probe"),
             cache_dir="", extra=args.maxtext_set)[3:])
-        info["maxtext"]["xla_env"] = _xla_text(xla) if args.xla_env == "same" else ""
+        maxtext_env = dict(kv.split("=", 1) for kv in args.maxtext_env)
+        info["maxtext"]["xla_env"] = " ".join(filter(None, [_xla_text(xla) if args.xla_env == "same" else "",
+                                                            *args.maxtext_env]))
         info["maxtext"]["cache"] = f"jax_cache_dir={args.maxtext_cache}, before the race " + cache_state(
             args.maxtext_cache)
         comparable = info["maxtext"]["jax"] == info["shardml"]["jax"]
@@ -667,10 +673,11 @@ def main():
             "maxtext", lambda sizes, steps, out: maxtext_command(
                 python, base_yml, sizes, steps, args.maxtext_remat, out, cache_dir=args.maxtext_cache,
                 extra=args.maxtext_set),
-            lambda out, log: maxtext_steps(log), env if args.xla_env == "same" else bare, args.maxtext_cache,
+            lambda out, log: maxtext_steps(log), {**(env if args.xla_env == "same" else bare), **maxtext_env},
+            args.maxtext_cache,
             lambda out, log: maxtext_settings(log)))
     for name, i in info.items():
-        print(f"{name}: Python {i['python']}, JAX {i['jax']}, {i['package']}; XLA settings: "
+        print(f"{name}: Python {i['python']}, JAX {i['jax']}, {i['package']}; environment settings: "
               f"{i['xla_env'] or 'JAX defaults'}; compilation cache {i['cache']}", file=sys.stderr)
     print("shardml settings (as its run resolves them): " + info["shardml"]["settings"], file=sys.stderr)
 

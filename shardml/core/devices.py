@@ -186,12 +186,13 @@ def avoid_cpu_collective_deadlock(devices: int | None = None) -> None:
         os.environ["NPROC"] = str(max(THREADS_PER_DEVICE * devices, os.cpu_count() or 1))
 
 
-def emulate_cpu_devices(n: int) -> None:
+def emulate_cpu_devices(n: int, keep_host_memory: bool = True) -> None:
     """Makes JAX's CPU backend expose ``n`` devices, so every mesh axis can be exercised on one host.
 
     Must run before JAX initialises its backend (the first ``jax.devices()`` or array operation).
-    It also applies :func:`avoid_cpu_collective_deadlock` and keeps freed host memory for the next
-    step (:func:`shardml.core.host_memory.keep_freed_host_memory`).
+    It also applies :func:`avoid_cpu_collective_deadlock` and, with ``keep_host_memory`` (for
+    training; a test suite that mostly compiles is faster without it), keeps freed host memory for
+    the next step (:func:`shardml.core.host_memory.keep_freed_host_memory`).
 
     Raises:
       SettingError: ``n`` is not positive, another setting asks for a different count, or JAX's
@@ -216,7 +217,7 @@ def emulate_cpu_devices(n: int) -> None:
             raise SettingError(f"cannot emulate {n} CPU devices: {source} asks for {count}; "
                                "keep one of the two settings (or make them agree)", subject="n", value=n)
     avoid_cpu_collective_deadlock(n)
-    if cpu_only():
+    if keep_host_memory and cpu_only():
         keep_freed_host_memory()
     jax.config.update("jax_num_cpu_devices", n)
 
