@@ -537,10 +537,12 @@ def test_cli_fresh_moves_the_previous_run_aside_and_starts_over(cli_runs):
     assert f"fresh start: moved the previous run in {out} to {previous}" in stderr, stderr[-3000:]
     assert "resuming" not in stderr, f"--fresh resumed: {stderr[-3000:]}"
     run_files = {"checkpoints", "config.yaml", "metrics.jsonl", "run.json", "samples.txt"}
-    tensorboard = {"tb"}  # when tensorboardX is installed
-    assert set(os.listdir(previous)) - tensorboard == run_files, f"moved aside: {os.listdir(previous)}"
+    # tb: when tensorboardX is installed; library.log: when a library said something during the run (in
+    # the full suite, TensorStore threads of an earlier test's failed read can report while it runs)
+    optional = {"tb", "library.log"}
+    assert set(os.listdir(previous)) - optional == run_files, f"moved aside: {os.listdir(previous)}"
     assert ckpt.steps(str(previous / "checkpoints")) == [STOP_AT, STEPS], "the previous run's checkpoints"
-    assert set(os.listdir(out)) - tensorboard == run_files | {"previous"}, f"the new run: {os.listdir(out)}"
+    assert set(os.listdir(out)) - optional == run_files | {"previous"}, f"the new run: {os.listdir(out)}"
 
 
 def test_cli_exits_1_after_max_bad_steps(tmp_path, monkeypatch, capsys):
