@@ -28,8 +28,10 @@ import jax  # noqa: E402
 from shardml.core.devices import emulate_cpu_devices  # noqa: E402
 
 # Below jaxlib 0.12 also sets XLA_FLAGS and NPROC against an XLA:CPU collective deadlock; `shardml`
-# subprocesses inherit them. glibc's allocator stays as it is: the suite mostly compiles, which the
-# single arena of shardml.core.host_memory slows (tests/test_host_memory.py runs it in a child).
+# subprocesses inherit them. glibc's allocator stays as it is, here and in the `shardml` subprocesses
+# of the tests: the suite mostly compiles, which the single arena of shardml.core.host_memory slows
+# (tests/test_host_memory.py runs it in a child of its own).
+os.environ.setdefault("SHARDML_HOST_MALLOC", "system")
 emulate_cpu_devices(8, keep_host_memory=False)
 
 import numpy as np  # noqa: E402
