@@ -20,6 +20,8 @@ from shardml.run.cli import main
 from shardml.run.config import load_config
 from shardml.run.recipe import build
 
+from conftest import child_env
+
 
 def shardml(capsys, *args):
     code = main(list(args))
@@ -126,7 +128,7 @@ def test_yaml_that_does_not_parse_exits_2(capsys, tmp_path):
 
 
 def _fresh_process(args, env_changes, cwd):
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "NPROC")}
+    env = child_env()
     env.update(env_changes)
     return subprocess.run([sys.executable, "-m", "shardml", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600)

@@ -19,6 +19,8 @@ import pytest
 
 from shardml.run.checkpoint import flatten, load_params, steps
 
+from conftest import child_env
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # Short runs (a tiny step takes ~10-30 ms, a save ~0.3 s): every interruption below is sent at least
 # 12 steps and 3 saves before the end, and each test asserts that it landed before the end.
@@ -48,7 +50,7 @@ sys.exit(main(sys.argv[2:]))
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """The code under test (this checkout) on the path; one compilation cache for all runs."""
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "NPROC")}
+    env = child_env()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env["JAX_PLATFORMS"] = "cpu"
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax-cache")))

@@ -167,7 +167,10 @@ def test_every_population_member_takes_its_own_sgd_step():
     grad = jax.jit(jax.grad(class_mean_loss(model)))
     for i, lr in enumerate(lrs):
         own = host(model.init(jax.random.fold_in(jax.random.key(seed + i), 0)))
-        assert_trees_close(jax.tree.map(lambda x: x[i], start), own, 0.0, f"member {i}'s initialisation")
+        # within an ulp or two, not bitwise: the sharded init fuses the sampler's arithmetic, the
+        # eager one does not (at LLVM -O0, tests/conftest.py, they round differently); another seed
+        # differs by O(1)
+        assert_trees_close(jax.tree.map(lambda x: x[i], start), own, 1e-6, f"member {i}'s initialisation")
         want = host(grad(own, batch))
         applied = jax.tree.map(lambda a, b: (a[i] - b[i]) / lr, start, after)
         assert_trees_close(applied, want, GRAD_RTOL, f"member {i} (lr {lr}): applied gradient vs jax.grad")

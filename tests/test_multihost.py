@@ -27,6 +27,8 @@ from shardml.run.loop import run_loop
 from shardml.run.recipe import build
 from shardml.run.train import loop_settings
 
+from conftest import child_env
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS, EVERY = 24, 8
 BASE = [f"train.steps={STEPS}", "train.log_every=1", f"checkpoint.every={EVERY}"]
@@ -41,7 +43,7 @@ SLACK = 10
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """This checkout on the path, 4 devices per process set by --cpu-devices, the session's cache."""
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "NPROC")}
+    env = child_env()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env["JAX_PLATFORMS"] = "cpu"
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax-cache")))

@@ -5,7 +5,8 @@ and every command of every ```bash block of its README runs there, in order, as 
 ``shardml`` commands in this process (``shardml.run.cli.main``, the function the ``shardml``
 script calls: no interpreter start and no recompiling per command), those that set the device
 count or start several processes in their own processes, the commands of one block written for
-separate terminals at the same time. Every command must exit 0 (no README command documents
+separate terminals at the same time, and the main job (the first block's ``shardml train``) as a
+user's process, without the tests' settings (tests/conftest.py's -O0 code would take 4x as long). Every command must exit 0 (no README command documents
 another code), and no two experiments (``shardml train`` commands, the processes of one run
 counted once) may share an ``out_dir``, nor may any run print that it found another's.
 
@@ -36,6 +37,8 @@ import pytest
 from shardml.run.cli import _arguments, main
 from shardml.run.config import load_config
 from shardml.run.driver import with_default_out_dir
+
+from conftest import child_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 INSTALL = ("python3 -m venv", ". .venv/bin/activate", "pip install")
@@ -135,16 +138,18 @@ def out_dir_of(argv: list[str], root: pathlib.Path) -> pathlib.Path | None:
     return (root / os.path.expanduser(cfg.out_dir)).resolve()
 
 
-def own_env(root: pathlib.Path) -> dict[str, str]:
-    """A separate process's environment: the clone's shardml, none of the tests' device flags."""
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "NPROC")}
-    env["PYTHONPATH"] = str(root)
-    return env
+def own_env(root: pathlib.Path, user: bool = False) -> dict[str, str]:
+    """A separate process's environment: the clone's shardml, none of the tests' device flags; with
+    ``user``, none of the tests' settings at all (their compile flags, their allocator): a user's."""
+    if not user:
+        return child_env(PYTHONPATH=str(root))
+    tests_own = ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "NPROC", "SHARDML_HOST_MALLOC")
+    return {**{k: v for k, v in os.environ.items() if k not in tests_own}, "PYTHONPATH": str(root)}
 
 
-def run_apart(commands: list[str], root: pathlib.Path, timeout: int = 900) -> list[tuple[int, str]]:
+def run_apart(commands: list[str], root: pathlib.Path, user: bool = False, timeout: int = 900) -> list[tuple[int, str]]:
     """Runs ``commands`` at once (one process each, as in separate terminals); (code, output) each."""
-    procs = [subprocess.Popen([sys.executable, "-m", "shardml", *argv_of(c)], cwd=root, env=own_env(root),
+    procs = [subprocess.Popen([sys.executable, "-m", "shardml", *argv_of(c)], cwd=root, env=own_env(root, user),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
     return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
 
@@ -182,15 +187,17 @@ def test_readme_shell_blocks_run_in_order_from_a_fresh_clone(tmp_path, monkeypat
     readme = (root / "README.md").read_text()
     owners: dict[pathlib.Path, str] = {}
     ran, skipped, start = [], [], time.perf_counter()
-    for commands, at_once in zip(blocks(readme), terminals(readme)):
+    for block, (commands, at_once) in enumerate(zip(blocks(readme), terminals(readme))):
         skipped += [(c, not_run(c)) for c in commands if not_run(c) is not None]
         todo = [c for c in commands if not_run(c) is None]
         groups = [todo] if at_once and todo else [[c] for c in todo]  # separate terminals: one run, at once
         for group in groups:
             claim(owners, group, root)
-            apart = at_once or any(flag in group[0] for flag in OWN_PROCESS)
+            # The first block is the newcomer's install-and-run command: its main job (300 steps of the
+            # default preset) runs as a user runs it, a process with none of the tests' settings.
+            apart = at_once or block == 0 or any(flag in group[0] for flag in OWN_PROCESS)
             began = time.perf_counter()
-            results = run_apart(group, root) if apart else [run_here(group[0], capsys)]
+            results = run_apart(group, root, user=block == 0) if apart else [run_here(group[0], capsys)]
             took = round(time.perf_counter() - began)
             for command, (code, output) in zip(group, results):
                 assert code == 0, f"{command!r} exited {code}:\n{output[-3000:]}"
