@@ -7,8 +7,9 @@ It does nothing unless a suite asks for it, in one of two ways:
 
       shardml = true             # N fake CPU devices, set before any conftest.py runs
       shardml_cpu_devices = 8    # N (default: what JAX_NUM_CPU_DEVICES or XLA_FLAGS ask for, else 8)
+      shardml_fast_compile = true  # optional: XLA:CPU's generated code at LLVM -O0 (fast_compile)
 
-  or ``pytest --shardml-cpu-devices=8``;
+  or ``pytest --shardml-cpu-devices=8 [--shardml-fast-compile]``;
 - per test or module, with the marker ``@pytest.mark.shardml`` (or by requesting one of the
   fixtures below): the devices are set once every test module is imported, which works as long
   as nothing ran a JAX operation at import time.
@@ -48,6 +49,9 @@ XLA_DEVICE_FLAG = "xla_force_host_platform_device_count"
 CPU_COLLECTIVE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 THREADS_PER_DEVICE = 2
 WORKAROUND_BEFORE_JAXLIB = (0, 12)
+# XLA:CPU hands the code it generates to LLVM at this level (default 2 or more); see fast_compile.
+OPTIMIZATION_LEVEL = re.compile(r"--xla_backend_optimization_level=\S+")
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 _STATE = pytest.StashKey[dict]()
 
@@ -61,6 +65,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("shardml_cpu_devices", type="string", default="",
                   help="how many fake CPU devices shardml's plugin sets up (default: what JAX_NUM_CPU_DEVICES or "
                        f"XLA_FLAGS ask for, else {DEFAULT_CPU_DEVICES}); setting it enables the plugin")
+    group.addoption("--shardml-fast-compile", action="store_true", default=None, dest="shardml_fast_compile",
+                    help="with the plugin on for the whole suite: XLA:CPU's generated code at LLVM -O0, for "
+                         "suites that mostly compile")
+    parser.addini("shardml_fast_compile", type="bool", default=False,
+                  help="with the plugin on for the whole suite: XLA:CPU's generated code at LLVM -O0 "
+                       "(compiles faster, runs slower; the optimized HLO is the same)")
 
 
 def _explicit(config: pytest.Config) -> tuple[int | None, str]:
@@ -117,6 +127,27 @@ def choose_devices(explicit: tuple[int | None, str], environ) -> tuple[int, str]
     return asked[0] if asked else (DEFAULT_CPU_DEVICES, "the plugin's default")
 
 
+def fast_compile(environ) -> str:
+    """Asks XLA:CPU (through ``XLA_FLAGS``, before its backend starts) to hand its generated code
+    to LLVM at -O0, unless ``XLA_FLAGS`` names a level already; returns the level flag in effect.
+
+    For test suites that mostly compile small programs (shardml's tests/test_step.py: 40 s instead
+    of 67 s). The optimized HLO, which sharding assertions read (collectives, memory), is the same
+    text at either level; the machine code runs slower and may round differently (by an ulp or so)::
+
+        fast_compile(os.environ)  # in a conftest.py, before importing JAX
+    """
+    flags = environ.get("XLA_FLAGS", "")
+    if not OPTIMIZATION_LEVEL.search(flags):
+        environ["XLA_FLAGS"] = flags = f"{flags} {FAST_COMPILE_FLAG}".strip()
+    return OPTIMIZATION_LEVEL.search(flags).group(0)
+
+
+def _fast_compile_asked(config: pytest.Config) -> bool:
+    cli = getattr(config.known_args_namespace, "shardml_fast_compile", None)
+    return bool(cli) or bool(config.getini("shardml_fast_compile"))
+
+
 def _workaround_needed() -> bool:
     """shardml.core.devices.collective_workaround_needed, without importing JAX."""
     import importlib.metadata
@@ -171,6 +202,8 @@ def _set_up(config: pytest.Config, when: str) -> None:
                     devices.emulate_cpu_devices(count, keep_host_memory=False)
         except ConfigError as err:
             raise pytest.UsageError(f"shardml: {err}") from None
+    if when == "suite" and _fast_compile_asked(config):
+        state["compile"] = fast_compile(os.environ)
     state.update(count=count, source=source, when=when)
 
 
@@ -229,7 +262,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 def pytest_report_header(config: pytest.Config) -> str | None:
     state = config.stash.get(_STATE, {})
     if "count" in state:
-        return f"shardml: {state['count']} fake CPU devices ({state['source']})"
+        compile_level = f"; XLA_FLAGS {state['compile']}" if "compile" in state else ""
+        return f"shardml: {state['count']} fake CPU devices ({state['source']}){compile_level}"
     return None
 
 

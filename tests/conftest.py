@@ -10,9 +10,10 @@ import atexit
 import collections
 import functools
 import os
-import re
 import shutil
 import tempfile
+
+from _shardml_pytestplugin import fast_compile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache per test session, inherited by the subprocess tests: a program that several
@@ -24,15 +25,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # XLA:CPU's code generator (LLVM) at -O0 for every program the tests compile, here and in their
-# subprocesses (child_env), unless XLA_FLAGS names a level: the suite's time is mostly compiling
-# tiny programs, and this cuts tests/test_step.py from 67 s to 40 s. The optimized HLO, which the
-# audits, the one-reduction checks and the memory bounds read, is the same text at either level
-# (checked on an fsdp step's `compile().as_text()`); only the machine code differs, and with it
-# the rounding, which the tests' tolerances already allow for.
-_LEVEL = re.compile(r"--xla_backend_optimization_level=\S+")
-if not _LEVEL.search(os.environ.get("XLA_FLAGS", "")):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-COMPILE_FLAGS = _LEVEL.search(os.environ["XLA_FLAGS"]).group(0)
+# subprocesses (child_env), unless XLA_FLAGS names a level (the plugin's fast_compile, as a user's
+# suite gets it): the suite mostly compiles tiny programs, and this cuts tests/test_step.py from
+# 67 s to 40 s. The optimized HLO, which the audits, the one-reduction checks and the memory bounds
+# read, is the same text at either level (checked on an fsdp step's `compile().as_text()`); only
+# the machine code differs, and with it the rounding, which the tests' tolerances allow for.
+COMPILE_FLAGS = fast_compile(os.environ)
 
 import jax  # noqa: E402
 

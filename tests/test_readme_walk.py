@@ -6,7 +6,8 @@ and every command of every ```bash block of its README runs there, in order, as 
 script calls: no interpreter start and no recompiling per command), those that set the device
 count or start several processes in their own processes, the commands of one block written for
 separate terminals at the same time, and the main job (the first block's ``shardml train``) as a
-user's process, without the tests' settings (tests/conftest.py's -O0 code would take 4x as long). Every command must exit 0 (no README command documents
+user's process, without the tests' settings (tests/conftest.py's -O0 code runs its 300 steps
+several times slower). Every command must exit 0 (no README command documents
 another code), and no two experiments (``shardml train`` commands, the processes of one run
 counted once) may share an ``out_dir``, nor may any run print that it found another's.
 

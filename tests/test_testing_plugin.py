@@ -178,6 +178,31 @@ def test_nothing_imported_or_set(request):
     assert "shardml:" not in result.stdout.str()
 
 
+def test_fast_compile_is_asked_for_by_the_suite_and_a_users_level_is_kept(pytester, fresh_env, monkeypatch):
+    """``shardml_fast_compile = true`` puts LLVM -O0 in XLA_FLAGS before JAX starts; without it, or
+    when XLA_FLAGS names a level, the level is left alone."""
+    monkeypatch.setenv("XLA_FLAGS", plugin.OPTIMIZATION_LEVEL.sub("", os.environ["XLA_FLAGS"]).strip())
+    pytester.makepyfile(test_level='''
+import os
+import jax
+
+
+def test_level():
+    assert jax.device_count() == 8
+    print("XLA_FLAGS=" + os.environ.get("XLA_FLAGS", ""))
+''')
+    for ini, level in (("shardml_fast_compile = true", "0"), ("", None)):
+        pytester.makeini(f"[pytest]\nshardml = true\n{ini}\n")
+        result = pytester.runpytest_subprocess("-s", timeout=120)
+        result.assert_outcomes(passed=1)
+        found = re.findall(r"xla_backend_optimization_level=(\S+)", result.stdout.str())
+        assert found == ([level, level] if level else []), (ini, found)  # the header, then the test
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_backend_optimization_level=3"}
+    assert plugin.fast_compile(env) == "--xla_backend_optimization_level=3" and "=0" not in env["XLA_FLAGS"]
+    env = {}
+    assert plugin.fast_compile(env) == plugin.FAST_COMPILE_FLAG == env["XLA_FLAGS"]
+
+
 def test_device_count_from_the_suite_or_the_environment_and_conflicts_named(monkeypatch):
     ini = (4, "shardml_cpu_devices (pytest ini)")
     xla = {"XLA_FLAGS": "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"}
