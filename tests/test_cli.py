@@ -128,8 +128,7 @@ def test_yaml_that_does_not_parse_exits_2(capsys, tmp_path):
 
 
 def _fresh_process(args, env_changes, cwd):
-    env = child_env()
-    env.update(env_changes)
+    env = child_env(**env_changes)
     return subprocess.run([sys.executable, "-m", "shardml", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600)
 
