@@ -137,10 +137,15 @@ def fast_compile(environ) -> str:
 
         fast_compile(os.environ)  # in a conftest.py, before importing JAX
     """
+    _add_xla_flag(environ, FAST_COMPILE_FLAG, unless=OPTIMIZATION_LEVEL)
+    return OPTIMIZATION_LEVEL.search(environ["XLA_FLAGS"]).group(0)
+
+
+def _add_xla_flag(environ, flag: str, unless: re.Pattern) -> None:
+    """Appends ``flag`` to ``XLA_FLAGS`` unless they already match ``unless`` (the user's setting)."""
     flags = environ.get("XLA_FLAGS", "")
-    if not OPTIMIZATION_LEVEL.search(flags):
-        environ["XLA_FLAGS"] = flags = f"{flags} {FAST_COMPILE_FLAG}".strip()
-    return OPTIMIZATION_LEVEL.search(flags).group(0)
+    if not unless.search(flags):
+        environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
 
 
 def _fast_compile_asked(config: pytest.Config) -> bool:
@@ -166,9 +171,7 @@ def _prepare_environment(count: int, source: str, environ) -> None:
         environ["JAX_NUM_CPU_DEVICES"] = str(count)
     if not _workaround_needed():
         return
-    flags = environ.get("XLA_FLAGS", "")
-    if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
-        environ["XLA_FLAGS"] = f"{flags} {CPU_COLLECTIVE_FLAG}".strip()
+    _add_xla_flag(environ, CPU_COLLECTIVE_FLAG, unless=re.compile("xla_cpu_enable_concurrency_optimized_scheduler"))
     if count > 1 and "NPROC" not in environ:
         environ["NPROC"] = str(max(THREADS_PER_DEVICE * count, os.cpu_count() or 1))
 

@@ -85,12 +85,15 @@ def tiny_transformer(**changes):
     return transformer(dataclasses.replace(TINY, **changes), SEQ)
 
 
-def child_env(**changes: str) -> dict[str, str]:
+def child_env(user: bool = False, **changes: str) -> dict[str, str]:
     """A separate process's environment: this session's (its compilation cache, COMPILE_FLAGS) less
-    its device settings, which the child makes its own (``--cpu-devices``, or its default), then
+    its device settings, which the child makes its own (``--cpu-devices``, or its default); with
+    ``user``, none of the tests' settings at all (compile flags, allocator): a user's process. Then
     ``changes``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "NPROC")}
-    env["XLA_FLAGS"] = COMPILE_FLAGS
+    drop = ("JAX_NUM_CPU_DEVICES", "NPROC") + (("XLA_FLAGS", "SHARDML_HOST_MALLOC") if user else ())
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if not user:
+        env["XLA_FLAGS"] = COMPILE_FLAGS
     return {**env, **changes}
 
 

@@ -141,11 +141,8 @@ def out_dir_of(argv: list[str], root: pathlib.Path) -> pathlib.Path | None:
 
 def own_env(root: pathlib.Path, user: bool = False) -> dict[str, str]:
     """A separate process's environment: the clone's shardml, none of the tests' device flags; with
-    ``user``, none of the tests' settings at all (their compile flags, their allocator): a user's."""
-    if not user:
-        return child_env(PYTHONPATH=str(root))
-    tests_own = ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS", "NPROC", "SHARDML_HOST_MALLOC")
-    return {**{k: v for k, v in os.environ.items() if k not in tests_own}, "PYTHONPATH": str(root)}
+    ``user``, none of the tests' settings at all: a user's."""
+    return child_env(user, PYTHONPATH=str(root))
 
 
 def run_apart(commands: list[str], root: pathlib.Path, user: bool = False, timeout: int = 900) -> list[tuple[int, str]]:
