@@ -201,10 +201,11 @@ _PROBE = """
 import json, os, sys
 import jax
 out = {"jax": jax.__version__, "python": sys.version.split()[0], "executable": sys.executable}
-if sys.argv[1] == "shardml":
+what, _, preset = sys.argv[1].partition(":")  # shardml[:PRESET]: the built-in defaults, or that preset
+if what == "shardml":
     import shardml
     devices = int(os.environ["JAX_NUM_CPU_DEVICES"])
-    cfg = shardml.load_config(None, sys.argv[2:])  # the race's overrides: a typo or a bad value fails here, before any run
+    cfg = shardml.load_config(preset or None, sys.argv[2:])  # the overrides: a typo or a bad value fails here, before any run
     shardml.validate(cfg, devices)
     before = {k: os.environ.get(k) for k in ("XLA_FLAGS", "NPROC")}
     shardml.emulate_cpu_devices(devices)  # the same count: only its XLA:CPU settings change anything
@@ -226,7 +227,8 @@ print("PROBE " + json.dumps(out))
 
 def probe(python: str, what: str, env: dict, cwd: str, overrides: list[str] = ()) -> dict:
     """JAX and Python versions of an interpreter (and, for shardml, the XLA settings its deadlock
-    workaround adds, with the race's overrides checked); exits with the child's error otherwise."""
+    workaround adds, with the race's overrides checked); exits with the child's error otherwise.
+    ``what``: "maxtext", "shardml" (the built-in defaults) or "shardml:PRESET"."""
     cmd = [python, "-c", _PROBE, what, *overrides]
     done = subprocess.run(cmd, check=False, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     for line in done.stdout.splitlines():

@@ -31,6 +31,11 @@ from its optimized HLO (the op, or a fusion's fused ops) and its metadata:
     python benchmarks/profile_steps.py --shardml-python ../py312/bin/python --layouts fsdp=8
     python benchmarks/profile_steps.py --layouts expert=4,fsdp=2 fsdp=8 --moe --steps 4 --skip 1
     python benchmarks/profile_steps.py --trace-dir /tmp/prof --top 15   # also the 15 costliest ops per system
+    python benchmarks/profile_steps.py --config 100m --steps 5   # shardml alone on bench_mfu.py's 100m config
+
+``--config NAME`` leaves the race: shardml alone trains one of ``bench_mfu.py``'s configs (its
+preset, sizes and the preset's mesh, plus any ``--set``) through ``shardml train``, and only the
+train step's program is counted (the run's last evaluation and sample also run once per step).
 
 The parsing uses ``jax.profiler.ProfileData`` (in jaxlib, no extra package) on the ``.xplane.pb``
 both sides write, so run this script with an interpreter that has JAX (e.g. the shardml one).
@@ -58,11 +63,16 @@ _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "col
 _CONTROL = {"while", "conditional", "call", "parameter", "get-tuple-element", "tuple", "constant", "bitcast",
             "after-all", "partition-id", "replica-id", "custom-call", "rng-get-and-update-state"}
 
-# The wrapper each child runs in its own interpreter: the whole process under one trace.
+# The wrapper each child runs in its own interpreter: the whole process under one trace. The trace
+# starts JAX's backend, so shardml's device setup (its XLA:CPU settings and allocator, which the
+# command line applies only before the backend starts) runs first, as in a plain `shardml train`.
 _WRAP = """
-import runpy, sys, jax
+import os, runpy, sys, jax
 trace_dir, module, *argv = sys.argv[1:]
 sys.argv = [module, *argv]
+if module == "shardml":
+    import shardml
+    shardml.emulate_cpu_devices(int(os.environ["JAX_NUM_CPU_DEVICES"]))
 jax.profiler.start_trace(trace_dir)
 try:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -236,14 +246,16 @@ def self_times(events):
     return [(start, key, op, dur - children[i]) for i, (start, dur, key, op) in enumerate(events)]
 
 
-def steady_steps(runs: dict[str, list[dict]], steps: int, skip: int) -> tuple[dict[tuple[str, str], float], list]:
+def steady_steps(runs: dict[str, list[dict]], steps: int, skip: int,
+                 only: str = "") -> tuple[dict[tuple[str, str], float], list]:
     """The average step after the first ``skip``: (module, op) -> ns per step, over the programs that
     ran at least once per step (the train step; one-off programs such as initialisation are left
-    out), and each step's total of the costliest such program (ns), to show the spread."""
+    out), and each step's total of the costliest such program (ns), to show the spread. ``only``:
+    keep just the modules whose name holds it (``shardml train``'s last evaluation runs as often)."""
     per_step, spread = collections.defaultdict(float), []
     for module, execs in runs.items():
         per = len(execs) // steps
-        if per < 1:
+        if per < 1 or only not in module:
             continue
         kept = execs[skip * per:]
         for ex in kept:
@@ -283,9 +295,10 @@ def run_profiled(name: str, command: list[str], env: dict, work: str, tag: str, 
     return found[-1], dump_dir
 
 
-def profile(xplane: str, dumps: str, steps: int, skip: int) -> tuple[dict[str, float], list, list[float]]:
+def profile(xplane: str, dumps: str, steps: int, skip: int,
+            only: str = "") -> tuple[dict[str, float], list, list[float]]:
     """(ms per step per category, [(ms, category, module, op)] costliest first, per-step totals in ms)."""
-    times, spread = steady_steps(executions(xplane), steps, skip)
+    times, spread = steady_steps(executions(xplane), steps, skip, only)
     cats = categorise(times, load_modules(dumps))
     by_cat = collections.defaultdict(float)
     for key, ns in times.items():
@@ -323,6 +336,9 @@ def parse_args(argv=None):
     ap.add_argument("--maxtext-remat", default="full", help="MaxText remat_policy (its default: full)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another shardml override")
     ap.add_argument("--maxtext-set", action="append", default=[], metavar="KEY=VALUE", help="another MaxText override")
+    ap.add_argument("--config", default=None, metavar="NAME",
+                    help="instead of the race: shardml alone on this bench_mfu.py config (e.g. 100m: its preset, "
+                         "sizes and the preset's mesh; --set adds overrides), the train step's program only")
     ap.add_argument("--top", type=int, default=0, help="also list each system's N costliest ops per step")
     ap.add_argument("--trace-dir", default=None, help="where traces, HLO dumps and logs go (default: a temporary folder)")
     ap.add_argument("--timeout", type=float, default=1200)
@@ -341,24 +357,66 @@ def main():
     if args.readme and not load <= bm.IDLE_LOAD:
         raise SystemExit(f"{args.readme} not written: the 1-minute load average is {load:.2f} (> {bm.IDLE_LOAD}); "
                          "rerun on an idle machine, or without --readme")
-    section = bm.readme_section(args.shape, args.moe).replace("bench_maxtext", "profile_steps")
+    if args.config:
+        section = f"profile_steps_{args.config}"
+    else:
+        section = bm.readme_section(args.shape, args.moe).replace("bench_maxtext", "profile_steps")
     with _readme.printed_section(args.readme, section, "benchmarks/profile_steps.py", sys.argv[1:],
                                  hidden=("--readme", "--trace-dir", "--shardml-python", "--maxtext-venv")):
-        profile_all(args)
+        (profile_config if args.config else profile_all)(args)
+
+
+def _setup(args, what: str, overrides: list[str]) -> tuple[str, str, dict, dict]:
+    """(work folder, shardml's interpreter, its probe, the children's environment)."""
+    work = os.path.abspath(args.trace_dir or tempfile.mkdtemp(prefix="profile_steps_"))
+    os.makedirs(work, exist_ok=True)
+    shardml_python = os.path.abspath(args.shardml_python) if os.sep in args.shardml_python else args.shardml_python
+    found = bm.probe(shardml_python, what, bm.child_environment({}), work, overrides)
+    # No persistent compilation cache on either side: a cache hit compiles nothing, so XLA would dump no HLO.
+    env = {k: v for k, v in bm.child_environment(found["xla"]).items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    return work, shardml_python, found, env
+
+
+def _print_profiles(layout: str, results: dict, tops: dict, spreads: dict, top: int) -> None:
+    print(side_by_side(layout, results))
+    for name, totals in spreads.items():
+        print(f"{name}: the step program's device-ms in each profiled step: " + ", ".join(f"{x:.0f}" for x in totals))
+    for name, rows in tops.items():
+        if top:
+            print(f"\n{name}, costliest ops at {layout} (device-ms/step, category, module/op):")
+            print("\n".join(f"  {ms:8.1f}  {cat:20s} {mod}/{op}" for ms, cat, mod, op in rows[:top]))
+    print()
+
+
+def profile_config(args):
+    """shardml alone on one of ``bench_mfu.py``'s configs, as ``shardml train`` runs it (its preset,
+    overrides and the preset's mesh); only the train step's program is counted."""
+    from bench_mfu import CONFIGS  # imports JAX: only this mode needs it in this process
+
+    if args.config not in CONFIGS:
+        raise SystemExit(f"--config {args.config}: not a bench_mfu.py config; one of {', '.join(CONFIGS)}")
+    preset, own = CONFIGS[args.config]
+    overrides = [*own, *args.set]
+    work, python, found, env = _setup(args, f"shardml:{preset}", overrides)
+    print(f"shardml: JAX {found['jax']}, {found['settings']}", file=sys.stderr)
+    print(f"traces, HLO dumps and logs: {work}", file=sys.stderr)
+    command = [python, "-m", "shardml", "train", preset, *overrides, f"train.steps={args.steps}", "train.log_every=1",
+               f"out_dir={os.path.join(work, args.config)}", "--quiet", "--num-processes", "1"]
+    xplane, dumps = run_profiled("shardml", command, env, work, args.config, args.timeout)
+    result, rows, spread = profile(xplane, dumps, args.steps, args.skip, only="train_step")
+    _print_profiles(args.config, {"shardml": result}, {"shardml": rows}, {"shardml": spread}, args.top)
+    print(f"config {args.config}: preset {preset}, its mesh, {' '.join(overrides)}; {args.steps} steps under "
+          f"jax.profiler, the first {args.skip} left out; ms/step is device time summed over the {bm.DEVICES} "
+          f"emulated devices; files: {work}")
 
 
 def profile_all(args):
     layouts = {layout: bm.parse_layout(layout) for layout in args.layouts}
     bm.SHAPE.clear()
     bm.SHAPE.update(bm.race_shape(args.shape, args.experts if args.moe else 0, args.top_k))
-    work = os.path.abspath(args.trace_dir or tempfile.mkdtemp(prefix="profile_steps_"))
-    os.makedirs(work, exist_ok=True)
+    work, shardml_python, found, env = _setup(args, "shardml", bm.shardml_overrides(args.set))
     defaults_yml = os.path.join(work, "builtin_defaults.yaml")
     pathlib.Path(defaults_yml).write_text("{}\n")
-    shardml_python = os.path.abspath(args.shardml_python) if os.sep in args.shardml_python else args.shardml_python
-    found = bm.probe(shardml_python, "shardml", bm.child_environment({}), work, bm.shardml_overrides(args.set))
-    # No persistent compilation cache on either side: a cache hit compiles nothing, so XLA would dump no HLO.
-    env = {k: v for k, v in bm.child_environment(found["xla"]).items() if k != "JAX_COMPILATION_CACHE_DIR"}
     commands = {"shardml": lambda sizes, out: bm.shardml_command(shardml_python, defaults_yml, sizes, args.steps,
                                                                  args.set, out)}
     python = bm.maxtext_python(args.maxtext_venv)
@@ -377,14 +435,7 @@ def profile_all(args):
             tag = f"{name}_{bm._slug(layout)}"
             xplane, dumps = run_profiled(name, command(sizes, os.path.join(work, tag)), env, work, tag, args.timeout)
             results[name], tops[name], spreads[name] = profile(xplane, dumps, args.steps, args.skip)
-        print(side_by_side(layout, results))
-        for name, totals in spreads.items():
-            print(f"{name}: the step program's device-ms in each profiled step: " + ", ".join(f"{x:.0f}" for x in totals))
-        for name, rows in tops.items():
-            if args.top:
-                print(f"\n{name}, costliest ops at {layout} (device-ms/step, category, module/op):")
-                print("\n".join(f"  {ms:8.1f}  {cat:20s} {mod}/{op}" for ms, cat, mod, op in rows[:args.top]))
-        print()
+        _print_profiles(layout, results, tops, spreads, args.top)
     print(f"shape {bm.SHAPE}; {args.steps} steps per system under jax.profiler, the first {args.skip} left out; "
           f"ms/step is device time summed over the {bm.DEVICES} emulated devices; files: {work}")
 

@@ -248,6 +248,10 @@ def test_profile_steps_self_times_and_steady_steps():
     runs = {"jit_train_step": [{"dot": 100.0}, {"dot": 4.0}, {"dot": 6.0}], "jit_init": [{"rng": 50.0}]}
     per_step, spread = profile_steps.steady_steps(runs, steps=3, skip=1)
     assert per_step == {("jit_train_step", "dot"): 5.0} and spread == [4.0, 6.0]
+    # shardml train's last evaluation runs as often as the step: --config keeps the step's program only
+    runs["jit_eval_step"] = [{"dot": 1.0}] * 3
+    assert ("jit_eval_step", "dot") in profile_steps.steady_steps(runs, steps=3, skip=1)[0]
+    assert profile_steps.steady_steps(runs, steps=3, skip=1, only="train_step")[0] == per_step
     table = profile_steps.side_by_side("fsdp=8", {"a": {c: 0.0 for c in profile_steps.CATEGORIES} | {"loss": 2.0},
                                                   "b": {c: 0.0 for c in profile_steps.CATEGORIES} | {"loss": 1.0}})
     assert "| loss | 2.0 | 100 % | 1.0 | 100 % |" in table
