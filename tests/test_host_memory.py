@@ -100,3 +100,32 @@ def test_a_process_that_emulates_cpu_devices_refills_freed_memory_without_page_f
     for where in ("main", "other"):
         assert found[where][1] < pages // 8, f"{found[where][1]} page faults to refill a freed 96 MiB block " \
                                              f"({where} thread; {pages} pages)"
+
+
+class TrimmingLibc(FakeLibc):
+    def __init__(self):
+        super().__init__()
+        self.trims = 0
+
+    def malloc_trim(self, pad):
+        self.trims += 1
+        return 1
+
+
+def test_kept_pages_go_back_only_past_the_bound():
+    # The kept heap fragments on large steps (a 4x decoder grew 1 GB a step until killed): past
+    # the bound its free pages are handed back, below it they stay.
+    libc = TrimmingLibc()
+    assert host_memory.trim_if_over(libc, 100, resident=lambda: 100) is False and libc.trims == 0
+    assert host_memory.trim_if_over(libc, 100, resident=lambda: 101) is True and libc.trims == 1
+    assert host_memory.resident_bytes() > 0
+
+
+def test_the_setting_starts_its_watcher_at_half_the_host_memory(fresh):
+    started = []
+    fresh.setattr(host_memory.threading, "Thread", lambda **kw: started.append(kw) or type(
+        "T", (), {"start": lambda self: None})())
+    libc = TrimmingLibc()
+    assert host_memory.keep_freed_host_memory(libc, environ={}) is True
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert [kw["args"] for kw in started] == [(libc, int(host * host_memory.TRIM_AT_HOST_FRACTION))]
