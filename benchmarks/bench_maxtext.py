@@ -81,6 +81,8 @@ MaxText 0.2.5), e.g. a Python 3.12 virtual environment with ``pip install -e .``
     python benchmarks/bench_maxtext.py --shardml-python ../py312/bin/python    # fsdp=8 and fsdp=2,tensor=4
     python benchmarks/bench_maxtext.py --layouts fsdp=8 --rounds 3 --long 46 --short 6
     python benchmarks/bench_maxtext.py --remat dots,full       # shardml settings side by side (each a system)
+    python benchmarks/bench_maxtext.py --maxtext-also-env MALLOC_ARENA_MAX=1,MALLOC_MMAP_MAX_=0,MALLOC_TRIM_THRESHOLD_=1099511627776
+        # MaxText also with the allocator setting shardml makes for itself (system maxtext[env1])
     python benchmarks/bench_maxtext.py --shape 4x --readme benchmarks/README.md   # section bench_maxtext_4x
     python benchmarks/bench_maxtext.py --moe --layouts expert=4,fsdp=2 fsdp=8     # section bench_maxtext_moe
     python benchmarks/bench_maxtext.py --readme benchmarks/README.md    # also rewrite the README section
@@ -481,8 +483,9 @@ def _ms(seconds: list[float]) -> str:
 
 
 def table(layouts, results, systems, args, info, comparable: bool) -> str:
-    shardmls = [s.name for s in systems if s.name != "maxtext"]
-    have_mt = any(s.name == "maxtext" for s in systems)
+    maxtexts = [s.name for s in systems if s.name.startswith("maxtext")]
+    shardmls = [s.name for s in systems if s.name not in maxtexts]
+    pairs = [(n, m) for n in shardmls for m in maxtexts]
     moe = (f", {SHAPE['experts']} experts top-{SHAPE['top_k']} (dropless)" if SHAPE["experts"] else "")
     lines = [
         (f"decoder ({args.shape}): {SHAPE['layers']} layers, d_model {SHAPE['d_model']}, {SHAPE['heads']} heads x "
@@ -501,18 +504,17 @@ def table(layouts, results, systems, args, info, comparable: bool) -> str:
         lines.append(f"NOT COMPARABLE: shardml runs on JAX {info['shardml']['jax']}, MaxText on JAX "
                      f"{info['maxtext']['jax']}")
     lines += ["",
-              "| layout | measure | " + " | ".join(f"{n} tokens/s" for n in shardmls)
-              + (" | MaxText tokens/s | " + " | ".join(
-                  f"ratio {n}/MaxText" if len(shardmls) > 1 else "ratio" for n in shardmls) if have_mt else "") + " |",
-              "|---|---|" + "---:|" * (len(shardmls) + (1 + len(shardmls) if have_mt else 0))]
+              "| layout | measure | " + " | ".join(
+                  [f"{n} tokens/s" for n in shardmls] + [f"{m.replace('maxtext', 'MaxText')} tokens/s" for m in maxtexts]
+                  + [f"ratio {n}/{m}" if len(pairs) > 1 else "ratio" for n, m in pairs]) + " |",
+              "|---|---|" + "---:|" * (len(shardmls) + len(maxtexts) + len(pairs))]
     measures = (("whole process", "wall"), ("in loop", "loop"), ("whole process, per CPU-s", "cpu"))
     for layout in layouts:
         res = results[layout]
         for label, key in measures:
             tps = {n: _tps(statistics.median(res[n][key])) for n in res}
-            cells = [f"{tps[n]:.0f}" for n in shardmls]
-            if have_mt:
-                cells += [f"{tps['maxtext']:.0f}"] + [f"{tps[n] / tps['maxtext']:.2f}" for n in shardmls]
+            cells = ([f"{tps[n]:.0f}" for n in shardmls + maxtexts]
+                     + [f"{tps[n] / tps[m]:.2f}" for n, m in pairs])
             lines.append(f"| {layout} | {label} | " + " | ".join(cells) + " |")
     lines += ["",
               (f"whole process: (wall time of a {args.long}-step run - that of a {args.short}-step run) / "
@@ -535,6 +537,8 @@ def table(layouts, results, systems, args, info, comparable: bool) -> str:
     for name, i in info.items():
         lines.append(f"{name}: Python {i['python']}, JAX {i['jax']}, {i['package']} ({i['executable']}); "
                      f"environment settings: {i['xla_env'] or 'JAX defaults'}; compilation cache {i.get('cache', '-')}")
+    lines += [f"{name}: MaxText as above, its environment also " + " ".join(f"{k}={v}" for k, v in extra.items())
+              for name, extra in info.get("maxtext", {}).get("variants", {}).items()]
     return "\n".join(lines)
 
 
@@ -597,6 +601,10 @@ def main():
     ap.add_argument("--maxtext-env", action="append", default=[], metavar="KEY=VALUE",
                     help="an environment variable for MaxText's runs (repeatable), e.g. the allocator setting "
                          "shardml makes for itself: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...")
+    ap.add_argument("--maxtext-also-env", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="race MaxText a second time per round with these variables added to its environment, "
+                         "as the system maxtext[env1] (repeatable: env2, ...), e.g. shardml's allocator setting: "
+                         "MALLOC_ARENA_MAX=1,MALLOC_MMAP_MAX_=0,MALLOC_TRIM_THRESHOLD_=1099511627776")
     ap.add_argument("--maxtext-venv", default=os.environ.get("MAXTEXT_VENV", str(REPO.parent / "maxtext-venv")),
                     help="MaxText's virtual environment (env MAXTEXT_VENV; default: ../maxtext-venv)")
     ap.add_argument("--xla-env", choices=("same", "own"), default="same",
@@ -616,6 +624,7 @@ def main():
 
     if os.sep in args.shardml_python:  # the children run in log_dir: a relative path means from here
         args.shardml_python = os.path.abspath(args.shardml_python)
+    args.maxtext_venv = os.path.abspath(args.maxtext_venv)
     log_dir = os.path.abspath(args.log_dir or tempfile.mkdtemp(prefix="bench_maxtext_"))
     os.makedirs(log_dir, exist_ok=True)
     defaults_yml = os.path.join(log_dir, "builtin_defaults.yaml")
@@ -671,13 +680,18 @@ def main():
                              f"{info['shardml']['jax']}, MaxText's ({python}) JAX {info['maxtext']['jax']}. Pass "
                              "--shardml-python (or SHARDML_PYTHON) with an interpreter of MaxText's JAX and shardml "
                              "installed (pip install -e .), or --allow-jax-mismatch to race anyway")
-        systems.append(System(
-            "maxtext", lambda sizes, steps, out: maxtext_command(
-                python, base_yml, sizes, steps, args.maxtext_remat, out, cache_dir=args.maxtext_cache,
-                extra=args.maxtext_set),
-            lambda out, log: maxtext_steps(log), {**(env if args.xla_env == "same" else bare), **maxtext_env},
-            args.maxtext_cache,
-            lambda out, log: maxtext_settings(log)))
+        info["maxtext"]["variants"] = {f"maxtext[env{i}]": dict(kv.split("=", 1) for kv in extra.split(","))
+                                       for i, extra in enumerate(args.maxtext_also_env, 1)}
+        for name, variant_env in [("maxtext", {}), *info["maxtext"]["variants"].items()]:
+            # One compilation cache for every MaxText variant: its environment (an allocator's
+            # variables, say) does not change the programs it compiles.
+            systems.append(System(
+                name, lambda sizes, steps, out: maxtext_command(
+                    python, base_yml, sizes, steps, args.maxtext_remat, out, cache_dir=args.maxtext_cache,
+                    extra=args.maxtext_set),
+                lambda out, log: maxtext_steps(log),
+                {**(env if args.xla_env == "same" else bare), **maxtext_env, **variant_env},
+                args.maxtext_cache, lambda out, log: maxtext_settings(log)))
     for name, i in info.items():
         print(f"{name}: Python {i['python']}, JAX {i['jax']}, {i['package']}; environment settings: "
               f"{i['xla_env'] or 'JAX defaults'}; compilation cache {i['cache']}", file=sys.stderr)

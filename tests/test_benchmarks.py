@@ -184,6 +184,21 @@ def test_bench_maxtext_reads_maxtext_resolved_settings_and_cache_state(tmp_path)
     assert bench_maxtext.cache_state(str(tmp_path / "none")).endswith(": 0 files, 0.0 MB")
 
 
+def test_bench_maxtext_table_rates_shardml_against_each_maxtext_variant():
+    import argparse
+    systems = [bench_maxtext.System(n, None, None, {}) for n in ("shardml", "maxtext", "maxtext[env1]")]
+    one = {"wall": [1.0], "cpu": [2.0], "loop": [1.0], "startup": [5.0], "loss": 6.0, "warmup": [], "resolved": ""}
+    results = {"fsdp=8": {"shardml": one, "maxtext": {**one, "wall": [2.0]}, "maxtext[env1]": {**one, "wall": [1.6]}}}
+    args = argparse.Namespace(shape="race", rounds=1, long=8, short=3, warmup=False, set=[], maxtext_remat="full")
+    system_info = {"python": "3.12", "jax": "0.12", "package": "p", "executable": "x", "xla_env": "", "cache": "-"}
+    info = {"shardml": {**system_info, "settings": "remat=none"},
+            "maxtext": {**system_info, "variants": {"maxtext[env1]": {"MALLOC_ARENA_MAX": "1"}}}}
+    text = bench_maxtext.table(["fsdp=8"], results, systems, args, info, comparable=True)
+    assert "| ratio shardml/maxtext | ratio shardml/maxtext[env1] |" in text
+    assert "| fsdp=8 | whole process | 4096 | 2048 | 2560 | 2.00 | 1.60 |" in text
+    assert "maxtext[env1]: MaxText as above, its environment also MALLOC_ARENA_MAX=1" in text
+
+
 _HLO = """HloModule jit_train_step
 
 FileNames
