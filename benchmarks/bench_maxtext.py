@@ -619,6 +619,10 @@ def main():
         raise SystemExit(f"--short {args.short} / --long {args.long}: need 0 < short < long")
     for layout in args.layouts:
         parse_layout(layout)
+    for extra in args.maxtext_also_env:
+        if not all("=" in kv.strip("=") for kv in extra.split(",")):
+            raise SystemExit(f"--maxtext-also-env {extra!r}: expected KEY=VALUE[,KEY=VALUE], "
+                             "e.g. MALLOC_ARENA_MAX=1,MALLOC_MMAP_MAX_=0")
     SHAPE.clear()
     SHAPE.update(race_shape(args.shape, args.experts if args.moe else 0, args.top_k))
 
