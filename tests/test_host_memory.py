@@ -127,5 +127,5 @@ def test_the_setting_starts_its_watcher_at_half_the_host_memory(fresh):
         "T", (), {"start": lambda self: None})())
     libc = TrimmingLibc()
     assert host_memory.keep_freed_host_memory(libc, environ={}) is True
-    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # written out: the test's own reference
     assert [kw["args"] for kw in started] == [(libc, int(host * host_memory.TRIM_AT_HOST_FRACTION))]

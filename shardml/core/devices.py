@@ -20,7 +20,7 @@ import re
 import sys
 
 from shardml.core.errors import SettingError
-from shardml.core.host_memory import keep_freed_host_memory
+from shardml.core.host_memory import host_memory_bytes, keep_freed_host_memory
 
 XLA_DEVICE_FLAG = "xla_force_host_platform_device_count"
 
@@ -168,7 +168,7 @@ def device_memory_bytes(devices) -> int:
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     local = sum(1 for d in devices if d.process_index == devices[0].process_index)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local, 1)
+    return host_memory_bytes() // max(local, 1)
 
 
 def avoid_cpu_collective_deadlock(devices: int | None = None) -> None:

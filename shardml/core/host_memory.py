@@ -88,10 +88,15 @@ def keep_freed_host_memory(libc=None, environ=None) -> bool:
     if ok:
         ok = all(libc.mallopt(param, value) == 1 for param, value in SETTINGS)
     if ok and hasattr(libc, "malloc_trim"):
-        limit = int(TRIM_AT_HOST_FRACTION * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        limit = int(TRIM_AT_HOST_FRACTION * host_memory_bytes())
         threading.Thread(target=_watch, args=(libc, limit), name="shardml-host-trim", daemon=True).start()
     _applied.append(ok)
     return ok
+
+
+def host_memory_bytes() -> int:
+    """The host's physical memory in bytes (``sysconf``)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def resident_bytes() -> int:
