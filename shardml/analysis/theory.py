@@ -15,11 +15,10 @@ Communication per device and step (bytes a device *sends*, ring algorithms on a 
 * DP: the f32 gradients are all-reduced once per step over the batch axes, 2(N-1)/N x gradient
   (also with k accumulation ``microbatches``: accumulate, then reduce once).
 * FSDP: every weight sharded over ``fsdp`` is all-gathered in the compute dtype for each forward
-  and again for its backward ((N-1)/N x the gathered weight; the embedding's backward needs no
-  weight), and its f32 gradient is reduce-scattered once ((N-1)/N x the gradient). Replicated
-  weights (norm scales) are all-reduced over the batch axes. This is the scanned layer loop;
-  unrolled without remat, XLA keeps some of the forward's gathered weights for the backward and
-  gathers less (at most this figure).
+  ((N-1)/N x the gathered weight) and, where remat recomputes the forward (``dots``, ``full``),
+  again for its backward; without remat the backward uses the forward's copy (the embedding's
+  backward needs no weight at all). Its f32 gradient is reduce-scattered once ((N-1)/N x the
+  gradient). Replicated weights (norm scales) are all-reduced over the batch axes.
 * TP (Megatron): per layer two all-reduces of the activations [B/(N_data N_fsdp), S, D] in the
   forward (attention and MLP outputs) and five in the backward (the input gradient of each
   column-parallel product: q, k, v, gate and up; shardml keeps them separate products, as stacking
@@ -298,7 +297,7 @@ def _fsdp_traffic(work: Workload, sizes: dict[str, int]) -> list[Traffic]:
             continue
         copies = _copies(w, work, sizes)
         gathered = copies * math.prod(w.shape) // _divisor(w, sizes, skip=("fsdp",))
-        times = passes * (2 if w.backward_needs_it else 1)
+        times = passes * (2 if w.backward_needs_it and work.remat != "none" else 1)
         out.append(Traffic("all-gather", ("fsdp",), f"{SHORT[work.dtype]} weights", times * copies,
                            times * gathered, work.dtype, fsdp))
     return out

@@ -40,8 +40,7 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-# scan: one compiled loop body (compile time independent of depth; each FSDP weight is gathered again
-# for its backward); unroll: the layers one after another.
+# scan: one compiled loop body (compile time independent of depth); unroll: the layers one after another.
 LAYER_LOOPS = ("scan", "unroll")
 # "auto" (remat and layer_loop) picks remat=none with unrolled layers where that fits, else dots with
 # the layers scanned: see transformer_cost.resolve_execution.
@@ -243,11 +242,32 @@ def dense(spec: str, x, w, out_dtype=None, x_grad: bool = True, grad_dtype: str 
 
         y_BSF = dense("bsd,df->bsf", x_BSD, w_DF)
     """
-    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
+    return jnp.einsum(spec, x, cast_weight(spec, w, x.dtype), preferred_element_type=out_dtype)
+
+
+# The weights' einsum letters (the module docstring's shape letters) -> the logical name of that
+# dimension as a product uses it: its activation twin. Pinning the cast weight to it gathers an
+# FSDP-sharded weight once, in the compute dtype, and the backward reuses that copy (the residual)
+# instead of the partitioner gathering the f32 shards again for the backward products.
+PRODUCT_AXES = {"d": "act_embed", "h": "act_heads", "k": "act_kv_heads", "e": None, "f": "act_mlp", "v": "act_vocab"}
+
+
+def cast_weight(spec: str, w, dtype):
+    """``w`` cast to the compute ``dtype`` and laid out as ``spec``'s product uses it
+    (``PRODUCT_AXES``): an FSDP-sharded weight is gathered here, once. An operand with another
+    letter (a LoRA factor's rank) is only cast.
+
+        w_DF = cast_weight("bsd,df->bsf", w_DF, jnp.bfloat16)   # under use_rules: gathered over fsdp
+    """
+    w_idx = spec.replace(" ", "").split("->")[0].split(",")[1]
+    w_cast = w.astype(dtype)
+    if not set(w_idx) <= PRODUCT_AXES.keys():
+        return w_cast
+    return constrain(w_cast, tuple(PRODUCT_AXES[c] for c in w_idx))
 
 
 def _project_fwd(spec, x, w, out_dtype, x_grad, grad_dtype):
-    w_cast = w.astype(x.dtype)
+    w_cast = cast_weight(spec, w, x.dtype)
     return jnp.einsum(spec, x, w_cast, preferred_element_type=out_dtype), (x, w_cast)
 
 
@@ -536,9 +556,10 @@ def run_layers_sums(layers, x_BSD, cfg: TransformerConfig, first=None, packing=N
     if cfg.remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
     # Unrolled, XLA:CPU stacks no per-layer residuals and slices no stacked weights: with remat=none
-    # a small model's step is 10-28 % faster (benchmarks/README.md). But XLA then keeps each
-    # FSDP-gathered weight from the forward for the backward instead of gathering it again, so the
-    # whole model's weights can be resident at once, which FSDP is there to avoid: resolve_execution.
+    # a small model's step is 10-28 % faster (benchmarks/README.md). With remat=none (either loop)
+    # each FSDP-gathered weight is kept from the forward for the backward (`dense`), so the whole
+    # model's weights can be resident at once, which FSDP is there to avoid: resolve_execution
+    # picks it only where that fits.
     return jax.lax.scan(block, x_BSD.astype(dtype), (layers, layer_indices(layers, cfg, first)),
                         unroll=cfg.layer_loop == "unroll")
 

@@ -307,6 +307,13 @@ MUTATIONS: list[Mutation] = [
     M("pipeline-stage-layers-from-zero", "core", "every pipeline stage numbers its layers from 0 (Gemma's stage 1 "
       "takes its global layer for a local one)", "stage * jax.tree.leaves(layers)[0].shape[0])", "0)",
       (f"{HF}::test_local_and_global_layers_train_on_a_pipeline_as_torch[gemma2-None]",)),
+    M("fsdp-regathers-for-the-backward", "models", "the product's cast weight left where its shards are, so the "
+      "partitioner gathers it again for the backward products",
+      "return constrain(w_cast, tuple(PRODUCT_AXES[c] for c in w_idx))", "return w_cast",
+      ("tests/test_audit_theory.py::test_without_remat_the_backward_reuses_the_forward_s_gathered_weights",)),
+    M("theory-gathers-twice-without-remat", "run", "the theory counts a backward gather also where nothing is recomputed",
+      'w.backward_needs_it and work.remat != "none"', "w.backward_needs_it",
+      ("tests/test_audit_theory.py::test_without_remat_the_backward_reuses_the_forward_s_gathered_weights",)),
     M("theory-head-dim-from-d-model", "run", "the theory and the FLOP count take head_dim as d_model / heads",
       "return w.head_dim or w.d_model // w.heads", "return w.d_model // w.heads",
       ("tests/test_audit_theory.py::test_theory_counts_every_parameter[head_dim-set]",)),
