@@ -109,3 +109,14 @@ def test_without_remat_the_backward_reuses_the_forward_s_gathered_weights(fsdp_t
     twice = fsdp_tensor[2].comm_bytes("all-gather", ("fsdp",))
     assert 0 < once < 0.6 * twice, f"theory: remat=none gathers {once:.0f} B, remat=dots {twice:.0f} B"
     assert abs(sent / once - 1) <= 0.1, f"{loop}: compiled sends {sent} B per device; the theory {once:.0f} B"
+
+def test_bf16_weights_are_gathered_in_16_bits():
+    """bf16 compute, remat=none: each FSDP weight is gathered once in the compute dtype, as the
+    theory counts it, not widened to f32 (which XLA:CPU does to a bf16 collective): ``dense`` moves
+    the cast weight as raw 16-bit words."""
+    parts, step = compiled_layout(LAYOUTS["fsdp=2,tensor=4"] + ",model.dtype=bfloat16", 8, scanned=False)
+    assert (parts.cfg.model.remat, parts.cfg.model.dtype) == ("none", "bfloat16"), parts.cfg.model
+    sent = sum(r.sent_bytes for r in plan_of(step).comm if r.kind == "all-gather" and r.axes == ("fsdp",))
+    expected = layout_theory(parts.cfg, parts.sizes).comm_bytes("all-gather", ("fsdp",))
+    assert expected > 0 and abs(sent / expected - 1) <= 0.1, \
+        f"compiled fsdp all-gathers send {sent} B per device; bf16 weights gathered once: {expected:.0f} B"

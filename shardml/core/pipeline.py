@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardml.core.errors import LayoutError, ModelError, SettingError
 from shardml.core.losses import Loss, check_sums, token_cross_entropy
-from shardml.core.sharding import constrain, is_axes
+from shardml.core.sharding import constrain, is_axes, moves_as_words
 from shardml.core.strategy import GradientStrategy
 
 PIPE, DATA = "pipeline", "data"
@@ -218,7 +218,7 @@ def _permute(x, pairs):
     bitcast is not differentiable, hence the custom VJP: the cotangent goes back along the reversed
     pairs, as ``ppermute``'s own transpose does.
     """
-    if jnp.dtype(x.dtype).itemsize != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+    if not moves_as_words(x.dtype):
         return jax.lax.ppermute(x, PIPE, list(pairs))
     words = jax.lax.bitcast_convert_type(x, jnp.uint16)
     return jax.lax.bitcast_convert_type(jax.lax.ppermute(words, PIPE, list(pairs)), x.dtype)

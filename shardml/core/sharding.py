@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from shardml.core.errors import LayoutError, ModelError
@@ -195,6 +196,31 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
         return x
     spec = rules.spec(logical, skip=_unavailable_axes())
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def moves_as_words(dtype) -> bool:
+    """Whether a collective should move ``dtype`` as raw uint16 words (:func:`relayout`): a 16-bit
+    float, which XLA:CPU would widen to f32 on the wire."""
+    return jnp.dtype(dtype).itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
+
+
+def relayout(x: jax.Array, source: Sequence[str | None], target: Sequence[str | None]) -> jax.Array:
+    """``x``, laid out by the logical names ``source``, moved to ``target`` (e.g. an FSDP weight's
+    shards gathered), a 16-bit float as its raw 16-bit words.
+
+    XLA:CPU widens every bf16 collective to f32 (convert, f32 collective, convert): twice the bytes
+    and two more passes over them. The collectives of a layout change only move bits, so moving
+    them as uint16 keeps them in the compute dtype (``shardml.core.pipeline`` sends its bf16
+    activations the same way). Pinning both ends keeps the partitioner from moving the collective
+    to before the cast, onto the f32 source. The bitcast is not differentiable: use it where no
+    gradient flows through (a custom VJP's forward).
+
+        w_DF = relayout(w_DF.astype(jnp.bfloat16), ("embed", "mlp"), ("act_embed", "act_mlp"))
+    """
+    if not moves_as_words(x.dtype):
+        return constrain(constrain(x, source), target)
+    words = constrain(jax.lax.bitcast_convert_type(x, jnp.uint16), source)
+    return jax.lax.bitcast_convert_type(constrain(words, target), x.dtype)
 
 
 def shards_of(logical: str) -> int:

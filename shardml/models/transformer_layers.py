@@ -29,7 +29,7 @@ import numpy as np
 from shardml.core.errors import ModelError
 from shardml.core.model import ParamSpec
 from shardml.core.settings import check_settings, setting
-from shardml.core.sharding import constrain, split_axes
+from shardml.core.sharding import constrain, relayout, split_axes
 from shardml.models.ring_attention import balanced_order, ring_attention
 from shardml.models.transformer_moe import GATES, MOE_DISPATCHES, check_moe, moe_ffn
 
@@ -245,25 +245,26 @@ def dense(spec: str, x, w, out_dtype=None, x_grad: bool = True, grad_dtype: str 
     return jnp.einsum(spec, x, cast_weight(spec, w, x.dtype), preferred_element_type=out_dtype)
 
 
-# The weights' einsum letters (the module docstring's shape letters) -> the logical name of that
-# dimension as a product uses it: its activation twin. Pinning the cast weight to it gathers an
-# FSDP-sharded weight once, in the compute dtype, and the backward reuses that copy (the residual)
-# instead of the partitioner gathering the f32 shards again for the backward products.
-PRODUCT_AXES = {"d": "act_embed", "h": "act_heads", "k": "act_kv_heads", "e": None, "f": "act_mlp", "v": "act_vocab"}
+# The weights' einsum letters (the module docstring's shape letters) -> the logical names of that
+# dimension in the parameter and as a product uses it (its activation twin). Moving the cast weight
+# from one to the other gathers an FSDP-sharded weight once, in the compute dtype, and the backward
+# reuses that copy (the residual) instead of the partitioner gathering the f32 shards again.
+WEIGHT_AXES = {"d": ("embed", "act_embed"), "h": ("heads", "act_heads"), "k": ("kv_heads", "act_kv_heads"),
+               "e": ("head_dim", None), "f": ("mlp", "act_mlp"), "v": ("vocab", "act_vocab")}
 
 
 def cast_weight(spec: str, w, dtype):
     """``w`` cast to the compute ``dtype`` and laid out as ``spec``'s product uses it
-    (``PRODUCT_AXES``): an FSDP-sharded weight is gathered here, once. An operand with another
+    (``WEIGHT_AXES``): an FSDP-sharded weight is gathered here, once. An operand with another
     letter (a LoRA factor's rank) is only cast.
 
         w_DF = cast_weight("bsd,df->bsf", w_DF, jnp.bfloat16)   # under use_rules: gathered over fsdp
     """
     w_idx = spec.replace(" ", "").split("->")[0].split(",")[1]
     w_cast = w.astype(dtype)
-    if not set(w_idx) <= PRODUCT_AXES.keys():
+    if not set(w_idx) <= WEIGHT_AXES.keys():
         return w_cast
-    return constrain(w_cast, tuple(PRODUCT_AXES[c] for c in w_idx))
+    return relayout(w_cast, *zip(*(WEIGHT_AXES[c] for c in w_idx)))
 
 
 def _project_fwd(spec, x, w, out_dtype, x_grad, grad_dtype):

@@ -309,8 +309,11 @@ MUTATIONS: list[Mutation] = [
       (f"{HF}::test_local_and_global_layers_train_on_a_pipeline_as_torch[gemma2-None]",)),
     M("fsdp-regathers-for-the-backward", "models", "the product's cast weight left where its shards are, so the "
       "partitioner gathers it again for the backward products",
-      "return constrain(w_cast, tuple(PRODUCT_AXES[c] for c in w_idx))", "return w_cast",
+      "return relayout(w_cast, *zip(*(WEIGHT_AXES[c] for c in w_idx)))", "return w_cast",
       ("tests/test_audit_theory.py::test_without_remat_the_backward_reuses_the_forward_s_gathered_weights",)),
+    M("fsdp-gathers-widened", "core", "16-bit weights gathered as themselves, which XLA:CPU widens to f32",
+      "return jnp.dtype(dtype).itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)", "return False",
+      ("tests/test_audit_theory.py::test_bf16_weights_are_gathered_in_16_bits",)),
     M("theory-gathers-twice-without-remat", "run", "the theory counts a backward gather also where nothing is recomputed",
       'w.backward_needs_it and work.remat != "none"', "w.backward_needs_it",
       ("tests/test_audit_theory.py::test_without_remat_the_backward_reuses_the_forward_s_gathered_weights",)),
