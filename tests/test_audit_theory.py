@@ -110,6 +110,7 @@ def test_without_remat_the_backward_reuses_the_forward_s_gathered_weights(fsdp_t
     assert 0 < once < 0.6 * twice, f"theory: remat=none gathers {once:.0f} B, remat=dots {twice:.0f} B"
     assert abs(sent / once - 1) <= 0.1, f"{loop}: compiled sends {sent} B per device; the theory {once:.0f} B"
 
+
 def test_bf16_weights_are_gathered_in_16_bits():
     """bf16 compute, remat=none: each FSDP weight is gathered once in the compute dtype, as the
     theory counts it, not widened to f32 (which XLA:CPU does to a bf16 collective): ``dense`` moves
