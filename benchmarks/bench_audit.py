@@ -362,7 +362,7 @@ def main():
     ap.add_argument("--layouts", nargs="+", default=LAYOUTS, help="e.g. fsdp=8 data=2,tensor=4 "
                     "pipeline=4,data=2,pipeline.schedule=gpipe")
     ap.add_argument("--preset", default="default", help="config preset the race shape overrides")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="more overrides for every layout (e.g. model.remat=full)")
     ap.add_argument("--readme", default=None, help="rewrite this file's bench_audit section")
     ap.add_argument("--plot", default=None, help="write the memory bar chart (PNG) here")

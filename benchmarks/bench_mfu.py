@@ -69,7 +69,7 @@ def parse_args(accelerator: bool):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_configs = "tiny,default,100m,1b" if accelerator else "tiny,default,100m"
     ap.add_argument("--configs", default=default_configs, help=f"comma-separated, of {', '.join(CONFIGS)}")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="overrides for every config; a mesh.* key starts from a fresh mesh (e.g. mesh.data=8)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per config and round")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of (peak, then every config's steps)")
