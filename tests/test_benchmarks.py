@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import _readme
+import bench_collectives
 import bench_hf
 import bench_lora
 import bench_maxtext
@@ -270,3 +271,31 @@ def test_profile_steps_self_times_and_steady_steps():
     table = profile_steps.side_by_side("fsdp=8", {"a": {c: 0.0 for c in profile_steps.CATEGORIES} | {"loss": 2.0},
                                                   "b": {c: 0.0 for c in profile_steps.CATEGORIES} | {"loss": 1.0}})
     assert "| loss | 2.0 | 100 % | 1.0 | 100 % |" in table
+
+
+def test_bench_collectives_compares_programs_that_compute_the_same():
+    """Its rival programs are timed against each other, so each pair must give the same result:
+    the gradients' reductions the same sums, the two ways of gathering the same words."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 2, 2), bench_collectives.ALL)
+    spec = P(bench_collectives.ALL)
+
+    def outputs(programs, x):
+        x = jax.device_put(x, NamedSharding(mesh, spec))
+        return [np.asarray(jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))(x))
+                for f in programs.values()]
+
+    layers, n = bench_collectives.LAYERS, 8
+    grads = jnp.arange(8 * layers * n, dtype=jnp.float32).reshape(8 * layers, n) % 7
+    first, *rest = outputs(bench_collectives.gradient_reductions(n), grads)
+    for other in rest:
+        np.testing.assert_array_equal(first, other)
+    summed = grads.reshape(2, 2, 2, layers, n).sum((0, 1))  # [tensor, layers, n]: over data and fsdp
+    np.testing.assert_array_equal(first[:layers], summed[0, :, : n // 2])  # device 0: fsdp 0 keeps half 0
+    np.testing.assert_array_equal(first[2 * layers:3 * layers], summed[0, :, n // 2:])  # device 2: fsdp 1
+    words = jnp.arange(8 * layers * bench_collectives.WEIGHTS * n, dtype=jnp.uint16).reshape(-1, n)
+    first, other = outputs(bench_collectives.gathers(n), words)
+    np.testing.assert_array_equal(first, other)
