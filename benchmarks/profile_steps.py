@@ -339,6 +339,9 @@ def parse_args(argv=None):
     ap.add_argument("--config", default=None, metavar="NAME",
                     help="instead of the race: shardml alone on this bench_mfu.py config (e.g. 100m: its preset, "
                          "sizes and the preset's mesh; --set adds overrides), the train step's program only")
+    ap.add_argument("--devices", type=int, default=bm.DEVICES,
+                    help="emulated CPU devices, with --config only (its mesh must fit them: --devices 1 --set "
+                         "mesh.data=1 --set mesh.fsdp=1 --set mesh.tensor=1 profiles one device, no communication)")
     ap.add_argument("--top", type=int, default=0, help="also list each system's N costliest ops per step")
     ap.add_argument("--trace-dir", default=None, help="where traces, HLO dumps and logs go (default: a temporary folder)")
     ap.add_argument("--timeout", type=float, default=1200)
@@ -348,6 +351,10 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not 0 <= args.skip < args.steps:
         raise SystemExit(f"--skip {args.skip} / --steps {args.steps}: need 0 <= skip < steps")
+    if args.devices != bm.DEVICES and not args.config:
+        raise SystemExit(f"--devices {args.devices}: only with --config (the race runs on {bm.DEVICES} devices)")
+    if args.devices < 1:
+        raise SystemExit(f"--devices {args.devices}: need at least 1")
     return args
 
 
@@ -397,6 +404,7 @@ def profile_config(args):
         raise SystemExit(f"--config {args.config}: not a bench_mfu.py config; one of {', '.join(CONFIGS)}")
     preset, own = CONFIGS[args.config]
     overrides = [*own, *args.set]
+    bm.DEVICES = args.devices  # the children's device count (bench_maxtext.child_environment) and the printed one
     work, python, found, env = _setup(args, f"shardml:{preset}", overrides)
     print(f"shardml: JAX {found['jax']}, {found['settings']}", file=sys.stderr)
     print(f"traces, HLO dumps and logs: {work}", file=sys.stderr)

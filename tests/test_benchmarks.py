@@ -299,3 +299,10 @@ def test_bench_collectives_compares_programs_that_compute_the_same():
     words = jnp.arange(8 * layers * bench_collectives.WEIGHTS * n, dtype=jnp.uint16).reshape(-1, n)
     first, other = outputs(bench_collectives.gathers(n), words)
     np.testing.assert_array_equal(first, other)
+
+
+def test_profile_steps_takes_another_device_count_for_a_config_only():
+    assert profile_steps.parse_args(["--config", "100m", "--devices", "1"]).devices == 1
+    assert profile_steps.parse_args([]).devices == bench_maxtext.DEVICES
+    with pytest.raises(SystemExit, match="only with --config"):
+        profile_steps.parse_args(["--devices", "1"])
