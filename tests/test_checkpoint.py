@@ -5,6 +5,7 @@ The subprocess tests with real signals and real processes are in ``test_fault_to
 """
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -158,6 +159,21 @@ def _largest_file(root):
     return max(files, key=os.path.getsize)
 
 
+# When a read fails (a truncated file), Orbax abandons the restore's other reads as coroutines never
+# awaited; garbage-collected later, they print as unraisable exceptions in whichever test runs then.
+# Tests that make such reads collect them before they end, under this mark: those, and only those,
+# are silenced (the "." stands for a colon, which a filter string cannot hold).
+ABANDONED_READS = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put"
+    ":pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture
+def abandoned_reads_collected():
+    yield
+    gc.collect()
+
+
 def _truncate(step_dir):
     path = _largest_file(os.path.join(step_dir, "params"))
     with open(path, "r+b") as f:
@@ -227,6 +243,8 @@ def _any_train_array(first, second):
     (_meta_deleted, lambda *_: r".*/checkpoints/2: its meta item is missing or unreadable \(\[Errno 2\] .+\)"),
     (_unfinished, lambda *_: None),
 ], ids=["truncated", "flipped_byte", "arrays_of_another_state", "meta_deleted", "unfinished"])
+@ABANDONED_READS
+@pytest.mark.usefixtures("abandoned_reads_collected")
 def test_damaged_latest_checkpoint_is_reported_and_skipped(trainer8, tmp_path, damage, reason):
     directory = str(tmp_path / "checkpoints")
     first, second = _two_checkpoints(trainer8, directory)
@@ -248,6 +266,8 @@ def test_damaged_latest_checkpoint_is_reported_and_skipped(trainer8, tmp_path, d
         assert ckpt.steps(directory) == [1], "the damaged step is still where Orbax would save step 2 again"
 
 
+@ABANDONED_READS
+@pytest.mark.usefixtures("abandoned_reads_collected")
 def test_no_usable_checkpoint_is_an_error(trainer8, tmp_path):
     directory = str(tmp_path / "checkpoints")
     _two_checkpoints(trainer8, directory)
