@@ -3,8 +3,11 @@
 import pathlib
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -276,10 +279,6 @@ def test_profile_steps_self_times_and_steady_steps():
 def test_bench_collectives_compares_programs_that_compute_the_same():
     """Its rival programs are timed against each other, so each pair must give the same result:
     the gradients' reductions the same sums, the two ways of gathering the same words."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     mesh = jax.make_mesh((2, 2, 2), bench_collectives.ALL)
     spec = P(bench_collectives.ALL)
 
@@ -294,8 +293,8 @@ def test_bench_collectives_compares_programs_that_compute_the_same():
     for other in rest:
         np.testing.assert_array_equal(first, other)
     summed = grads.reshape(2, 2, 2, layers, n).sum((0, 1))  # [tensor, layers, n]: over data and fsdp
-    np.testing.assert_array_equal(first[:layers], summed[0, :, : n // 2])  # device 0: fsdp 0 keeps half 0
-    np.testing.assert_array_equal(first[2 * layers:3 * layers], summed[0, :, n // 2:])  # device 2: fsdp 1
+    np.testing.assert_array_equal(first[:layers], summed[0, :, : n // 2])  # block 0 (data 0, fsdp 0, tensor 0): half 0
+    np.testing.assert_array_equal(first[2 * layers:3 * layers], summed[0, :, n // 2:])  # block 2 (fsdp 1): half 1
     words = jnp.arange(8 * layers * bench_collectives.WEIGHTS * n, dtype=jnp.uint16).reshape(-1, n)
     first, other = outputs(bench_collectives.gathers(n), words)
     np.testing.assert_array_equal(first, other)
