@@ -10,7 +10,7 @@ data=2 x fsdp=2 x tensor=2 mesh each device holds 57 M of them gathered over fsd
   over all devices;
 - the gradients' reduction: 12 layers of 57 M / 12 f32 per device reduced over fsdp and then data,
   the way the partitioner writes it on XLA:CPU (an all-reduce of the whole gathered gradient, one
-  per layer and all combined into one, then a slice) and as a reduce-scatter;
+  per layer or all combined into one, then a slice) and as a reduce-scatter;
 - the weights' gathers: 84 all-gathers of one weight each (7 per layer; the step gathers the two
   embeddings too) against one per layer of the same 16-bit words.
 
