@@ -63,10 +63,15 @@ def test_fsdp_tensor_state_bytes_per_device_match_theory(fsdp_tensor):
             f"{part}: compiled argument shards {measured[part]} B per device, theory {expected} B"
 
 
+def _fsdp_gather_sent(plan):
+    """Bytes a device sends per step in the compiled step's all-gathers over fsdp alone."""
+    return sum(r.sent_bytes for r in plan.comm if r.kind == "all-gather" and r.axes == ("fsdp",))
+
+
 def test_fsdp_gathers_each_weight_for_forward_and_backward(fsdp_tensor):
     _, step, theory = fsdp_tensor
     plan = plan_of(step)
-    sent = sum(r.sent_bytes for r in plan.comm if r.kind == "all-gather" and r.axes == ("fsdp",))
+    sent = _fsdp_gather_sent(plan)
     expected = theory.comm_bytes("all-gather", ("fsdp",))
     assert expected > 0 and abs(sent / expected - 1) <= 0.1, \
         f"fsdp all-gather: compiled sends {sent} B per device, theory {expected:.0f} B ({plan.comm})"
@@ -104,7 +109,7 @@ def test_without_remat_the_backward_reuses_the_forward_s_gathered_weights(fsdp_t
     overrides = "" if loop == "unroll" else ",model.remat=none,model.layer_loop=scan"
     parts, step = compiled_layout(LAYOUTS["fsdp=2,tensor=4"] + overrides, 8, scanned=False)
     assert (parts.cfg.model.remat, parts.cfg.model.layer_loop) == ("none", loop), parts.cfg.model
-    sent = sum(r.sent_bytes for r in plan_of(step).comm if r.kind == "all-gather" and r.axes == ("fsdp",))
+    sent = _fsdp_gather_sent(plan_of(step))
     once = layout_theory(parts.cfg, parts.sizes).comm_bytes("all-gather", ("fsdp",))
     twice = fsdp_tensor[2].comm_bytes("all-gather", ("fsdp",))
     assert 0 < once < 0.6 * twice, f"theory: remat=none gathers {once:.0f} B, remat=dots {twice:.0f} B"
@@ -117,7 +122,7 @@ def test_bf16_weights_are_gathered_in_16_bits():
     the cast weight as raw 16-bit words."""
     parts, step = compiled_layout(LAYOUTS["fsdp=2,tensor=4"] + ",model.dtype=bfloat16", 8, scanned=False)
     assert (parts.cfg.model.remat, parts.cfg.model.dtype) == ("none", "bfloat16"), parts.cfg.model
-    sent = sum(r.sent_bytes for r in plan_of(step).comm if r.kind == "all-gather" and r.axes == ("fsdp",))
+    sent = _fsdp_gather_sent(plan_of(step))
     expected = layout_theory(parts.cfg, parts.sizes).comm_bytes("all-gather", ("fsdp",))
     assert expected > 0 and abs(sent / expected - 1) <= 0.1, \
         f"compiled fsdp all-gathers send {sent} B per device; bf16 weights gathered once: {expected:.0f} B"
