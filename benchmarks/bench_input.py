@@ -122,7 +122,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, worker start)")
     parser.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary of the bpe config")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="key=value", help="overrides for every config")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="key=value",
+                        help="overrides for every config")
     parser.add_argument("--skip-processes", action="store_true", help="no 2-process part")
     parser.add_argument("--readme", default=None, help="also write the tables into this README's section")
     args = parser.parse_args(argv)
